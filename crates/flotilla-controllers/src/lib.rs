@@ -1,0 +1,2 @@
+//! Level-triggered, idempotent controllers that drive tasks toward service specs
+#![forbid(unsafe_code)]

@@ -1,0 +1,14 @@
+//! Typed spec and state objects shared by every Flotilla crate.
+//!
+//! `spec` holds what users ask for (a normalised form of a Compose service), `state` holds what the
+//! cluster records about it (services, revisions, tasks, nodes, events). Everything here is plain
+//! data with serde derives: no I/O, so the scheduler, store, controllers, API and CLI all agree on
+//! one vocabulary.
+#![forbid(unsafe_code)]
+
+pub mod spec;
+pub mod state;
+pub mod units;
+
+pub use spec::*;
+pub use state::*;
