@@ -6,6 +6,7 @@
 //! one vocabulary.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod spec;
 pub mod state;
 pub mod units;
