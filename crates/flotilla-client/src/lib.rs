@@ -1,2 +1,421 @@
-//! Typed HTTP client for the Flotilla API, used by the CLI and agents
+//! Typed HTTP client for the Flotilla manager API, used by the CLI and by agents.
+//!
+//! Routes and bodies are defined once in [`flotilla_types::api`]; this crate only turns them into
+//! calls. Streaming endpoints (`events`, `watch`, `logs`) return `Stream`s that end when the
+//! server closes the connection.
 #![forbid(unsafe_code)]
+
+use bytes::Bytes;
+use flotilla_types::api::{
+    ApiErrorBody, ClusterStatus, DeployRequest, DeployResponse, Heartbeat, NodeRegistration,
+    ScaleRequest, ServiceDetail, ServiceSummary, TaskStatusReport, WatchMessage, WriteResponse,
+};
+use flotilla_types::{Event, Node, Revision, Task};
+use futures::stream::{BoxStream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// Environment variable holding the API address when `--addr` is not given.
+pub const ADDR_ENV: &str = "FLOTILLA_ADDR";
+/// Environment variable holding the API bearer token.
+pub const TOKEN_ENV: &str = "FLOTILLA_TOKEN";
+/// Where a local manager listens by default.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7450";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid API address {addr:?}: {reason}")]
+    InvalidAddr { addr: String, reason: String },
+    #[error("cannot reach the Flotilla API at {addr}: {reason} (is `flotilla up` running? set --addr or FLOTILLA_ADDR)")]
+    Connect { addr: String, reason: String },
+    #[error("{}", format_api_error(.status, .body))]
+    Api { status: u16, body: ApiErrorBody },
+    #[error("unexpected response from {url}: {reason}")]
+    Decode { url: String, reason: String },
+}
+
+fn format_api_error(status: &u16, body: &ApiErrorBody) -> String {
+    let mut out = format!("{} ({status}): {}", body.code, body.message);
+    for f in &body.fields {
+        out.push_str(&format!("\n  {}: {}", f.field, f.reason));
+    }
+    out
+}
+
+impl ClientError {
+    /// The API's error code (`not_found`, `conflict`, …) if the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { body, .. } => Some(&body.code),
+            _ => None,
+        }
+    }
+}
+
+/// A handle on one manager's API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    /// `addr` is `http://host:port` or `host:port`.
+    pub fn new(addr: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let base = normalise_addr(addr)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ClientError::InvalidAddr {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Client { base, http, token })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|e| ClientError::Connect {
+            addr: self.base.clone(),
+            reason: error_chain(&e),
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let url = resp.url().to_string();
+        let text = resp.text().await.unwrap_or_default();
+        let body = serde_json::from_str::<ApiErrorBody>(&text).unwrap_or(ApiErrorBody {
+            code: "http".into(),
+            message: format!("{url}: {}", text.trim()),
+            fields: Vec::new(),
+        });
+        Err(ClientError::Api { status, body })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let resp = self.send(req).await?;
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Connect {
+            addr: self.base.clone(),
+            reason: error_chain(&e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.json(self.request(reqwest::Method::GET, path)).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        self.json(self.request(reqwest::Method::POST, path).json(body)).await
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        self.get("/v1/status").await
+    }
+
+    pub async fn deploy(&self, req: &DeployRequest) -> Result<DeployResponse, ClientError> {
+        self.post("/v1/deploy", req).await
+    }
+
+    pub async fn services(&self) -> Result<Vec<ServiceSummary>, ClientError> {
+        self.get("/v1/services").await
+    }
+
+    pub async fn service(&self, name: &str) -> Result<ServiceDetail, ClientError> {
+        self.get(&format!("/v1/services/{}", encode(name))).await
+    }
+
+    pub async fn remove_service(&self, name: &str) -> Result<WriteResponse, ClientError> {
+        self.json(self.request(reqwest::Method::DELETE, &format!("/v1/services/{}", encode(name))))
+            .await
+    }
+
+    pub async fn scale(&self, name: &str, replicas: u64) -> Result<WriteResponse, ClientError> {
+        self.post(
+            &format!("/v1/services/{}/scale", encode(name)),
+            &ScaleRequest { replicas },
+        )
+        .await
+    }
+
+    pub async fn revisions(&self, name: &str) -> Result<Vec<Revision>, ClientError> {
+        self.get(&format!("/v1/services/{}/revisions", encode(name))).await
+    }
+
+    pub async fn tasks(&self, service: Option<&str>, node: Option<&str>) -> Result<Vec<Task>, ClientError> {
+        let mut query = Vec::new();
+        if let Some(s) = service {
+            query.push(format!("service={}", encode(s)));
+        }
+        if let Some(n) = node {
+            query.push(format!("node={}", encode(n)));
+        }
+        let q = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        self.get(&format!("/v1/tasks{q}")).await
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Task, ClientError> {
+        self.get(&format!("/v1/tasks/{}", encode(id))).await
+    }
+
+    pub async fn report_status(&self, id: &str, report: &TaskStatusReport) -> Result<WriteResponse, ClientError> {
+        self.json(
+            self.request(reqwest::Method::PUT, &format!("/v1/tasks/{}/status", encode(id)))
+                .json(report),
+        )
+        .await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<Node>, ClientError> {
+        self.get("/v1/nodes").await
+    }
+
+    pub async fn register_node(&self, reg: &NodeRegistration) -> Result<Node, ClientError> {
+        self.post("/v1/nodes/register", reg).await
+    }
+
+    pub async fn heartbeat(&self, node: &str, hb: &Heartbeat) -> Result<WriteResponse, ClientError> {
+        self.post(&format!("/v1/nodes/{}/heartbeat", encode(node)), hb).await
+    }
+
+    /// A task's output: the last `tail` lines, then new lines while `follow`.
+    pub async fn logs(
+        &self,
+        task: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<Bytes, ClientError>>, ClientError> {
+        let mut path = format!("/v1/tasks/{}/logs?follow={follow}", encode(task));
+        if let Some(n) = tail {
+            path.push_str(&format!("&tail={n}"));
+        }
+        let resp = self.send(self.request(reqwest::Method::GET, &path)).await?;
+        let addr = self.base.clone();
+        Ok(resp
+            .bytes_stream()
+            .map(move |r| {
+                r.map_err(|e| ClientError::Connect {
+                    addr: addr.clone(),
+                    reason: error_chain(&e),
+                })
+            })
+            .boxed())
+    }
+
+    /// Events after store revision `since`; with `follow`, keeps streaming new ones.
+    pub async fn events(&self, since: u64, follow: bool) -> Result<BoxStream<'static, Result<Event, ClientError>>, ClientError> {
+        self.ndjson(&format!("/v1/events?since={since}&follow={follow}")).await
+    }
+
+    /// A watch stream: a snapshot first, then changes. `kind` filters object kinds (`task`,
+    /// `service`, `node`), `node` filters tasks to one node.
+    pub async fn watch(
+        &self,
+        kind: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<WatchMessage, ClientError>>, ClientError> {
+        let mut query = Vec::new();
+        if let Some(k) = kind {
+            query.push(format!("kind={}", encode(k)));
+        }
+        if let Some(n) = node {
+            query.push(format!("node={}", encode(n)));
+        }
+        self.ndjson(&format!("/v1/watch?{}", query.join("&"))).await
+    }
+
+    async fn ndjson<T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+    ) -> Result<BoxStream<'static, Result<T, ClientError>>, ClientError> {
+        let resp = self.send(self.request(reqwest::Method::GET, path)).await?;
+        let url = resp.url().to_string();
+        let addr = self.base.clone();
+        let bytes = resp.bytes_stream();
+        let lines = futures::stream::unfold(
+            (bytes, Vec::<u8>::new(), false),
+            move |(mut bytes, mut buf, done)| {
+                let url = url.clone();
+                let addr = addr.clone();
+                async move {
+                    if done {
+                        return None;
+                    }
+                    loop {
+                        if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buf.drain(..=pos).collect();
+                            let line = &line[..line.len() - 1];
+                            if line.iter().all(u8::is_ascii_whitespace) {
+                                continue;
+                            }
+                            let item = serde_json::from_slice::<T>(line).map_err(|e| {
+                                ClientError::Decode {
+                                    url: url.clone(),
+                                    reason: e.to_string(),
+                                }
+                            });
+                            return Some((item, (bytes, buf, false)));
+                        }
+                        match bytes.next().await {
+                            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                            Some(Err(e)) => {
+                                let err = ClientError::Connect {
+                                    addr: addr.clone(),
+                                    reason: error_chain(&e),
+                                };
+                                return Some((Err(err), (bytes, buf, true)));
+                            }
+                            None => return None,
+                        }
+                    }
+                }
+            },
+        );
+        Ok(lines.boxed())
+    }
+}
+
+/// Accepts `host:port`, `http://host:port` or `https://…`, without a trailing slash.
+fn normalise_addr(addr: &str) -> Result<String, ClientError> {
+    let trimmed = addr.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err(ClientError::InvalidAddr {
+            addr: addr.to_string(),
+            reason: "empty".into(),
+        });
+    }
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_string()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let url = reqwest::Url::parse(&with_scheme).map_err(|e| ClientError::InvalidAddr {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ClientError::InvalidAddr {
+            addr: addr.to_string(),
+            reason: "expected http://HOST:PORT".into(),
+        });
+    }
+    Ok(with_scheme)
+}
+
+/// Percent-encodes a path segment or query value (service names and ids are plain, but a
+/// user-typed name may not be).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// reqwest's Display hides the cause ("error sending request"); show the whole chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(normalise_addr("127.0.0.1:7450").unwrap(), "http://127.0.0.1:7450");
+        assert_eq!(normalise_addr("http://h:1/").unwrap(), "http://h:1");
+        assert!(normalise_addr("").is_err());
+        assert!(normalise_addr("ftp://x").is_err());
+    }
+
+    #[test]
+    fn encoding() {
+        assert_eq!(encode("web.1"), "web.1");
+        assert_eq!(encode("a b/c"), "a%20b%2Fc");
+    }
+}
+
+/// A local copy of the objects a watch stream reports, kept current by [`Mirror::apply`].
+#[derive(Debug, Default, Clone)]
+pub struct Mirror {
+    pub revision: u64,
+    pub tasks: std::collections::BTreeMap<String, Task>,
+    pub services: std::collections::BTreeMap<String, flotilla_types::Service>,
+    pub nodes: std::collections::BTreeMap<String, Node>,
+}
+
+impl Mirror {
+    /// Folds one watch message in. A snapshot replaces everything.
+    pub fn apply(&mut self, msg: WatchMessage) {
+        use flotilla_types::api::WatchChange;
+        match msg {
+            WatchMessage::Snapshot {
+                revision,
+                tasks,
+                services,
+                nodes,
+            } => {
+                self.revision = revision;
+                self.tasks = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
+                self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
+                self.nodes = nodes.into_iter().map(|n| (n.id.clone(), n)).collect();
+            }
+            WatchMessage::Change { revision, changes } => {
+                self.revision = revision;
+                for c in changes {
+                    match c {
+                        WatchChange::Task { id, object } => upsert(&mut self.tasks, id, object),
+                        WatchChange::Service { name, object } => {
+                            upsert(&mut self.services, name, object)
+                        }
+                        WatchChange::Node { id, object } => upsert(&mut self.nodes, id, object),
+                        WatchChange::Revision { .. } => {}
+                    }
+                }
+            }
+            WatchMessage::Heartbeat { revision } => self.revision = self.revision.max(revision),
+        }
+    }
+}
+
+fn upsert<T>(map: &mut std::collections::BTreeMap<String, T>, key: String, object: Option<T>) {
+    match object {
+        Some(o) => {
+            map.insert(key, o);
+        }
+        None => {
+            map.remove(&key);
+        }
+    }
+}

@@ -1,2 +1,16 @@
-//! Level-triggered, idempotent controllers that drive tasks toward service specs
+//! Level-triggered, idempotent controllers that drive tasks toward their services' specs.
+//!
+//! In the style of kube-runtime: [`reconcile::reconcile`] is a pure function from the current
+//! [`ClusterState`](flotilla_store::ClusterState) and the time to the store [`Op`](flotilla_store::Op)s
+//! that move the cluster one step closer to what is wanted, plus when to look again. It never
+//! remembers anything between passes; everything it needs is in the state (task history, restart
+//! timestamps, node heartbeats). [`runner::ControllerRunner`] calls it whenever the store changes
+//! or a requeue time arrives, and writes the ops with optimistic concurrency, so a conflicting
+//! write just means "look again".
 #![forbid(unsafe_code)]
+
+pub mod reconcile;
+pub mod runner;
+
+pub use reconcile::{reconcile, ControllerConfig, Plan};
+pub use runner::ControllerRunner;

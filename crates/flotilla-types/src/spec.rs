@@ -201,6 +201,76 @@ pub struct PlacementSpec {
     pub constraints: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_replicas_per_node: Option<u64>,
+    /// `deploy.placement.preferences`, each as `spread=node.labels.K`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferences: Vec<String>,
+    /// `x-flotilla.placement.max_per_node`; the tighter of this and `max_replicas_per_node` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_node: Option<u64>,
+    /// `x-flotilla.placement.spread`: topology spread over a node label (or `zone`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<SpreadSpec>,
+    /// `x-flotilla.placement.affinities`: co-location with (or avoidance of) another service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinities: Vec<AffinitySpec>,
+    /// `x-flotilla.placement.strategy`.
+    #[serde(default, skip_serializing_if = "PlacementStrategy::is_default")]
+    pub strategy: PlacementStrategy,
+    /// `x-flotilla.placement.priority`, 0..=1000. 0 (the default) is the lowest: a task may
+    /// preempt only tasks of strictly lower priority, so services opt in by raising it.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub priority: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+/// One `x-flotilla.placement.spread` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpreadSpec {
+    /// Node label to spread over; `zone` means the node's zone.
+    pub label: String,
+    /// Hard: a placement that would exceed `max_skew` fails. Soft: only steers the score.
+    #[serde(default)]
+    pub hard: bool,
+    /// Largest allowed difference between the most and least used value of `label`.
+    #[serde(default = "default_max_skew")]
+    pub max_skew: u32,
+}
+
+fn default_max_skew() -> u32 {
+    1
+}
+
+/// One `x-flotilla.placement.affinities` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinitySpec {
+    /// The other service.
+    pub service: String,
+    /// Positive attracts towards nodes running `service`, negative repels (anti-affinity).
+    #[serde(default)]
+    pub weight: i32,
+    /// Hard: must (weight > 0) or must not (weight < 0) share a node with `service`.
+    #[serde(default)]
+    pub hard: bool,
+}
+
+/// `x-flotilla.placement.strategy`: how feasible nodes are ranked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementStrategy {
+    /// Fewest tasks of the service on the node, then the least loaded node.
+    #[default]
+    Spread,
+    /// The most loaded node that still fits.
+    Binpack,
+}
+
+impl PlacementStrategy {
+    pub fn is_default(&self) -> bool {
+        *self == PlacementStrategy::Spread
+    }
 }
 
 /// A Compose service, normalised and validated.
@@ -248,7 +318,14 @@ pub struct ServiceSpec {
 
 impl PlacementSpec {
     pub fn is_empty(&self) -> bool {
-        self.constraints.is_empty() && self.max_replicas_per_node.is_none()
+        self.constraints.is_empty()
+            && self.max_replicas_per_node.is_none()
+            && self.preferences.is_empty()
+            && self.max_per_node.is_none()
+            && self.spread.is_empty()
+            && self.affinities.is_empty()
+            && self.strategy.is_default()
+            && self.priority == 0
     }
 }
 

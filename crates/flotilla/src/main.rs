@@ -1,1 +1,73 @@
-fn main() {}
+//! The `flotilla` binary: manager, agent and command line in one.
+//!
+//! `flotilla up` runs a manager (store, API, controllers) and an agent in the foreground; every
+//! other subcommand is a client of the API at `--addr` / `FLOTILLA_ADDR`. The hidden `shim` and
+//! `shim-exec` subcommands are the per-task supervisor and its exec trampoline, which the agent
+//! starts by re-executing this binary.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod deploy;
+mod listing;
+mod output;
+mod up;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    // The shim and trampoline must not build a runtime or logging before they exec or daemonise.
+    match &cli.command {
+        cli::Command::Shim(args) => return cli::run_shim(args),
+        cli::Command::ShimExec(args) => return cli::run_shim_exec(args),
+        _ => {}
+    }
+    if let cli::Command::Up(_) = &cli.command {
+        put_own_dir_on_path();
+    }
+    init_tracing(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Process tasks find `flotilla` on their PATH (the demo runs `flotilla demo-app`), even when
+/// the binary was started by full path. Done before any thread exists.
+fn put_own_dir_on_path() {
+    let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.to_path_buf())) else {
+        return;
+    };
+    let current = std::env::var_os("PATH").unwrap_or_default();
+    let mut parts: Vec<std::path::PathBuf> = std::env::split_paths(&current).collect();
+    if !parts.contains(&dir) {
+        parts.insert(0, dir);
+        if let Ok(joined) = std::env::join_paths(parts) {
+            std::env::set_var("PATH", joined);
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,flotilla=info",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

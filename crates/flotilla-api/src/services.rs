@@ -1,0 +1,346 @@
+//! Service resources: deploy (create/update with revisions), list, inspect, scale, remove.
+
+use crate::body::JsonBody;
+use crate::error::{check_applied, ApiError};
+use crate::AppState;
+use axum::extract::{Path, State};
+use axum::Json;
+use flotilla_store::{ClusterState, Command, Expect, Op};
+use flotilla_types::api::{
+    ClusterStatus, DeployRequest, DeployResponse, PlanAction, PlanEntry, ScaleRequest,
+    ServiceDetail, ServiceSummary, WriteResponse,
+};
+use flotilla_types::{
+    now_ms, validate_stack, DriverKind, FieldError, NodeState, Revision, Service,
+    ServiceMode, ServiceSpec, TaskState, MAX_REPLICAS,
+};
+
+/// How often a write that lost an optimistic-concurrency race is retried before giving up.
+const WRITE_RETRIES: usize = 5;
+
+pub async fn status(State(app): State<AppState>) -> Json<ClusterStatus> {
+    Json(ClusterStatus {
+        store_revision: app.store.revision(),
+        leader: app.store.current_leader(),
+        node_id: app.store.node_id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+/// A one-line description of what differs between two specs, for revision history.
+pub fn describe_change(old: &ServiceSpec, new: &ServiceSpec) -> String {
+    if old.task_template_eq(new) {
+        return match (&old.mode, &new.mode) {
+            (ServiceMode::Replicated { replicas: a }, ServiceMode::Replicated { replicas: b }) if a != b => {
+                format!("replicas {a} -> {b}")
+            }
+            _ => "deploy labels".to_string(),
+        };
+    }
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return "spec changed".to_string();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let changed: Vec<&str> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(String::as_str)
+        .collect();
+    format!("changed {}", changed.join(", "))
+}
+
+fn plan_for(state: &ClusterState, spec: &ServiceSpec) -> PlanEntry {
+    match state.services.get(&spec.name) {
+        None => PlanEntry {
+            service: spec.name.clone(),
+            action: PlanAction::Create,
+            revision: 1,
+            change: "created".into(),
+        },
+        Some(cur) if cur.spec == *spec => PlanEntry {
+            service: spec.name.clone(),
+            action: PlanAction::Unchanged,
+            revision: cur.revision,
+            change: "unchanged".into(),
+        },
+        Some(cur) => PlanEntry {
+            service: spec.name.clone(),
+            action: if cur.spec.task_template_eq(spec) {
+                PlanAction::Scale
+            } else {
+                PlanAction::Update
+            },
+            revision: next_revision(state, &spec.name),
+            change: describe_change(&cur.spec, spec),
+        },
+    }
+}
+
+/// Revision numbers never repeat, even across a remove and re-create of the same name.
+fn next_revision(state: &ClusterState, service: &str) -> u64 {
+    state
+        .revisions_of(service)
+        .map(|r| r.number)
+        .max()
+        .unwrap_or(0)
+        + 1
+}
+
+/// The ops that move `spec` into the store as a new revision, guarded by the versions read.
+fn write_ops(state: &ClusterState, spec: &ServiceSpec, entry: &PlanEntry, by: &str, at: i64) -> Vec<Op> {
+    if entry.action == PlanAction::Unchanged {
+        return Vec::new();
+    }
+    let current = state.services.get(&spec.name);
+    let expect = current.map_or(Expect::Absent, |s| Expect::Version(s.meta.version));
+    let number = next_revision(state, &spec.name);
+    vec![
+        Op::PutRevision {
+            revision: Revision {
+                service: spec.name.clone(),
+                number,
+                spec: spec.clone(),
+                created_at: at,
+                created_by: by.to_string(),
+                change: entry.change.clone(),
+            },
+        },
+        Op::PutService {
+            service: Service {
+                name: spec.name.clone(),
+                spec: spec.clone(),
+                revision: number,
+                meta: current.map(|s| s.meta).unwrap_or_default(),
+            },
+            expect,
+        },
+    ]
+}
+
+pub async fn deploy(
+    State(app): State<AppState>,
+    JsonBody(req): JsonBody<DeployRequest>,
+) -> Result<Json<DeployResponse>, ApiError> {
+    if req.services.is_empty() {
+        return Err(ApiError::invalid(
+            "a deploy needs at least one service",
+            vec![FieldError::new("services", "is empty")],
+        ));
+    }
+    validate_stack(&req.services)
+        .map_err(|fields| ApiError::invalid("the services are not valid", fields))?;
+    let by = if req.requested_by.is_empty() { "api" } else { req.requested_by.as_str() };
+    for _ in 0..WRITE_RETRIES {
+        let at = now_ms();
+        let (plan, ops) = app.store.read(|state| {
+            let plan: Vec<PlanEntry> = req.services.iter().map(|s| plan_for(state, s)).collect();
+            let ops: Vec<Op> = req
+                .services
+                .iter()
+                .zip(&plan)
+                .flat_map(|(s, e)| write_ops(state, s, e, by, at))
+                .collect();
+            (plan, ops)
+        });
+        if req.dry_run || ops.is_empty() {
+            return Ok(Json(DeployResponse {
+                plan,
+                dry_run: req.dry_run,
+                store_revision: if req.dry_run { 0 } else { app.store.revision() },
+            }));
+        }
+        match check_applied(app.store.write(Command { ops, at }).await?) {
+            Ok(store_revision) => {
+                return Ok(Json(DeployResponse {
+                    plan,
+                    dry_run: false,
+                    store_revision,
+                }))
+            }
+            Err(ApiError::Conflict(reason)) => {
+                tracing::debug!(%reason, "deploy raced another write; retrying");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict(
+        "the services kept changing while deploying; try again".into(),
+    ))
+}
+
+/// Counts for `service ls`.
+pub fn summarize(state: &ClusterState, service: &Service) -> ServiceSummary {
+    let spec = &service.spec;
+    let desired = match spec.mode {
+        ServiceMode::Replicated { replicas } => replicas,
+        ServiceMode::Global => state
+            .nodes
+            .values()
+            .filter(|n| {
+                n.state == NodeState::Ready
+                    && n.availability == flotilla_types::Availability::Active
+                    && n.drivers.contains(&spec.driver)
+            })
+            .count() as u64,
+    };
+    let live = state.tasks_of(&service.name).filter(|t| {
+        t.desired_state == flotilla_types::DesiredState::Running && t.status.state == TaskState::Running
+    });
+    let (mut running, mut ready) = (0, 0);
+    for t in live {
+        running += 1;
+        if t.is_ready() {
+            ready += 1;
+        }
+    }
+    let image_or_command = match spec.driver {
+        DriverKind::Docker => spec.image.clone().unwrap_or_default(),
+        _ => spec
+            .entrypoint
+            .iter()
+            .chain(spec.command.iter())
+            .flatten()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let ports = spec
+        .ports
+        .iter()
+        .map(|p| match p.published {
+            Some(pub_port) => format!("{pub_port}->{}", p.target),
+            None => p.target.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    ServiceSummary {
+        name: service.name.clone(),
+        driver: spec.driver,
+        mode: match spec.mode {
+            ServiceMode::Replicated { .. } => "replicated".into(),
+            ServiceMode::Global => "global".into(),
+        },
+        desired,
+        running,
+        ready,
+        revision: service.revision,
+        image_or_command,
+        ports,
+    }
+}
+
+pub async fn list(State(app): State<AppState>) -> Json<Vec<ServiceSummary>> {
+    Json(app.store.read(|s| s.services.values().map(|svc| summarize(s, svc)).collect()))
+}
+
+pub async fn inspect(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ServiceDetail>, ApiError> {
+    app.store
+        .read(|s| {
+            let service = s.services.get(&name)?;
+            let mut tasks: Vec<_> = s.tasks_of(&name).cloned().collect();
+            tasks.sort_by(|a, b| (a.slot, a.meta.created_at).cmp(&(b.slot, b.meta.created_at)));
+            Some(ServiceDetail {
+                summary: summarize(s, service),
+                service: service.clone(),
+                tasks,
+            })
+        })
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("service {name:?} does not exist")))
+}
+
+pub async fn revisions(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Revision>>, ApiError> {
+    let revs: Vec<Revision> = app.store.read(|s| s.revisions_of(&name).cloned().collect());
+    if revs.is_empty() {
+        return Err(ApiError::NotFound(format!("service {name:?} has no revisions")));
+    }
+    Ok(Json(revs))
+}
+
+pub async fn remove(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<WriteResponse>, ApiError> {
+    let version = app
+        .store
+        .read(|s| s.services.get(&name).map(|svc| svc.meta.version))
+        .ok_or_else(|| ApiError::NotFound(format!("service {name:?} does not exist")))?;
+    let result = app
+        .store
+        .write(Command::new(vec![Op::DeleteService {
+            name,
+            expect: Expect::Version(version),
+        }]))
+        .await?;
+    Ok(Json(WriteResponse {
+        store_revision: check_applied(result)?,
+    }))
+}
+
+pub async fn scale(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<ScaleRequest>,
+) -> Result<Json<WriteResponse>, ApiError> {
+    if req.replicas > MAX_REPLICAS {
+        return Err(ApiError::invalid(
+            format!("replicas {} is more than the maximum of {MAX_REPLICAS}", req.replicas),
+            vec![FieldError::new("replicas", format!("must be at most {MAX_REPLICAS}"))],
+        ));
+    }
+    for _ in 0..WRITE_RETRIES {
+        let at = now_ms();
+        let ops = app.store.read(|s| {
+            let svc = s
+                .services
+                .get(&name)
+                .ok_or_else(|| ApiError::NotFound(format!("service {name:?} does not exist")))?;
+            if svc.spec.mode == ServiceMode::Global {
+                return Err(ApiError::invalid(
+                    format!("service {name:?} is global: it runs one task per node and cannot be scaled"),
+                    vec![FieldError::new("replicas", "not allowed for a global service")],
+                ));
+            }
+            let mut spec = svc.spec.clone();
+            spec.mode = ServiceMode::Replicated { replicas: req.replicas };
+            let entry = plan_for(s, &spec);
+            Ok(write_ops(s, &spec, &entry, "scale", at))
+        })?;
+        if ops.is_empty() {
+            return Ok(Json(WriteResponse {
+                store_revision: app.store.revision(),
+            }));
+        }
+        match check_applied(app.store.write(Command { ops, at }).await?) {
+            Ok(store_revision) => return Ok(Json(WriteResponse { store_revision })),
+            Err(ApiError::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict(format!("service {name:?} kept changing; try again")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_descriptions() {
+        let a = ServiceSpec::process("web", vec!["x".into()]);
+        let mut b = a.clone();
+        b.mode = ServiceMode::Replicated { replicas: 4 };
+        assert_eq!(describe_change(&a, &b), "replicas 1 -> 4");
+        b.environment.insert("A".into(), "1".into());
+        assert_eq!(describe_change(&a, &b), "changed environment, mode");
+    }
+}

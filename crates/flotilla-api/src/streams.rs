@@ -1,0 +1,228 @@
+//! NDJSON streams: `events` (what happened) and `watch` (objects as they change).
+//!
+//! Each stream subscribes to the store *before* reading the starting point, so nothing falls in
+//! between; items at or below the starting revision are skipped.
+
+use crate::error::ApiError;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::response::Response;
+use bytes::Bytes;
+use flotilla_store::{Change, ClusterState};
+use flotilla_types::api::{WatchChange, WatchMessage};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+
+/// Idle watch streams get a heartbeat line this often.
+const WATCH_HEARTBEAT: Duration = Duration::from_secs(5);
+
+fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Result<Response, ApiError> {
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>);
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+use tokio_stream::StreamExt as _;
+
+fn line<T: Serialize>(item: &T) -> Option<Bytes> {
+    let mut v = serde_json::to_vec(item).ok()?;
+    v.push(b'\n');
+    Some(Bytes::from(v))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventQuery {
+    #[serde(default)]
+    pub since: u64,
+    #[serde(default)]
+    pub follow: bool,
+}
+
+pub async fn events(State(app): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
+    let mut sub = q.follow.then(|| app.store.subscribe());
+    let past = app.store.events(q.since, 10_000)?;
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let store = app.store.clone();
+    tokio::spawn(async move {
+        let mut last = q.since;
+        for e in past {
+            last = e.revision;
+            let Some(l) = line(&e) else { continue };
+            if tx.send(l).await.is_err() {
+                return;
+            }
+        }
+        let Some(sub) = sub.as_mut() else { return };
+        loop {
+            let batch = match sub.recv().await {
+                Ok(b) => b,
+                Err(RecvError::Lagged(_)) => {
+                    // Fell behind the broadcast: catch up from the persisted events.
+                    match store.events(last, 10_000) {
+                        Ok(evs) => {
+                            for e in evs {
+                                last = e.revision;
+                                let Some(l) = line(&e) else { continue };
+                                if tx.send(l).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(err) => tracing::warn!(%err, "event stream catch-up failed"),
+                    }
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            let since = last;
+            for e in batch.events.iter().filter(|e| e.revision > since) {
+                last = e.revision;
+                let Some(l) = line(e) else { continue };
+                if tx.send(l).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    ndjson_response(rx)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WatchQuery {
+    /// `task`, `service`, `node`, or absent for all.
+    pub kind: Option<String>,
+    /// Only tasks assigned to this node.
+    pub node: Option<String>,
+}
+
+struct WatchFilter {
+    tasks: bool,
+    services: bool,
+    nodes: bool,
+    node: Option<String>,
+    /// Tasks the watcher has been told about, so it also hears of their deletion or move.
+    known_tasks: BTreeSet<String>,
+}
+
+impl WatchFilter {
+    fn snapshot(&mut self, s: &ClusterState) -> WatchMessage {
+        let tasks: Vec<_> = if self.tasks {
+            s.tasks
+                .values()
+                .filter(|t| self.node.is_none() || t.node == self.node)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.known_tasks = tasks.iter().map(|t| t.id.clone()).collect();
+        WatchMessage::Snapshot {
+            revision: s.revision,
+            tasks,
+            services: if self.services { s.services.values().cloned().collect() } else { Vec::new() },
+            nodes: if self.nodes { s.nodes.values().cloned().collect() } else { Vec::new() },
+        }
+    }
+
+    fn change(&mut self, c: &Change) -> Option<WatchChange> {
+        match c {
+            Change::Task { id, object } if self.tasks => {
+                let matches = self.node.is_none()
+                    || object.as_ref().is_some_and(|t| t.node == self.node);
+                let known = self.known_tasks.contains(id);
+                if matches {
+                    self.known_tasks.insert(id.clone());
+                    Some(WatchChange::Task { id: id.clone(), object: object.clone() })
+                } else if known {
+                    // Deleted, or moved off the watched node: tell the watcher it is gone.
+                    self.known_tasks.remove(id);
+                    Some(WatchChange::Task { id: id.clone(), object: None })
+                } else {
+                    None
+                }
+            }
+            Change::Service { name, object } if self.services => Some(WatchChange::Service {
+                name: name.clone(),
+                object: object.clone(),
+            }),
+            Change::Node { id, object } if self.nodes => Some(WatchChange::Node {
+                id: id.clone(),
+                object: object.clone(),
+            }),
+            Change::Revision { service, number, object } if self.services => Some(WatchChange::Revision {
+                service: service.clone(),
+                number: *number,
+                object: object.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+pub async fn watch(State(app): State<AppState>, Query(q): Query<WatchQuery>) -> Result<Response, ApiError> {
+    let (tasks, services, nodes) = match q.kind.as_deref() {
+        None | Some("") | Some("all") => (true, true, true),
+        Some("task") => (true, false, false),
+        Some("service") => (false, true, false),
+        Some("node") => (false, false, true),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("unknown watch kind {other:?}"),
+                vec![flotilla_types::FieldError::new("kind", "expected task, service, node or all")],
+            ))
+        }
+    };
+    let mut filter = WatchFilter {
+        tasks,
+        services,
+        nodes,
+        node: q.node,
+        known_tasks: BTreeSet::new(),
+    };
+    let mut sub = app.store.subscribe();
+    let first = app.store.read(|s| filter.snapshot(s));
+    let (tx, rx) = mpsc::channel::<Bytes>(1024);
+    let store = app.store.clone();
+    tokio::spawn(async move {
+        let mut last = match &first {
+            WatchMessage::Snapshot { revision, .. } => *revision,
+            _ => 0,
+        };
+        let Some(l) = line(&first) else { return };
+        if tx.send(l).await.is_err() {
+            return;
+        }
+        loop {
+            let msg = tokio::select! {
+                r = sub.recv() => match r {
+                    Ok(batch) if batch.revision > last => {
+                        last = batch.revision;
+                        let changes: Vec<WatchChange> = batch.changes.iter().filter_map(|c| filter.change(c)).collect();
+                        if changes.is_empty() { continue; }
+                        WatchMessage::Change { revision: batch.revision, changes }
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => {
+                        let snap = store.read(|s| filter.snapshot(s));
+                        if let WatchMessage::Snapshot { revision, .. } = &snap { last = *revision; }
+                        snap
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep(WATCH_HEARTBEAT) => WatchMessage::Heartbeat { revision: last },
+            };
+            let Some(l) = line(&msg) else { continue };
+            if tx.send(l).await.is_err() {
+                return;
+            }
+        }
+    });
+    ndjson_response(rx)
+}

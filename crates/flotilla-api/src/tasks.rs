@@ -1,0 +1,131 @@
+//! Task resources: listing, status reports from agents, and log streaming (proxied to the agent
+//! of the task's node).
+
+use crate::body::JsonBody;
+use crate::error::{check_applied, ApiError};
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::Json;
+use flotilla_store::{Command, Op};
+use flotilla_types::api::{TaskStatusReport, WriteResponse};
+use flotilla_types::Task;
+use futures::TryStreamExt;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+pub struct TaskFilter {
+    pub service: Option<String>,
+    pub node: Option<String>,
+}
+
+pub async fn list(State(app): State<AppState>, Query(f): Query<TaskFilter>) -> Json<Vec<Task>> {
+    let mut tasks: Vec<Task> = app.store.read(|s| {
+        s.tasks
+            .values()
+            .filter(|t| f.service.as_ref().is_none_or(|svc| &t.service == svc))
+            .filter(|t| f.node.as_ref().is_none_or(|n| t.node.as_ref() == Some(n)))
+            .cloned()
+            .collect()
+    });
+    tasks.sort_by(|a, b| {
+        (&a.service, a.slot, &a.node, a.meta.created_at).cmp(&(&b.service, b.slot, &b.node, b.meta.created_at))
+    });
+    Json(tasks)
+}
+
+/// Finds a task by full id, unique id prefix, or `service.slot` name (the live one).
+fn resolve(app: &AppState, key: &str) -> Result<Task, ApiError> {
+    app.store.read(|s| {
+        if let Some(t) = s.tasks.get(key) {
+            return Ok(t.clone());
+        }
+        let by_name: Vec<&Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.name() == key && t.desired_state == flotilla_types::DesiredState::Running)
+            .collect();
+        if let [t] = by_name.as_slice() {
+            return Ok((*t).clone());
+        }
+        let by_prefix: Vec<&Task> = s.tasks.values().filter(|t| t.id.starts_with(key)).collect();
+        match by_prefix.as_slice() {
+            [t] => Ok((*t).clone()),
+            [] => Err(ApiError::NotFound(format!("task {key:?} does not exist"))),
+            _ => Err(ApiError::invalid(
+                format!("task id prefix {key:?} is ambiguous ({} tasks match)", by_prefix.len()),
+                vec![],
+            )),
+        }
+    })
+}
+
+pub async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
+    resolve(&app, &id).map(Json)
+}
+
+pub async fn report_status(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(report): JsonBody<TaskStatusReport>,
+) -> Result<Json<WriteResponse>, ApiError> {
+    let result = app
+        .store
+        .write(Command::new(vec![Op::SetTaskStatus {
+            id,
+            node: report.node,
+            status: report.status,
+        }]))
+        .await?;
+    Ok(Json(WriteResponse {
+        store_revision: check_applied(result)?,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LogQuery {
+    #[serde(default)]
+    pub follow: bool,
+    pub tail: Option<usize>,
+}
+
+pub async fn logs(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let task = resolve(&app, &id)?;
+    let node_id = task
+        .node
+        .clone()
+        .ok_or_else(|| ApiError::NotFound(format!("task {} was never placed on a node, so it has no logs", task.id)))?;
+    let agent = app
+        .store
+        .read(|s| s.nodes.get(&node_id).and_then(|n| n.agent_addr.clone()))
+        .ok_or_else(|| ApiError::Unavailable(format!("node {node_id} does not serve logs")))?;
+    let mut url = format!("http://{agent}/tasks/{}/logs?follow={}", task.id, q.follow);
+    if let Some(n) = q.tail {
+        url.push_str(&format!("&tail={n}"));
+    }
+    let resp = app
+        .http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot reach the agent of node {node_id} at {agent}: {e}")))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(if status.as_u16() == 404 {
+            ApiError::NotFound(format!("node {node_id} has no logs for task {}: {text}", task.id))
+        } else {
+            ApiError::Unavailable(format!("agent on {node_id} answered {status}: {text}"))
+        });
+    }
+    let stream = resp.bytes_stream().map_err(std::io::Error::other);
+    Response::builder()
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
