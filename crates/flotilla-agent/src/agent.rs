@@ -9,7 +9,7 @@
 
 use crate::driver::{Driver, DriverError, ExitInfo, RecoveredTask};
 use crate::health::{HealthMonitor, HealthReport};
-use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
+use crate::ports::PortAllocator;
 use crate::process::ProcessDriver;
 use flotilla_client::{Client, ClientError, Mirror};
 use flotilla_types::api::{Heartbeat, NodeRegistration, TaskStatusReport};
@@ -45,6 +45,8 @@ pub struct AgentConfig {
     /// Where drivers keep task state (`<state_dir>/process/tasks/...`).
     pub state_dir: PathBuf,
     pub heartbeat: Duration,
+    /// Host ports for task ports are taken from this range.
+    pub task_ports: std::ops::Range<u16>,
 }
 
 pub struct Agent {
@@ -65,13 +67,14 @@ impl Agent {
         let exe = std::env::current_exe().map_err(AgentError::Exe)?;
         let process: Arc<dyn Driver> = Arc::new(ProcessDriver::new(cfg.state_dir.join("process"), exe)?);
         let drivers = BTreeMap::from([(DriverKind::Process, process)]);
+        let ports = Arc::new(PortAllocator::new(cfg.task_ports.clone())?);
         let log_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(AgentError::Listen)?;
         Ok(Agent {
             cfg,
             drivers,
-            ports: Arc::new(PortAllocator::new(DEFAULT_PORT_RANGE)?),
+            ports,
             log_listener,
         })
     }
@@ -525,7 +528,9 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
             }
             Some(hr) = health_rx.recv() => {
                 // The monitor's first report is `starting`; keep an adopted task's known health.
-                if hr.health == Health::Starting && status.health != Health::None {
+                if hr.health == status.health
+                    || (hr.health == Health::Starting && status.health != Health::None)
+                {
                     continue;
                 }
                 status.health = hr.health;

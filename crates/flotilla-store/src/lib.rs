@@ -6,8 +6,30 @@
 //! only after its log entry is fsynced and applied, so it survives `kill -9`.
 #![forbid(unsafe_code)]
 
+mod apply;
+mod error;
+pub mod network;
 mod ops;
-pub use ops::*;
+mod storage;
+mod store;
+#[cfg(test)]
+mod tests;
 
-// The `Store` type (open, bootstrap, write, read, subscribe, events) is implemented in `store.rs`
-// and re-exported here.
+pub use error::StoreError;
+pub use ops::*;
+pub use store::{Store, StoreConfig};
+
+openraft::declare_raft_types!(
+    /// The raft types of the Flotilla store: commands in, command results out.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The raft node type of the store.
+pub type Raft = openraft::Raft<TypeConfig>;

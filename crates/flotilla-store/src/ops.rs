@@ -1,8 +1,6 @@
 //! The write vocabulary of the store and the in-memory view of what it holds.
 
-use flotilla_types::{
-    DesiredState, Event, Node, Revision, Service, Task, TaskStatus, Timestamp,
-};
+use flotilla_types::{DesiredState, Event, Node, Revision, Service, Task, TaskStatus, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -23,19 +21,50 @@ pub enum Expect {
 /// machine (`version` = log index, `updated_at` = command time, `created_at` kept or set).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    PutService { service: Service, expect: Expect },
-    DeleteService { name: String, expect: Expect },
+    PutService {
+        service: Service,
+        expect: Expect,
+    },
+    DeleteService {
+        name: String,
+        expect: Expect,
+    },
     /// Revisions are immutable: fails if `(service, number)` exists.
-    PutRevision { revision: Revision },
-    PutTask { task: Task, expect: Expect },
+    PutRevision {
+        revision: Revision,
+    },
+    PutTask {
+        task: Task,
+        expect: Expect,
+    },
     /// Merges an agent's status report into the task (appending history). Fails if the task
     /// does not exist or is assigned to another node.
-    SetTaskStatus { id: String, node: String, status: TaskStatus },
-    SetTaskDesired { id: String, desired: DesiredState, expect: Expect },
-    DeleteTask { id: String, expect: Expect },
-    PutNode { node: Node, expect: Expect },
-    NodeHeartbeat { id: String, at: Timestamp },
-    DeleteNode { id: String, expect: Expect },
+    SetTaskStatus {
+        id: String,
+        node: String,
+        status: TaskStatus,
+    },
+    SetTaskDesired {
+        id: String,
+        desired: DesiredState,
+        expect: Expect,
+    },
+    DeleteTask {
+        id: String,
+        expect: Expect,
+    },
+    PutNode {
+        node: Node,
+        expect: Expect,
+    },
+    NodeHeartbeat {
+        id: String,
+        at: Timestamp,
+    },
+    DeleteNode {
+        id: String,
+        expect: Expect,
+    },
 }
 
 /// An atomic batch of ops: either all apply or none do.
@@ -58,11 +87,19 @@ impl Command {
 /// The outcome of applying a [`Command`], returned to the writer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
-    Applied { revision: u64 },
+    Applied {
+        revision: u64,
+    },
     /// A precondition failed; nothing was applied.
-    Conflict { op_index: usize, reason: String },
+    Conflict {
+        op_index: usize,
+        reason: String,
+    },
     /// An op named an object that does not exist; nothing was applied.
-    NotFound { op_index: usize, reason: String },
+    NotFound {
+        op_index: usize,
+        reason: String,
+    },
 }
 
 /// What a reader sees: every object, indexed for the lookups controllers and the API make.
@@ -98,10 +135,23 @@ impl ClusterState {
 /// One object that changed in an applied command; `None` means deleted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Change {
-    Service { name: String, object: Option<Service> },
-    Revision { service: String, number: u64, object: Option<Revision> },
-    Task { id: String, object: Option<Task> },
-    Node { id: String, object: Option<Node> },
+    Service {
+        name: String,
+        object: Option<Service>,
+    },
+    Revision {
+        service: String,
+        number: u64,
+        object: Option<Revision>,
+    },
+    Task {
+        id: String,
+        object: Option<Task>,
+    },
+    Node {
+        id: String,
+        object: Option<Node>,
+    },
 }
 
 /// Everything one applied command changed, in order, plus the events it produced.

@@ -67,7 +67,7 @@ pub fn format_bytes(bytes: u64) -> String {
         ("KiB", 1 << 10),
     ];
     for (name, size) in UNITS {
-        if bytes >= size && bytes % (size / 1024).max(1) == 0 {
+        if bytes >= size && bytes.is_multiple_of((size / 1024).max(1)) {
             let v = bytes as f64 / size as f64;
             return if v.fract() == 0.0 {
                 format!("{}{name}", v as u64)

@@ -34,6 +34,21 @@ pub struct UpArgs {
     /// A node silent for this long is marked down and its tasks replaced.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
+    /// Range host ports for task ports are taken from (START-END, end exclusive).
+    #[arg(long, default_value = "20000-32000", value_parser = parse_port_range)]
+    pub task_ports: std::ops::Range<u16>,
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::Range<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected START-END, e.g. 20000-32000"))?;
+    let start: u16 = a.trim().parse().map_err(|_| format!("{s:?}: start {a:?} is not a port number"))?;
+    let end: u16 = b.trim().parse().map_err(|_| format!("{s:?}: end {b:?} is not a port number"))?;
+    if start == 0 || start >= end {
+        return Err(format!("{s:?}: need 0 < START < END"));
+    }
+    Ok(start..end)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -133,6 +148,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         api: Client::new(&api_url, None)?,
         state_dir: args.data_dir.join("agent"),
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
+        task_ports: args.task_ports.clone(),
     })
     .await
     .context("starting the agent")?;

@@ -1,0 +1,145 @@
+//! Raft RPC between managers over plain HTTP with JSON bodies.
+//!
+//! The wire contract, which the API crate's server side implements by handing the decoded request
+//! to [`crate::Raft`] and encoding its result:
+//!
+//! | path              | request body                    | response body (`200 OK`)                                                      |
+//! |-------------------|---------------------------------|--------------------------------------------------------------------------------|
+//! | [`APPEND_PATH`]   | `AppendEntriesRequest<TypeConfig>` | `Result<AppendEntriesResponse<u64>, RaftError<u64>>` (`raft.append_entries`) |
+//! | [`VOTE_PATH`]     | `VoteRequest<u64>`              | `Result<VoteResponse<u64>, RaftError<u64>>` (`raft.vote`)                     |
+//! | [`SNAPSHOT_PATH`] | `InstallSnapshotRequest<TypeConfig>` | `Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>` (`raft.install_snapshot`) |
+//!
+//! `Result` is encoded the serde way: `{"Ok": …}` or `{"Err": …}`.
+
+use crate::TypeConfig;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode, RaftNetwork, RaftNetworkFactory};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub const APPEND_PATH: &str = "/raft/append";
+pub const VOTE_PATH: &str = "/raft/vote";
+pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
+
+/// Creates a [`HttpConnection`] per peer; all share one connection pool.
+#[derive(Clone)]
+pub struct HttpNetwork {
+    client: reqwest::Client,
+}
+
+impl HttpNetwork {
+    pub fn new() -> Result<Self, reqwest::Error> {
+        Ok(HttpNetwork {
+            client: reqwest::Client::builder().build()?,
+        })
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
+    type Network = HttpConnection;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> HttpConnection {
+        HttpConnection {
+            client: self.client.clone(),
+            target,
+            node: node.clone(),
+        }
+    }
+}
+
+/// The RPC client for one peer.
+pub struct HttpConnection {
+    client: reqwest::Client,
+    target: u64,
+    node: BasicNode,
+}
+
+impl HttpConnection {
+    async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let url = format!("http://{}{path}", self.node.addr);
+        let response = self
+            .client
+            .post(&url)
+            .timeout(option.hard_ttl())
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| {
+                // A refused or failed connection means the peer is down: back off. Anything
+                // else (timeout, reset mid-request) is worth an immediate retry.
+                if e.is_connect() {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let message = format!("POST {url} returned {status}: {body}");
+            return Err(RPCError::Network(NetworkError::new(&AnyError::error(
+                message,
+            ))));
+        }
+        let result: Result<Resp, RaftError<u64, E>> = response
+            .json()
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for HttpConnection {
+    #[tracing::instrument(level = "trace", skip_all, fields(target = self.target))]
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(APPEND_PATH, &rpc, &option).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(target = self.target))]
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.call(SNAPSHOT_PATH, &rpc, &option).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(target = self.target))]
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(VOTE_PATH, &rpc, &option).await
+    }
+}

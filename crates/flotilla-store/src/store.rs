@@ -1,0 +1,229 @@
+//! [`Store`]: one manager's handle on the replicated store.
+
+use crate::network::HttpNetwork;
+use crate::ops::{ChangeBatch, ClusterState, Command, CommandResult};
+use crate::storage::{LogStore, Shared, StateMachine};
+use crate::{Raft, StoreError};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Newest events kept on disk.
+pub(crate) const EVENT_RETENTION: u64 = 10_000;
+/// Longest a write waits to be committed and applied before it is reported as unavailable.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest [`Store::bootstrap_single`] waits for a leader.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Name of the redb file inside [`StoreConfig::data_dir`].
+const DB_FILE: &str = "store.redb";
+
+/// Where and as whom a store runs.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The store keeps everything in `data_dir/store.redb`; the directory is created if missing.
+    pub data_dir: PathBuf,
+    pub node_id: u64,
+    /// `host:port` where this manager's HTTP API (and raft RPC) listens.
+    pub advertise_addr: String,
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), StoreError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(StoreError::Config("data_dir is empty".to_string()));
+        }
+        let port = self
+            .advertise_addr
+            .rsplit_once(':')
+            .map(|(host, port)| (host.trim(), port));
+        match port {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+            _ => Err(StoreError::Config(format!(
+                "advertise_addr {:?} is not host:port (e.g. \"10.0.0.5:7420\")",
+                self.advertise_addr
+            ))),
+        }
+    }
+}
+
+/// A running store: the raft node plus the applied state. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: Raft,
+    shared: Arc<Shared>,
+    node_id: u64,
+    advertise_addr: String,
+}
+
+impl Store {
+    /// Opens the store in `cfg.data_dir` (loading the applied state from disk) and starts raft.
+    pub async fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
+        Self::open_with_retention(cfg, EVENT_RETENTION).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = cfg.node_id))]
+    pub(crate) async fn open_with_retention(
+        cfg: StoreConfig,
+        event_retention: u64,
+    ) -> Result<Store, StoreError> {
+        cfg.validate()?;
+        let path = cfg.data_dir.join(DB_FILE);
+        let open_path = path.clone();
+        let (shared, applied) =
+            tokio::task::spawn_blocking(move || Shared::open(&open_path, event_retention))
+                .await
+                .map_err(|e| StoreError::Storage(format!("opening {}: {e}", path.display())))??;
+        tracing::info!(path = %path.display(), revision = shared.read(|s| s.revision), "store loaded");
+
+        let config = Config {
+            cluster_name: "flotilla".to_string(),
+            heartbeat_interval: 250,
+            election_timeout_min: 1000,
+            election_timeout_max: 2000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| StoreError::Config(format!("raft config: {e}")))?;
+        let network = HttpNetwork::new()
+            .map_err(|e| StoreError::Config(format!("building the raft HTTP client: {e}")))?;
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(config),
+            network,
+            LogStore::new(shared.clone()),
+            StateMachine::new(shared.clone(), applied),
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("raft failed to start: {e}")))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                raft,
+                shared,
+                node_id: cfg.node_id,
+                advertise_addr: cfg.advertise_addr,
+            }),
+        })
+    }
+
+    /// Initialise a single-voter cluster (this node) if never initialised. Idempotent: on an
+    /// already-initialised store (e.g. after restart) it is a no-op. Waits until this node is
+    /// leader.
+    #[tracing::instrument(skip_all, fields(node_id = self.inner.node_id))]
+    pub async fn bootstrap_single(&self) -> Result<(), StoreError> {
+        let raft = &self.inner.raft;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("raft stopped: {e}")))?;
+        if !initialized {
+            let members = BTreeMap::from([(
+                self.inner.node_id,
+                BasicNode::new(&self.inner.advertise_addr),
+            )]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("initialising the cluster: {e}")))?;
+            tracing::info!("initialised a single-manager cluster");
+        }
+        raft.wait(Some(LEADER_TIMEOUT))
+            .current_leader(self.inner.node_id, "this manager to become leader")
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("waiting for leadership: {e}")))?;
+        Ok(())
+    }
+
+    /// Propose through raft (client_write) and return once applied. The write is durable
+    /// (fsynced) before this returns.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(cmd)).await;
+        match written {
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "write not applied within {WRITE_TIMEOUT:?} (quorum may be lost; the write may \
+                 still be applied later)"
+            ))),
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                match forward.leader_id {
+                    Some(leader_id) => Err(StoreError::NotLeader {
+                        leader_id: Some(leader_id),
+                        leader_addr: forward.leader_node.map(|n| n.addr),
+                    }),
+                    None => Err(StoreError::Unavailable(
+                        "no leader elected (election in progress or quorum lost)".to_string(),
+                    )),
+                }
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(
+                StoreError::Unavailable(format!("membership change in progress: {e}")),
+            ),
+            Ok(Err(RaftError::Fatal(e))) => {
+                Err(StoreError::Unavailable(format!("raft stopped: {e}")))
+            }
+        }
+    }
+
+    /// Run `f` against the current applied state (in-memory, kept in step with redb).
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        self.inner.shared.read(f)
+    }
+
+    /// The last applied log index.
+    pub fn revision(&self) -> u64 {
+        self.inner.shared.read(|s| s.revision)
+    }
+
+    /// Every applied command's [`ChangeBatch`] (refused commands produce none). Subscribe before
+    /// reading the state, then skip batches at or below the state's revision. A `Lagged` receiver
+    /// can catch up with [`Store::changes_since`]; a `Closed` one (after a snapshot was installed)
+    /// must resync from a full read.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeBatch>> {
+        self.inner.shared.subscribe()
+    }
+
+    /// Batches with revision > `since`, from an in-memory ring of the last 4096 batches; `None` if
+    /// `since` is older than the ring holds (the caller must resync from a full read).
+    pub fn changes_since(&self, since: u64) -> Option<Vec<Arc<ChangeBatch>>> {
+        self.inner.shared.changes_since(since)
+    }
+
+    /// Persisted events with revision > `since`, oldest first, at most `limit`. The newest 10 000
+    /// are kept.
+    pub fn events(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<flotilla_types::Event>, StoreError> {
+        Ok(self.inner.shared.events(since, limit)?)
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.inner.node_id
+    }
+
+    pub fn current_leader(&self) -> Option<u64> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    /// Stops raft. Everything acknowledged is already on disk.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        self.inner
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("raft task failed while stopping: {e}")))
+    }
+}
