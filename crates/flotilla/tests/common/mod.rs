@@ -1,0 +1,255 @@
+//! Test harness: real `flotilla up` processes on loopback, driven through the real CLI.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// Each cluster in this test binary gets its own slice of host ports for tasks, so parallel
+/// tests never race for the same port.
+static NEXT_SLICE: AtomicU16 = AtomicU16::new(0);
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A minimal HTTP/1.0 GET: (status, body), or None if the connection failed.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub api_port: u16,
+    pub task_ports: (u16, u16),
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("flt").tempdir().expect("tempdir");
+        let slice = NEXT_SLICE.fetch_add(1, Ordering::SeqCst) + (std::process::id() % 20) as u16 * 7;
+        let start = 21000 + (slice % 50) * 200;
+        let mut c = Cluster {
+            dir,
+            api_port: free_port(),
+            task_ports: (start, start + 200),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn_up();
+        c
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// Starts `flotilla up` (again) on this cluster's data dir and waits for its API.
+    pub fn spawn_up(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))
+            .expect("open up.log");
+        let child = Command::new(BIN)
+            .arg("up")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--api-addr")
+            .arg(format!("127.0.0.1:{}", self.api_port))
+            .arg("--task-ports")
+            .arg(format!("{}-{}", self.task_ports.0, self.task_ports.1))
+            .args(&self.extra_args)
+            .env("FLOTILLA_LOG", "info")
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla up");
+        self.child = Some(child);
+        let addr = self.addr();
+        wait_for("the API to answer", Duration::from_secs(60), || {
+            let out = Command::new(BIN).args(["--addr", &addr, "node", "ls", "-o", "json"]).output().ok()?;
+            let nodes: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (nodes.as_array()?.len() == 1).then_some(())
+        });
+    }
+
+    /// SIGKILLs the `flotilla up` process (manager and agent), leaving shims and workloads.
+    pub fn kill_up(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn up_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("FLOTILLA_ADDR", self.addr())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run flotilla")
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {out}"))
+    }
+
+    /// Tasks of `service` meant to be running (what `ps` shows).
+    pub fn live_tasks(&self, service: &str) -> Vec<Value> {
+        self.json(&["ps", service]).as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn all_tasks(&self, service: &str) -> Vec<Value> {
+        self.json(&["ps", service, "--all"]).as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until `service` has exactly `n` live tasks, all running and healthy (or without a
+    /// check), and returns them.
+    pub fn wait_ready(&self, service: &str, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} ready tasks of {service}"), Duration::from_secs(90), || {
+            let tasks = self.live_tasks(service);
+            let ready = tasks
+                .iter()
+                .filter(|t| {
+                    t["status"]["state"] == "running"
+                        && (t["spec"]["healthcheck"].is_null() || t["status"]["health"] == "healthy")
+                })
+                .count();
+            (tasks.len() == n && ready == n).then_some(tasks)
+        })
+    }
+
+    /// Writes `yaml` to a file in the test dir and returns its path.
+    pub fn write_file(&self, name: &str, yaml: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, yaml).expect("write compose file");
+        p
+    }
+
+    pub fn deploy(&self, name: &str, yaml: &str) -> Output {
+        let p = self.write_file(name, yaml);
+        self.run(&["deploy", "-f", p.to_str().expect("utf8 path"), "--timeout", "90s"])
+    }
+
+    fn cleanup(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        // Stop every workload through the cluster, so nothing outlives the test.
+        if let Ok(services) = serde_json::from_slice::<Value>(&self.run(&["service", "ls", "-o", "json"]).stdout) {
+            for s in services.as_array().into_iter().flatten() {
+                if let Some(name) = s["name"].as_str() {
+                    let _ = self.run(&["service", "rm", name]);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let out = self.run(&["ps", "--all", "-o", "json"]);
+            let active = serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .map(|ts| {
+                    ts.iter()
+                        .filter(|t| matches!(t["status"]["state"].as_str(), Some("starting" | "running" | "stopping")))
+                        .count()
+                })
+                .unwrap_or(0);
+            if active == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.kill_up();
+        // Last resort for shims of a test that failed midway.
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.data_dir()).status();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.cleanup();
+        if std::thread::panicking() {
+            eprintln!("---- flotilla up log ({}) ----\n{}", self.dir.path().display(), tail(&self.up_log(), 80));
+        }
+    }
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("/bin/sh").arg("-c").arg(cmd).output().expect("sh")
+}

@@ -1,0 +1,308 @@
+//! End-to-end acceptance tests of the single-node core: real `flotilla up`, real processes,
+//! real cgroups, real sockets, real SIGKILLs.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn ids(tasks: &[Value]) -> BTreeSet<String> {
+    tasks.iter().map(|t| t["id"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+fn pid(t: &Value) -> u64 {
+    t["status"]["pid"].as_u64().expect("task has a pid")
+}
+
+fn host_port(t: &Value) -> u16 {
+    t["status"]["ports"][0]["host_port"].as_u64().expect("task has a host port") as u16
+}
+
+/// `flotilla up --demo` serves 3 healthy replicas, each answering on its own host port with its
+/// version and task id, inside a cgroup with the demo's 64MiB memory limit.
+#[test]
+fn demo_serves_three_healthy_replicas() {
+    let c = Cluster::start_with(&["--demo"]);
+    let tasks = c.wait_ready("demo", 3);
+    let mut seen = BTreeSet::new();
+    for t in &tasks {
+        let (status, body) = http_get(host_port(t), "/").expect("replica answers");
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(v["version"], "v1");
+        assert_eq!(v["task"], t["id"]);
+        seen.insert(host_port(t));
+        assert_eq!(http_get(host_port(t), "/health").map(|r| r.0), Some(200));
+    }
+    assert_eq!(seen.len(), 3, "each replica has its own host port");
+
+    // The memory limit from deploy.resources is in the task's cgroup.
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", pid(&tasks[0]))).expect("cgroup file");
+    assert!(cg.contains(&format!("flotilla/{}", tasks[0]["id"].as_str().unwrap_or_default())), "{cg}");
+    let limit_file = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        format!("/sys/fs/cgroup/flotilla/{}/memory.max", tasks[0]["id"].as_str().unwrap_or_default())
+    } else {
+        format!("/sys/fs/cgroup/memory/flotilla/{}/memory.limit_in_bytes", tasks[0]["id"].as_str().unwrap_or_default())
+    };
+    let limit = std::fs::read_to_string(&limit_file).expect("memory limit file");
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+
+    // ps shows node, state, health, host ports and pid.
+    let table = c.ok(&["ps", "demo"]);
+    assert_eq!(table.matches("healthy").count(), 3, "{table}");
+    assert!(table.contains("pid "), "{table}");
+    assert!(table.contains("->8080"), "{table}");
+
+    // Logs come from the task's rotating log file through the API.
+    let logs = c.ok(&["logs", "demo", "--tail", "50"]);
+    assert!(logs.contains("listening"), "{logs}");
+}
+
+/// SIGKILL a task's process: the exit is recorded and a replacement becomes healthy.
+#[test]
+fn killed_task_is_replaced() {
+    let c = Cluster::start_with(&["--demo"]);
+    let before = c.wait_ready("demo", 3);
+    let victim = &before[0];
+    sh(&format!("kill -9 {}", pid(victim)));
+    let after = wait_for("a replacement", Duration::from_secs(60), || {
+        let t = c.wait_ready("demo", 3);
+        (!ids(&t).contains(victim["id"].as_str().unwrap_or_default())).then_some(t)
+    });
+    assert_eq!(after.len(), 3);
+    let history = c.all_tasks("demo");
+    let dead = history.iter().find(|t| t["id"] == victim["id"]).expect("killed task kept in history");
+    assert_eq!(dead["status"]["state"], "failed");
+    assert_eq!(dead["status"]["exit_code"], 137);
+    assert!(dead["status"]["message"].as_str().unwrap_or_default().contains("signal 9"), "{dead}");
+    // The replacement took the same slot.
+    assert!(after.iter().any(|t| t["slot"] == victim["slot"]));
+}
+
+/// Scaling up and down converges, and only the surplus slots are stopped.
+#[test]
+fn scale_up_and_down() {
+    let c = Cluster::start_with(&["--demo"]);
+    c.wait_ready("demo", 3);
+    c.ok(&["scale", "demo=5"]);
+    c.wait_ready("demo", 5);
+    c.ok(&["scale", "demo=1"]);
+    let one = c.wait_ready("demo", 1);
+    assert_eq!(one[0]["slot"], 1);
+    let ls = c.json(&["service", "ls"]);
+    assert_eq!(ls[0]["desired"], 1);
+    // Scale changes are revisions too, but not rollouts: slot 1 kept its task.
+    let revs = c.json(&["service", "history", "demo"]);
+    assert_eq!(revs.as_array().map(Vec::len), Some(3));
+    assert_eq!(revs[2]["change"], "replicas 5 -> 1");
+    let bad = c.run(&["scale", "demo=-1"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("not a non-negative whole number"), "{}", stderr(&bad));
+    let missing = c.run(&["scale", "nope=2"]);
+    assert!(stderr(&missing).contains("does not exist"), "{}", stderr(&missing));
+}
+
+/// A task failing its health check is killed and restarted per its restart policy; the delay
+/// doubles with each consecutive failure, and after max_attempts the slot is left alone and
+/// `deploy` reports the failure.
+#[test]
+fn unhealthy_task_restarts_with_backoff_until_max_attempts() {
+    let c = Cluster::start();
+    let out = c.deploy(
+        "sick.yaml",
+        r#"
+services:
+  sick:
+    command: ["flotilla", "demo-app", "--fail-health"]
+    ports: ["8080"]
+    x-flotilla:
+      healthcheck: {http: /health, interval: 300ms, timeout: 1s, retries: 2}
+    deploy:
+      restart_policy: {condition: on-failure, delay: 200ms, max_attempts: 3}
+"#,
+    );
+    assert!(!out.status.success(), "deploy of a never-healthy service must fail");
+    assert!(stdout(&out).contains("will not be restarted"), "{}", stdout(&out));
+    let tasks = wait_for("all attempts to finish", Duration::from_secs(60), || {
+        let t = c.all_tasks("sick");
+        (t.len() == 4 && t.iter().all(|t| t["status"]["state"] == "failed")).then_some(t)
+    });
+    let mut tasks = tasks;
+    tasks.sort_by_key(|t| t["attempt"].as_u64());
+    for (i, t) in tasks.iter().enumerate() {
+        assert_eq!(t["attempt"].as_u64(), Some(i as u64));
+        assert!(t["status"]["message"].as_str().unwrap_or_default().contains("health check failed"), "{t}");
+    }
+    // Backoff is recorded in the schedule: each restart was held back twice as long as the one
+    // before (200ms, 400ms, 800ms after the previous failure).
+    let delays: Vec<i64> = tasks
+        .windows(2)
+        .map(|w| w[1]["not_before"].as_i64().expect("restart has not_before") - w[0]["status"]["since"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(delays, vec![200, 400, 800]);
+}
+
+/// Bad Compose files are rejected with field-level messages, nothing panics, and the cluster is
+/// unchanged.
+#[test]
+fn invalid_compose_files_are_rejected_without_changing_state() {
+    let c = Cluster::start();
+    let cases: &[(&str, &str, &str)] = &[
+        ("yaml syntax", "services:\n  web: [unclosed\n", "syntax"),
+        ("replicas wrong type", "services:\n  w:\n    command: x\n    deploy: {replicas: three}\n", "services.w.deploy.replicas"),
+        ("negative replicas", "services:\n  w:\n    command: x\n    deploy: {replicas: -1}\n", "services.w.deploy.replicas"),
+        ("unknown driver", "services:\n  w:\n    command: x\n    x-flotilla: {driver: vm}\n", "driver"),
+        ("memory lots", "services:\n  w:\n    command: x\n    deploy: {resources: {limits: {memory: lots}}}\n", "services.w.deploy.resources.limits.memory"),
+        ("port 70000", "services:\n  w:\n    command: x\n    ports: [\"70000:80\"]\n", "services.w.ports"),
+        ("depends_on cycle", "services:\n  a:\n    command: x\n    depends_on: [b]\n  b:\n    command: x\n    depends_on: [a]\n", "cycle"),
+        ("unknown dependency", "services:\n  a:\n    command: x\n    depends_on: [ghost]\n", "services.a.depends_on"),
+        ("no services", "name: empty\n", "services"),
+        ("services is a list", "services: [a, b]\n", "services"),
+        ("bad name", "services:\n  Web!:\n    command: x\n", "Web!"),
+        ("no command for a process", "services:\n  w:\n    x-flotilla: {driver: process}\n", "services.w.command"),
+        ("bad duration", "services:\n  w:\n    command: x\n    stop_grace_period: 10 parsecs\n", "services.w.stop_grace_period"),
+        ("cpus many", "services:\n  w:\n    command: x\n    deploy: {resources: {limits: {cpus: many}}}\n", "services.w.deploy.resources.limits.cpus"),
+        ("unknown key", "services:\n  w:\n    command: x\n    replicaz: 3\n", "services.w.replicaz"),
+        ("bad restart condition", "services:\n  w:\n    command: x\n    deploy: {restart_policy: {condition: sometimes}}\n", "services.w.deploy.restart_policy.condition"),
+        ("http check without ports", "services:\n  w:\n    command: x\n    x-flotilla: {healthcheck: {http: /h}}\n", "healthcheck"),
+        ("reservation over limit", "services:\n  w:\n    command: x\n    deploy: {resources: {limits: {memory: 64m}, reservations: {memory: 128m}}}\n", "reservations.memory"),
+        ("bad mode", "services:\n  w:\n    command: x\n    deploy: {mode: sometimes}\n", "services.w.deploy.mode"),
+        ("bad healthcheck test", "services:\n  w:\n    command: x\n    healthcheck: {test: [\"FOO\", \"x\"]}\n", "services.w.healthcheck.test"),
+    ];
+    assert!(cases.len() >= 15);
+    for (name, yaml, needle) in cases {
+        let out = c.deploy("bad.yaml", yaml);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{name}: accepted\n{err}");
+        assert!(!err.contains("panicked"), "{name}: panicked\n{err}");
+        assert!(err.contains(needle), "{name}: error does not mention {needle:?}:\n{err}");
+        assert!(err.contains("bad.yaml"), "{name}: error does not name the file:\n{err}");
+    }
+    // A missing file is an error too.
+    let out = c.run(&["deploy", "-f", "/nonexistent/compose.yaml"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/compose.yaml"), "{}", stderr(&out));
+    // The API rejects a bad body with the field named, whatever the client.
+    let ls = c.json(&["service", "ls"]);
+    assert_eq!(ls, Value::Array(vec![]), "nothing was created");
+    // --dry-run validates and plans without changing anything.
+    let good = c.write_file("good.yaml", "services:\n  web:\n    command: [\"flotilla\", \"demo-app\"]\n    deploy: {replicas: 2}\n");
+    let plan = c.ok(&["deploy", "--dry-run", "-f", good.to_str().unwrap_or_default()]);
+    assert!(plan.contains("web: would create"), "{plan}");
+    assert_eq!(c.json(&["service", "ls"]), Value::Array(vec![]));
+}
+
+/// SIGKILL `flotilla up` and start it again on the same data dir: services, revisions and task
+/// records are all there, and running tasks are re-adopted, not restarted.
+#[test]
+fn crash_of_flotilla_keeps_state_and_readopts_tasks() {
+    let mut c = Cluster::start_with(&["--demo"]);
+    c.wait_ready("demo", 3);
+    c.ok(&["scale", "demo=4"]);
+    let before = c.wait_ready("demo", 4);
+    let revisions_before = c.json(&["service", "history", "demo"]);
+    let all_before = c.all_tasks("demo");
+
+    c.kill_up();
+    // The workloads outlive the crash.
+    for t in &before {
+        assert!(pid_alive(pid(t)), "task {} died with flotilla", t["id"]);
+        assert_eq!(http_get(host_port(t), "/").map(|r| r.0), Some(200));
+    }
+    c.spawn_up();
+    let after = c.wait_ready("demo", 4);
+    assert_eq!(ids(&before), ids(&after), "same tasks after restart");
+    for t in &after {
+        let old = before.iter().find(|b| b["id"] == t["id"]).expect("same task");
+        assert_eq!(pid(t), pid(old), "task {} was restarted instead of re-adopted", t["id"]);
+    }
+    assert_eq!(c.json(&["service", "history", "demo"]), revisions_before);
+    let all_after = c.all_tasks("demo");
+    assert!(all_after.len() >= all_before.len(), "task records were lost");
+    // The cluster still works after the restart.
+    c.ok(&["scale", "demo=2"]);
+    c.wait_ready("demo", 2);
+}
+
+/// cgroup limits are real: a task allocating past its memory limit is OOM-killed and reported.
+#[test]
+fn memory_limit_oom_kills_and_is_reported() {
+    let c = Cluster::start();
+    let out = c.deploy(
+        "hog.yaml",
+        r#"
+services:
+  hog:
+    command: ["flotilla", "demo-app", "--alloc-mb", "256"]
+    ports: ["8080"]
+    deploy:
+      resources: {limits: {memory: 32m}}
+      restart_policy: {condition: none}
+"#,
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let t = wait_for("the OOM kill", Duration::from_secs(60), || {
+        c.all_tasks("hog").into_iter().find(|t| t["status"]["state"] == "failed")
+    });
+    assert_eq!(t["status"]["oom_killed"], true, "{t}");
+    assert!(t["status"]["message"].as_str().unwrap_or_default().contains("OOM"), "{t}");
+}
+
+/// depends_on with service_healthy: the dependent's first task is created only after its
+/// dependency is healthy.
+#[test]
+fn depends_on_waits_for_healthy_dependency() {
+    let c = Cluster::start();
+    let out = c.deploy(
+        "stack.yaml",
+        r#"
+services:
+  db:
+    command: ["flotilla", "demo-app", "--version", "db"]
+    ports: ["8080"]
+    x-flotilla:
+      healthcheck: {http: /health, interval: 500ms, timeout: 1s, retries: 2, start_period: 1s}
+  web:
+    command: ["flotilla", "demo-app", "--version", "web"]
+    depends_on:
+      db: {condition: service_healthy}
+"#,
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let db = c.wait_ready("db", 1);
+    let web = c.wait_ready("web", 1);
+    let healthy_at = db[0]["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["health"] == "healthy"))
+        .and_then(|e| e["at"].as_i64())
+        .expect("db became healthy");
+    let web_created = web[0]["meta"]["created_at"].as_i64().expect("created_at");
+    assert!(web_created >= healthy_at, "web created at {web_created}, before db was healthy at {healthy_at}");
+}
+
+/// Events record what happened, and the API refuses unauthenticated non-loopback clients.
+#[test]
+fn events_and_remote_auth() {
+    let c = Cluster::start_with(&["--demo"]);
+    c.wait_ready("demo", 3);
+    let ev = c.ok(&["events", "-o", "json"]);
+    let events: Vec<Value> = ev.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(events.iter().any(|e| e["kind"] == "service" && e["object"] == "demo"));
+    assert!(events.iter().filter(|e| e["kind"] == "task" && e["message"].as_str().unwrap_or_default().contains("running")).count() >= 3);
+}
+
+/// Removing a service stops its tasks.
+#[test]
+fn service_rm_stops_tasks() {
+    let c = Cluster::start_with(&["--demo"]);
+    let tasks = c.wait_ready("demo", 3);
+    c.ok(&["service", "rm", "demo"]);
+    wait_for("tasks to stop", Duration::from_secs(30), || {
+        tasks.iter().all(|t| !pid_alive(pid(t))).then_some(())
+    });
+    let missing = c.run(&["service", "inspect", "demo"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("does not exist"));
+}
