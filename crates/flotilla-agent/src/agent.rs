@@ -65,7 +65,8 @@ struct LocalTask {
 impl Agent {
     pub async fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
         let exe = std::env::current_exe().map_err(AgentError::Exe)?;
-        let process: Arc<dyn Driver> = Arc::new(ProcessDriver::new(cfg.state_dir.join("process"), exe)?);
+        let process: Arc<dyn Driver> =
+            Arc::new(ProcessDriver::new(cfg.state_dir.join("process"), exe)?);
         let drivers = BTreeMap::from([(DriverKind::Process, process)]);
         let ports = Arc::new(PortAllocator::new(cfg.task_ports.clone())?);
         let log_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -213,7 +214,12 @@ fn node_resources() -> NodeResources {
     }
 }
 
-async fn heartbeat_loop(client: Client, reg: NodeRegistration, every: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn heartbeat_loop(
+    client: Client,
+    reg: NodeRegistration,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         match client.heartbeat(&reg.id, &Heartbeat { at: now_ms() }).await {
             Ok(_) => {}
@@ -248,18 +254,30 @@ async fn serve_logs(
         tail: Option<usize>,
     }
     type Drivers = Arc<BTreeMap<DriverKind, Arc<dyn Driver>>>;
-    async fn logs(State(drivers): State<Drivers>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Response {
+    async fn logs(
+        State(drivers): State<Drivers>,
+        Path(id): Path<String>,
+        Query(q): Query<LogQuery>,
+    ) -> Response {
         for d in drivers.values() {
             match d.logs(&id, q.tail, q.follow).await {
                 Ok(stream) => {
-                    let body = axum::body::Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
+                    let body = axum::body::Body::from_stream(
+                        stream.map(|r| r.map_err(std::io::Error::other)),
+                    );
                     return ([("content-type", "text/plain; charset=utf-8")], body).into_response();
                 }
                 Err(DriverError::NotFound(_)) => continue,
-                Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                Err(e) => {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                }
             }
         }
-        (StatusCode::NOT_FOUND, format!("no logs for task {id} on this node")).into_response()
+        (
+            StatusCode::NOT_FOUND,
+            format!("no logs for task {id} on this node"),
+        )
+            .into_response()
     }
     let app = axum::Router::new()
         .route("/tasks/{id}/logs", axum::routing::get(logs))
@@ -315,10 +333,15 @@ impl Reconciler {
                     }
                     if let Some((_, rec)) = self.recovered.remove(&task.id) {
                         self.spawn(task.clone(), Launch::Adopt(rec), false);
-                    } else if matches!(task.status.state, TaskState::Pending | TaskState::Assigned) {
+                    } else if matches!(task.status.state, TaskState::Pending | TaskState::Assigned)
+                    {
                         self.spawn(task.clone(), Launch::Start, false);
                     } else if task.status.state.is_active() {
-                        self.report_gone(task, TaskState::Failed, "the task's process is not on this node (lost across an agent restart)");
+                        self.report_gone(
+                            task,
+                            TaskState::Failed,
+                            "the task's process is not on this node (lost across an agent restart)",
+                        );
                     }
                 }
                 DesiredState::Shutdown => {
@@ -326,7 +349,8 @@ impl Reconciler {
                         let _ = local.stop.send(true);
                     } else if let Some((_, rec)) = self.recovered.remove(&task.id) {
                         self.spawn(task.clone(), Launch::Adopt(rec), true);
-                    } else if matches!(task.status.state, TaskState::Pending | TaskState::Assigned) {
+                    } else if matches!(task.status.state, TaskState::Pending | TaskState::Assigned)
+                    {
                         self.report_gone(task, TaskState::Exited, "cancelled before start");
                     } else if task.status.state.is_active() {
                         self.report_gone(task, TaskState::Exited, "not running on this node");
@@ -357,7 +381,8 @@ impl Reconciler {
                     tokio::spawn(async move {
                         if let Some(driver) = ctx.drivers.get(&kind) {
                             if rec.exited.is_none() {
-                                let _ = driver.stop(&rec.task_id, 15, Duration::from_secs(10)).await;
+                                let _ =
+                                    driver.stop(&rec.task_id, 15, Duration::from_secs(10)).await;
                             }
                             let _ = driver.remove(&rec.task_id).await;
                         }
@@ -386,8 +411,16 @@ impl Reconciler {
     fn spawn(&mut self, task: Task, launch: Launch, stop_now: bool) {
         let (stop_tx, stop_rx) = watch::channel(stop_now);
         let span = tracing::info_span!("task", service = %task.service, task = %task.id, node = %self.ctx.node);
-        let handle = tokio::spawn(run_task(self.ctx.clone(), task.clone(), launch, stop_rx).instrument(span));
-        self.local.insert(task.id, LocalTask { stop: stop_tx, handle });
+        let handle = tokio::spawn(
+            run_task(self.ctx.clone(), task.clone(), launch, stop_rx).instrument(span),
+        );
+        self.local.insert(
+            task.id,
+            LocalTask {
+                stop: stop_tx,
+                handle,
+            },
+        );
     }
 }
 
@@ -403,7 +436,9 @@ async fn report(ctx: &RunnerCtx, task_id: &str, status: TaskStatus) -> bool {
     loop {
         match ctx.client.report_status(task_id, &body).await {
             Ok(_) => return true,
-            Err(ClientError::Api { body: err, .. }) if err.code == "not_found" || err.code == "conflict" => {
+            Err(ClientError::Api { body: err, .. })
+                if err.code == "not_found" || err.code == "conflict" =>
+            {
                 tracing::info!(reason = %err.message, "manager no longer tracks this task here");
                 return false;
             }
@@ -418,8 +453,16 @@ async fn report(ctx: &RunnerCtx, task_id: &str, status: TaskStatus) -> bool {
 
 fn exit_status(exit: &ExitInfo, stopping: bool, ports: &[PortBinding]) -> TaskStatus {
     let clean = exit.code == Some(0) && !exit.oom_killed;
-    let state = if stopping || clean { TaskState::Exited } else { TaskState::Failed };
-    let message = if stopping { format!("stopped ({})", exit.message) } else { exit.message.clone() };
+    let state = if stopping || clean {
+        TaskState::Exited
+    } else {
+        TaskState::Failed
+    };
+    let message = if stopping {
+        format!("stopped ({})", exit.message)
+    } else {
+        exit.message.clone()
+    };
     let mut s = TaskStatus::new(state, exit.at, message);
     s.exit_code = exit.code;
     s.oom_killed = exit.oom_killed;
@@ -443,17 +486,31 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
     let mut shutdown = ctx.shutdown.clone();
     let Some(driver) = ctx.drivers.get(&task.spec.driver).cloned() else {
         let why = format!("this node has no {} driver", task.spec.driver);
-        report(&ctx, &task.id, TaskStatus::new(TaskState::Rejected, now_ms(), why)).await;
+        report(
+            &ctx,
+            &task.id,
+            TaskStatus::new(TaskState::Rejected, now_ms(), why),
+        )
+        .await;
         return;
     };
     let spec = &task.spec;
-    let signal = spec.stop_signal.as_deref().and_then(signal_number).unwrap_or(15);
+    let signal = spec
+        .stop_signal
+        .as_deref()
+        .and_then(signal_number)
+        .unwrap_or(15);
     let grace = spec.stop_grace_period;
 
     let (ports, pid) = match launch {
         Launch::Adopt(rec) => {
             if let Some(exit) = rec.exited {
-                report(&ctx, &task.id, exit_status(&exit, stop_requested(&stop), &rec.ports)).await;
+                report(
+                    &ctx,
+                    &task.id,
+                    exit_status(&exit, stop_requested(&stop), &rec.ports),
+                )
+                .await;
                 finish(&ctx, driver.as_ref(), &task.id, &rec.ports).await;
                 return;
             }
@@ -470,16 +527,32 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
                 }
             }
             if stop_requested(&stop) {
-                report(&ctx, &task.id, TaskStatus::new(TaskState::Exited, now_ms(), "cancelled before start")).await;
+                report(
+                    &ctx,
+                    &task.id,
+                    TaskStatus::new(TaskState::Exited, now_ms(), "cancelled before start"),
+                )
+                .await;
                 return;
             }
-            if !report(&ctx, &task.id, TaskStatus::new(TaskState::Starting, now_ms(), "")).await {
+            if !report(
+                &ctx,
+                &task.id,
+                TaskStatus::new(TaskState::Starting, now_ms(), ""),
+            )
+            .await
+            {
                 return;
             }
             let ports = match ctx.ports.allocate(&spec.ports) {
                 Ok(p) => p,
                 Err(e) => {
-                    report(&ctx, &task.id, TaskStatus::new(TaskState::Failed, now_ms(), format!("no host port: {e}"))).await;
+                    report(
+                        &ctx,
+                        &task.id,
+                        TaskStatus::new(TaskState::Failed, now_ms(), format!("no host port: {e}")),
+                    )
+                    .await;
                     return;
                 }
             };
@@ -487,7 +560,12 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
                 Ok(running) => (ports, running.pid),
                 Err(e) => {
                     tracing::warn!(error = %e, "start failed");
-                    report(&ctx, &task.id, TaskStatus::new(TaskState::Failed, now_ms(), e.to_string())).await;
+                    report(
+                        &ctx,
+                        &task.id,
+                        TaskStatus::new(TaskState::Failed, now_ms(), e.to_string()),
+                    )
+                    .await;
                     finish(&ctx, driver.as_ref(), &task.id, &ports).await;
                     return;
                 }
@@ -504,15 +582,23 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
         (Some(_), Health::Healthy) if task.status.state == TaskState::Running => Health::Healthy,
         (Some(_), _) => Health::Starting,
     };
-    if task.status.state != TaskState::Running || task.status.pid != pid || task.status.ports != ports {
+    if task.status.state != TaskState::Running
+        || task.status.pid != pid
+        || task.status.ports != ports
+    {
         report(&ctx, &task.id, status.clone()).await;
     }
 
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthReport>();
-    let _monitor = spec
-        .healthcheck
-        .clone()
-        .map(|hc| HealthMonitor::spawn(task.id.clone(), hc, ports.clone(), driver.clone(), health_tx));
+    let _monitor = spec.healthcheck.clone().map(|hc| {
+        HealthMonitor::spawn(
+            task.id.clone(),
+            hc,
+            ports.clone(),
+            driver.clone(),
+            health_tx,
+        )
+    });
     let wait = driver.wait(&task.id);
     tokio::pin!(wait);
     // `stop` is borrowed by the select's wait branch; this clone answers "was stop asked?".

@@ -70,7 +70,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .nest("/raft", raft::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_auth))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_auth,
+        ))
         .with_state(state)
 }
 

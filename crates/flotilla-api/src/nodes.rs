@@ -22,11 +22,17 @@ fn validate_registration(reg: &NodeRegistration) -> Result<(), ApiError> {
         fields.push(FieldError::new("hostname", "must not be empty"));
     }
     if reg.drivers.is_empty() {
-        fields.push(FieldError::new("drivers", "a node must offer at least one driver"));
+        fields.push(FieldError::new(
+            "drivers",
+            "a node must offer at least one driver",
+        ));
     }
     if let Some(addr) = &reg.agent_addr {
         if addr.parse::<std::net::SocketAddr>().is_err() {
-            fields.push(FieldError::new("agent_addr", format!("{addr:?} is not HOST:PORT")));
+            fields.push(FieldError::new(
+                "agent_addr",
+                format!("{addr:?} is not HOST:PORT"),
+            ));
         }
     }
     if fields.is_empty() {
@@ -50,7 +56,10 @@ pub async fn register(
             id: reg.id.clone(),
             hostname: reg.hostname.clone(),
             role: existing.as_ref().map_or(NodeRole::Manager, |n| n.role),
-            availability: existing.as_ref().map(|n| n.availability).unwrap_or_default(),
+            availability: existing
+                .as_ref()
+                .map(|n| n.availability)
+                .unwrap_or_default(),
             state: NodeState::Ready,
             labels: existing
                 .as_ref()
@@ -65,7 +74,9 @@ pub async fn register(
             message: String::new(),
             meta: existing.as_ref().map(|n| n.meta).unwrap_or(Meta::default()),
         };
-        let expect = existing.as_ref().map_or(Expect::Absent, |n| Expect::Version(n.meta.version));
+        let expect = existing
+            .as_ref()
+            .map_or(Expect::Absent, |n| Expect::Version(n.meta.version));
         let result = app
             .store
             .write(Command {
@@ -84,7 +95,10 @@ pub async fn register(
             Err(e) => return Err(e),
         }
     }
-    Err(ApiError::Conflict(format!("node {} kept changing during registration", reg.id)))
+    Err(ApiError::Conflict(format!(
+        "node {} kept changing during registration",
+        reg.id
+    )))
 }
 
 pub async fn heartbeat(

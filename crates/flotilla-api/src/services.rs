@@ -11,8 +11,8 @@ use flotilla_types::api::{
     ServiceDetail, ServiceSummary, WriteResponse,
 };
 use flotilla_types::{
-    now_ms, validate_stack, DriverKind, FieldError, NodeState, Revision, Service,
-    ServiceMode, ServiceSpec, TaskState, MAX_REPLICAS,
+    now_ms, validate_stack, DriverKind, FieldError, NodeState, Revision, Service, ServiceMode,
+    ServiceSpec, TaskState, MAX_REPLICAS,
 };
 
 /// How often a write that lost an optimistic-concurrency race is retried before giving up.
@@ -31,7 +31,9 @@ pub async fn status(State(app): State<AppState>) -> Json<ClusterStatus> {
 pub fn describe_change(old: &ServiceSpec, new: &ServiceSpec) -> String {
     if old.task_template_eq(new) {
         return match (&old.mode, &new.mode) {
-            (ServiceMode::Replicated { replicas: a }, ServiceMode::Replicated { replicas: b }) if a != b => {
+            (ServiceMode::Replicated { replicas: a }, ServiceMode::Replicated { replicas: b })
+                if a != b =>
+            {
                 format!("replicas {a} -> {b}")
             }
             _ => "deploy labels".to_string(),
@@ -91,7 +93,13 @@ fn next_revision(state: &ClusterState, service: &str) -> u64 {
 }
 
 /// The ops that move `spec` into the store as a new revision, guarded by the versions read.
-fn write_ops(state: &ClusterState, spec: &ServiceSpec, entry: &PlanEntry, by: &str, at: i64) -> Vec<Op> {
+fn write_ops(
+    state: &ClusterState,
+    spec: &ServiceSpec,
+    entry: &PlanEntry,
+    by: &str,
+    at: i64,
+) -> Vec<Op> {
     if entry.action == PlanAction::Unchanged {
         return Vec::new();
     }
@@ -133,7 +141,11 @@ pub async fn deploy(
     }
     validate_stack(&req.services)
         .map_err(|fields| ApiError::invalid("the services are not valid", fields))?;
-    let by = if req.requested_by.is_empty() { "api" } else { req.requested_by.as_str() };
+    let by = if req.requested_by.is_empty() {
+        "api"
+    } else {
+        req.requested_by.as_str()
+    };
     for _ in 0..WRITE_RETRIES {
         let at = now_ms();
         let (plan, ops) = app.store.read(|state| {
@@ -188,7 +200,8 @@ pub fn summarize(state: &ClusterState, service: &Service) -> ServiceSummary {
             .count() as u64,
     };
     let live = state.tasks_of(&service.name).filter(|t| {
-        t.desired_state == flotilla_types::DesiredState::Running && t.status.state == TaskState::Running
+        t.desired_state == flotilla_types::DesiredState::Running
+            && t.status.state == TaskState::Running
     });
     let (mut running, mut ready) = (0, 0);
     for t in live {
@@ -234,7 +247,10 @@ pub fn summarize(state: &ClusterState, service: &Service) -> ServiceSummary {
 }
 
 pub async fn list(State(app): State<AppState>) -> Json<Vec<ServiceSummary>> {
-    Json(app.store.read(|s| s.services.values().map(|svc| summarize(s, svc)).collect()))
+    Json(
+        app.store
+            .read(|s| s.services.values().map(|svc| summarize(s, svc)).collect()),
+    )
 }
 
 pub async fn inspect(
@@ -262,7 +278,9 @@ pub async fn revisions(
 ) -> Result<Json<Vec<Revision>>, ApiError> {
     let revs: Vec<Revision> = app.store.read(|s| s.revisions_of(&name).cloned().collect());
     if revs.is_empty() {
-        return Err(ApiError::NotFound(format!("service {name:?} has no revisions")));
+        return Err(ApiError::NotFound(format!(
+            "service {name:?} has no revisions"
+        )));
     }
     Ok(Json(revs))
 }
@@ -294,8 +312,14 @@ pub async fn scale(
 ) -> Result<Json<WriteResponse>, ApiError> {
     if req.replicas > MAX_REPLICAS {
         return Err(ApiError::invalid(
-            format!("replicas {} is more than the maximum of {MAX_REPLICAS}", req.replicas),
-            vec![FieldError::new("replicas", format!("must be at most {MAX_REPLICAS}"))],
+            format!(
+                "replicas {} is more than the maximum of {MAX_REPLICAS}",
+                req.replicas
+            ),
+            vec![FieldError::new(
+                "replicas",
+                format!("must be at most {MAX_REPLICAS}"),
+            )],
         ));
     }
     for _ in 0..WRITE_RETRIES {
@@ -327,7 +351,9 @@ pub async fn scale(
             Err(e) => return Err(e),
         }
     }
-    Err(ApiError::Conflict(format!("service {name:?} kept changing; try again")))
+    Err(ApiError::Conflict(format!(
+        "service {name:?} kept changing; try again"
+    )))
 }
 
 #[cfg(test)]

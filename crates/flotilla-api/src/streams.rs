@@ -45,7 +45,10 @@ pub struct EventQuery {
     pub follow: bool,
 }
 
-pub async fn events(State(app): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
+pub async fn events(
+    State(app): State<AppState>,
+    Query(q): Query<EventQuery>,
+) -> Result<Response, ApiError> {
     let mut sub = q.follow.then(|| app.store.subscribe());
     let past = app.store.events(q.since, 10_000)?;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
@@ -126,24 +129,38 @@ impl WatchFilter {
         WatchMessage::Snapshot {
             revision: s.revision,
             tasks,
-            services: if self.services { s.services.values().cloned().collect() } else { Vec::new() },
-            nodes: if self.nodes { s.nodes.values().cloned().collect() } else { Vec::new() },
+            services: if self.services {
+                s.services.values().cloned().collect()
+            } else {
+                Vec::new()
+            },
+            nodes: if self.nodes {
+                s.nodes.values().cloned().collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
     fn change(&mut self, c: &Change) -> Option<WatchChange> {
         match c {
             Change::Task { id, object } if self.tasks => {
-                let matches = self.node.is_none()
-                    || object.as_ref().is_some_and(|t| t.node == self.node);
+                let matches =
+                    self.node.is_none() || object.as_ref().is_some_and(|t| t.node == self.node);
                 let known = self.known_tasks.contains(id);
                 if matches {
                     self.known_tasks.insert(id.clone());
-                    Some(WatchChange::Task { id: id.clone(), object: object.clone() })
+                    Some(WatchChange::Task {
+                        id: id.clone(),
+                        object: object.clone(),
+                    })
                 } else if known {
                     // Deleted, or moved off the watched node: tell the watcher it is gone.
                     self.known_tasks.remove(id);
-                    Some(WatchChange::Task { id: id.clone(), object: None })
+                    Some(WatchChange::Task {
+                        id: id.clone(),
+                        object: None,
+                    })
                 } else {
                     None
                 }
@@ -156,7 +173,11 @@ impl WatchFilter {
                 id: id.clone(),
                 object: object.clone(),
             }),
-            Change::Revision { service, number, object } if self.services => Some(WatchChange::Revision {
+            Change::Revision {
+                service,
+                number,
+                object,
+            } if self.services => Some(WatchChange::Revision {
                 service: service.clone(),
                 number: *number,
                 object: object.clone(),
@@ -166,7 +187,10 @@ impl WatchFilter {
     }
 }
 
-pub async fn watch(State(app): State<AppState>, Query(q): Query<WatchQuery>) -> Result<Response, ApiError> {
+pub async fn watch(
+    State(app): State<AppState>,
+    Query(q): Query<WatchQuery>,
+) -> Result<Response, ApiError> {
     let (tasks, services, nodes) = match q.kind.as_deref() {
         None | Some("") | Some("all") => (true, true, true),
         Some("task") => (true, false, false),
@@ -175,7 +199,10 @@ pub async fn watch(State(app): State<AppState>, Query(q): Query<WatchQuery>) -> 
         Some(other) => {
             return Err(ApiError::invalid(
                 format!("unknown watch kind {other:?}"),
-                vec![flotilla_types::FieldError::new("kind", "expected task, service, node or all")],
+                vec![flotilla_types::FieldError::new(
+                    "kind",
+                    "expected task, service, node or all",
+                )],
             ))
         }
     };

@@ -30,7 +30,12 @@ pub async fn list(State(app): State<AppState>, Query(f): Query<TaskFilter>) -> J
             .collect()
     });
     tasks.sort_by(|a, b| {
-        (&a.service, a.slot, &a.node, a.meta.created_at).cmp(&(&b.service, b.slot, &b.node, b.meta.created_at))
+        (&a.service, a.slot, &a.node, a.meta.created_at).cmp(&(
+            &b.service,
+            b.slot,
+            &b.node,
+            b.meta.created_at,
+        ))
     });
     Json(tasks)
 }
@@ -54,14 +59,20 @@ fn resolve(app: &AppState, key: &str) -> Result<Task, ApiError> {
             [t] => Ok((*t).clone()),
             [] => Err(ApiError::NotFound(format!("task {key:?} does not exist"))),
             _ => Err(ApiError::invalid(
-                format!("task id prefix {key:?} is ambiguous ({} tasks match)", by_prefix.len()),
+                format!(
+                    "task id prefix {key:?} is ambiguous ({} tasks match)",
+                    by_prefix.len()
+                ),
                 vec![],
             )),
         }
     })
 }
 
-pub async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
+pub async fn get_task(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Task>, ApiError> {
     resolve(&app, &id).map(Json)
 }
 
@@ -96,10 +107,12 @@ pub async fn logs(
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
     let task = resolve(&app, &id)?;
-    let node_id = task
-        .node
-        .clone()
-        .ok_or_else(|| ApiError::NotFound(format!("task {} was never placed on a node, so it has no logs", task.id)))?;
+    let node_id = task.node.clone().ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "task {} was never placed on a node, so it has no logs",
+            task.id
+        ))
+    })?;
     let agent = app
         .store
         .read(|s| s.nodes.get(&node_id).and_then(|n| n.agent_addr.clone()))
@@ -108,17 +121,19 @@ pub async fn logs(
     if let Some(n) = q.tail {
         url.push_str(&format!("&tail={n}"));
     }
-    let resp = app
-        .http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("cannot reach the agent of node {node_id} at {agent}: {e}")))?;
+    let resp = app.http.get(&url).send().await.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "cannot reach the agent of node {node_id} at {agent}: {e}"
+        ))
+    })?;
     if !resp.status().is_success() {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         return Err(if status.as_u16() == 404 {
-            ApiError::NotFound(format!("node {node_id} has no logs for task {}: {text}", task.id))
+            ApiError::NotFound(format!(
+                "node {node_id} has no logs for task {}: {text}",
+                task.id
+            ))
         } else {
             ApiError::Unavailable(format!("agent on {node_id} answered {status}: {text}"))
         });

@@ -107,7 +107,10 @@ impl Client {
         Err(ClientError::Api { status, body })
     }
 
-    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+    async fn json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
         let resp = self.send(req).await?;
         let url = resp.url().to_string();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Connect {
@@ -124,8 +127,13 @@ impl Client {
         self.json(self.request(reqwest::Method::GET, path)).await
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
-        self.json(self.request(reqwest::Method::POST, path).json(body)).await
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(reqwest::Method::POST, path).json(body))
+            .await
     }
 
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
@@ -145,8 +153,11 @@ impl Client {
     }
 
     pub async fn remove_service(&self, name: &str) -> Result<WriteResponse, ClientError> {
-        self.json(self.request(reqwest::Method::DELETE, &format!("/v1/services/{}", encode(name))))
-            .await
+        self.json(self.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/services/{}", encode(name)),
+        ))
+        .await
     }
 
     pub async fn scale(&self, name: &str, replicas: u64) -> Result<WriteResponse, ClientError> {
@@ -158,10 +169,15 @@ impl Client {
     }
 
     pub async fn revisions(&self, name: &str) -> Result<Vec<Revision>, ClientError> {
-        self.get(&format!("/v1/services/{}/revisions", encode(name))).await
+        self.get(&format!("/v1/services/{}/revisions", encode(name)))
+            .await
     }
 
-    pub async fn tasks(&self, service: Option<&str>, node: Option<&str>) -> Result<Vec<Task>, ClientError> {
+    pub async fn tasks(
+        &self,
+        service: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<Vec<Task>, ClientError> {
         let mut query = Vec::new();
         if let Some(s) = service {
             query.push(format!("service={}", encode(s)));
@@ -169,7 +185,11 @@ impl Client {
         if let Some(n) = node {
             query.push(format!("node={}", encode(n)));
         }
-        let q = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        };
         self.get(&format!("/v1/tasks{q}")).await
     }
 
@@ -177,10 +197,17 @@ impl Client {
         self.get(&format!("/v1/tasks/{}", encode(id))).await
     }
 
-    pub async fn report_status(&self, id: &str, report: &TaskStatusReport) -> Result<WriteResponse, ClientError> {
+    pub async fn report_status(
+        &self,
+        id: &str,
+        report: &TaskStatusReport,
+    ) -> Result<WriteResponse, ClientError> {
         self.json(
-            self.request(reqwest::Method::PUT, &format!("/v1/tasks/{}/status", encode(id)))
-                .json(report),
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/tasks/{}/status", encode(id)),
+            )
+            .json(report),
         )
         .await
     }
@@ -193,8 +220,13 @@ impl Client {
         self.post("/v1/nodes/register", reg).await
     }
 
-    pub async fn heartbeat(&self, node: &str, hb: &Heartbeat) -> Result<WriteResponse, ClientError> {
-        self.post(&format!("/v1/nodes/{}/heartbeat", encode(node)), hb).await
+    pub async fn heartbeat(
+        &self,
+        node: &str,
+        hb: &Heartbeat,
+    ) -> Result<WriteResponse, ClientError> {
+        self.post(&format!("/v1/nodes/{}/heartbeat", encode(node)), hb)
+            .await
     }
 
     /// A task's output: the last `tail` lines, then new lines while `follow`.
@@ -222,8 +254,13 @@ impl Client {
     }
 
     /// Events after store revision `since`; with `follow`, keeps streaming new ones.
-    pub async fn events(&self, since: u64, follow: bool) -> Result<BoxStream<'static, Result<Event, ClientError>>, ClientError> {
-        self.ndjson(&format!("/v1/events?since={since}&follow={follow}")).await
+    pub async fn events(
+        &self,
+        since: u64,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<Event, ClientError>>, ClientError> {
+        self.ndjson(&format!("/v1/events?since={since}&follow={follow}"))
+            .await
     }
 
     /// A watch stream: a snapshot first, then changes. `kind` filters object kinds (`task`,
@@ -353,7 +390,10 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(normalise_addr("127.0.0.1:7450").unwrap(), "http://127.0.0.1:7450");
+        assert_eq!(
+            normalise_addr("127.0.0.1:7450").unwrap(),
+            "http://127.0.0.1:7450"
+        );
         assert_eq!(normalise_addr("http://h:1/").unwrap(), "http://h:1");
         assert!(normalise_addr("").is_err());
         assert!(normalise_addr("ftp://x").is_err());

@@ -86,10 +86,11 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, cfg: &ControllerConfig) -
             n
         })
         .collect();
-    let holding = state
-        .tasks
-        .values()
-        .filter(|t| t.node.is_some() && !t.status.state.is_terminal() && t.desired_state == DesiredState::Running);
+    let holding = state.tasks.values().filter(|t| {
+        t.node.is_some()
+            && !t.status.state.is_terminal()
+            && t.desired_state == DesiredState::Running
+    });
     let mut snapshot = ClusterSnapshot::new(&nodes, holding, now);
     for t in state.tasks.values() {
         if let (Some(node), true) = (&t.node, is_recent_start_failure(t, now)) {
@@ -149,7 +150,11 @@ fn nodes_pass(
             }]);
             down.insert(node.id.clone(), ());
         } else {
-            let due = if judging { node.last_heartbeat + grace } else { cfg.active_since + grace };
+            let due = if judging {
+                node.last_heartbeat + grace
+            } else {
+                cfg.active_since + grace
+            };
             plan.requeue(due.max(now + 100));
         }
     }
@@ -180,7 +185,9 @@ fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
         if state.services.contains_key(&task.service) {
             continue;
         }
-        if task.status.state.is_terminal() || (task.node.is_none() && !task.status.state.is_active()) {
+        if task.status.state.is_terminal()
+            || (task.node.is_none() && !task.status.state.is_active())
+        {
             batch.push(Op::DeleteTask {
                 id: task.id.clone(),
                 expect: Expect::Version(task.meta.version),
@@ -263,7 +270,11 @@ impl ServiceCtx<'_> {
         };
 
         // First start waits for dependencies; once a service has run, its replacements don't.
-        let gated = if has_any_task { None } else { self.dependency_gate() };
+        let gated = if has_any_task {
+            None
+        } else {
+            self.dependency_gate()
+        };
         if let Some(reason) = &gated {
             tracing::debug!(service = %self.service.name, %reason, "waiting for dependencies");
             self.requeue(self.now + 1000);
@@ -272,9 +283,9 @@ impl ServiceCtx<'_> {
         let mut updating_slots = 0usize;
         for key in &wanted {
             let tasks = slots.get(key).map(Vec::as_slice).unwrap_or(&[]);
-            let live = tasks
-                .iter()
-                .filter(|t| t.desired_state == DesiredState::Running && !t.status.state.is_terminal());
+            let live = tasks.iter().filter(|t| {
+                t.desired_state == DesiredState::Running && !t.status.state.is_terminal()
+            });
             let (current, outdated): (Vec<&&Task>, Vec<&&Task>) =
                 live.partition(|t| t.spec.task_template_eq(&self.service.spec));
             if !current.is_empty() && !outdated.is_empty() {
@@ -313,7 +324,8 @@ impl ServiceCtx<'_> {
                 DependencyCondition::ServiceStarted => t.status.state == TaskState::Running,
                 DependencyCondition::ServiceHealthy => {
                     t.status.state == TaskState::Running
-                        && (t.spec.healthcheck.is_none() || t.status.health == flotilla_types::Health::Healthy)
+                        && (t.spec.healthcheck.is_none()
+                            || t.status.health == flotilla_types::Health::Healthy)
                 }
             });
             if !satisfied {
@@ -332,7 +344,11 @@ impl ServiceCtx<'_> {
             // Never reached a node: nothing to stop, finish it here.
             let mut done = t.clone();
             done.desired_state = DesiredState::Shutdown;
-            done.record_status(TaskStatus::new(TaskState::Exited, self.now, "cancelled before start"));
+            done.record_status(TaskStatus::new(
+                TaskState::Exited,
+                self.now,
+                "cancelled before start",
+            ));
             self.ops.push(Op::PutTask {
                 task: done,
                 expect: Expect::Version(t.meta.version),
@@ -346,7 +362,13 @@ impl ServiceCtx<'_> {
         }
     }
 
-    fn reconcile_slot(&mut self, key: &SlotKey, tasks: &[&Task], gated: bool, updating_slots: &mut usize) {
+    fn reconcile_slot(
+        &mut self,
+        key: &SlotKey,
+        tasks: &[&Task],
+        gated: bool,
+        updating_slots: &mut usize,
+    ) {
         let spec = &self.service.spec;
         let live: Vec<&Task> = tasks
             .iter()
@@ -384,7 +406,8 @@ impl ServiceCtx<'_> {
                     // desired shutdown. A dead task the policy does not replace keeps desired
                     // `running`, which is how the next pass knows it already decided.
                     for t in tasks {
-                        if t.desired_state == DesiredState::Running && t.status.state.is_terminal() {
+                        if t.desired_state == DesiredState::Running && t.status.state.is_terminal()
+                        {
                             self.ops.push(Op::SetTaskDesired {
                                 id: t.id.clone(),
                                 desired: DesiredState::Shutdown,
@@ -415,7 +438,8 @@ impl ServiceCtx<'_> {
         let mut not_before = None;
         if let Some(last) = last {
             let lost = last.status.state == TaskState::Lost;
-            let succeeded = last.status.state == TaskState::Exited && last.status.exit_code == Some(0);
+            let succeeded =
+                last.status.state == TaskState::Exited && last.status.exit_code == Some(0);
             // Desired shutdown on a finished task means we stopped it (scale-down, update) or
             // already replaced it; either way its exit says nothing about this template.
             let stopped_by_us = last.desired_state == DesiredState::Shutdown && !lost;
@@ -443,10 +467,14 @@ impl ServiceCtx<'_> {
                     .filter(|t| t.status.state.is_terminal())
                     .take_while(|t| {
                         let ran = started_at(t).map_or(0, |s| t.status.since - s);
-                        ran < ms(self.cfg.backoff_reset_after.max(policy.window.unwrap_or_default()))
+                        ran < ms(self
+                            .cfg
+                            .backoff_reset_after
+                            .max(policy.window.unwrap_or_default()))
                     })
                     .count();
-                let delay = policy.backoff(u32::try_from(streak.saturating_sub(1)).unwrap_or(u32::MAX));
+                let delay =
+                    policy.backoff(u32::try_from(streak.saturating_sub(1)).unwrap_or(u32::MAX));
                 let due = last.status.since + ms(delay);
                 if due > self.now {
                     not_before = Some(due);
@@ -486,7 +514,11 @@ impl ServiceCtx<'_> {
         match key {
             SlotKey::Node(node) => {
                 task.node = Some(node.clone());
-                task.record_status(TaskStatus::new(TaskState::Assigned, self.now, format!("assigned to {node}")));
+                task.record_status(TaskStatus::new(
+                    TaskState::Assigned,
+                    self.now,
+                    format!("assigned to {node}"),
+                ));
             }
             SlotKey::Replica(_) => self.try_place(&mut task),
         }
@@ -516,7 +548,11 @@ impl ServiceCtx<'_> {
             Ok(placements) if !placements.is_empty() => {
                 let node = placements[0].node.clone();
                 task.node = Some(node.clone());
-                task.record_status(TaskStatus::new(TaskState::Assigned, self.now, format!("assigned to {node}")));
+                task.record_status(TaskStatus::new(
+                    TaskState::Assigned,
+                    self.now,
+                    format!("assigned to {node}"),
+                ));
             }
             Ok(_) => {}
             Err(failure) => {
@@ -536,7 +572,9 @@ impl ServiceCtx<'_> {
             .iter()
             .filter(|t| t.status.state.is_terminal() && t.desired_state == DesiredState::Shutdown)
             .collect();
-        let excess = finished.len().saturating_sub(self.cfg.task_history_per_slot);
+        let excess = finished
+            .len()
+            .saturating_sub(self.cfg.task_history_per_slot);
         for t in finished.into_iter().take(excess) {
             self.ops.push(Op::DeleteTask {
                 id: t.id.clone(),

@@ -34,7 +34,10 @@ impl ControllerRunner {
             let leader = self.store.current_leader() == Some(self.store.node_id());
             if leader && !was_leader {
                 self.cfg.active_since = now_ms();
-                tracing::info!(node = self.store.node_id(), "controllers active on this manager");
+                tracing::info!(
+                    node = self.store.node_id(),
+                    "controllers active on this manager"
+                );
             }
             was_leader = leader;
             let mut wait = RESYNC;

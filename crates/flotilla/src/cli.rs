@@ -8,7 +8,11 @@ use flotilla_client::{Client, ADDR_ENV, DEFAULT_ADDR, TOKEN_ENV};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version, about = "Flotilla: a container orchestrator with zero-downtime releases")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Flotilla: a container orchestrator with zero-downtime releases"
+)]
 pub struct Cli {
     /// API address of a manager (http://HOST:PORT).
     #[arg(long, global = true, env = ADDR_ENV, default_value = DEFAULT_ADDR)]
@@ -159,7 +163,8 @@ pub struct RawArgs {
 }
 
 pub fn run_shim(raw: &RawArgs) -> ExitCode {
-    let result = flotilla_agent::shim::ShimArgs::parse(&raw.args).and_then(flotilla_agent::shim::run_shim);
+    let result =
+        flotilla_agent::shim::ShimArgs::parse(&raw.args).and_then(flotilla_agent::shim::run_shim);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -188,7 +193,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Deploy(args) => deploy::run(&cli, args).await,
-        Command::Service(ServiceCommand::Ls(out)) => listing::service_ls(&client(&cli)?, *out).await,
+        Command::Service(ServiceCommand::Ls(out)) => {
+            listing::service_ls(&client(&cli)?, *out).await
+        }
         Command::Service(ServiceCommand::Inspect { name, out }) => {
             listing::service_inspect(&client(&cli)?, name, *out).await
         }
@@ -234,7 +241,9 @@ async fn demo_app(args: &DemoAppArgs) -> anyhow::Result<ExitCode> {
         bail!("--error-rate {} must be between 0 and 1", args.error_rate);
     }
     let exit_after = match args.exit_after {
-        Some(s) if !(s.is_finite() && s >= 0.0) => bail!("--exit-after {s} must be a non-negative number of seconds"),
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            bail!("--exit-after {s} must be a non-negative number of seconds")
+        }
         Some(s) => Some(std::time::Duration::from_secs_f64(s)),
         None => None,
     };

@@ -79,7 +79,14 @@ fn print_local_plan(services: &[ServiceSpec]) {
         };
         let run = match &s.image {
             Some(img) => img.clone(),
-            None => s.entrypoint.iter().chain(s.command.iter()).flatten().cloned().collect::<Vec<_>>().join(" "),
+            None => s
+                .entrypoint
+                .iter()
+                .chain(s.command.iter())
+                .flatten()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
         };
         println!("  {} [{}] {mode}: {run}", s.name, s.driver);
     }
@@ -94,23 +101,40 @@ fn print_plan(resp: &DeployResponse) {
             PlanAction::Scale => "scale",
             PlanAction::Unchanged => "leave unchanged",
         };
-        println!("{}: {verb} {action} (revision {}; {})", e.service, e.revision, e.change);
+        println!(
+            "{}: {verb} {action} (revision {}; {})",
+            e.service, e.revision, e.change
+        );
     }
 }
 
 /// How one service's rollout stands.
 #[derive(Debug, PartialEq)]
 enum Progress {
-    Waiting { ready: u64, desired: u64, note: String },
-    Done { ready: u64 },
+    Waiting {
+        ready: u64,
+        desired: u64,
+        note: String,
+    },
+    Done {
+        ready: u64,
+    },
     Failed(String),
 }
 
 fn progress(mirror: &Mirror, name: &str, started_ms: i64) -> Progress {
     let Some(svc) = mirror.services.get(name) else {
-        return Progress::Waiting { ready: 0, desired: 0, note: "waiting for the service to appear".into() };
+        return Progress::Waiting {
+            ready: 0,
+            desired: 0,
+            note: "waiting for the service to appear".into(),
+        };
     };
-    let tasks: Vec<_> = mirror.tasks.values().filter(|t| t.service == name).collect();
+    let tasks: Vec<_> = mirror
+        .tasks
+        .values()
+        .filter(|t| t.service == name)
+        .collect();
     let desired = match svc.spec.mode {
         ServiceMode::Replicated { replicas } => replicas,
         ServiceMode::Global => mirror.nodes.len() as u64,
@@ -119,7 +143,10 @@ fn progress(mirror: &Mirror, name: &str, started_ms: i64) -> Progress {
         .iter()
         .filter(|t| t.desired_state == DesiredState::Running && !t.status.state.is_terminal())
         .collect();
-    let ready = live.iter().filter(|t| t.spec.task_template_eq(&svc.spec) && t.is_ready()).count() as u64;
+    let ready = live
+        .iter()
+        .filter(|t| t.spec.task_template_eq(&svc.spec) && t.is_ready())
+        .count() as u64;
     let outdated = live.iter().any(|t| !t.spec.task_template_eq(&svc.spec));
     let failures: Vec<_> = tasks
         .iter()
@@ -130,12 +157,26 @@ fn progress(mirror: &Mirror, name: &str, started_ms: i64) -> Progress {
         })
         .collect();
     // A dead task still desired running was not replaced: the restart policy gave up.
-    if let Some(stuck) = failures.iter().find(|t| t.desired_state == DesiredState::Running) {
-        return Progress::Failed(format!("{} failed and will not be restarted: {}", stuck.name(), stuck.status.message));
+    if let Some(stuck) = failures
+        .iter()
+        .find(|t| t.desired_state == DesiredState::Running)
+    {
+        return Progress::Failed(format!(
+            "{} failed and will not be restarted: {}",
+            stuck.name(),
+            stuck.status.message
+        ));
     }
     if failures.len() as u64 >= desired.max(3) {
-        let last = failures.iter().max_by_key(|t| t.status.since).map(|t| t.status.message.clone()).unwrap_or_default();
-        return Progress::Failed(format!("{} task failures since the deploy started; last: {last}", failures.len()));
+        let last = failures
+            .iter()
+            .max_by_key(|t| t.status.since)
+            .map(|t| t.status.message.clone())
+            .unwrap_or_default();
+        return Progress::Failed(format!(
+            "{} task failures since the deploy started; last: {last}",
+            failures.len()
+        ));
     }
     if ready >= desired && !outdated && live.len() as u64 == desired {
         return Progress::Done { ready };
@@ -146,7 +187,11 @@ fn progress(mirror: &Mirror, name: &str, started_ms: i64) -> Progress {
         .map(|t| format!("{}: {}", t.name(), t.status.message))
         .next()
         .unwrap_or_default();
-    Progress::Waiting { ready, desired, note }
+    Progress::Waiting {
+        ready,
+        desired,
+        note,
+    }
 }
 
 async fn follow(c: &Client, names: &[String], timeout: Duration) -> anyhow::Result<ExitCode> {
@@ -179,7 +224,10 @@ async fn follow(c: &Client, names: &[String], timeout: Duration) -> anyhow::Resu
                     eprintln!("{n}: {p:?}");
                 }
             }
-            bail!("deploy did not converge within {}", humantime::format_duration(timeout));
+            bail!(
+                "deploy did not converge within {}",
+                humantime::format_duration(timeout)
+            );
         }
         let msg = match tokio::time::timeout(remaining, stream.next()).await {
             Ok(Some(m)) => m?,
@@ -192,7 +240,11 @@ async fn follow(c: &Client, names: &[String], timeout: Duration) -> anyhow::Resu
             let p = progress(&mirror, n, started_ms);
             let bar = &bars[n.as_str()];
             match &p {
-                Progress::Waiting { ready, desired, note } => {
+                Progress::Waiting {
+                    ready,
+                    desired,
+                    note,
+                } => {
                     all_done = false;
                     bar.set_length(*desired);
                     bar.set_position(*ready);

@@ -30,7 +30,18 @@ pub async fn service_ls(c: &Client, out: OutputArgs) -> anyhow::Result<ExitCode>
             ]
         })
         .collect();
-    table(&["NAME", "MODE", "DRIVER", "READY", "REV", "PORTS", "IMAGE/COMMAND"], &rows);
+    table(
+        &[
+            "NAME",
+            "MODE",
+            "DRIVER",
+            "READY",
+            "REV",
+            "PORTS",
+            "IMAGE/COMMAND",
+        ],
+        &rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -43,7 +54,10 @@ pub async fn service_inspect(c: &Client, name: &str, out: OutputArgs) -> anyhow:
     let s = &detail.summary;
     println!("Name:      {}", s.name);
     println!("Revision:  {}", s.revision);
-    println!("Mode:      {} ({} desired, {} running, {} ready)", s.mode, s.desired, s.running, s.ready);
+    println!(
+        "Mode:      {} ({} desired, {} running, {} ready)",
+        s.mode, s.desired, s.running, s.ready
+    );
     println!("Driver:    {}", s.driver);
     println!("Run:       {}", s.image_or_command);
     println!("Spec:");
@@ -61,7 +75,14 @@ pub async fn service_history(c: &Client, name: &str, out: OutputArgs) -> anyhow:
     }
     let rows: Vec<Vec<String>> = revs
         .iter()
-        .map(|r| vec![r.number.to_string(), format_ts(r.created_at), r.created_by.clone(), r.change.clone()])
+        .map(|r| {
+            vec![
+                r.number.to_string(),
+                format_ts(r.created_at),
+                r.created_by.clone(),
+                r.change.clone(),
+            ]
+        })
         .collect();
     table(&["REV", "CREATED", "BY", "CHANGE"], &rows);
     Ok(ExitCode::SUCCESS)
@@ -129,7 +150,16 @@ fn print_tasks(tasks: &[Task], with_desired: bool) {
             row
         })
         .collect();
-    let mut header = vec!["ID", "NAME", "NODE", "STATE", "HEALTH", "PORTS", "PID/CONTAINER", "MESSAGE"];
+    let mut header = vec![
+        "ID",
+        "NAME",
+        "NODE",
+        "STATE",
+        "HEALTH",
+        "PORTS",
+        "PID/CONTAINER",
+        "MESSAGE",
+    ];
     if with_desired {
         header.insert(3, "DESIRED");
     }
@@ -151,14 +181,31 @@ pub async fn node_ls(c: &Client, out: OutputArgs) -> anyhow::Result<ExitCode> {
                 format!("{:?}", n.role).to_lowercase(),
                 format!("{:?}", n.state).to_lowercase(),
                 format!("{:?}", n.availability).to_lowercase(),
-                n.drivers.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
+                n.drivers
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 format!("{:.1}", n.resources.cpu_millis as f64 / 1000.0),
                 format_bytes(n.resources.memory_bytes),
                 n.message.clone(),
             ]
         })
         .collect();
-    table(&["ID", "HOSTNAME", "ROLE", "STATE", "AVAILABILITY", "DRIVERS", "CPUS", "MEMORY", "MESSAGE"], &rows);
+    table(
+        &[
+            "ID",
+            "HOSTNAME",
+            "ROLE",
+            "STATE",
+            "AVAILABILITY",
+            "DRIVERS",
+            "CPUS",
+            "MEMORY",
+            "MESSAGE",
+        ],
+        &rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -214,25 +261,28 @@ fn prefix_lines(
     stream: futures::stream::BoxStream<'static, Result<bytes::Bytes, flotilla_client::ClientError>>,
     name: String,
 ) -> futures::stream::BoxStream<'static, anyhow::Result<String>> {
-    futures::stream::unfold((stream, Vec::<u8>::new(), name), |(mut s, mut buf, name)| async move {
-        loop {
-            if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let text = format!("{name} | {}", String::from_utf8_lossy(&line));
-                return Some((Ok(text), (s, buf, name)));
-            }
-            match s.next().await {
-                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                Some(Err(e)) => return Some((Err(e.into()), (s, Vec::new(), name))),
-                None if buf.is_empty() => return None,
-                None => {
-                    let text = format!("{name} | {}\n", String::from_utf8_lossy(&buf));
-                    buf.clear();
+    futures::stream::unfold(
+        (stream, Vec::<u8>::new(), name),
+        |(mut s, mut buf, name)| async move {
+            loop {
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let text = format!("{name} | {}", String::from_utf8_lossy(&line));
                     return Some((Ok(text), (s, buf, name)));
                 }
+                match s.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => return Some((Err(e.into()), (s, Vec::new(), name))),
+                    None if buf.is_empty() => return None,
+                    None => {
+                        let text = format!("{name} | {}\n", String::from_utf8_lossy(&buf));
+                        buf.clear();
+                        return Some((Ok(text), (s, buf, name)));
+                    }
+                }
             }
-        }
-    })
+        },
+    )
     .boxed()
 }
 

@@ -26,7 +26,10 @@ fn main() -> std::process::ExitCode {
         put_own_dir_on_path();
     }
     init_tracing(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -45,7 +48,10 @@ fn main() -> std::process::ExitCode {
 /// Process tasks find `flotilla` on their PATH (the demo runs `flotilla demo-app`), even when
 /// the binary was started by full path. Done before any thread exists.
 fn put_own_dir_on_path() {
-    let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.to_path_buf())) else {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.to_path_buf()))
+    else {
         return;
     };
     let current = std::env::var_os("PATH").unwrap_or_default();

@@ -43,8 +43,14 @@ fn parse_port_range(s: &str) -> Result<std::ops::Range<u16>, String> {
     let (a, b) = s
         .split_once('-')
         .ok_or_else(|| format!("{s:?}: expected START-END, e.g. 20000-32000"))?;
-    let start: u16 = a.trim().parse().map_err(|_| format!("{s:?}: start {a:?} is not a port number"))?;
-    let end: u16 = b.trim().parse().map_err(|_| format!("{s:?}: end {b:?} is not a port number"))?;
+    let start: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: start {a:?} is not a port number"))?;
+    let end: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: end {b:?} is not a port number"))?;
     if start == 0 || start >= end {
         return Err(format!("{s:?}: need 0 < START < END"));
     }
@@ -67,7 +73,8 @@ fn load_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         Ok(_) | Err(_) => {
             let v = make();
-            std::fs::write(path, format!("{v}\n")).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(path, format!("{v}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
             Ok(v)
         }
     }
@@ -77,11 +84,21 @@ fn sanitize_node_name(raw: &str) -> String {
     let s: String = raw
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(63)
         .collect();
     let s = s.trim_matches('-').to_string();
-    if s.is_empty() { "node-1".into() } else { s }
+    if s.is_empty() {
+        "node-1".into()
+    } else {
+        s
+    }
 }
 
 pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
@@ -95,7 +112,12 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .open(args.data_dir.join("lock"))
         .context("opening the data-dir lock")?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| anyhow::anyhow!("--data-dir {}: another flotilla is using it ({e})", args.data_dir.display()))?;
+        .map_err(|(_, e)| {
+            anyhow::anyhow!(
+                "--data-dir {}: another flotilla is using it ({e})",
+                args.data_dir.display()
+            )
+        })?;
 
     let node_name = match &args.node_name {
         Some(n) => {
@@ -103,7 +125,10 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
             n.clone()
         }
         None => load_or_create(&args.data_dir.join("node-id"), || {
-            let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default();
             sanitize_node_name(&host)
         })?,
     };
@@ -123,15 +148,22 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     })
     .await
     .context("opening the store")?;
-    store.bootstrap_single().await.context("starting the raft group")?;
+    store
+        .bootstrap_single()
+        .await
+        .context("starting the raft group")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let api = tokio::spawn(flotilla_api::serve(listener, AppState::new(store.clone(), Some(token)), {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    }));
+    let api = tokio::spawn(flotilla_api::serve(
+        listener,
+        AppState::new(store.clone(), Some(token)),
+        {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        },
+    ));
     let controllers = tokio::spawn(
         ControllerRunner::new(
             store.clone(),
@@ -154,7 +186,10 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     .context("starting the agent")?;
     let agent = tokio::spawn(agent.run(stop_rx.clone()));
 
-    println!("flotilla is up: node {node_name}, API {api_url}, data in {}", args.data_dir.display());
+    println!(
+        "flotilla is up: node {node_name}, API {api_url}, data in {}",
+        args.data_dir.display()
+    );
     if args.demo {
         if let Err(e) = deploy_demo(&api_url).await {
             eprintln!("demo deploy failed: {e:#}");
@@ -186,23 +221,29 @@ async fn wait_for_signal() {
 }
 
 async fn deploy_demo(api_url: &str) -> anyhow::Result<()> {
-    let compose = flotilla_compose::parse_str(DEMO_COMPOSE, "examples/demo/compose.yaml", Path::new("."))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let compose =
+        flotilla_compose::parse_str(DEMO_COMPOSE, "examples/demo/compose.yaml", Path::new("."))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let client = Client::new(api_url, None)?;
-    client
-        .deploy(&DeployRequest {
-            services: compose.services,
-            dry_run: false,
-            requested_by: "flotilla up --demo".into(),
-        })
-        .await?;
+    // A restart of `up --demo` leaves an existing demo (perhaps scaled) as it is.
+    if client.service("demo").await.is_err() {
+        client
+            .deploy(&DeployRequest {
+                services: compose.services,
+                dry_run: false,
+                requested_by: "flotilla up --demo".into(),
+            })
+            .await?;
+    }
     // Wait for the replicas to be ready, then say where they answer.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let detail = client.service("demo").await?;
         if detail.summary.ready >= detail.summary.desired && detail.summary.desired > 0 {
             println!("demo is ready ({} replicas):", detail.summary.ready);
-            for t in detail.tasks.iter().filter(|t| t.is_ready() && t.desired_state == flotilla_types::DesiredState::Running) {
+            for t in detail.tasks.iter().filter(|t| {
+                t.is_ready() && t.desired_state == flotilla_types::DesiredState::Running
+            }) {
                 for p in &t.status.ports {
                     println!("  {}  http://127.0.0.1:{}/", t.name(), p.host_port);
                 }

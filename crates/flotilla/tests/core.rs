@@ -9,7 +9,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 fn ids(tasks: &[Value]) -> BTreeSet<String> {
-    tasks.iter().map(|t| t["id"].as_str().unwrap_or_default().to_string()).collect()
+    tasks
+        .iter()
+        .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 fn pid(t: &Value) -> u64 {
@@ -17,7 +20,9 @@ fn pid(t: &Value) -> u64 {
 }
 
 fn host_port(t: &Value) -> u16 {
-    t["status"]["ports"][0]["host_port"].as_u64().expect("task has a host port") as u16
+    t["status"]["ports"][0]["host_port"]
+        .as_u64()
+        .expect("task has a host port") as u16
 }
 
 /// `flotilla up --demo` serves 3 healthy replicas, each answering on its own host port with its
@@ -39,12 +44,25 @@ fn demo_serves_three_healthy_replicas() {
     assert_eq!(seen.len(), 3, "each replica has its own host port");
 
     // The memory limit from deploy.resources is in the task's cgroup.
-    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", pid(&tasks[0]))).expect("cgroup file");
-    assert!(cg.contains(&format!("flotilla/{}", tasks[0]["id"].as_str().unwrap_or_default())), "{cg}");
+    let cg =
+        std::fs::read_to_string(format!("/proc/{}/cgroup", pid(&tasks[0]))).expect("cgroup file");
+    assert!(
+        cg.contains(&format!(
+            "flotilla/{}",
+            tasks[0]["id"].as_str().unwrap_or_default()
+        )),
+        "{cg}"
+    );
     let limit_file = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        format!("/sys/fs/cgroup/flotilla/{}/memory.max", tasks[0]["id"].as_str().unwrap_or_default())
+        format!(
+            "/sys/fs/cgroup/flotilla/{}/memory.max",
+            tasks[0]["id"].as_str().unwrap_or_default()
+        )
     } else {
-        format!("/sys/fs/cgroup/memory/flotilla/{}/memory.limit_in_bytes", tasks[0]["id"].as_str().unwrap_or_default())
+        format!(
+            "/sys/fs/cgroup/memory/flotilla/{}/memory.limit_in_bytes",
+            tasks[0]["id"].as_str().unwrap_or_default()
+        )
     };
     let limit = std::fs::read_to_string(&limit_file).expect("memory limit file");
     assert_eq!(limit.trim(), (64u64 << 20).to_string());
@@ -73,10 +91,19 @@ fn killed_task_is_replaced() {
     });
     assert_eq!(after.len(), 3);
     let history = c.all_tasks("demo");
-    let dead = history.iter().find(|t| t["id"] == victim["id"]).expect("killed task kept in history");
+    let dead = history
+        .iter()
+        .find(|t| t["id"] == victim["id"])
+        .expect("killed task kept in history");
     assert_eq!(dead["status"]["state"], "failed");
     assert_eq!(dead["status"]["exit_code"], 137);
-    assert!(dead["status"]["message"].as_str().unwrap_or_default().contains("signal 9"), "{dead}");
+    assert!(
+        dead["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signal 9"),
+        "{dead}"
+    );
     // The replacement took the same slot.
     assert!(after.iter().any(|t| t["slot"] == victim["slot"]));
 }
@@ -99,9 +126,17 @@ fn scale_up_and_down() {
     assert_eq!(revs[2]["change"], "replicas 5 -> 1");
     let bad = c.run(&["scale", "demo=-1"]);
     assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("not a non-negative whole number"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("not a non-negative whole number"),
+        "{}",
+        stderr(&bad)
+    );
     let missing = c.run(&["scale", "nope=2"]);
-    assert!(stderr(&missing).contains("does not exist"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("does not exist"),
+        "{}",
+        stderr(&missing)
+    );
 }
 
 /// A task failing its health check is killed and restarted per its restart policy; the delay
@@ -123,8 +158,15 @@ services:
       restart_policy: {condition: on-failure, delay: 200ms, max_attempts: 3}
 "#,
     );
-    assert!(!out.status.success(), "deploy of a never-healthy service must fail");
-    assert!(stdout(&out).contains("will not be restarted"), "{}", stdout(&out));
+    assert!(
+        !out.status.success(),
+        "deploy of a never-healthy service must fail"
+    );
+    assert!(
+        stdout(&out).contains("will not be restarted"),
+        "{}",
+        stdout(&out)
+    );
     let tasks = wait_for("all attempts to finish", Duration::from_secs(60), || {
         let t = c.all_tasks("sick");
         (t.len() == 4 && t.iter().all(|t| t["status"]["state"] == "failed")).then_some(t)
@@ -133,13 +175,22 @@ services:
     tasks.sort_by_key(|t| t["attempt"].as_u64());
     for (i, t) in tasks.iter().enumerate() {
         assert_eq!(t["attempt"].as_u64(), Some(i as u64));
-        assert!(t["status"]["message"].as_str().unwrap_or_default().contains("health check failed"), "{t}");
+        assert!(
+            t["status"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("health check failed"),
+            "{t}"
+        );
     }
     // Backoff is recorded in the schedule: each restart was held back twice as long as the one
     // before (200ms, 400ms, 800ms after the previous failure).
     let delays: Vec<i64> = tasks
         .windows(2)
-        .map(|w| w[1]["not_before"].as_i64().expect("restart has not_before") - w[0]["status"]["since"].as_i64().unwrap_or(0))
+        .map(|w| {
+            w[1]["not_before"].as_i64().expect("restart has not_before")
+                - w[0]["status"]["since"].as_i64().unwrap_or(0)
+        })
         .collect();
     assert_eq!(delays, vec![200, 400, 800]);
 }
@@ -150,7 +201,7 @@ services:
 fn invalid_compose_files_are_rejected_without_changing_state() {
     let c = Cluster::start();
     let cases: &[(&str, &str, &str)] = &[
-        ("yaml syntax", "services:\n  web: [unclosed\n", "syntax"),
+        ("yaml syntax", "services:\n  web: [unclosed\n", "invalid YAML"),
         ("replicas wrong type", "services:\n  w:\n    command: x\n    deploy: {replicas: three}\n", "services.w.deploy.replicas"),
         ("negative replicas", "services:\n  w:\n    command: x\n    deploy: {replicas: -1}\n", "services.w.deploy.replicas"),
         ("unknown driver", "services:\n  w:\n    command: x\n    x-flotilla: {driver: vm}\n", "driver"),
@@ -177,19 +228,37 @@ fn invalid_compose_files_are_rejected_without_changing_state() {
         let err = stderr(&out);
         assert!(!out.status.success(), "{name}: accepted\n{err}");
         assert!(!err.contains("panicked"), "{name}: panicked\n{err}");
-        assert!(err.contains(needle), "{name}: error does not mention {needle:?}:\n{err}");
-        assert!(err.contains("bad.yaml"), "{name}: error does not name the file:\n{err}");
+        assert!(
+            err.contains(needle),
+            "{name}: error does not mention {needle:?}:\n{err}"
+        );
+        assert!(
+            err.contains("bad.yaml"),
+            "{name}: error does not name the file:\n{err}"
+        );
     }
     // A missing file is an error too.
     let out = c.run(&["deploy", "-f", "/nonexistent/compose.yaml"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("/nonexistent/compose.yaml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/compose.yaml"),
+        "{}",
+        stderr(&out)
+    );
     // The API rejects a bad body with the field named, whatever the client.
     let ls = c.json(&["service", "ls"]);
     assert_eq!(ls, Value::Array(vec![]), "nothing was created");
     // --dry-run validates and plans without changing anything.
-    let good = c.write_file("good.yaml", "services:\n  web:\n    command: [\"flotilla\", \"demo-app\"]\n    deploy: {replicas: 2}\n");
-    let plan = c.ok(&["deploy", "--dry-run", "-f", good.to_str().unwrap_or_default()]);
+    let good = c.write_file(
+        "good.yaml",
+        "services:\n  web:\n    command: [\"flotilla\", \"demo-app\"]\n    deploy: {replicas: 2}\n",
+    );
+    let plan = c.ok(&[
+        "deploy",
+        "--dry-run",
+        "-f",
+        good.to_str().unwrap_or_default(),
+    ]);
     assert!(plan.contains("web: would create"), "{plan}");
     assert_eq!(c.json(&["service", "ls"]), Value::Array(vec![]));
 }
@@ -215,12 +284,23 @@ fn crash_of_flotilla_keeps_state_and_readopts_tasks() {
     let after = c.wait_ready("demo", 4);
     assert_eq!(ids(&before), ids(&after), "same tasks after restart");
     for t in &after {
-        let old = before.iter().find(|b| b["id"] == t["id"]).expect("same task");
-        assert_eq!(pid(t), pid(old), "task {} was restarted instead of re-adopted", t["id"]);
+        let old = before
+            .iter()
+            .find(|b| b["id"] == t["id"])
+            .expect("same task");
+        assert_eq!(
+            pid(t),
+            pid(old),
+            "task {} was restarted instead of re-adopted",
+            t["id"]
+        );
     }
     assert_eq!(c.json(&["service", "history", "demo"]), revisions_before);
     let all_after = c.all_tasks("demo");
-    assert!(all_after.len() >= all_before.len(), "task records were lost");
+    assert!(
+        all_after.len() >= all_before.len(),
+        "task records were lost"
+    );
     // The cluster still works after the restart.
     c.ok(&["scale", "demo=2"]);
     c.wait_ready("demo", 2);
@@ -230,7 +310,7 @@ fn crash_of_flotilla_keeps_state_and_readopts_tasks() {
 #[test]
 fn memory_limit_oom_kills_and_is_reported() {
     let c = Cluster::start();
-    let out = c.deploy(
+    let hog = c.write_file(
         "hog.yaml",
         r#"
 services:
@@ -242,12 +322,20 @@ services:
       restart_policy: {condition: none}
 "#,
     );
-    assert!(!out.status.success(), "{}", stdout(&out));
+    c.ok(&["deploy", "--detach", "-f", hog.to_str().unwrap_or_default()]);
     let t = wait_for("the OOM kill", Duration::from_secs(60), || {
-        c.all_tasks("hog").into_iter().find(|t| t["status"]["state"] == "failed")
+        c.all_tasks("hog")
+            .into_iter()
+            .find(|t| t["status"]["state"] == "failed")
     });
     assert_eq!(t["status"]["oom_killed"], true, "{t}");
-    assert!(t["status"]["message"].as_str().unwrap_or_default().contains("OOM"), "{t}");
+    assert!(
+        t["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("OOM"),
+        "{t}"
+    );
 }
 
 /// depends_on with service_healthy: the dependent's first task is created only after its
@@ -279,7 +367,10 @@ services:
         .and_then(|e| e["at"].as_i64())
         .expect("db became healthy");
     let web_created = web[0]["meta"]["created_at"].as_i64().expect("created_at");
-    assert!(web_created >= healthy_at, "web created at {web_created}, before db was healthy at {healthy_at}");
+    assert!(
+        web_created >= healthy_at,
+        "web created at {web_created}, before db was healthy at {healthy_at}"
+    );
 }
 
 /// Events record what happened, and the API refuses unauthenticated non-loopback clients.
@@ -288,9 +379,24 @@ fn events_and_remote_auth() {
     let c = Cluster::start_with(&["--demo"]);
     c.wait_ready("demo", 3);
     let ev = c.ok(&["events", "-o", "json"]);
-    let events: Vec<Value> = ev.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert!(events.iter().any(|e| e["kind"] == "service" && e["object"] == "demo"));
-    assert!(events.iter().filter(|e| e["kind"] == "task" && e["message"].as_str().unwrap_or_default().contains("running")).count() >= 3);
+    let events: Vec<Value> = ev
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(events
+        .iter()
+        .any(|e| e["kind"] == "service" && e["object"] == "demo"));
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "task"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("running"))
+            .count()
+            >= 3
+    );
 }
 
 /// Removing a service stops its tasks.

@@ -42,7 +42,10 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -60,8 +63,12 @@ impl Cluster {
     }
 
     pub fn start_with(extra: &[&str]) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("flt").tempdir().expect("tempdir");
-        let slice = NEXT_SLICE.fetch_add(1, Ordering::SeqCst) + (std::process::id() % 20) as u16 * 7;
+        let dir = tempfile::Builder::new()
+            .prefix("flt")
+            .tempdir()
+            .expect("tempdir");
+        let slice =
+            NEXT_SLICE.fetch_add(1, Ordering::SeqCst) + (std::process::id() % 20) as u16 * 7;
         let start = 21000 + (slice % 50) * 200;
         let mut c = Cluster {
             dir,
@@ -98,7 +105,7 @@ impl Cluster {
             .arg("--task-ports")
             .arg(format!("{}-{}", self.task_ports.0, self.task_ports.1))
             .args(&self.extra_args)
-            .env("FLOTILLA_LOG", "info")
+            .env("FLOTILLA_LOG", "info,openraft=warn")
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
             .spawn()
@@ -106,7 +113,10 @@ impl Cluster {
         self.child = Some(child);
         let addr = self.addr();
         wait_for("the API to answer", Duration::from_secs(60), || {
-            let out = Command::new(BIN).args(["--addr", &addr, "node", "ls", "-o", "json"]).output().ok()?;
+            let out = Command::new(BIN)
+                .args(["--addr", &addr, "node", "ls", "-o", "json"])
+                .output()
+                .ok()?;
             let nodes: Value = serde_json::from_slice(&out.stdout).ok()?;
             (nodes.as_array()?.len() == 1).then_some(())
         });
@@ -154,27 +164,38 @@ impl Cluster {
 
     /// Tasks of `service` meant to be running (what `ps` shows).
     pub fn live_tasks(&self, service: &str) -> Vec<Value> {
-        self.json(&["ps", service]).as_array().cloned().unwrap_or_default()
+        self.json(&["ps", service])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn all_tasks(&self, service: &str) -> Vec<Value> {
-        self.json(&["ps", service, "--all"]).as_array().cloned().unwrap_or_default()
+        self.json(&["ps", service, "--all"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Waits until `service` has exactly `n` live tasks, all running and healthy (or without a
     /// check), and returns them.
     pub fn wait_ready(&self, service: &str, n: usize) -> Vec<Value> {
-        wait_for(&format!("{n} ready tasks of {service}"), Duration::from_secs(90), || {
-            let tasks = self.live_tasks(service);
-            let ready = tasks
-                .iter()
-                .filter(|t| {
-                    t["status"]["state"] == "running"
-                        && (t["spec"]["healthcheck"].is_null() || t["status"]["health"] == "healthy")
-                })
-                .count();
-            (tasks.len() == n && ready == n).then_some(tasks)
-        })
+        wait_for(
+            &format!("{n} ready tasks of {service}"),
+            Duration::from_secs(90),
+            || {
+                let tasks = self.live_tasks(service);
+                let ready = tasks
+                    .iter()
+                    .filter(|t| {
+                        t["status"]["state"] == "running"
+                            && (t["spec"]["healthcheck"].is_null()
+                                || t["status"]["health"] == "healthy")
+                    })
+                    .count();
+                (tasks.len() == n && ready == n).then_some(tasks)
+            },
+        )
     }
 
     /// Writes `yaml` to a file in the test dir and returns its path.
@@ -186,7 +207,13 @@ impl Cluster {
 
     pub fn deploy(&self, name: &str, yaml: &str) -> Output {
         let p = self.write_file(name, yaml);
-        self.run(&["deploy", "-f", p.to_str().expect("utf8 path"), "--timeout", "90s"])
+        self.run(&[
+            "deploy",
+            "-f",
+            p.to_str().expect("utf8 path"),
+            "--timeout",
+            "90s",
+        ])
     }
 
     fn cleanup(&mut self) {
@@ -194,7 +221,9 @@ impl Cluster {
             return;
         }
         // Stop every workload through the cluster, so nothing outlives the test.
-        if let Ok(services) = serde_json::from_slice::<Value>(&self.run(&["service", "ls", "-o", "json"]).stdout) {
+        if let Ok(services) =
+            serde_json::from_slice::<Value>(&self.run(&["service", "ls", "-o", "json"]).stdout)
+        {
             for s in services.as_array().into_iter().flatten() {
                 if let Some(name) = s["name"].as_str() {
                     let _ = self.run(&["service", "rm", name]);
@@ -209,7 +238,12 @@ impl Cluster {
                 .and_then(|v| v.as_array().cloned())
                 .map(|ts| {
                     ts.iter()
-                        .filter(|t| matches!(t["status"]["state"].as_str(), Some("starting" | "running" | "stopping")))
+                        .filter(|t| {
+                            matches!(
+                                t["status"]["state"].as_str(),
+                                Some("starting" | "running" | "stopping")
+                            )
+                        })
                         .count()
                 })
                 .unwrap_or(0);
@@ -220,7 +254,11 @@ impl Cluster {
         }
         self.kill_up();
         // Last resort for shims of a test that failed midway.
-        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.data_dir()).status();
+        let _ = Command::new("pkill")
+            .arg("-9")
+            .arg("-f")
+            .arg(self.data_dir())
+            .status();
     }
 }
 
@@ -228,7 +266,11 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.cleanup();
         if std::thread::panicking() {
-            eprintln!("---- flotilla up log ({}) ----\n{}", self.dir.path().display(), tail(&self.up_log(), 80));
+            eprintln!(
+                "---- flotilla up log ({}) ----\n{}",
+                self.dir.path().display(),
+                tail(&self.up_log(), 80)
+            );
         }
     }
 }
@@ -251,5 +293,9 @@ pub fn pid_alive(pid: u64) -> bool {
 }
 
 pub fn sh(cmd: &str) -> Output {
-    Command::new("/bin/sh").arg("-c").arg(cmd).output().expect("sh")
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("sh")
 }
