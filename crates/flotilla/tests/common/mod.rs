@@ -36,9 +36,15 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 /// A minimal HTTP/1.0 GET: (status, body), or None if the connection failed.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_get_from("127.0.0.1", port, path, &[])
+}
+
+/// GET with extra header lines (`"Authorization: Bearer x"`) against `host`.
+pub fn http_get_from(host: &str, port: u16, path: &str, headers: &[&str]) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect((host, port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{extra}\r\n").ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
@@ -55,6 +61,8 @@ pub struct Cluster {
     pub task_ports: (u16, u16),
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Interface the API binds to.
+    pub api_host: String,
 }
 
 impl Cluster {
@@ -62,7 +70,16 @@ impl Cluster {
         Self::start_with(&[])
     }
 
+    /// A cluster whose API listens on every interface.
+    pub fn start_public() -> Cluster {
+        Self::start_on("0.0.0.0", &[])
+    }
+
     pub fn start_with(extra: &[&str]) -> Cluster {
+        Self::start_on("127.0.0.1", extra)
+    }
+
+    fn start_on(host: &str, extra: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("flt")
             .tempdir()
@@ -76,6 +93,7 @@ impl Cluster {
             task_ports: (start, start + 200),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            api_host: host.into(),
         };
         c.spawn_up();
         c
@@ -101,7 +119,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--api-addr")
-            .arg(format!("127.0.0.1:{}", self.api_port))
+            .arg(format!("{}:{}", self.api_host, self.api_port))
             .arg("--task-ports")
             .arg(format!("{}-{}", self.task_ports.0, self.task_ports.1))
             .args(&self.extra_args)
@@ -298,4 +316,16 @@ pub fn sh(cmd: &str) -> Output {
         .arg(cmd)
         .output()
         .expect("sh")
+}
+
+/// A non-loopback IPv4 address of this machine, if it has one.
+pub fn external_ipv4() -> Option<String> {
+    let out = sh("hostname -I");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !ip.is_loopback())
+        })
+        .map(str::to_string)
 }
