@@ -66,7 +66,7 @@ fn put_own_dir_on_path() {
 
 fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn,flotilla=info",
+        0 => "warn,flotilla=info,flotilla_store=info,flotilla_controllers=info,flotilla_agent=info",
         1 => "info",
         _ => "debug",
     };
@@ -74,6 +74,7 @@ fn init_tracing(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
