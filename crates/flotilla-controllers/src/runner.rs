@@ -71,7 +71,9 @@ impl ControllerRunner {
             tokio::select! {
                 r = changes.recv() => {
                     if let Err(RecvError::Closed) = r {
-                        return;
+                        // Installing a raft snapshot closes subscriptions; follow the new state.
+                        changes = self.store.subscribe();
+                        continue;
                     }
                     tokio::time::sleep(DEBOUNCE).await;
                     // Level-triggered: what changed does not matter, only that something did.

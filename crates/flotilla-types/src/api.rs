@@ -18,7 +18,7 @@
 //! | `POST /v1/nodes/register` | [`NodeRegistration`] → `Node` (agents) |
 //! | `POST /v1/nodes/{id}/heartbeat` | [`Heartbeat`] → [`WriteResponse`] (agents) |
 //! | `GET /v1/events?since=REV&follow=bool` | → NDJSON of `Event` |
-//! | `GET /v1/watch?kind=task&node=N&since=REV` | → NDJSON of [`WatchMessage`] |
+//! | `GET /v1/watch?kind=task&node=N` | → NDJSON of [`WatchMessage`]: a snapshot, then changes |
 //! | `GET /v1/status` | → [`ClusterStatus`] |
 
 use crate::spec::{FieldError, ServiceSpec};
@@ -160,10 +160,23 @@ pub enum WatchMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum WatchChange {
-    Task { id: String, object: Option<Task> },
-    Service { name: String, object: Option<Service> },
-    Node { id: String, object: Option<Node> },
-    Revision { service: String, number: u64, object: Option<Revision> },
+    Task {
+        id: String,
+        object: Option<Task>,
+    },
+    Service {
+        name: String,
+        object: Option<Service>,
+    },
+    Node {
+        id: String,
+        object: Option<Node>,
+    },
+    Revision {
+        service: String,
+        number: u64,
+        object: Option<Revision>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

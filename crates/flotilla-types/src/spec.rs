@@ -164,7 +164,11 @@ pub struct RestartPolicy {
     pub delay: Duration,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub window: Option<Duration>,
 }
 
@@ -388,7 +392,10 @@ impl ServiceSpec {
             }
             DriverKind::Docker => {
                 if self.image.as_deref().is_none_or(str::is_empty) {
-                    errs.push(FieldError::new(at("image"), "the docker driver needs an image"));
+                    errs.push(FieldError::new(
+                        at("image"),
+                        "the docker driver needs an image",
+                    ));
                 }
             }
             DriverKind::Sim => {}
@@ -417,7 +424,10 @@ impl ServiceSpec {
         let mut seen_targets = std::collections::BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {
             if p.target == 0 {
-                errs.push(FieldError::new(at(&format!("ports[{i}].target")), "port 0 is not a port"));
+                errs.push(FieldError::new(
+                    at(&format!("ports[{i}].target")),
+                    "port 0 is not a port",
+                ));
             }
             if p.published == Some(0) {
                 errs.push(FieldError::new(
@@ -434,10 +444,16 @@ impl ServiceSpec {
         }
         if let Some(hc) = &self.healthcheck {
             if hc.interval.is_zero() {
-                errs.push(FieldError::new(at("healthcheck.interval"), "must be greater than 0"));
+                errs.push(FieldError::new(
+                    at("healthcheck.interval"),
+                    "must be greater than 0",
+                ));
             }
             if hc.timeout.is_zero() {
-                errs.push(FieldError::new(at("healthcheck.timeout"), "must be greater than 0"));
+                errs.push(FieldError::new(
+                    at("healthcheck.timeout"),
+                    "must be greater than 0",
+                ));
             }
             match &hc.test {
                 HealthTest::Cmd { argv } if argv.is_empty() => errs.push(FieldError::new(
@@ -544,7 +560,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    let starts_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let starts_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
     if !ok_chars || !starts_ok {
         return Err(format!(
             "name {name:?} may hold only lowercase letters, digits, '-' and '_', and must start with a letter or digit"
@@ -611,7 +630,10 @@ pub fn validate_stack(services: &[ServiceSpec]) -> Result<(), Vec<FieldError>> {
             errs.append(&mut e);
         }
         if !names.insert(s.name.as_str()) {
-            errs.push(FieldError::new(format!("services.{}", s.name), "service is defined twice"));
+            errs.push(FieldError::new(
+                format!("services.{}", s.name),
+                "service is defined twice",
+            ));
         }
     }
     for s in services {
@@ -641,7 +663,12 @@ pub fn validate_stack(services: &[ServiceSpec]) -> Result<(), Vec<FieldError>> {
 pub fn find_dependency_cycle(services: &[ServiceSpec]) -> Option<Vec<String>> {
     let graph: BTreeMap<&str, Vec<&str>> = services
         .iter()
-        .map(|s| (s.name.as_str(), s.depends_on.keys().map(String::as_str).collect()))
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.depends_on.keys().map(String::as_str).collect(),
+            )
+        })
         .collect();
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -706,8 +733,10 @@ mod tests {
     fn cycle_found() {
         let mut a = ServiceSpec::process("a", vec!["true".into()]);
         let mut b = ServiceSpec::process("b", vec!["true".into()]);
-        a.depends_on.insert("b".into(), DependencyCondition::ServiceStarted);
-        b.depends_on.insert("a".into(), DependencyCondition::ServiceStarted);
+        a.depends_on
+            .insert("b".into(), DependencyCondition::ServiceStarted);
+        b.depends_on
+            .insert("a".into(), DependencyCondition::ServiceStarted);
         let errs = validate_stack(&[a, b]).unwrap_err();
         assert!(errs.iter().any(|e| e.reason.contains("cycle")), "{errs:?}");
     }
