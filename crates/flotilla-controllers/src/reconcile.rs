@@ -505,6 +505,7 @@ impl ServiceCtx<'_> {
             history: Vec::new(),
             attempt,
             not_before,
+            weight: None,
             meta: Meta::default(),
         })
     }

@@ -57,6 +57,7 @@ fn task(id: &str, service: &str, slot: u64, node: Option<&str>) -> Task {
         history: Vec::new(),
         attempt: 0,
         not_before: None,
+        weight: None,
         meta: Meta::default(),
     }
 }

@@ -7,9 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod container;
+pub mod mesh;
+pub mod rollout;
 pub mod spec;
 pub mod state;
 pub mod units;
 
+pub use container::ContainerSpec;
+pub use mesh::MeshSpec;
+pub use rollout::RolloutSpec;
 pub use spec::*;
 pub use state::*;

@@ -318,6 +318,15 @@ pub struct ServiceSpec {
     pub stop_grace_period: Duration,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
+    /// Settings only containers use.
+    #[serde(default, skip_serializing_if = "crate::ContainerSpec::is_default")]
+    pub container: crate::ContainerSpec,
+    /// How the routing mesh exposes the service.
+    #[serde(default, skip_serializing_if = "crate::MeshSpec::is_default")]
+    pub mesh: crate::MeshSpec,
+    /// How new revisions replace old ones.
+    #[serde(default, skip_serializing_if = "crate::RolloutSpec::is_default")]
+    pub rollout: crate::RolloutSpec,
 }
 
 impl PlacementSpec {
@@ -356,6 +365,9 @@ impl ServiceSpec {
             placement: PlacementSpec::default(),
             stop_grace_period: Duration::from_secs(10),
             stop_signal: None,
+            container: crate::ContainerSpec::default(),
+            mesh: crate::MeshSpec::default(),
+            rollout: crate::RolloutSpec::default(),
         }
     }
 

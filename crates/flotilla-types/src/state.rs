@@ -226,6 +226,10 @@ pub struct Task {
     /// The agent must not start the task before this time (restart backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Timestamp>,
+    /// Share of its service's traffic the mesh sends here, 0..=100; `None` means 100. Releases
+    /// and draining set it; 0 means no new connections or requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
     pub meta: Meta,
 }
 

@@ -58,6 +58,7 @@ pub fn task(id: &str, spec: &ServiceSpec, node: &str) -> Task {
         history: Vec::new(),
         attempt: 0,
         not_before: None,
+        weight: None,
         meta: Meta::default(),
     }
 }
