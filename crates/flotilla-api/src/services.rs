@@ -261,7 +261,7 @@ pub async fn inspect(
         .read(|s| {
             let service = s.services.get(&name)?;
             let mut tasks: Vec<_> = s.tasks_of(&name).cloned().collect();
-            tasks.sort_by(|a, b| (a.slot, a.meta.created_at).cmp(&(b.slot, b.meta.created_at)));
+            tasks.sort_by_key(|t| (t.slot, t.meta.created_at));
             Some(ServiceDetail {
                 summary: summarize(s, service),
                 service: service.clone(),
