@@ -294,8 +294,9 @@ impl Exec<'_> {
                 check(*expect, old.as_ref().map(|t| t.meta.version), &what)?;
                 let mut new = task.clone();
                 new.meta = self.meta(old.as_ref().map(|t| t.meta.created_at));
-                if let Some(old) = &old {
-                    self.task_events(old, &new);
+                match &old {
+                    Some(old) => self.task_events(old, &new),
+                    None => self.task_created_event(&new),
                 }
                 self.put_task(new.id.clone(), Some(new));
             }
@@ -428,6 +429,25 @@ impl Exec<'_> {
         }
     }
 
+    fn task_created_event(&mut self, task: &Task) {
+        let status = &task.status;
+        let (level, message) = match (status.state, task.node.as_deref()) {
+            (TaskState::Pending, None) if !status.message.is_empty() => (
+                EventLevel::Warning,
+                format!("{} pending: {}", task.name(), status.message),
+            ),
+            (_, Some(node)) => (
+                EventLevel::Info,
+                format!("{} created on {node} (revision {})", task.name(), task.revision),
+            ),
+            (_, None) => (
+                EventLevel::Info,
+                format!("{} created (revision {})", task.name(), task.revision),
+            ),
+        };
+        self.event(level, "task", &task.id, "created", message);
+    }
+
     fn task_events(&mut self, old: &Task, new: &Task) {
         let status = &new.status;
         let detail = if status.message.is_empty() {
@@ -435,6 +455,15 @@ impl Exec<'_> {
         } else {
             format!(": {}", status.message)
         };
+        if status.state == TaskState::Pending
+            && old.status.state == TaskState::Pending
+            && old.status.message != status.message
+            && !status.message.is_empty()
+        {
+            // Why a task cannot be placed, each time the reason changes.
+            let message = format!("{} pending: {}", new.name(), status.message);
+            self.event(EventLevel::Warning, "task", &new.id, "unplaced", message);
+        }
         if old.status.state != status.state {
             let level = match status.state {
                 TaskState::Failed | TaskState::Rejected | TaskState::Lost => EventLevel::Warning,
