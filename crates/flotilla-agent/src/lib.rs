@@ -1,2 +1,15 @@
-//! The node agent: drivers behind one trait, the per-task shim, health checks and logs
+//! The node agent: [`agent::Agent`] follows the tasks the manager assigns to this node and runs
+//! each behind the [`driver::Driver`] trait (the process driver supervises each workload through
+//! a per-task [`shim`] so it survives agent restarts), with cgroup limits, health checks, host
+//! port allocation and rotating log files.
 #![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cgroup;
+pub mod driver;
+pub mod health;
+pub mod logs;
+pub mod ports;
+pub mod process;
+pub mod shim;
+pub mod trampoline;

@@ -11,8 +11,8 @@ use flotilla_types::api::{
     ServiceDetail, ServiceSummary, WriteResponse,
 };
 use flotilla_types::{
-    now_ms, validate_stack, DriverKind, FieldError, NodeState, Revision, Service, ServiceMode,
-    ServiceSpec, TaskState, MAX_REPLICAS,
+    now_ms, DriverKind, FieldError, NodeState, Revision, Service, ServiceMode, ServiceSpec,
+    TaskState, MAX_REPLICAS,
 };
 
 /// How often a write that lost an optimistic-concurrency race is retried before giving up.
@@ -139,7 +139,7 @@ pub async fn deploy(
             vec![FieldError::new("services", "is empty")],
         ));
     }
-    validate_stack(&req.services)
+    flotilla_scheduler::validate_stack(&req.services)
         .map_err(|fields| ApiError::invalid("the services are not valid", fields))?;
     let by = if req.requested_by.is_empty() {
         "api"

@@ -16,7 +16,8 @@ mod service;
 mod shell_words;
 
 use document::Node;
-use flotilla_types::{validate_name, validate_stack, FieldError, ServiceSpec};
+use flotilla_scheduler::validate_stack;
+use flotilla_types::{validate_name, FieldError, ServiceSpec};
 use report::Report;
 use std::path::{Path, PathBuf};
 

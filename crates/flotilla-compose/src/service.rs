@@ -7,8 +7,9 @@ use crate::report::Report;
 use crate::shell_words;
 use flotilla_types::units::{parse_bytes, parse_cpus};
 use flotilla_types::{
-    DependencyCondition, DriverKind, HealthCheck, HealthTest, PlacementSpec, ResourceAmounts,
-    Resources, RestartCondition, RestartPolicy, ServiceMode, ServiceSpec,
+    AffinitySpec, DependencyCondition, DriverKind, HealthCheck, HealthTest, PlacementSpec,
+    PlacementStrategy, ResourceAmounts, Resources, RestartCondition, RestartPolicy, ServiceMode,
+    ServiceSpec, SpreadSpec,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -96,7 +97,6 @@ const UNSUPPORTED_SERVICE_KEYS: &[&str] = &[
 
 /// `x-flotilla` keys later work will give meaning to.
 const PLANNED_FLOTILLA_KEYS: &[&str] = &[
-    "placement",
     "strategy",
     "ports",
     "routes",
@@ -198,6 +198,12 @@ pub(crate) fn read_service(
     spec.resources = deploy.resources;
     spec.deploy_labels = deploy.labels;
     spec.placement = deploy.placement;
+    let extra = std::mem::take(&mut flotilla.placement);
+    spec.placement.max_per_node = extra.max_per_node;
+    spec.placement.spread = extra.spread;
+    spec.placement.affinities = extra.affinities;
+    spec.placement.strategy = extra.strategy.unwrap_or_default();
+    spec.placement.priority = extra.priority.unwrap_or(0);
     spec.restart_policy = match (deploy.restart_policy, restart) {
         (Some(policy), Some(_)) => {
             r.warn(
@@ -725,6 +731,132 @@ fn preferences(r: &mut Report, field: &str, node: &Node) -> Vec<String> {
 struct FlotillaExtension {
     driver: Option<DriverKind>,
     healthcheck: Option<HealthCheck>,
+    placement: FlotillaPlacement,
+}
+
+/// `x-flotilla.placement`: Flotilla's placement additions, merged into `PlacementSpec`.
+#[derive(Default)]
+struct FlotillaPlacement {
+    max_per_node: Option<u64>,
+    spread: Vec<SpreadSpec>,
+    affinities: Vec<AffinitySpec>,
+    strategy: Option<PlacementStrategy>,
+    priority: Option<u32>,
+}
+
+fn flotilla_placement(r: &mut Report, field: &str, node: &Node) -> FlotillaPlacement {
+    let mut out = FlotillaPlacement::default();
+    let Some(entries) = r.mapping(field, node) else {
+        return out;
+    };
+    for (key, value) in entries {
+        let at = format!("{field}.{key}");
+        match key.as_str() {
+            "max_per_node" => out.max_per_node = r.uint(&at, value),
+            "strategy" => {
+                out.strategy = match r.string(&at, value).as_deref() {
+                    Some("spread") => Some(PlacementStrategy::Spread),
+                    Some("binpack") => Some(PlacementStrategy::Binpack),
+                    Some(other) => {
+                        r.error(
+                            &at,
+                            format!("unknown strategy {other:?} (expected spread or binpack)"),
+                        );
+                        None
+                    }
+                    None => None,
+                }
+            }
+            "priority" => {
+                out.priority = r.uint32(&at, value).and_then(|p| {
+                    if p > 1000 {
+                        r.error(&at, format!("{p} is outside 0..=1000"));
+                        None
+                    } else {
+                        Some(p)
+                    }
+                })
+            }
+            "spread" => out.spread = list_of(r, &at, value, spread_rule),
+            "affinities" => out.affinities = list_of(r, &at, value, affinity_rule),
+            _ => r.error(
+                &at,
+                "unknown key (expected max_per_node, spread, affinities, strategy or priority)",
+            ),
+        }
+    }
+    out
+}
+
+/// Reads a list whose items are mappings, each through `item`.
+fn list_of<T>(
+    r: &mut Report,
+    field: &str,
+    node: &Node,
+    item: fn(&mut Report, &str, &Node) -> Option<T>,
+) -> Vec<T> {
+    let Node::List(items) = node else {
+        r.error(field, format!("expected a list, got {}", node.kind()));
+        return Vec::new();
+    };
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| item(r, &format!("{field}[{i}]"), v))
+        .collect()
+}
+
+fn spread_rule(r: &mut Report, field: &str, node: &Node) -> Option<SpreadSpec> {
+    let entries = r.mapping(field, node)?;
+    let (mut label, mut hard, mut max_skew) = (None, false, 1);
+    for (key, value) in entries {
+        let at = format!("{field}.{key}");
+        match key.as_str() {
+            "label" => label = r.string(&at, value),
+            "hard" => hard = r.boolean(&at, value).unwrap_or(false),
+            "max_skew" => max_skew = r.uint32(&at, value).unwrap_or(1),
+            _ => r.error(&at, "unknown key (expected label, hard, max_skew)"),
+        }
+    }
+    let Some(label) = label else {
+        r.error(field, "needs a label, e.g. {label: zone}");
+        return None;
+    };
+    Some(SpreadSpec {
+        label,
+        hard,
+        max_skew,
+    })
+}
+
+fn affinity_rule(r: &mut Report, field: &str, node: &Node) -> Option<AffinitySpec> {
+    let entries = r.mapping(field, node)?;
+    let (mut service, mut weight, mut hard) = (None, 0i32, false);
+    for (key, value) in entries {
+        let at = format!("{field}.{key}");
+        match key.as_str() {
+            "service" => service = r.string(&at, value),
+            "weight" => match value {
+                Node::Int(w) if (-100..=100).contains(w) => weight = *w as i32,
+                Node::Int(w) => r.error(&at, format!("{w} is outside -100..=100")),
+                other => r.error(
+                    &at,
+                    format!("expected a whole number, got {}", other.kind()),
+                ),
+            },
+            "hard" => hard = r.boolean(&at, value).unwrap_or(false),
+            _ => r.error(&at, "unknown key (expected service, weight, hard)"),
+        }
+    }
+    let Some(service) = service else {
+        r.error(field, "needs the other service's name");
+        return None;
+    };
+    Some(AffinitySpec {
+        service,
+        weight,
+        hard,
+    })
 }
 
 fn flotilla_extension(r: &mut Report, field: &str, node: &Node) -> FlotillaExtension {
@@ -751,6 +883,7 @@ fn flotilla_extension(r: &mut Report, field: &str, node: &Node) -> FlotillaExten
                 }
             }
             "healthcheck" => ext.healthcheck = flotilla_healthcheck(r, &at, value),
+            "placement" => ext.placement = flotilla_placement(r, &at, value),
             k if PLANNED_FLOTILLA_KEYS.contains(&k) => {
                 r.warn(&at, "recognised, not supported yet; ignored")
             }

@@ -390,3 +390,41 @@ fn demo_example_loads() {
         }
     );
 }
+
+#[test]
+fn flotilla_placement_is_merged_into_the_placement_spec() {
+    let yaml = r#"
+services:
+  web:
+    command: ["sleep", "100"]
+    deploy:
+      replicas: 4
+      placement:
+        constraints: ["node.labels.zone!=c"]
+        max_replicas_per_node: 2
+    x-flotilla:
+      placement:
+        max_per_node: 1
+        strategy: binpack
+        priority: 700
+        spread: [{label: zone, hard: true, max_skew: 1}]
+        affinities: [{service: cache, weight: 50}, {service: batch, weight: -100, hard: true}]
+"#;
+    let file =
+        flotilla_compose::parse_str(yaml, "p.yaml", std::path::Path::new(".")).expect("valid");
+    let p = &file.services[0].placement;
+    assert_eq!(p.constraints, vec!["node.labels.zone!=c".to_string()]);
+    assert_eq!(p.max_replicas_per_node, Some(2));
+    assert_eq!(p.max_per_node, Some(1));
+    assert_eq!(p.strategy, flotilla_types::PlacementStrategy::Binpack);
+    assert_eq!(p.priority, 700);
+    assert_eq!(p.spread.len(), 1);
+    assert!(p.spread[0].hard);
+    assert_eq!(p.affinities.len(), 2);
+    assert_eq!(p.affinities[1].weight, -100);
+    assert!(
+        file.warnings.iter().all(|w| !w.field.contains("placement")),
+        "{:?}",
+        file.warnings
+    );
+}

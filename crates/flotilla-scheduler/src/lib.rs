@@ -49,3 +49,25 @@ pub use snapshot::{
     ClusterSnapshot, OvercommitRatios, SnapshotError, DEFAULT_DISRUPTION_BUDGET,
     PENALTY_HALF_LIFE_MS,
 };
+
+/// Everything a set of services must satisfy before it is stored: each spec's own invariants,
+/// the `depends_on` graph ([`flotilla_types::validate_stack`]), and every placement expression
+/// compiling ([`compile`]). The Compose loader and the API both call this, so a file that
+/// validates offline is accepted by a manager and vice versa.
+pub fn validate_stack(
+    services: &[flotilla_types::ServiceSpec],
+) -> Result<(), Vec<flotilla_types::FieldError>> {
+    let mut errors = flotilla_types::validate_stack(services)
+        .err()
+        .unwrap_or_default();
+    for spec in services {
+        if let Err(mut e) = compile(spec) {
+            errors.append(&mut e);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}

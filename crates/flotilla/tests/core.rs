@@ -449,3 +449,40 @@ fn service_rm_stops_tasks() {
     assert!(!missing.status.success());
     assert!(stderr(&missing).contains("does not exist"));
 }
+
+/// When no node fits, the task stays pending and says why, counted per filter, in `ps`,
+/// `service inspect` and events.
+#[test]
+fn unplaceable_task_explains_why() {
+    let c = Cluster::start();
+    let f = c.write_file(
+        "zoned.yaml",
+        "services:\n  zoned:\n    command: [\"flotilla\", \"demo-app\"]\n    deploy:\n      placement:\n        constraints: [\"node.labels.zone==b\"]\n",
+    );
+    let out = c.run(&[
+        "deploy",
+        "-f",
+        f.to_str().unwrap_or_default(),
+        "--timeout",
+        "3s",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a deploy that cannot place must not report success"
+    );
+    let expected = "0/1 nodes: 1 violate node.labels.zone==b";
+    let task = wait_for("the placement explanation", Duration::from_secs(30), || {
+        c.live_tasks("zoned")
+            .into_iter()
+            .find(|t| t["status"]["message"] == expected)
+    });
+    assert_eq!(task["status"]["state"], "pending");
+    assert!(task["node"].is_null());
+    assert!(c.ok(&["ps", "zoned"]).contains(expected));
+    assert!(c.ok(&["service", "inspect", "zoned"]).contains(expected));
+    let events = c.ok(&["events"]);
+    assert!(
+        events.contains(&format!("zoned.1 pending: {expected}")),
+        "{events}"
+    );
+}

@@ -1,0 +1,251 @@
+//! Health checks with Compose semantics.
+//!
+//! A task starts `starting`. A passing probe makes it `healthy` (and ends the start period early);
+//! `retries` consecutive failures make it `unhealthy`; failures inside `start_period` do not count.
+//! Only transitions are reported, through a channel, each with the last probe's reason.
+
+use crate::driver::Driver;
+use flotilla_types::{now_ms, Health, HealthCheck, HealthTest, PortBinding, Timestamp};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// A change of a task's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    pub task_id: String,
+    pub health: Health,
+    /// Why: the last failure's reason for `unhealthy`, empty otherwise.
+    pub message: String,
+    pub at: Timestamp,
+}
+
+/// The Compose health state machine, without any I/O.
+#[derive(Debug, Clone)]
+pub struct HealthTracker {
+    retries: u32,
+    failures: u32,
+    start_period_over: bool,
+    health: Health,
+}
+
+impl HealthTracker {
+    /// `retries` of 0 is treated as 1: one failure is needed to become unhealthy.
+    pub fn new(retries: u32) -> Self {
+        HealthTracker {
+            retries: retries.max(1),
+            failures: 0,
+            start_period_over: false,
+            health: Health::Starting,
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    /// Records one probe result; `in_start_period` says whether it ran inside `start_period`.
+    /// Returns the new health when it changed.
+    pub fn record(&mut self, passed: bool, in_start_period: bool) -> Option<Health> {
+        let next = if passed {
+            self.failures = 0;
+            self.start_period_over = true;
+            Health::Healthy
+        } else if in_start_period && !self.start_period_over {
+            self.health
+        } else {
+            self.failures += 1;
+            if self.failures >= self.retries {
+                Health::Unhealthy
+            } else {
+                self.health
+            }
+        };
+        (next != self.health).then(|| {
+            self.health = next;
+            next
+        })
+    }
+}
+
+/// Runs a task's health check in the background until dropped.
+pub struct HealthMonitor {
+    handle: JoinHandle<()>,
+}
+
+impl HealthMonitor {
+    /// Starts probing. The first report (`starting`) is sent immediately, the first probe runs
+    /// after one `interval`. Stops by itself when `reports` is closed.
+    pub fn spawn(
+        task_id: String,
+        check: HealthCheck,
+        ports: Vec<PortBinding>,
+        driver: Arc<dyn Driver>,
+        reports: mpsc::UnboundedSender<HealthReport>,
+    ) -> Self {
+        let span = tracing::info_span!("health", task = %task_id);
+        let handle = tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let mut tracker = HealthTracker::new(check.retries);
+                let report = |health, message: String| HealthReport {
+                    task_id: task_id.clone(),
+                    health,
+                    message,
+                    at: now_ms(),
+                };
+                if reports
+                    .send(report(Health::Starting, String::new()))
+                    .is_err()
+                {
+                    return;
+                }
+                let host_port = ports.first().map(|p| p.host_port);
+                loop {
+                    tokio::time::sleep(check.interval).await;
+                    let in_start_period = started.elapsed() < check.start_period;
+                    let result = probe(&check, host_port, &task_id, driver.as_ref()).await;
+                    if let Err(reason) = &result {
+                        tracing::debug!(%reason, "health probe failed");
+                    }
+                    if let Some(health) = tracker.record(result.is_ok(), in_start_period) {
+                        tracing::info!(health = health.as_str(), "health changed");
+                        let message = result.err().unwrap_or_default();
+                        if reports.send(report(health, message)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        HealthMonitor { handle }
+    }
+}
+
+impl Drop for HealthMonitor {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Runs one probe; `Err` carries why it failed.
+pub async fn probe(
+    check: &HealthCheck,
+    host_port: Option<u16>,
+    task_id: &str,
+    driver: &dyn Driver,
+) -> Result<(), String> {
+    let timeout = check.timeout;
+    let need_port = || host_port.ok_or_else(|| "the task has no port to check".to_string());
+    match &check.test {
+        HealthTest::Http { path } => http_probe(need_port()?, path, timeout).await,
+        HealthTest::Tcp => tcp_probe(need_port()?, timeout).await,
+        HealthTest::Cmd { argv } => exec_probe(driver, task_id, argv, timeout).await,
+        HealthTest::Shell { script } => {
+            let argv = ["/bin/sh".to_string(), "-c".to_string(), script.clone()];
+            exec_probe(driver, task_id, &argv, timeout).await
+        }
+    }
+}
+
+async fn http_probe(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        // A redirect already proves the server answers; following it could leave the task.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("GET {path}: cannot build HTTP client: {e}"))?;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    match client.get(&url).send().await {
+        Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => Ok(()),
+        Ok(resp) => Err(format!("GET {path}: {}", resp.status().as_u16())),
+        Err(e) if e.is_timeout() => Err(format!("GET {path}: no response within {timeout:?}")),
+        Err(e) => Err(format!("GET {path}: {}", error_chain(&e))),
+    }
+}
+
+async fn tcp_probe(port: u16, timeout: Duration) -> Result<(), String> {
+    let addr = format!("127.0.0.1:{port}");
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
+        Err(_) => Err(format!("connect {addr}: no answer within {timeout:?}")),
+    }
+}
+
+async fn exec_probe(
+    driver: &dyn Driver,
+    task_id: &str,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<(), String> {
+    let out = driver
+        .exec(task_id, argv, timeout)
+        .await
+        .map_err(|e| format!("cannot run check: {e}"))?;
+    if out.timed_out {
+        return Err(format!("timed out after {timeout:?}"));
+    }
+    match out.exit_code {
+        Some(0) => Ok(()),
+        code => {
+            let first_line = out.output.lines().next().unwrap_or("").trim();
+            let status = code.map_or("killed by a signal".to_string(), |c| {
+                format!("exit code {c}")
+            });
+            Err(format!("{status}: {first_line}"))
+        }
+    }
+}
+
+/// An error with its causes, as reqwest's Display leaves them out.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compose_semantics() {
+        let mut t = HealthTracker::new(3);
+        assert_eq!(t.health(), Health::Starting);
+        // Failures in the start period do not count.
+        for _ in 0..5 {
+            assert_eq!(t.record(false, true), None);
+        }
+        assert_eq!(t.record(false, false), None);
+        assert_eq!(t.record(false, false), None);
+        assert_eq!(t.record(false, false), Some(Health::Unhealthy));
+        assert_eq!(t.record(true, false), Some(Health::Healthy));
+        assert_eq!(t.record(true, false), None);
+        assert_eq!(t.record(false, false), None);
+        assert_eq!(
+            t.record(true, false),
+            None,
+            "a pass resets the failure count"
+        );
+        assert_eq!(t.record(false, false), None);
+        assert_eq!(t.record(false, false), None);
+        assert_eq!(t.record(false, false), Some(Health::Unhealthy));
+    }
+
+    #[test]
+    fn success_ends_start_period() {
+        let mut t = HealthTracker::new(1);
+        assert_eq!(t.record(true, true), Some(Health::Healthy));
+        // Still inside start_period by the clock, but it ended with the success.
+        assert_eq!(t.record(false, true), Some(Health::Unhealthy));
+    }
+}
