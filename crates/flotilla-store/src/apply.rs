@@ -438,7 +438,11 @@ impl Exec<'_> {
             ),
             (_, Some(node)) => (
                 EventLevel::Info,
-                format!("{} created on {node} (revision {})", task.name(), task.revision),
+                format!(
+                    "{} created on {node} (revision {})",
+                    task.name(),
+                    task.revision
+                ),
             ),
             (_, None) => (
                 EventLevel::Info,
