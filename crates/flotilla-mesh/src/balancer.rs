@@ -1,0 +1,383 @@
+//! Backend choice: weighted power-of-two-choices over peak-EWMA load (as tower's `balance::p2c`
+//! with `load::PeakEwma`), or smooth weighted round robin.
+//!
+//! Only backends that are healthy, have a weight above 0 and whose breaker lets traffic through
+//! are candidates. Both candidates of P2C are sampled in proportion to their weight, and the
+//! clearly less loaded one wins; with (nearly) equal load each backend's share is its weight's
+//! share.
+
+use crate::breaker::{Breaker, Permit};
+use crate::metrics::{Counters, TaskStats};
+use flotilla_types::mesh::{BalancerKind, BreakerSpec};
+use rand::Rng;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// RTT assumed for a backend with no samples yet: pessimistic, so a new task is not flooded
+/// before it has shown how fast it is (linkerd uses the same default).
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast old latency samples stop mattering.
+const DECAY: Duration = Duration::from_secs(10);
+/// Loads closer than this ratio count as equal and the choice between the two candidates is a
+/// coin flip. Without it, latency jitter between identical tasks would decide every pick and
+/// bend the split away from the weights (a weight-10 canary that happens to be a little faster
+/// would get almost 20% of the traffic); with it, weights hold while clearly slower or busier
+/// tasks still lose.
+const LOAD_TIE_RATIO: f64 = 1.25;
+
+#[derive(Debug)]
+struct PeakEwma {
+    /// Estimated round trip, in nanoseconds.
+    estimate_ns: f64,
+    stamp: Instant,
+}
+
+impl PeakEwma {
+    /// Decays the estimate for the time passed since the last update.
+    fn decayed(&mut self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+        let decay = (-elapsed / DECAY.as_nanos() as f64).exp();
+        self.estimate_ns *= decay;
+        self.stamp = now;
+        self.estimate_ns
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt_ns = rtt.as_nanos() as f64;
+        let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+        if rtt_ns > self.estimate_ns {
+            // Peak sensitivity: a slow response raises the estimate at once.
+            self.estimate_ns = rtt_ns;
+        } else {
+            let decay = (-elapsed / DECAY.as_nanos() as f64).exp();
+            self.estimate_ns = self.estimate_ns * decay + rtt_ns * (1.0 - decay);
+        }
+        self.stamp = now;
+    }
+}
+
+/// One task's address and everything the mesh knows about it. Kept across route updates (keyed
+/// by service, task and address) so counters, breaker and in-flight counts survive them.
+#[derive(Debug)]
+pub struct BackendState {
+    pub service: String,
+    pub task_id: String,
+    pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once instead of per request.
+    pub authority: hyper::http::uri::Authority,
+    weight: AtomicU8,
+    healthy: AtomicBool,
+    in_flight: AtomicU64,
+    ewma: Mutex<PeakEwma>,
+    pub breaker: Breaker,
+    pub counters: Counters,
+}
+
+impl BackendState {
+    pub fn new(service: &str, task_id: &str, addr: SocketAddr, breaker: &BreakerSpec) -> Self {
+        // A socket address always renders as a valid `host:port` authority.
+        let authority = hyper::http::uri::Authority::try_from(addr.to_string())
+            .expect("a socket address is a valid authority");
+        BackendState {
+            service: service.to_string(),
+            task_id: task_id.to_string(),
+            addr,
+            authority,
+            weight: AtomicU8::new(100),
+            healthy: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma {
+                estimate_ns: DEFAULT_RTT.as_nanos() as f64,
+                stamp: Instant::now(),
+            }),
+            breaker: Breaker::new(breaker.clone()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn set(&self, weight: u8, healthy: bool) {
+        self.weight.store(weight.min(100), Ordering::Relaxed);
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    pub fn weight(&self) -> u8 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Takes new traffic: healthy, weighted, breaker not open.
+    fn eligible(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.weight() > 0 && self.breaker.would_allow()
+    }
+
+    fn load(&self) -> f64 {
+        let now = Instant::now();
+        let estimate = self
+            .ewma
+            .lock()
+            .map(|mut e| e.decayed(now))
+            .unwrap_or(DEFAULT_RTT.as_nanos() as f64);
+        estimate * (self.in_flight() + 1) as f64
+    }
+
+    /// Records a round trip (time to response headers, or to connect for TCP).
+    pub fn observe(&self, rtt: Duration) {
+        if let Ok(mut e) = self.ewma.lock() {
+            e.observe(rtt, Instant::now());
+        }
+        self.counters.latency.record(rtt);
+    }
+
+    pub fn stats(&self) -> TaskStats {
+        TaskStats {
+            task_id: self.task_id.clone(),
+            addr: self.addr.to_string(),
+            weight: self.weight(),
+            healthy: self.healthy.load(Ordering::Relaxed),
+            breaker: self.breaker.state(),
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            connections: self.counters.connections.load(Ordering::Relaxed),
+            errors: self.counters.errors(),
+            latency: self.counters.latency.summary(),
+            in_flight: self.in_flight(),
+        }
+    }
+}
+
+/// Counts one request or connection as in flight on a backend until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    backend: Arc<BackendState>,
+}
+
+impl InFlight {
+    pub fn new(backend: Arc<BackendState>) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { backend }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The right to send one request or connection to a backend, granted by its breaker. Settle it
+/// with the outcome; dropping it unsettled (the client went away) returns a half-open probe
+/// unused so the breaker can probe again.
+#[derive(Debug)]
+pub struct Attempt {
+    pub backend: Arc<BackendState>,
+    permit: Permit,
+    settled: bool,
+}
+
+impl Attempt {
+    fn new(backend: Arc<BackendState>, permit: Permit) -> Self {
+        Attempt {
+            backend,
+            permit,
+            settled: false,
+        }
+    }
+
+    pub fn settle(mut self, success: bool) {
+        self.settled = true;
+        self.backend.breaker.record(self.permit, success);
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.backend.breaker.release(self.permit);
+        }
+    }
+}
+
+/// The backends of one service on one published port.
+#[derive(Debug)]
+pub struct Pool {
+    backends: Vec<Arc<BackendState>>,
+    kind: BalancerKind,
+    /// Smooth weighted round robin's running scores, one per backend.
+    round_robin: Mutex<Vec<i64>>,
+}
+
+impl Pool {
+    pub fn new(backends: Vec<Arc<BackendState>>, kind: BalancerKind) -> Self {
+        let scores = vec![0; backends.len()];
+        Pool {
+            backends,
+            kind,
+            round_robin: Mutex::new(scores),
+        }
+    }
+
+    /// The backend of `task_id` if it may take a new request (cookie stickiness).
+    pub fn sticky(&self, task_id: &str) -> Option<Attempt> {
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.task_id == task_id && b.eligible())?;
+        let permit = backend.breaker.acquire()?;
+        Some(Attempt::new(backend.clone(), permit))
+    }
+
+    /// Chooses a backend not in `tried`, claiming a breaker permit for it. `None` when no
+    /// backend can take traffic.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Attempt> {
+        let mut candidates: Vec<&Arc<BackendState>> = self
+            .backends
+            .iter()
+            .filter(|b| !tried.contains(&b.addr) && b.eligible())
+            .collect();
+        while !candidates.is_empty() {
+            let idx = match self.kind {
+                BalancerKind::P2c => p2c(&candidates),
+                BalancerKind::RoundRobin => self.round_robin(&candidates),
+            };
+            let chosen = candidates.swap_remove(idx);
+            // The breaker may have changed since the eligibility check (a probe was claimed).
+            if let Some(permit) = chosen.breaker.acquire() {
+                return Some(Attempt::new(chosen.clone(), permit));
+            }
+        }
+        None
+    }
+
+    fn round_robin(&self, candidates: &[&Arc<BackendState>]) -> usize {
+        let Ok(mut scores) = self.round_robin.lock() else {
+            return 0;
+        };
+        let total: i64 = candidates.iter().map(|b| i64::from(b.weight())).sum();
+        let mut best = 0;
+        let mut best_score = i64::MIN;
+        for (i, candidate) in candidates.iter().enumerate() {
+            let Some(slot) = self.backends.iter().position(|b| b.addr == candidate.addr) else {
+                continue;
+            };
+            scores[slot] += i64::from(candidate.weight());
+            if scores[slot] > best_score {
+                best_score = scores[slot];
+                best = i;
+            }
+        }
+        if let Some(slot) = self
+            .backends
+            .iter()
+            .position(|b| b.addr == candidates[best].addr)
+        {
+            scores[slot] -= total;
+        }
+        best
+    }
+}
+
+/// Index of a weighted random candidate.
+fn weighted_index(candidates: &[&Arc<BackendState>], rng: &mut impl Rng) -> usize {
+    let total: u32 = candidates.iter().map(|b| u32::from(b.weight())).sum();
+    let mut ticket = rng.random_range(0..total.max(1));
+    for (i, b) in candidates.iter().enumerate() {
+        let w = u32::from(b.weight());
+        if ticket < w {
+            return i;
+        }
+        ticket -= w;
+    }
+    0
+}
+
+fn p2c(candidates: &[&Arc<BackendState>]) -> usize {
+    if candidates.len() == 1 {
+        return 0;
+    }
+    let mut rng = rand::rng();
+    let a = weighted_index(candidates, &mut rng);
+    let b = weighted_index(candidates, &mut rng);
+    let (load_a, load_b) = (candidates[a].load(), candidates[b].load());
+    if load_a * LOAD_TIE_RATIO < load_b {
+        a
+    } else if load_b * LOAD_TIE_RATIO < load_a {
+        b
+    } else if rng.random_bool(0.5) {
+        a
+    } else {
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(port: u16, weight: u8) -> Arc<BackendState> {
+        let b = BackendState::new(
+            "svc",
+            &format!("t{port}"),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            &BreakerSpec::default(),
+        );
+        b.set(weight, true);
+        Arc::new(b)
+    }
+
+    fn shares(kind: BalancerKind, weights: &[u8], picks: usize) -> Vec<usize> {
+        let backends: Vec<_> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| backend(1000 + i as u16, *w))
+            .collect();
+        let pool = Pool::new(backends.clone(), kind);
+        let mut counts = vec![0; weights.len()];
+        for _ in 0..picks {
+            let attempt = pool.pick(&[]).unwrap();
+            counts[usize::from(attempt.backend.addr.port() - 1000)] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn weight_zero_gets_nothing_and_weights_shape_the_split() {
+        for kind in [BalancerKind::P2c, BalancerKind::RoundRobin] {
+            let counts = shares(kind, &[100, 0, 25], 2000);
+            assert_eq!(counts[1], 0, "{kind:?} {counts:?}");
+            assert!(
+                counts[2] > 0 && counts[0] > 2 * counts[2],
+                "{kind:?} {counts:?}"
+            );
+        }
+        assert_eq!(shares(BalancerKind::RoundRobin, &[50, 50], 10), [5, 5]);
+    }
+
+    #[test]
+    fn p2c_prefers_the_less_loaded_backend() {
+        let slow = backend(1, 100);
+        let fast = backend(2, 100);
+        slow.observe(Duration::from_millis(500));
+        fast.observe(Duration::from_millis(1));
+        let _busy: Vec<_> = (0..5).map(|_| InFlight::new(slow.clone())).collect();
+        let pool = Pool::new(vec![slow, fast.clone()], BalancerKind::P2c);
+        let fast_picks = (0..200)
+            .filter(|_| pool.pick(&[]).unwrap().backend.addr == fast.addr)
+            .count();
+        // The slow one wins only when both samples land on it (about a quarter of the time).
+        assert!(fast_picks > 100, "{fast_picks}");
+    }
+
+    #[test]
+    fn unhealthy_and_tried_backends_are_skipped() {
+        let a = backend(1, 100);
+        let b = backend(2, 100);
+        b.set(100, false);
+        let pool = Pool::new(vec![a.clone(), b], BalancerKind::P2c);
+        assert_eq!(pool.pick(&[]).unwrap().backend.addr, a.addr);
+        assert!(pool.pick(&[a.addr]).is_none());
+    }
+}
