@@ -7,8 +7,10 @@
 //! the agent ends the runners but **not** the workloads: the next agent re-adopts them through
 //! [`Driver::recover`].
 
+use crate::docker::DockerDriver;
 use crate::driver::{Driver, DriverError, ExitInfo, RecoveredTask};
 use crate::health::{HealthMonitor, HealthReport};
+use crate::mesh_node::{MeshNode, MeshNodeConfig, MeshNodeError};
 use crate::ports::PortAllocator;
 use crate::process::ProcessDriver;
 use flotilla_client::{Client, ClientError, Mirror};
@@ -36,6 +38,8 @@ pub enum AgentError {
     Exe(std::io::Error),
     #[error("cannot listen for log requests: {0}")]
     Listen(std::io::Error),
+    #[error("mesh: {0}")]
+    Mesh(#[from] MeshNodeError),
 }
 
 pub struct AgentConfig {
@@ -47,6 +51,8 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Host ports for task ports are taken from this range.
     pub task_ports: std::ops::Range<u16>,
+    /// The routing mesh of this node; `None` runs none (published ports are not served here).
+    pub mesh: Option<MeshNodeConfig>,
 }
 
 pub struct Agent {
@@ -54,6 +60,7 @@ pub struct Agent {
     drivers: BTreeMap<DriverKind, Arc<dyn Driver>>,
     ports: Arc<PortAllocator>,
     log_listener: tokio::net::TcpListener,
+    mesh: Option<Arc<MeshNode>>,
 }
 
 /// A task this agent is running.
@@ -67,16 +74,26 @@ impl Agent {
         let exe = std::env::current_exe().map_err(AgentError::Exe)?;
         let process: Arc<dyn Driver> =
             Arc::new(ProcessDriver::new(cfg.state_dir.join("process"), exe)?);
-        let drivers = BTreeMap::from([(DriverKind::Process, process)]);
+        let mut drivers = BTreeMap::from([(DriverKind::Process, process)]);
+        match DockerDriver::detect(&cfg.node_id).await {
+            Ok(Some(docker)) => {
+                tracing::info!("docker engine found; docker driver enabled");
+                drivers.insert(DriverKind::Docker, Arc::new(docker) as Arc<dyn Driver>);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "docker engine unusable; docker driver disabled"),
+        }
         let ports = Arc::new(PortAllocator::new(cfg.task_ports.clone())?);
         let log_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(AgentError::Listen)?;
+        let mesh = cfg.mesh.clone().map(MeshNode::new).transpose()?;
         Ok(Agent {
             cfg,
             drivers,
             ports,
             log_listener,
+            mesh,
         })
     }
 
@@ -129,7 +146,10 @@ impl Agent {
             tracing::info!(count = recovered.len(), "recovered tasks from a previous agent");
 
             let heartbeat = tokio::spawn(heartbeat_loop(client.clone(), reg, self.cfg.heartbeat, shutdown.clone()));
-            let logs = tokio::spawn(serve_logs(self.log_listener, self.drivers.clone(), shutdown.clone()));
+            let logs = tokio::spawn(serve_logs(self.log_listener, self.drivers.clone(), self.mesh.clone(), shutdown.clone()));
+            let mesh = self.mesh.clone().map(|m| {
+                tokio::spawn(m.run(client.clone(), self.cfg.node_id.clone(), shutdown.clone()).in_current_span())
+            });
             let mut state = Reconciler {
                 ctx: RunnerCtx {
                     client: client.clone(),
@@ -137,6 +157,7 @@ impl Agent {
                     drivers: self.drivers.clone(),
                     ports: self.ports.clone(),
                     shutdown: shutdown.clone(),
+                    mesh: self.mesh.clone(),
                 },
                 local: BTreeMap::new(),
                 recovered,
@@ -179,6 +200,9 @@ impl Agent {
             }
             let _ = heartbeat.await;
             let _ = logs.await;
+            if let Some(mesh) = mesh {
+                let _ = mesh.await;
+            }
         }
         .instrument(span)
         .await
@@ -237,10 +261,12 @@ async fn heartbeat_loop(
     }
 }
 
-/// Serves `GET /tasks/{id}/logs?follow=&tail=` for the manager to proxy.
+/// Serves `GET /tasks/{id}/logs?follow=&tail=`, `GET /tasks/{id}/stats` and
+/// `POST /tasks/{id}/resources` (a `Resources` body) for the manager to proxy.
 async fn serve_logs(
     listener: tokio::net::TcpListener,
     drivers: BTreeMap<DriverKind, Arc<dyn Driver>>,
+    mesh: Option<Arc<MeshNode>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use axum::extract::{Path, Query, State};
@@ -279,9 +305,58 @@ async fn serve_logs(
         )
             .into_response()
     }
+    async fn stats(State(drivers): State<Drivers>, Path(id): Path<String>) -> Response {
+        for d in drivers.values() {
+            match d.stats(&id).await {
+                Ok(stats) => return axum::Json(stats).into_response(),
+                Err(DriverError::NotFound(_)) => continue,
+                Err(e) => return driver_error_response(e),
+            }
+        }
+        (
+            StatusCode::NOT_FOUND,
+            format!("task {id} is not on this node"),
+        )
+            .into_response()
+    }
+    async fn update_resources(
+        State(drivers): State<Drivers>,
+        Path(id): Path<String>,
+        axum::Json(limits): axum::Json<flotilla_types::Resources>,
+    ) -> Response {
+        for d in drivers.values() {
+            match d.update_resources(&id, &limits).await {
+                Ok(()) => return StatusCode::NO_CONTENT.into_response(),
+                Err(DriverError::NotFound(_)) => continue,
+                Err(e) => return driver_error_response(e),
+            }
+        }
+        (
+            StatusCode::NOT_FOUND,
+            format!("task {id} is not on this node"),
+        )
+            .into_response()
+    }
+    fn driver_error_response(e: DriverError) -> Response {
+        let status = match e {
+            DriverError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            DriverError::NotRunning(_) | DriverError::Refused { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, e.to_string()).into_response()
+    }
     let app = axum::Router::new()
         .route("/tasks/{id}/logs", axum::routing::get(logs))
+        .route("/tasks/{id}/stats", axum::routing::get(stats))
+        .route(
+            "/tasks/{id}/resources",
+            axum::routing::post(update_resources),
+        )
         .with_state(Arc::new(drivers));
+    let app = match mesh {
+        Some(mesh) => app.merge(mesh.routes()),
+        None => app,
+    };
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = until_true(&mut shutdown).await;
@@ -300,6 +375,7 @@ struct RunnerCtx {
     drivers: BTreeMap<DriverKind, Arc<dyn Driver>>,
     ports: Arc<PortAllocator>,
     shutdown: watch::Receiver<bool>,
+    mesh: Option<Arc<MeshNode>>,
 }
 
 /// Matches the tasks the manager assigned to this node against the runners that exist.
@@ -502,7 +578,7 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
         .unwrap_or(15);
     let grace = spec.stop_grace_period;
 
-    let (ports, pid) = match launch {
+    let (ports, pid, container_id) = match launch {
         Launch::Adopt(rec) => {
             if let Some(exit) = rec.exited {
                 report(
@@ -515,7 +591,7 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
                 return;
             }
             tracing::info!(pid = ?rec.pid, "re-adopted running task");
-            (rec.ports, rec.pid)
+            (rec.ports, rec.pid, rec.container_id)
         }
         Launch::Start => {
             if let Some(at) = task.not_before {
@@ -556,8 +632,16 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
                     return;
                 }
             };
-            match driver.start(&task, &ports).await {
-                Ok(running) => (ports, running.pid),
+            let started = match &ctx.mesh {
+                Some(mesh) => {
+                    driver
+                        .start(&with_discovery(&task, mesh).await, &ports)
+                        .await
+                }
+                None => driver.start(&task, &ports).await,
+            };
+            match started {
+                Ok(running) => (ports, running.pid, running.container_id),
                 Err(e) => {
                     tracing::warn!(error = %e, "start failed");
                     report(
@@ -575,6 +659,7 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
 
     let mut status = TaskStatus::new(TaskState::Running, now_ms(), "");
     status.pid = pid;
+    status.container_id = container_id;
     status.ports = ports.clone();
     // A re-adopted task keeps the health it had; health checks resume and correct it.
     status.health = match (&spec.healthcheck, task.status.health) {
@@ -584,21 +669,27 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
     };
     if task.status.state != TaskState::Running
         || task.status.pid != pid
+        || task.status.container_id != status.container_id
         || task.status.ports != ports
     {
         report(&ctx, &task.id, status.clone()).await;
     }
 
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthReport>();
-    let _monitor = spec.healthcheck.clone().map(|hc| {
-        HealthMonitor::spawn(
+    let _monitor = match spec.healthcheck.clone() {
+        Some(hc) => Some(HealthMonitor::spawn(
             task.id.clone(),
             hc,
             ports.clone(),
             driver.clone(),
             health_tx,
-        )
-    });
+        )),
+        // Without a check of its own the service may still have one in its image.
+        None => driver
+            .native_health(&task.id)
+            .await
+            .map(|native| HealthMonitor::forward(task.id.clone(), native, health_tx)),
+    };
     let wait = driver.wait(&task.id);
     tokio::pin!(wait);
     // `stop` is borrowed by the select's wait branch; this clone answers "was stop asked?".
@@ -642,6 +733,13 @@ async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::R
                 stopping.since = now_ms();
                 stopping.message = "stopping".into();
                 report(&ctx, &task.id, stopping).await;
+                // No new work reaches the task once it is stopping; let what is in flight
+                // finish before the signal.
+                if let Some(mesh) = &ctx.mesh {
+                    if !mesh.drain(&ctx.client, &task, &mut shutdown).await {
+                        return;
+                    }
+                }
                 break match driver.stop(&task.id, signal, grace).await {
                     Ok(exit) => exit_status(&exit, true, &ports),
                     Err(e) => TaskStatus::new(TaskState::Exited, now_ms(), format!("stop: {e}")),
@@ -669,4 +767,17 @@ async fn finish(ctx: &RunnerCtx, driver: &dyn Driver, task_id: &str, ports: &[Po
     for p in ports {
         ctx.ports.release(p.host_port);
     }
+}
+
+/// The task with `<SERVICE>_ADDR` variables for every published service added to its
+/// environment (the service's own variables win). Only process tasks share the node's network
+/// namespace, where the mesh's local address is reachable.
+async fn with_discovery(task: &Task, mesh: &MeshNode) -> Task {
+    let mut task = task.clone();
+    if task.spec.driver == DriverKind::Process {
+        for (key, value) in mesh.discovery_env().await {
+            task.spec.environment.entry(key).or_insert(value);
+        }
+    }
+    task
 }

@@ -146,6 +146,14 @@ fn parse_v1_mounts(mountinfo: &str) -> BTreeMap<String, PathBuf> {
     mounts
 }
 
+/// What a task's cgroup has used, read by [`TaskCgroup::usage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupUsage {
+    pub cpu_nanos: u64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: Option<u64>,
+}
+
 /// The cgroup directories of one task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskCgroup {
@@ -441,6 +449,50 @@ impl TaskCgroup {
         for pid in self.pids() {
             // ESRCH just means it exited in between.
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    /// Cpu time used so far (ns), memory in use and the memory limit (`None`: unlimited).
+    pub fn usage(&self) -> Result<CgroupUsage, CgroupError> {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path)
+                .map_err(|e| CgroupError::Unavailable(format!("{}: {e}", path.display())))
+        };
+        let number = |path: PathBuf| -> Result<Option<u64>, CgroupError> {
+            Ok(read(path)?.trim().parse::<u64>().ok())
+        };
+        // Limits at or above 2^62 are the kernel's way of writing "unlimited" on v1.
+        let limited = |v: Option<u64>| v.filter(|l| *l < 1 << 62);
+        match self {
+            TaskCgroup::V2 { dir, .. } => {
+                let stat = read(dir.join("cpu.stat"))?;
+                let usec = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                Ok(CgroupUsage {
+                    cpu_nanos: usec.saturating_mul(1000),
+                    memory_bytes: number(dir.join("memory.current"))?.unwrap_or(0),
+                    // memory.max reads "max" when unlimited, which does not parse.
+                    memory_limit_bytes: number(dir.join("memory.max"))?,
+                })
+            }
+            TaskCgroup::V1 { dirs } => {
+                let dir = |c: &str| {
+                    dirs.get(c).cloned().ok_or_else(|| {
+                        CgroupError::Unavailable(format!("the {c} controller is not mounted"))
+                    })
+                };
+                Ok(CgroupUsage {
+                    cpu_nanos: number(dir("cpuacct")?.join("cpuacct.usage"))?.unwrap_or(0),
+                    memory_bytes: number(dir("memory")?.join("memory.usage_in_bytes"))?
+                        .unwrap_or(0),
+                    memory_limit_bytes: limited(number(
+                        dir("memory")?.join("memory.limit_in_bytes"),
+                    )?),
+                })
+            }
         }
     }
 

@@ -7,8 +7,9 @@
 use crate::cgroup::CgroupError;
 use crate::logs::LogError;
 use crate::shim::{ExitRecord, ShimError};
+use flotilla_types::api::TaskStats;
 use flotilla_types::units::format_bytes;
-use flotilla_types::{DriverKind, PortBinding, Resources, Task, Timestamp};
+use flotilla_types::{DriverKind, Health, PortBinding, Resources, Task, Timestamp};
 use nix::sys::signal::Signal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,6 +41,8 @@ pub enum DriverError {
     Log(#[from] LogError),
     #[error("task files: {0}")]
     Files(#[from] ShimError),
+    #[error("docker engine: {0}")]
+    Engine(#[from] bollard::errors::Error),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -165,6 +168,13 @@ pub trait Driver: Send + Sync {
         tail: Option<usize>,
         follow: bool,
     ) -> Result<LogStream, DriverError>;
+    /// Cpu and memory use of a running task.
+    async fn stats(&self, task_id: &str) -> Result<TaskStats, DriverError>;
+    /// Health as the runtime itself judges it (e.g. an image's Docker `HEALTHCHECK`), for tasks
+    /// whose service defines no check; `None` when the runtime has nothing to say.
+    async fn native_health(&self, _task_id: &str) -> Option<tokio::sync::watch::Receiver<Health>> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -125,6 +125,39 @@ impl HealthMonitor {
     }
 }
 
+impl HealthMonitor {
+    /// Relays health a runtime judges itself (see [`Driver::native_health`]) as reports, until
+    /// dropped or the runtime stops reporting.
+    pub fn forward(
+        task_id: String,
+        mut native: tokio::sync::watch::Receiver<Health>,
+        reports: mpsc::UnboundedSender<HealthReport>,
+    ) -> Self {
+        let span = tracing::info_span!("native_health", task = %task_id);
+        let handle = tokio::spawn(
+            async move {
+                loop {
+                    let health = *native.borrow_and_update();
+                    let report = HealthReport {
+                        task_id: task_id.clone(),
+                        health,
+                        message: match health {
+                            Health::Unhealthy => "the image's HEALTHCHECK failed".into(),
+                            _ => String::new(),
+                        },
+                        at: now_ms(),
+                    };
+                    if reports.send(report).is_err() || native.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        HealthMonitor { handle }
+    }
+}
+
 impl Drop for HealthMonitor {
     fn drop(&mut self) {
         self.handle.abort();

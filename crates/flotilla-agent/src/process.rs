@@ -20,6 +20,7 @@ use crate::shim::{
     ShimState, UserIds, SHIM_LOG_FILE, SHIM_SUBCOMMAND, SOCKET_FILE, SPEC_FILE, STATE_FILE,
 };
 use crate::trampoline::{ExecTrampolineArgs, EXEC_SUBCOMMAND};
+use flotilla_types::api::TaskStats;
 use flotilla_types::{now_ms, signal_number, DriverKind, PortBinding, Resources, Task};
 use futures::StreamExt;
 use nix::sys::signal::{killpg, Signal};
@@ -34,6 +35,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long an exited task's shim waits to be told to shut down.
 const DEFAULT_LINGER: Duration = Duration::from_secs(3600);
+/// How far apart the two cpu readings of [`Driver::stats`] are taken.
+const STATS_SAMPLE: Duration = Duration::from_millis(250);
 /// Longest unix socket path Linux accepts (sun_path minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -758,6 +761,31 @@ impl Driver for ProcessDriver {
         };
         let stream = log_stream(dir, tail, follow, finished)?;
         Ok(stream.map(|chunk| chunk.map_err(DriverError::from)).boxed())
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn stats(&self, task_id: &str) -> Result<TaskStats, DriverError> {
+        let dir = self.existing_task_dir(task_id)?;
+        let (state, _) = self.current_state(&dir).await?;
+        if state.exited.is_some() || !state.in_cgroup {
+            return Err(DriverError::NotRunning(task_id.to_string()));
+        }
+        let cgroup = CgroupLayout::detect()?.task(task_id);
+        // Cpu use is a rate, so it takes two readings some time apart.
+        let first = cgroup.usage()?;
+        let started = Instant::now();
+        tokio::time::sleep(STATS_SAMPLE).await;
+        let second = cgroup.usage()?;
+        let elapsed = started.elapsed().as_nanos().max(1) as f64;
+        let used = second.cpu_nanos.saturating_sub(first.cpu_nanos) as f64;
+        Ok(TaskStats {
+            task_id: task_id.to_string(),
+            cpu_percent: used / elapsed * 100.0,
+            cpu_total_nanos: second.cpu_nanos,
+            memory_bytes: second.memory_bytes,
+            memory_limit_bytes: second.memory_limit_bytes,
+            at: now_ms(),
+        })
     }
 }
 

@@ -1,12 +1,45 @@
-//! Authentication: loopback peers are trusted (like a local Docker socket); everyone else needs
-//! `Authorization: Bearer <token>`. The API is never open to the network without it.
+//! Authentication and authorisation:
+//! - loopback peers are trusted (like a local Docker socket);
+//! - a peer with a cluster client certificate (TLS, see [`crate::serve_tls`]) is who its
+//!   certificate says: a manager may call everything, a worker only what an agent needs
+//!   ([`worker_may_call`]);
+//! - everyone else needs `Authorization: Bearer <token>`, except the two join routes, which
+//!   authenticate with the join token in the body.
+//!
+//! The API is never open to the network without one of these.
 
+use crate::cluster::PeerIdentity;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use flotilla_pki::Role;
 use std::net::SocketAddr;
+
+/// What an agent calls: read its assignments, register, heartbeat, report task status.
+fn worker_may_call(method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["v1", ..]) => !path.starts_with("/v1/cluster/tokens"),
+        (&Method::POST, ["v1", "nodes", "register"]) => true,
+        (&Method::POST, ["v1", "nodes", _, "heartbeat"]) => true,
+        (&Method::PUT, ["v1", "tasks", "status"]) => true,
+        (&Method::PUT, ["v1", "tasks", _, "status"]) => true,
+        (&Method::POST, ["v1", "cluster", "renew"]) => true,
+        _ => false,
+    }
+}
+
+/// Routes a node without credentials calls while joining; the join token in the body is checked
+/// by the handler.
+fn is_join_route(method: &Method, path: &str) -> bool {
+    matches!(
+        (method, path),
+        (&Method::GET, "/v1/cluster/ca") | (&Method::POST, "/v1/cluster/join")
+    )
+}
 
 pub async fn require_auth(
     State(state): State<AppState>,
@@ -15,6 +48,21 @@ pub async fn require_auth(
     next: Next,
 ) -> Response {
     if peer.ip().is_loopback() {
+        return next.run(req).await;
+    }
+    if let Some(PeerIdentity(Some(identity))) = req.extensions().get::<PeerIdentity>() {
+        if identity.role == Role::Manager || worker_may_call(req.method(), req.uri().path()) {
+            return next.run(req).await;
+        }
+        return ApiError::Forbidden(format!(
+            "node {} holds a worker certificate; {} {} is for managers only",
+            identity.node_id,
+            req.method(),
+            req.uri().path()
+        ))
+        .into_response();
+    }
+    if is_join_route(req.method(), req.uri().path()) {
         return next.run(req).await;
     }
     let presented = req
@@ -32,7 +80,8 @@ pub async fn require_auth(
         ))
         .into_response(),
         (_, None) => ApiError::Unauthorized(
-            "authentication required: send Authorization: Bearer <token> (FLOTILLA_TOKEN)".into(),
+            "authentication required: send Authorization: Bearer <token> (FLOTILLA_TOKEN) or a \
+             cluster client certificate".into(),
         )
         .into_response(),
         (_, Some(_)) => ApiError::Unauthorized("invalid API token".into()).into_response(),

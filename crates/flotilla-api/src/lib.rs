@@ -4,20 +4,28 @@
 //!
 //! Routes are listed in [`flotilla_types::api`]. Reads come from the local store's applied
 //! state; writes go through raft ([`flotilla_store::Store::write`]). Requests from loopback are
-//! trusted like a local Docker socket; any other peer must present the bearer token.
+//! trusted like a local Docker socket; any other peer must present the bearer token or, on a
+//! cluster manager served with [`serve_tls`], a client certificate issued by the cluster CA
+//! (whose role decides what it may call, see `auth.rs`).
 #![forbid(unsafe_code)]
 
 mod auth;
 mod body;
+pub mod cluster;
 mod error;
+mod forward;
 mod nodes;
 mod raft;
+mod rollouts;
 mod services;
 mod streams;
 mod tasks;
+mod tls_serve;
+mod traffic;
 
 pub use error::ApiError;
 pub use services::summarize;
+pub use tls_serve::serve_tls;
 
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -33,6 +41,12 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     /// Used to reach agents (log streaming).
     pub http: reqwest::Client,
+    /// The cluster PKI on managers started by `flotilla init`/`join`; `None` for `flotilla up`.
+    pub cluster: Option<Arc<cluster::ClusterSecurity>>,
+    /// mTLS client for forwarding writes to the leader (cluster managers only).
+    pub leader_http: Option<reqwest::Client>,
+    /// The node whose agent runs in this process, for `GET /metrics`; `None` when there is none.
+    pub local_node: Option<String>,
 }
 
 impl AppState {
@@ -41,7 +55,35 @@ impl AppState {
             store,
             token: token.map(Arc::from),
             http: reqwest::Client::new(),
+            cluster: None,
+            leader_http: None,
+            local_node: None,
         }
+    }
+
+    /// Names the node whose agent runs alongside this manager (serves its mesh metrics).
+    pub fn with_local_node(mut self, node: String) -> Self {
+        self.local_node = Some(node);
+        self
+    }
+
+    /// Enables the cluster routes and certificate authentication.
+    pub fn with_cluster(
+        mut self,
+        security: Arc<cluster::ClusterSecurity>,
+    ) -> Result<Self, flotilla_pki::PkiError> {
+        let tls = security.tls.client_config()?;
+        self.leader_http = Some(
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .map_err(|e| {
+                    flotilla_pki::PkiError::BadKey(format!("building the TLS client: {e}"))
+                })?,
+        );
+        self.cluster = Some(security);
+        Ok(self)
     }
 }
 
@@ -57,19 +99,39 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/services/{name}/scale", post(services::scale))
         .route("/services/{name}/revisions", get(services::revisions))
+        .route(
+            "/services/{name}/rollout",
+            get(rollouts::get_rollout).post(rollouts::control),
+        )
+        .route("/services/{name}/restart", post(rollouts::restart))
+        .route("/services/{name}/rollback", post(rollouts::rollback))
+        .route("/services/{name}/weights", put(traffic::set_weights))
+        .route("/services/{name}/traffic", get(traffic::traffic))
         .route("/tasks", get(tasks::list))
+        .route("/tasks/status", put(tasks::report_bulk_status))
         .route("/tasks/{id}", get(tasks::get_task))
         .route("/tasks/{id}/status", put(tasks::report_status))
         .route("/tasks/{id}/logs", get(tasks::logs))
+        .route("/tasks/{id}/stats", get(tasks::stats))
+        .route("/tasks/{id}/resources", post(tasks::update_resources))
+        .route("/tasks/{id}/weight", put(traffic::set_weight))
         .route("/nodes", get(nodes::list))
         .route("/nodes/register", post(nodes::register))
+        .route("/nodes/{id}", get(nodes::get_node).patch(nodes::update))
         .route("/nodes/{id}/heartbeat", post(nodes::heartbeat))
         .route("/events", get(streams::events))
-        .route("/watch", get(streams::watch));
+        .route("/watch", get(streams::watch))
+        .nest("/cluster", cluster::routes());
     Router::new()
         .nest("/v1", v1)
         .nest("/raft", raft::routes())
+        .route("/metrics", get(traffic::metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        // Runs after authentication (layers wrap outward): only authorised writes are forwarded.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::forward_writes,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_auth,

@@ -1,4 +1,5 @@
-//! Node resources: agents register and heartbeat; operators list.
+//! Node resources: agents register and heartbeat; operators list them, change their
+//! availability (`active`, `pause`, `drain`) and labels.
 
 use crate::body::JsonBody;
 use crate::error::{check_applied, ApiError};
@@ -6,8 +7,14 @@ use crate::AppState;
 use axum::extract::{Path, State};
 use axum::Json;
 use flotilla_store::{Command, Expect, Op};
-use flotilla_types::api::{Heartbeat, NodeRegistration, WriteResponse};
-use flotilla_types::{now_ms, validate_name, FieldError, Meta, Node, NodeRole, NodeState};
+use flotilla_types::api::{Heartbeat, NodeRegistration, NodeUpdate, WriteResponse};
+use flotilla_types::{
+    now_ms, validate_name, Availability, FieldError, Meta, Node, NodeRole, NodeState,
+};
+
+/// Longest label key and value accepted.
+const MAX_LABEL_KEY: usize = 128;
+const MAX_LABEL_VALUE: usize = 256;
 
 pub async fn list(State(app): State<AppState>) -> Json<Vec<Node>> {
     Json(app.store.read(|s| s.nodes.values().cloned().collect()))
@@ -71,7 +78,12 @@ pub async fn register(
             drivers: reg.drivers.clone(),
             agent_addr: reg.agent_addr.clone(),
             last_heartbeat: now,
-            message: String::new(),
+            // Why a node is paused or drained (an auto-cordon) outlives agent restarts.
+            message: existing
+                .as_ref()
+                .filter(|n| n.availability != Availability::Active)
+                .map(|n| n.message.clone())
+                .unwrap_or_default(),
             meta: existing.as_ref().map(|n| n.meta).unwrap_or(Meta::default()),
         };
         let expect = existing
@@ -119,4 +131,175 @@ pub async fn heartbeat(
     Ok(Json(WriteResponse {
         store_revision: check_applied(result)?,
     }))
+}
+
+pub async fn get_node(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    app.store
+        .read(|s| s.nodes.get(&id).cloned())
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no node {id:?}")))
+}
+
+fn validate_update(update: &NodeUpdate) -> Result<(), ApiError> {
+    let mut fields = Vec::new();
+    if update.availability.is_none() && update.label_add.is_empty() && update.label_rm.is_empty() {
+        fields.push(FieldError::new(
+            "body",
+            "nothing to change: give availability, label_add or label_rm",
+        ));
+    }
+    let check_key = |field: String, key: &str, fields: &mut Vec<FieldError>| {
+        let bad = |reason: String| FieldError::new(field.clone(), reason);
+        if key.is_empty() {
+            fields.push(bad("a label key must not be empty".into()));
+        } else if key.len() > MAX_LABEL_KEY {
+            fields.push(bad(format!("longer than {MAX_LABEL_KEY} bytes")));
+        } else if key
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '=')
+        {
+            fields.push(bad(format!(
+                "{key:?} must not contain '=', whitespace or control characters"
+            )));
+        }
+    };
+    for (key, value) in &update.label_add {
+        check_key(format!("label_add.{key}"), key, &mut fields);
+        if value.len() > MAX_LABEL_VALUE {
+            fields.push(FieldError::new(
+                format!("label_add.{key}"),
+                format!("the value is longer than {MAX_LABEL_VALUE} bytes"),
+            ));
+        } else if value.chars().any(char::is_control) {
+            fields.push(FieldError::new(
+                format!("label_add.{key}"),
+                "the value must not contain control characters",
+            ));
+        }
+    }
+    for (i, key) in update.label_rm.iter().enumerate() {
+        check_key(format!("label_rm[{i}]"), key, &mut fields);
+        if update.label_add.contains_key(key) {
+            fields.push(FieldError::new(
+                format!("label_rm[{i}]"),
+                format!("{key:?} is also in label_add; give one or the other"),
+            ));
+        }
+    }
+    if fields.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("invalid node update", fields))
+    }
+}
+
+/// `flotilla node update`: availability and labels. Setting a node active again clears the
+/// reason it was paused or drained for.
+pub async fn update(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(update): JsonBody<NodeUpdate>,
+) -> Result<Json<Node>, ApiError> {
+    validate_update(&update)?;
+    // Heartbeats bump the node's version every second or so: re-read and retry on conflict.
+    for _ in 0..10 {
+        let Some(old) = app.store.read(|s| s.nodes.get(&id).cloned()) else {
+            return Err(ApiError::NotFound(format!("no node {id:?}")));
+        };
+        let mut node = old.clone();
+        if let Some(availability) = update.availability {
+            if availability != old.availability && node.state == NodeState::Ready {
+                node.message.clear();
+            }
+            node.availability = availability;
+        }
+        for key in &update.label_rm {
+            node.labels.remove(key);
+        }
+        node.labels.extend(update.label_add.clone());
+        tracing::info!(node = %id, availability = node.availability.as_str(), "node updated");
+        let result = app
+            .store
+            .write(Command::new(vec![Op::PutNode {
+                node,
+                expect: Expect::Version(old.meta.version),
+            }]))
+            .await?;
+        match check_applied(result) {
+            Ok(_) => {
+                return app
+                    .store
+                    .read(|s| s.nodes.get(&id).cloned())
+                    .map(Json)
+                    .ok_or_else(|| ApiError::NotFound(format!("node {id:?} was removed")));
+            }
+            Err(ApiError::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "node {id} kept changing during the update; try again"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn fields_of(update: &NodeUpdate) -> Vec<String> {
+        match validate_update(update) {
+            Err(ApiError::Invalid { fields, .. }) => fields.into_iter().map(|f| f.field).collect(),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_updates_name_their_fields() {
+        assert_eq!(fields_of(&NodeUpdate::default()), ["body"]);
+        let update = NodeUpdate {
+            availability: None,
+            label_add: BTreeMap::from([
+                ("".to_string(), "x".to_string()),
+                ("a b".to_string(), "x".to_string()),
+                ("zone".to_string(), "bad\nvalue".to_string()),
+                ("keep".to_string(), "1".to_string()),
+            ]),
+            label_rm: vec!["keep".to_string(), "k=v".to_string()],
+        };
+        assert_eq!(
+            fields_of(&update),
+            [
+                "label_add.",
+                "label_add.a b",
+                "label_add.zone",
+                "label_rm[0]",
+                "label_rm[1]"
+            ]
+        );
+    }
+
+    #[test]
+    fn good_updates_pass() {
+        let update = NodeUpdate {
+            availability: Some(Availability::Drain),
+            label_add: BTreeMap::from([("zone".to_string(), "eu-1".to_string())]),
+            label_rm: vec!["old".to_string()],
+        };
+        assert!(validate_update(&update).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_availability_are_rejected_by_name() {
+        let err = crate::body::parse::<NodeUpdate>(br#"{"availability":"sleep"}"#)
+            .expect_err("bad availability");
+        let ApiError::Invalid { fields, .. } = err else {
+            panic!("expected invalid");
+        };
+        assert_eq!(fields[0].field, "availability");
+        assert!(crate::body::parse::<NodeUpdate>(br#"{"labels":{}}"#).is_err());
+    }
 }

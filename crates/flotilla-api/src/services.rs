@@ -93,7 +93,7 @@ fn next_revision(state: &ClusterState, service: &str) -> u64 {
 }
 
 /// The ops that move `spec` into the store as a new revision, guarded by the versions read.
-fn write_ops(
+pub(crate) fn write_ops(
     state: &ClusterState,
     spec: &ServiceSpec,
     entry: &PlanEntry,

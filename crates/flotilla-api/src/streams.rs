@@ -139,6 +139,11 @@ impl WatchFilter {
             } else {
                 Vec::new()
             },
+            rollouts: if self.services {
+                s.rollouts.values().cloned().collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -180,6 +185,10 @@ impl WatchFilter {
             } if self.services => Some(WatchChange::Revision {
                 service: service.clone(),
                 number: *number,
+                object: object.clone(),
+            }),
+            Change::Rollout { service, object } if self.services => Some(WatchChange::Rollout {
+                service: service.clone(),
                 object: object.clone(),
             }),
             _ => None,

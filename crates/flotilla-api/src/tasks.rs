@@ -9,8 +9,9 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::Json;
 use flotilla_store::{Command, Op};
-use flotilla_types::api::{TaskStatusReport, WriteResponse};
-use flotilla_types::Task;
+use flotilla_types::api::TaskStats;
+use flotilla_types::api::{BulkStatusReport, BulkStatusResponse, TaskStatusReport, WriteResponse};
+use flotilla_types::{Resources, Task};
 use futures::TryStreamExt;
 use serde::Deserialize;
 
@@ -41,7 +42,7 @@ pub async fn list(State(app): State<AppState>, Query(f): Query<TaskFilter>) -> J
 }
 
 /// Finds a task by full id, unique id prefix, or `service.slot` name (the live one).
-fn resolve(app: &AppState, key: &str) -> Result<Task, ApiError> {
+pub(crate) fn resolve(app: &AppState, key: &str) -> Result<Task, ApiError> {
     app.store.read(|s| {
         if let Some(t) = s.tasks.get(key) {
             return Ok(t.clone());
@@ -94,6 +95,63 @@ pub async fn report_status(
     }))
 }
 
+/// Applies the reports that name a task on `node`; a report for a task that is gone or moved
+/// is returned as rejected rather than failing the rest (one atomic command would).
+pub async fn report_bulk_status(
+    State(app): State<AppState>,
+    JsonBody(bulk): JsonBody<BulkStatusReport>,
+) -> Result<Json<BulkStatusResponse>, ApiError> {
+    for _ in 0..3 {
+        let (ops, rejected) = app.store.read(|s| {
+            let mut ops = Vec::with_capacity(bulk.reports.len());
+            let mut rejected = Vec::new();
+            for (i, r) in bulk.reports.iter().enumerate() {
+                match s.tasks.get(&r.task) {
+                    Some(t) if t.node.as_deref() == Some(bulk.node.as_str()) => {
+                        ops.push(Op::SetTaskStatus {
+                            id: r.task.clone(),
+                            node: bulk.node.clone(),
+                            status: r.status.clone(),
+                        })
+                    }
+                    Some(_) => rejected.push(flotilla_types::FieldError::new(
+                        format!("reports[{i}]"),
+                        format!("task {} is not assigned to node {}", r.task, bulk.node),
+                    )),
+                    None => rejected.push(flotilla_types::FieldError::new(
+                        format!("reports[{i}]"),
+                        format!("task {} does not exist", r.task),
+                    )),
+                }
+            }
+            (ops, rejected)
+        });
+        let applied = ops.len();
+        if ops.is_empty() {
+            return Ok(Json(BulkStatusResponse {
+                store_revision: app.store.revision(),
+                applied,
+                rejected,
+            }));
+        }
+        match check_applied(app.store.write(Command::new(ops)).await?) {
+            Ok(store_revision) => {
+                return Ok(Json(BulkStatusResponse {
+                    store_revision,
+                    applied,
+                    rejected,
+                }))
+            }
+            // A task was deleted or moved between the read and the write: filter again.
+            Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict(
+        "tasks kept changing while applying the reports; send them again".into(),
+    ))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct LogQuery {
     #[serde(default)]
@@ -106,17 +164,7 @@ pub async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let task = resolve(&app, &id)?;
-    let node_id = task.node.clone().ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "task {} was never placed on a node, so it has no logs",
-            task.id
-        ))
-    })?;
-    let agent = app
-        .store
-        .read(|s| s.nodes.get(&node_id).and_then(|n| n.agent_addr.clone()))
-        .ok_or_else(|| ApiError::Unavailable(format!("node {node_id} does not serve logs")))?;
+    let (task, node_id, agent) = task_agent(&app, &id, "logs")?;
     let mut url = format!("http://{agent}/tasks/{}/logs?follow={}", task.id, q.follow);
     if let Some(n) = q.tail {
         url.push_str(&format!("&tail={n}"));
@@ -143,4 +191,79 @@ pub async fn logs(
         .header("content-type", "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// The task `key` names, its node and the address of that node's agent; `what` ("logs",
+/// "stats") names the request in errors.
+fn task_agent(app: &AppState, key: &str, what: &str) -> Result<(Task, String, String), ApiError> {
+    let task = resolve(app, key)?;
+    let node_id = task.node.clone().ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "task {} was never placed on a node, so it has no {what}",
+            task.id
+        ))
+    })?;
+    let agent = app
+        .store
+        .read(|s| s.nodes.get(&node_id).and_then(|n| n.agent_addr.clone()))
+        .ok_or_else(|| ApiError::Unavailable(format!("node {node_id} does not serve {what}")))?;
+    Ok((task, node_id, agent))
+}
+
+/// Maps an agent's non-success answer to an API error.
+async fn agent_failure(resp: reqwest::Response, node_id: &str, task_id: &str) -> ApiError {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    match status.as_u16() {
+        404 => ApiError::NotFound(format!("task {task_id} is not on node {node_id}: {text}")),
+        400 => ApiError::invalid(text, vec![]),
+        409 => ApiError::Conflict(text),
+        _ => ApiError::Unavailable(format!("agent on {node_id} answered {status}: {text}")),
+    }
+}
+
+/// `GET /v1/tasks/{id}/stats`: cpu and memory use, from the agent of the task's node.
+pub async fn stats(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskStats>, ApiError> {
+    let (task, node_id, agent) = task_agent(&app, &id, "stats")?;
+    let url = format!("http://{agent}/tasks/{}/stats", task.id);
+    let resp = app.http.get(&url).send().await.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "cannot reach the agent of node {node_id} at {agent}: {e}"
+        ))
+    })?;
+    if !resp.status().is_success() {
+        return Err(agent_failure(resp, &node_id, &task.id).await);
+    }
+    resp.json::<TaskStats>()
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::Unavailable(format!("agent on {node_id} sent bad stats: {e}")))
+}
+
+/// `POST /v1/tasks/{id}/resources`: changes a running task's cpu/memory limits in place.
+pub async fn update_resources(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(resources): JsonBody<Resources>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let (task, node_id, agent) = task_agent(&app, &id, "resource updates")?;
+    let url = format!("http://{agent}/tasks/{}/resources", task.id);
+    let resp = app
+        .http
+        .post(&url)
+        .json(&resources)
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!(
+                "cannot reach the agent of node {node_id} at {agent}: {e}"
+            ))
+        })?;
+    if !resp.status().is_success() {
+        return Err(agent_failure(resp, &node_id, &task.id).await);
+    }
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 use bytes::Bytes;
+use flotilla_types::api::TaskStats;
 use flotilla_types::api::{
-    ApiErrorBody, ClusterStatus, DeployRequest, DeployResponse, Heartbeat, NodeRegistration,
-    ScaleRequest, ServiceDetail, ServiceSummary, TaskStatusReport, WatchMessage, WriteResponse,
+    ApiErrorBody, BulkStatusReport, BulkStatusResponse, ClusterStatus, DeployRequest,
+    DeployResponse, Heartbeat, NodeRegistration, NodeUpdate, ScaleRequest, ServiceDetail,
+    ServiceSummary, TaskStatusReport, WatchMessage, WriteResponse,
 };
 use flotilla_types::{Event, Node, Revision, Task};
 use futures::stream::{BoxStream, StreamExt};
@@ -74,6 +76,53 @@ impl Client {
                 reason: e.to_string(),
             })?;
         Ok(Client { base, http, token })
+    }
+
+    /// A client over HTTPS with `tls` (a cluster node's mutual-TLS config, see
+    /// `flotilla_pki::TlsIdentity::client_config`). `addr` is `HOST:PORT` or `https://HOST:PORT`.
+    pub fn with_tls(addr: &str, tls: rustls::ClientConfig) -> Result<Self, ClientError> {
+        let trimmed = addr.trim();
+        let with_scheme = if trimmed.contains("://") {
+            trimmed.to_string()
+        } else {
+            format!("https://{trimmed}")
+        };
+        let base = normalise_addr(&with_scheme)?;
+        if !base.starts_with("https://") {
+            return Err(ClientError::InvalidAddr {
+                addr: addr.to_string(),
+                reason: "a TLS client needs an https:// address".into(),
+            });
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| ClientError::InvalidAddr {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Client {
+            base,
+            http,
+            token: None,
+        })
+    }
+
+    /// POSTs `body` as JSON to `path` and decodes the JSON answer: for routes without a typed
+    /// method here (the cluster membership routes, whose bodies live in `flotilla-pki`).
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.post(path, body).await
+    }
+
+    /// GETs `path` and decodes the JSON answer (see [`Client::post_json`]).
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.get(path).await
     }
 
     pub fn base(&self) -> &str {
@@ -197,6 +246,88 @@ impl Client {
         self.get(&format!("/v1/tasks/{}", encode(id))).await
     }
 
+    /// Sets a task's mesh weight (0 drains it, 100 is full share).
+    pub async fn set_task_weight(
+        &self,
+        id: &str,
+        weight: u8,
+    ) -> Result<WriteResponse, ClientError> {
+        self.json(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/tasks/{}/weight", encode(id)),
+            )
+            .json(&flotilla_types::api::WeightRequest { weight }),
+        )
+        .await
+    }
+
+    /// Sets the mesh weights of several tasks of `service` in one write.
+    pub async fn set_task_weights(
+        &self,
+        service: &str,
+        weights: std::collections::BTreeMap<String, u8>,
+    ) -> Result<WriteResponse, ClientError> {
+        self.json(
+            self.request(
+                reqwest::Method::PUT,
+                &format!("/v1/services/{}/weights", encode(service)),
+            )
+            .json(&flotilla_types::api::BulkWeightRequest { weights }),
+        )
+        .await
+    }
+
+    /// Per-task mesh traffic of a service, summed over every node.
+    pub async fn service_traffic(
+        &self,
+        service: &str,
+    ) -> Result<flotilla_types::api::ServiceTraffic, ClientError> {
+        self.get(&format!("/v1/services/{}/traffic", encode(service)))
+            .await
+    }
+
+    /// The service's latest rollout.
+    pub async fn rollout(&self, service: &str) -> Result<flotilla_types::Rollout, ClientError> {
+        self.get(&format!("/v1/services/{}/rollout", encode(service)))
+            .await
+    }
+
+    /// Pauses, resumes, promotes or aborts the service's rollout in progress.
+    pub async fn rollout_action(
+        &self,
+        service: &str,
+        action: flotilla_types::RolloutAction,
+    ) -> Result<flotilla_types::Rollout, ClientError> {
+        self.post(
+            &format!("/v1/services/{}/rollout", encode(service)),
+            &serde_json::json!({ "action": action }),
+        )
+        .await
+    }
+
+    /// Replaces every task of the service with a fresh one of the same revision, rolling.
+    pub async fn restart_service(
+        &self,
+        service: &str,
+    ) -> Result<flotilla_types::Rollout, ClientError> {
+        self.post(
+            &format!("/v1/services/{}/restart", encode(service)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Deploys a kept revision's spec (the previous one when `to` is `None`) as a new revision.
+    pub async fn rollback(
+        &self,
+        service: &str,
+        req: &flotilla_types::release::RollbackRequest,
+    ) -> Result<DeployResponse, ClientError> {
+        self.post(&format!("/v1/services/{}/rollback", encode(service)), req)
+            .await
+    }
+
     pub async fn report_status(
         &self,
         id: &str,
@@ -212,8 +343,30 @@ impl Client {
         .await
     }
 
+    pub async fn report_statuses(
+        &self,
+        bulk: &BulkStatusReport,
+    ) -> Result<BulkStatusResponse, ClientError> {
+        self.json(
+            self.request(reqwest::Method::PUT, "/v1/tasks/status")
+                .json(bulk),
+        )
+        .await
+    }
+
     pub async fn nodes(&self) -> Result<Vec<Node>, ClientError> {
         self.get("/v1/nodes").await
+    }
+
+    pub async fn node(&self, id: &str) -> Result<Node, ClientError> {
+        self.get(&format!("/v1/nodes/{}", encode(id))).await
+    }
+
+    /// Changes a node's availability and labels (`flotilla node update`).
+    pub async fn update_node(&self, id: &str, update: &NodeUpdate) -> Result<Node, ClientError> {
+        let path = format!("/v1/nodes/{}", encode(id));
+        self.json(self.request(reqwest::Method::PATCH, &path).json(update))
+            .await
     }
 
     pub async fn register_node(&self, reg: &NodeRegistration) -> Result<Node, ClientError> {
@@ -251,6 +404,28 @@ impl Client {
                 })
             })
             .boxed())
+    }
+
+    /// A running task's cpu and memory use (sampled by its node's agent).
+    pub async fn task_stats(&self, task: &str) -> Result<TaskStats, ClientError> {
+        self.get(&format!("/v1/tasks/{}/stats", encode(task))).await
+    }
+
+    /// Changes a running task's cpu/memory limits without restarting it.
+    pub async fn update_task_resources(
+        &self,
+        task: &str,
+        resources: &flotilla_types::Resources,
+    ) -> Result<(), ClientError> {
+        self.send(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/v1/tasks/{}/resources", encode(task)),
+            )
+            .json(resources),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Events after store revision `since`; with `follow`, keeps streaming new ones.
@@ -413,6 +588,8 @@ pub struct Mirror {
     pub tasks: std::collections::BTreeMap<String, Task>,
     pub services: std::collections::BTreeMap<String, flotilla_types::Service>,
     pub nodes: std::collections::BTreeMap<String, Node>,
+    /// The latest release of each service, by service name.
+    pub rollouts: std::collections::BTreeMap<String, flotilla_types::Rollout>,
 }
 
 impl Mirror {
@@ -425,11 +602,16 @@ impl Mirror {
                 tasks,
                 services,
                 nodes,
+                rollouts,
             } => {
                 self.revision = revision;
                 self.tasks = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
                 self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
                 self.nodes = nodes.into_iter().map(|n| (n.id.clone(), n)).collect();
+                self.rollouts = rollouts
+                    .into_iter()
+                    .map(|r| (r.service.clone(), r))
+                    .collect();
             }
             WatchMessage::Change { revision, changes } => {
                 self.revision = revision;
@@ -441,6 +623,9 @@ impl Mirror {
                         }
                         WatchChange::Node { id, object } => upsert(&mut self.nodes, id, object),
                         WatchChange::Revision { .. } => {}
+                        WatchChange::Rollout { service, object } => {
+                            upsert(&mut self.rollouts, service, object)
+                        }
                     }
                 }
             }

@@ -7,11 +7,14 @@
 //! become [`Warning`]s; keys that are neither Compose nor `x-*` are errors.
 #![forbid(unsafe_code)]
 
+mod container;
 mod document;
 mod duration;
 mod env_file;
+mod mesh;
 mod ports;
 mod report;
+mod rollout;
 mod service;
 mod shell_words;
 

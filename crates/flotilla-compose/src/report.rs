@@ -33,6 +33,24 @@ impl Report {
         self.error(field, format!("expected {expected}, got {}", got.kind()));
     }
 
+    /// A list whose entries are read by `entry`; bad entries are reported and left out.
+    pub(crate) fn list_of<T>(
+        &mut self,
+        field: &str,
+        node: &Node,
+        entry: impl Fn(&mut Report, &str, &Node) -> Option<T>,
+    ) -> Vec<T> {
+        let Node::List(items) = node else {
+            self.error(field, format!("expected a list, got {}", node.kind()));
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| entry(self, &format!("{field}[{i}]"), item))
+            .collect()
+    }
+
     pub(crate) fn mapping<'n>(
         &mut self,
         field: &str,

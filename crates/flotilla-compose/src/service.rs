@@ -1,15 +1,18 @@
 //! One Compose service mapping → one [`ServiceSpec`].
 
+use crate::container;
 use crate::document::Node;
 use crate::env_file::parse_env_file;
+use crate::mesh::{self, MESH_KEYS};
 use crate::ports::read_ports;
 use crate::report::Report;
 use crate::shell_words;
+use flotilla_types::container::GpuRequest;
 use flotilla_types::units::{parse_bytes, parse_cpus};
 use flotilla_types::{
-    AffinitySpec, DependencyCondition, DriverKind, HealthCheck, HealthTest, PlacementSpec,
-    PlacementStrategy, ResourceAmounts, Resources, RestartCondition, RestartPolicy, ServiceMode,
-    ServiceSpec, SpreadSpec,
+    AffinitySpec, DependencyCondition, DisruptionBudget, DriverKind, HealthCheck, HealthTest,
+    MaxUnavailable, MeshSpec, PlacementSpec, PlacementStrategy, ResourceAmounts, Resources,
+    RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, SpreadSpec,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +24,6 @@ const UNSUPPORTED_SERVICE_KEYS: &[&str] = &[
     "attach",
     "blkio_config",
     "build",
-    "cap_add",
-    "cap_drop",
     "cgroup",
     "cgroup_parent",
     "configs",
@@ -51,7 +52,6 @@ const UNSUPPORTED_SERVICE_KEYS: &[&str] = &[
     "gpus",
     "group_add",
     "hostname",
-    "init",
     "ipc",
     "isolation",
     "label_file",
@@ -75,8 +75,6 @@ const UNSUPPORTED_SERVICE_KEYS: &[&str] = &[
     "privileged",
     "profiles",
     "provider",
-    "pull_policy",
-    "read_only",
     "runtime",
     "scale",
     "secrets",
@@ -85,25 +83,15 @@ const UNSUPPORTED_SERVICE_KEYS: &[&str] = &[
     "stdin_open",
     "storage_opt",
     "sysctls",
-    "tmpfs",
     "tty",
-    "ulimits",
     "use_api_socket",
     "userns_mode",
     "uts",
-    "volumes",
     "volumes_from",
 ];
 
 /// `x-flotilla` keys later work will give meaning to.
-const PLANNED_FLOTILLA_KEYS: &[&str] = &[
-    "strategy",
-    "ports",
-    "routes",
-    "priority",
-    "disruption",
-    "runtime",
-];
+const PLANNED_FLOTILLA_KEYS: &[&str] = &["priority"];
 
 /// Where relative `env_file` paths are resolved.
 pub(crate) struct Context<'a> {
@@ -155,6 +143,14 @@ pub(crate) fn read_service(
             "restart" => restart = restart_shorthand(r, &at, value),
             "deploy" => deploy = read_deploy(r, &at, value),
             "x-flotilla" => flotilla = flotilla_extension(r, &at, value),
+            "cap_add" => spec.container.cap_add = r.string_list(&at, value).unwrap_or_default(),
+            "cap_drop" => spec.container.cap_drop = r.string_list(&at, value).unwrap_or_default(),
+            "ulimits" => spec.container.ulimits = container::ulimits(r, &at, value),
+            "read_only" => spec.container.read_only = r.boolean(&at, value).unwrap_or(false),
+            "init" => spec.container.init = r.boolean(&at, value),
+            "tmpfs" => spec.container.tmpfs = container::tmpfs(r, &at, value),
+            "volumes" => spec.container.volumes = container::volumes(r, ctx.base_dir, &at, value),
+            "pull_policy" => spec.container.pull_policy = container::pull_policy(r, &at, value),
             k if UNSUPPORTED_SERVICE_KEYS.contains(&k) => r.warn(&at, "not supported yet; ignored"),
             k if k.starts_with("x-") => r.warn(&at, "unknown extension; ignored"),
             _ => r.error(&at, "unknown key"),
@@ -196,6 +192,8 @@ pub(crate) fn read_service(
         },
     };
     spec.resources = deploy.resources;
+    spec.container.gpus = deploy.gpus;
+    spec.container.runtime = flotilla.runtime;
     spec.deploy_labels = deploy.labels;
     spec.placement = deploy.placement;
     let extra = std::mem::take(&mut flotilla.placement);
@@ -204,6 +202,13 @@ pub(crate) fn read_service(
     spec.placement.affinities = extra.affinities;
     spec.placement.strategy = extra.strategy.unwrap_or_default();
     spec.placement.priority = extra.priority.unwrap_or(0);
+    spec.rollout.disruption = flotilla.disruption;
+    spec.rollout.update = deploy.update_config;
+    spec.rollout.rollback = deploy.rollback_config;
+    spec.rollout.strategy = flotilla.strategy.unwrap_or_default();
+    spec.rollout.blue_green = flotilla.blue_green;
+    spec.rollout.canary = flotilla.canary;
+    spec.mesh = flotilla.mesh;
     spec.restart_policy = match (deploy.restart_policy, restart) {
         (Some(policy), Some(_)) => {
             r.warn(
@@ -541,9 +546,13 @@ struct Deploy {
     global: bool,
     replicas: Option<u64>,
     resources: Resources,
+    /// `resources.reservations.devices` asking for GPUs.
+    gpus: Vec<GpuRequest>,
     restart_policy: Option<RestartPolicy>,
     labels: BTreeMap<String, String>,
     placement: PlacementSpec,
+    update_config: flotilla_types::UpdateConfig,
+    rollback_config: flotilla_types::UpdateConfig,
 }
 
 fn read_deploy(r: &mut Report, field: &str, node: &Node) -> Deploy {
@@ -563,20 +572,23 @@ fn read_deploy(r: &mut Report, field: &str, node: &Node) -> Deploy {
                 ),
             },
             "replicas" => deploy.replicas = r.uint(&at, value),
-            "resources" => deploy.resources = resources(r, &at, value),
+            "resources" => deploy.resources = resources(r, &at, value, &mut deploy.gpus),
             "restart_policy" => deploy.restart_policy = restart_policy(r, &at, value),
             "labels" => deploy.labels = r.dict_or_list(&at, value, |_, _, _| Some(String::new())),
             "placement" => deploy.placement = placement(r, &at, value),
-            "update_config" | "rollback_config" | "endpoint_mode" => {
-                r.warn(&at, "not supported yet; ignored")
+            "update_config" => deploy.update_config = crate::rollout::update_config(r, &at, value),
+            "rollback_config" => {
+                deploy.rollback_config = crate::rollout::update_config(r, &at, value)
             }
+            "endpoint_mode" => r.warn(&at, "not supported yet; ignored"),
             _ => r.error(&at, "unknown key"),
         }
     }
     deploy
 }
 
-fn resources(r: &mut Report, field: &str, node: &Node) -> Resources {
+/// `deploy.resources`; GPU device reservations go to `gpus`.
+fn resources(r: &mut Report, field: &str, node: &Node, gpus: &mut Vec<GpuRequest>) -> Resources {
     let mut res = Resources::default();
     let Some(entries) = r.mapping(field, node) else {
         return res;
@@ -584,15 +596,21 @@ fn resources(r: &mut Report, field: &str, node: &Node) -> Resources {
     for (key, value) in entries {
         let at = format!("{field}.{key}");
         match key.as_str() {
-            "limits" => res.limits = amounts(r, &at, value),
-            "reservations" => res.reservations = amounts(r, &at, value),
+            "limits" => res.limits = amounts(r, &at, value, None),
+            "reservations" => res.reservations = amounts(r, &at, value, Some(gpus)),
             _ => r.error(&at, "unknown key (expected limits or reservations)"),
         }
     }
     res
 }
 
-fn amounts(r: &mut Report, field: &str, node: &Node) -> ResourceAmounts {
+/// `limits` / `reservations`; only reservations (`gpus` is `Some`) may hold `devices`.
+fn amounts(
+    r: &mut Report,
+    field: &str,
+    node: &Node,
+    mut gpus: Option<&mut Vec<GpuRequest>>,
+) -> ResourceAmounts {
     let mut amounts = ResourceAmounts::default();
     let Some(entries) = r.mapping(field, node) else {
         return amounts;
@@ -609,7 +627,14 @@ fn amounts(r: &mut Report, field: &str, node: &Node) -> ResourceAmounts {
                     unit_value(r, &at, value, "a byte size such as \"512m\"", parse_bytes)
             }
             "pids" => amounts.pids = r.uint(&at, value),
-            "devices" | "generic_resources" => r.warn(&at, "not supported yet; ignored"),
+            "devices" => match gpus.as_deref_mut() {
+                Some(out) => *out = container::gpu_devices(r, &at, value),
+                None => r.error(
+                    &at,
+                    "devices can only be reserved (deploy.resources.reservations.devices)",
+                ),
+            },
+            "generic_resources" => r.warn(&at, "not supported yet; ignored"),
             _ => r.error(&at, "unknown key"),
         }
     }
@@ -732,6 +757,12 @@ struct FlotillaExtension {
     driver: Option<DriverKind>,
     healthcheck: Option<HealthCheck>,
     placement: FlotillaPlacement,
+    disruption: DisruptionBudget,
+    runtime: Option<String>,
+    mesh: MeshSpec,
+    strategy: Option<flotilla_types::Strategy>,
+    blue_green: flotilla_types::release::BlueGreenSpec,
+    canary: flotilla_types::release::CanarySpec,
 }
 
 /// `x-flotilla.placement`: Flotilla's placement additions, merged into `PlacementSpec`.
@@ -777,8 +808,8 @@ fn flotilla_placement(r: &mut Report, field: &str, node: &Node) -> FlotillaPlace
                     }
                 })
             }
-            "spread" => out.spread = list_of(r, &at, value, spread_rule),
-            "affinities" => out.affinities = list_of(r, &at, value, affinity_rule),
+            "spread" => out.spread = r.list_of(&at, value, spread_rule),
+            "affinities" => out.affinities = r.list_of(&at, value, affinity_rule),
             _ => r.error(
                 &at,
                 "unknown key (expected max_per_node, spread, affinities, strategy or priority)",
@@ -786,24 +817,6 @@ fn flotilla_placement(r: &mut Report, field: &str, node: &Node) -> FlotillaPlace
         }
     }
     out
-}
-
-/// Reads a list whose items are mappings, each through `item`.
-fn list_of<T>(
-    r: &mut Report,
-    field: &str,
-    node: &Node,
-    item: fn(&mut Report, &str, &Node) -> Option<T>,
-) -> Vec<T> {
-    let Node::List(items) = node else {
-        r.error(field, format!("expected a list, got {}", node.kind()));
-        return Vec::new();
-    };
-    items
-        .iter()
-        .enumerate()
-        .filter_map(|(i, v)| item(r, &format!("{field}[{i}]"), v))
-        .collect()
 }
 
 fn spread_rule(r: &mut Report, field: &str, node: &Node) -> Option<SpreadSpec> {
@@ -884,6 +897,12 @@ fn flotilla_extension(r: &mut Report, field: &str, node: &Node) -> FlotillaExten
             }
             "healthcheck" => ext.healthcheck = flotilla_healthcheck(r, &at, value),
             "placement" => ext.placement = flotilla_placement(r, &at, value),
+            "runtime" => ext.runtime = r.string(&at, value),
+            "disruption" => ext.disruption = flotilla_disruption(r, &at, value),
+            "strategy" => ext.strategy = crate::rollout::strategy(r, &at, value),
+            "blue_green" => ext.blue_green = crate::rollout::blue_green(r, &at, value),
+            "canary" => ext.canary = crate::rollout::canary(r, &at, value),
+            k if MESH_KEYS.contains(&k) => mesh::read_key(r, &at, k, value, &mut ext.mesh),
             k if PLANNED_FLOTILLA_KEYS.contains(&k) => {
                 r.warn(&at, "recognised, not supported yet; ignored")
             }
@@ -891,6 +910,52 @@ fn flotilla_extension(r: &mut Report, field: &str, node: &Node) -> FlotillaExten
         }
     }
     ext
+}
+
+/// `x-flotilla.disruption`: `{max_unavailable: 2}` or `{max_unavailable: "25%"}`.
+fn flotilla_disruption(r: &mut Report, field: &str, node: &Node) -> DisruptionBudget {
+    let mut budget = DisruptionBudget::default();
+    let Some(entries) = r.mapping(field, node) else {
+        return budget;
+    };
+    for (key, value) in entries {
+        let at = format!("{field}.{key}");
+        match key.as_str() {
+            "max_unavailable" => budget.max_unavailable = max_unavailable(r, &at, value),
+            _ => r.error(&at, "unknown key (expected max_unavailable)"),
+        }
+    }
+    budget
+}
+
+fn max_unavailable(r: &mut Report, field: &str, node: &Node) -> Option<MaxUnavailable> {
+    const EXPECTED: &str = "expected a whole number of tasks or a percentage like \"25%\"";
+    match node {
+        Node::Int(n) if *n >= 1 => {
+            Some(MaxUnavailable::Count(u64::try_from(*n).unwrap_or(u64::MAX)))
+        }
+        Node::Int(n) => {
+            r.error(field, format!("must be at least 1, got {n}"));
+            None
+        }
+        Node::Str(s) => {
+            let Some(pct) = s.trim().strip_suffix('%') else {
+                r.error(field, format!("{EXPECTED}, got {s:?}"));
+                return None;
+            };
+            match pct.trim().parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) => Some(MaxUnavailable::Percent(p)),
+                _ => {
+                    r.error(field, format!("{s:?} is not a percentage in 1%..=100%"));
+                    None
+                }
+            }
+        }
+        other => {
+            r.error(field, format!("{EXPECTED}, got {}", other.kind()));
+            None
+        }
+    }
 }
 
 /// `x-flotilla.healthcheck`: `{http: "/path"}` or `{tcp: true}` plus Compose's timing fields.

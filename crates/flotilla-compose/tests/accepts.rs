@@ -258,25 +258,11 @@ services:
             ("networks", "not supported yet; ignored"),
             ("volumes", "not supported yet; ignored"),
             ("services.web.networks", "not supported yet; ignored"),
-            ("services.web.volumes", "not supported yet; ignored"),
-            ("services.web.cap_add", "not supported yet; ignored"),
             ("services.web.build", "not supported yet; ignored"),
             ("services.web.x-custom", "unknown extension; ignored"),
             (
-                "services.web.deploy.update_config",
-                "not supported yet; ignored"
-            ),
-            (
                 "services.web.deploy.placement.platforms",
                 "not supported yet; ignored"
-            ),
-            (
-                "services.web.x-flotilla.strategy",
-                "recognised, not supported yet; ignored"
-            ),
-            (
-                "services.web.x-flotilla.routes",
-                "recognised, not supported yet; ignored"
             ),
             (
                 "services.web.x-flotilla.colour",
@@ -426,5 +412,136 @@ services:
         file.warnings.iter().all(|w| !w.field.contains("placement")),
         "{:?}",
         file.warnings
+    );
+}
+
+#[test]
+fn disruption_budget_count_percent_and_default() {
+    use flotilla_types::{DisruptionBudget, MaxUnavailable};
+    let parse = |ext: &str| {
+        let yaml = format!("services:\n  web:\n    command: x\n{ext}");
+        let file = parse_str(&yaml, "c.yaml", Path::new(".")).unwrap();
+        assert!(file.warnings.is_empty(), "{:?}", file.warnings);
+        file.services[0].rollout.disruption
+    };
+    assert_eq!(parse(""), DisruptionBudget::default());
+    assert_eq!(
+        parse("    x-flotilla:\n      disruption:\n        max_unavailable: 2\n").max_unavailable,
+        Some(MaxUnavailable::Count(2))
+    );
+    assert_eq!(
+        parse("    x-flotilla:\n      disruption:\n        max_unavailable: \"50%\"\n")
+            .max_unavailable,
+        Some(MaxUnavailable::Percent(50))
+    );
+}
+
+#[test]
+fn container_keys_are_parsed() {
+    use flotilla_types::container::{
+        GpuCount, GpuRequest, PullPolicy, Ulimit, VolumeKind, VolumeMount,
+    };
+    let yaml = r#"
+services:
+  app:
+    image: flotilla-demo:latest
+    cap_add: [NET_ADMIN, CAP_SYS_PTRACE]
+    cap_drop: [ALL]
+    ulimits:
+      nproc: 512
+      nofile: {soft: 1024, hard: 2048}
+    read_only: true
+    init: true
+    tmpfs: /run:size=64m
+    pull_policy: never
+    volumes:
+      - data:/var/lib/data
+      - ./conf:/etc/app:ro
+      - /cache
+      - type: bind
+        source: /srv/static
+        target: /static
+        read_only: true
+    deploy:
+      resources:
+        reservations:
+          devices:
+            - capabilities: [gpu]
+              count: all
+            - capabilities: [gpu, utility]
+              driver: nvidia
+              device_ids: ["0", "1"]
+    x-flotilla:
+      runtime: runsc
+"#;
+    let file = parse_str(yaml, "c.yaml", Path::new("/stack")).unwrap();
+    assert!(file.warnings.is_empty(), "{:?}", file.warnings);
+    let c = &file.services[0].container;
+    assert_eq!(c.cap_add, strings(&["NET_ADMIN", "CAP_SYS_PTRACE"]));
+    assert_eq!(c.cap_drop, strings(&["ALL"]));
+    assert_eq!(
+        c.ulimits["nproc"],
+        Ulimit {
+            soft: 512,
+            hard: 512
+        }
+    );
+    assert_eq!(
+        c.ulimits["nofile"],
+        Ulimit {
+            soft: 1024,
+            hard: 2048
+        }
+    );
+    assert!(c.read_only);
+    assert_eq!(c.init, Some(true));
+    assert_eq!(c.tmpfs, strings(&["/run:size=64m"]));
+    assert_eq!(c.pull_policy, PullPolicy::Never);
+    assert_eq!(c.runtime.as_deref(), Some("runsc"));
+    assert_eq!(
+        c.volumes,
+        [
+            VolumeMount {
+                kind: VolumeKind::Volume,
+                source: Some("data".into()),
+                target: "/var/lib/data".into(),
+                read_only: false
+            },
+            VolumeMount {
+                kind: VolumeKind::Bind,
+                source: Some("/stack/conf".into()),
+                target: "/etc/app".into(),
+                read_only: true
+            },
+            VolumeMount {
+                kind: VolumeKind::Volume,
+                source: None,
+                target: "/cache".into(),
+                read_only: false
+            },
+            VolumeMount {
+                kind: VolumeKind::Bind,
+                source: Some("/srv/static".into()),
+                target: "/static".into(),
+                read_only: true
+            },
+        ]
+    );
+    assert_eq!(
+        c.gpus,
+        [
+            GpuRequest {
+                driver: None,
+                count: Some(GpuCount::All),
+                device_ids: vec![],
+                capabilities: strings(&["gpu"])
+            },
+            GpuRequest {
+                driver: Some("nvidia".into()),
+                count: None,
+                device_ids: strings(&["0", "1"]),
+                capabilities: strings(&["gpu", "utility"])
+            },
+        ]
     );
 }

@@ -9,8 +9,12 @@
 //! write just means "look again".
 #![forbid(unsafe_code)]
 
+pub mod cordon;
+pub mod drain;
 pub mod reconcile;
+pub mod rollout;
 pub mod runner;
 
-pub use reconcile::{reconcile, ControllerConfig, Plan};
-pub use runner::ControllerRunner;
+pub use reconcile::{reconcile, reconcile_with_traffic, ControllerConfig, Plan};
+pub use rollout::{ReleaseGuard, TrafficView};
+pub use runner::{ControllerRunner, TrafficSource};

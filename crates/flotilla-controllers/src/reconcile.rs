@@ -3,16 +3,20 @@
 //! Each service is reduced to *slots*: replica numbers `1..=replicas` for a replicated service, or
 //! eligible nodes for a global one. Every slot should hold exactly one live task (desired
 //! `running`) of the current task template. A slot whose task died gets a replacement according
-//! to the restart policy; a slot whose task runs an outdated template gets a new task first and
-//! loses the old one once the new one is ready (start-first, one slot at a time).
+//! to the restart policy. A slot whose task runs an outdated template is replaced as the
+//! service's release ([`crate::rollout`]) allows: rolling batches, or blue-green and canary
+//! traffic shifts.
 
+use crate::cordon::{cordon_pass, is_start_failure};
+use crate::drain::{self, SlotMove, SlotTasks};
+use crate::rollout::{self, Release, ReleaseGuard, ReleaseInput, TrafficView};
 use flotilla_scheduler::{schedule, ClusterSnapshot, PlacementRequest};
 use flotilla_store::{ClusterState, Expect, Op};
 use flotilla_types::{
     new_task_id, Availability, DependencyCondition, DesiredState, Meta, Node, NodeState,
     RestartCondition, Service, ServiceMode, Task, TaskState, TaskStatus, Timestamp,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// Tunables of the controllers.
@@ -27,6 +31,8 @@ pub struct ControllerConfig {
     pub active_since: Timestamp,
     /// A task that ran at least this long resets the restart backoff.
     pub backoff_reset_after: Duration,
+    /// When task starts fail cluster-wide, rollouts pause.
+    pub release_guard: ReleaseGuard,
 }
 
 impl Default for ControllerConfig {
@@ -36,6 +42,7 @@ impl Default for ControllerConfig {
             task_history_per_slot: 5,
             active_since: 0,
             backoff_reset_after: Duration::from_secs(60),
+            release_guard: ReleaseGuard::default(),
         }
     }
 }
@@ -70,12 +77,23 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// One reconcile pass over the whole cluster.
+/// One reconcile pass over the whole cluster, without mesh traffic data.
 pub fn reconcile(state: &ClusterState, now: Timestamp, cfg: &ControllerConfig) -> Plan {
+    reconcile_with_traffic(state, now, cfg, &TrafficView::new())
+}
+
+/// One reconcile pass over the whole cluster; `traffic` is what the meshes report for services
+/// whose release waits on them.
+pub fn reconcile_with_traffic(
+    state: &ClusterState,
+    now: Timestamp,
+    cfg: &ControllerConfig,
+    traffic: &TrafficView,
+) -> Plan {
     let mut plan = Plan::default();
     let down_nodes = nodes_pass(state, now, cfg, &mut plan);
 
-    let nodes: Vec<Node> = state
+    let mut nodes: Vec<Node> = state
         .nodes
         .values()
         .map(|n| {
@@ -86,6 +104,7 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, cfg: &ControllerConfig) -
             n
         })
         .collect();
+    plan.push(cordon_pass(state, &mut nodes, now));
     let holding = state.tasks.values().filter(|t| {
         t.node.is_some()
             && !t.status.state.is_terminal()
@@ -109,6 +128,7 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, cfg: &ControllerConfig) -
             snapshot: &mut snapshot,
             plan_requeue: None,
             ops: &mut batch,
+            traffic,
         };
         ctx.run();
         if let Some(at) = ctx.plan_requeue {
@@ -119,6 +139,17 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, cfg: &ControllerConfig) -
 
     orphans_pass(state, &mut plan);
     plan
+}
+
+/// Services whose rollout waits on mesh traffic (blue-green and canary in progress).
+pub fn services_needing_traffic(state: &ClusterState) -> Vec<String> {
+    state
+        .rollouts
+        .values()
+        .filter(|r| r.is_active() && r.strategy != flotilla_types::Strategy::Rolling)
+        .filter(|r| state.services.contains_key(&r.service))
+        .map(|r| r.service.clone())
+        .collect()
 }
 
 /// Marks nodes whose heartbeat is overdue as down, and their tasks as lost. Returns the nodes
@@ -178,9 +209,18 @@ fn nodes_pass(
     down
 }
 
-/// Tasks of services that no longer exist: stop the live ones, delete the finished ones.
+/// Tasks and rollouts of services that no longer exist: stop the live tasks, delete the finished
+/// ones and the rollouts.
 fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
     let mut batch = Vec::new();
+    for r in state.rollouts.values() {
+        if !state.services.contains_key(&r.service) {
+            batch.push(Op::DeleteRollout {
+                service: r.service.clone(),
+                expect: Expect::Version(r.meta.version),
+            });
+        }
+    }
     for task in state.tasks.values() {
         if state.services.contains_key(&task.service) {
             continue;
@@ -206,9 +246,12 @@ fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
 /// A failure to start (never reached `running`) in the last ten minutes: the scheduler should
 /// avoid that node for this service for a while.
 fn is_recent_start_failure(t: &Task, now: Timestamp) -> bool {
-    matches!(t.status.state, TaskState::Failed | TaskState::Rejected)
-        && now - t.status.since < 600_000
-        && !t.history.iter().any(|h| h.state == TaskState::Running)
+    is_start_failure(t) && now - t.status.since < 600_000
+}
+
+/// Meant to run and not finished.
+fn is_live(t: &Task) -> bool {
+    t.desired_state == DesiredState::Running && !t.status.state.is_terminal()
 }
 
 /// When the task first reached `running`, from its history.
@@ -234,6 +277,7 @@ struct ServiceCtx<'a> {
     snapshot: &'a mut ClusterSnapshot,
     plan_requeue: Option<Timestamp>,
     ops: &'a mut Vec<Op>,
+    traffic: &'a TrafficView,
 }
 
 impl ServiceCtx<'_> {
@@ -259,13 +303,28 @@ impl ServiceCtx<'_> {
             tasks.sort_by(|a, b| (a.meta.created_at, &a.id).cmp(&(b.meta.created_at, &b.id)));
         }
 
+        // Paused nodes keep the global tasks they have but get no new ones (Swarm's pause).
+        let mut keep_only = BTreeSet::new();
         let wanted: Vec<SlotKey> = match self.service.spec.mode {
             ServiceMode::Replicated { replicas } => (1..=replicas).map(SlotKey::Replica).collect(),
             ServiceMode::Global => self
                 .nodes
                 .iter()
-                .filter(|n| self.global_eligible(n))
-                .map(|n| SlotKey::Node(n.id.clone()))
+                .filter_map(|n| {
+                    let key = SlotKey::Node(n.id.clone());
+                    if self.global_eligible(n) {
+                        return Some(key);
+                    }
+                    let paused = n.state == NodeState::Ready
+                        && n.availability == Availability::Pause
+                        && slots
+                            .get(&key)
+                            .is_some_and(|ts| ts.iter().any(|t| is_live(t)));
+                    paused.then(|| {
+                        keep_only.insert(key.clone());
+                        key
+                    })
+                })
                 .collect(),
         };
 
@@ -280,22 +339,33 @@ impl ServiceCtx<'_> {
             self.requeue(self.now + 1000);
         }
 
-        let mut updating_slots = 0usize;
-        for key in &wanted {
-            let tasks = slots.get(key).map(Vec::as_slice).unwrap_or(&[]);
-            let live = tasks.iter().filter(|t| {
-                t.desired_state == DesiredState::Running && !t.status.state.is_terminal()
-            });
-            let (current, outdated): (Vec<&&Task>, Vec<&&Task>) =
-                live.partition(|t| t.spec.task_template_eq(&self.service.spec));
-            if !current.is_empty() && !outdated.is_empty() {
-                updating_slots += 1;
-            }
+        let mut release = rollout::plan(&ReleaseInput {
+            state: self.state,
+            service: self.service,
+            now: self.now,
+            wanted: wanted.len(),
+            ready_nodes: rollout::ready_nodes(self.nodes),
+            traffic: self.traffic.get(&self.service.name),
+            guard: &self.cfg.release_guard,
+        });
+        self.ops.append(&mut release.ops);
+        if let Some(at) = release.requeue_at {
+            self.requeue(at);
+        }
+        if release.halt {
+            // The service itself is being rewritten (a rollback); the next pass works on it.
+            return;
         }
 
+        let mut moves = self.drain_moves(&wanted, &slots);
         for key in &wanted {
             let tasks = slots.remove(key).unwrap_or_default();
-            self.reconcile_slot(key, &tasks, gated.is_some(), &mut updating_slots);
+            let moving = match key {
+                SlotKey::Replica(n) => moves.remove(n),
+                SlotKey::Node(_) => None,
+            };
+            let hold = gated.is_some() || keep_only.contains(key);
+            self.reconcile_slot(key, &tasks, hold, &mut release, moving.as_ref());
         }
         // Slots no longer wanted: scaled away, or a node that left global eligibility.
         for (key, tasks) in slots {
@@ -306,6 +376,86 @@ impl ServiceCtx<'_> {
             }
             self.collect_garbage(&key, &tasks);
         }
+        self.weights_pass(&release);
+    }
+
+    /// Sets the mesh weight the release wants on every live task this pass does not otherwise
+    /// write (one op per task per batch keeps the batch's version checks valid).
+    fn weights_pass(&mut self, release: &Release) {
+        let touched: BTreeSet<&str> = self
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutTask { task, .. } => Some(task.id.as_str()),
+                Op::SetTaskDesired { id, .. } | Op::DeleteTask { id, .. } => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut changes = Vec::new();
+        for t in self.state.tasks_of(&self.service.name) {
+            if !is_live(t) || touched.contains(t.id.as_str()) {
+                continue;
+            }
+            let current = release.is_current(self.service, t);
+            if let Some(weight) = release.weight_change(current, t) {
+                let mut task = t.clone();
+                task.weight = weight;
+                changes.push(Op::PutTask {
+                    task,
+                    expect: Expect::Version(t.meta.version),
+                });
+            }
+        }
+        self.ops.extend(changes);
+    }
+
+    /// The drain's plan for the replica slots that have a task on a draining node.
+    fn drain_moves<'t>(
+        &self,
+        wanted: &[SlotKey],
+        slots: &BTreeMap<SlotKey, Vec<&'t Task>>,
+    ) -> BTreeMap<u64, SlotMove<'t>> {
+        let ServiceMode::Replicated { replicas } = self.service.spec.mode else {
+            return BTreeMap::new();
+        };
+        let draining: BTreeSet<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Ready && n.availability == Availability::Drain)
+            .map(|n| n.id.as_str())
+            .collect();
+        if draining.is_empty() {
+            return BTreeMap::new();
+        }
+        let spec = &self.service.spec;
+        let slot_tasks: Vec<SlotTasks<'t>> = wanted
+            .iter()
+            .filter_map(|key| match key {
+                SlotKey::Replica(n) => Some(*n),
+                SlotKey::Node(_) => None,
+            })
+            .map(|n| {
+                let live: Vec<&'t Task> = slots
+                    .get(&SlotKey::Replica(n))
+                    .map(|ts| ts.iter().copied().filter(|t| is_live(t)).collect())
+                    .unwrap_or_default();
+                SlotTasks {
+                    slot: n,
+                    outdated_ready: live
+                        .iter()
+                        .any(|t| !t.spec.task_template_eq(spec) && t.is_ready()),
+                    current: live
+                        .into_iter()
+                        .filter(|t| t.spec.task_template_eq(spec))
+                        .collect(),
+                }
+            })
+            .collect();
+        let budget = spec.rollout.disruption.allowed(replicas);
+        drain::plan(&slot_tasks, budget, |node| draining.contains(node))
+            .into_iter()
+            .map(|m| (m.slot, m))
+            .collect()
     }
 
     fn global_eligible(&self, n: &Node) -> bool {
@@ -362,21 +512,31 @@ impl ServiceCtx<'_> {
         }
     }
 
+    /// `hold` forbids new tasks (dependencies not met, or a paused node's global slot);
+    /// `moving` is the drain's plan when a task of this slot is on a draining node.
     fn reconcile_slot(
         &mut self,
         key: &SlotKey,
         tasks: &[&Task],
-        gated: bool,
-        updating_slots: &mut usize,
+        hold: bool,
+        release: &mut Release,
+        moving: Option<&SlotMove>,
     ) {
-        let spec = &self.service.spec;
+        // Tasks leaving a draining node are the drain's business, not duplicates to weed out.
         let live: Vec<&Task> = tasks
             .iter()
             .copied()
-            .filter(|t| t.desired_state == DesiredState::Running && !t.status.state.is_terminal())
+            .filter(|t| is_live(t) && !moving.is_some_and(|m| m.involves(&t.id)))
             .collect();
-        let (current, outdated): (Vec<&Task>, Vec<&Task>) =
-            live.iter().partition(|t| t.spec.task_template_eq(spec));
+        if let Some(m) = moving {
+            for t in &m.retire {
+                tracing::info!(service = %self.service.name, task = %t.id, node = ?t.node, "drain: stopping a task whose replacement is ready");
+                self.shutdown(t);
+            }
+        }
+        let (current, outdated): (Vec<&Task>, Vec<&Task>) = live
+            .iter()
+            .partition(|t| release.is_current(self.service, t));
 
         if current.len() > 1 {
             // Duplicates (e.g. after a manager failover replayed a creation): keep the oldest.
@@ -385,41 +545,79 @@ impl ServiceCtx<'_> {
             }
         }
         if let Some(cur) = current.first() {
-            if !outdated.is_empty() && cur.is_ready() {
+            // A dead task of an older template (say, a failed release that was rolled back) is
+            // acknowledged once its slot runs the current one again, so `ps` stops listing it.
+            for t in tasks {
+                if t.desired_state == DesiredState::Running
+                    && t.status.state.is_terminal()
+                    && !release.is_current(self.service, t)
+                {
+                    self.ops.push(Op::SetTaskDesired {
+                        id: t.id.clone(),
+                        desired: DesiredState::Shutdown,
+                        expect: Expect::Version(t.meta.version),
+                    });
+                }
+            }
+            if !outdated.is_empty() && release.may_retire(cur, self.now) {
                 for t in &outdated {
+                    tracing::info!(service = %self.service.name, task = %t.id, replacement = %cur.id, "release: retiring an outdated task (drained before it stops)");
                     self.shutdown(t);
                 }
-                *updating_slots = updating_slots.saturating_sub(1);
             }
             if cur.node.is_none() {
                 self.place_existing(cur);
             }
-        } else if !gated {
-            let is_update = !outdated.is_empty();
-            // Start-first rolling update, one slot at a time.
-            if !is_update || *updating_slots == 0 {
-                if let Some(task) = self.next_task(key, tasks) {
-                    if is_update {
-                        *updating_slots += 1;
+        } else if let Some(m) = moving.filter(|m| m.is_moving()) {
+            // A task on a draining node serves the slot until the budget lets it move.
+            if m.replace {
+                tracing::info!(service = %self.service.name, slot = ?key, "drain: starting a replacement");
+                self.replace(key, tasks, release.new_task_weight());
+            }
+        } else if !hold {
+            if outdated.is_empty() {
+                // Stop-first: the replacement waits until the old task has stopped.
+                let old_stopping = tasks.iter().any(|t| {
+                    t.desired_state == DesiredState::Shutdown
+                        && !t.status.state.is_terminal()
+                        && !release.is_current(self.service, t)
+                });
+                if !(release.stop_first() && old_stopping) {
+                    self.replace(key, tasks, release.new_task_weight());
+                }
+            } else if release.take_start() {
+                if release.stop_first() {
+                    for t in &outdated {
+                        tracing::info!(service = %self.service.name, task = %t.id, "release: stop-first, draining and stopping the old task");
+                        self.shutdown(t);
                     }
-                    // The dead tasks this one replaces are acknowledged by setting them to
-                    // desired shutdown. A dead task the policy does not replace keeps desired
-                    // `running`, which is how the next pass knows it already decided.
-                    for t in tasks {
-                        if t.desired_state == DesiredState::Running && t.status.state.is_terminal()
-                        {
-                            self.ops.push(Op::SetTaskDesired {
-                                id: t.id.clone(),
-                                desired: DesiredState::Shutdown,
-                                expect: Expect::Version(t.meta.version),
-                            });
-                        }
-                    }
-                    self.create(task, key);
+                } else {
+                    self.replace(key, tasks, release.new_task_weight());
                 }
             }
         }
         self.collect_garbage(key, tasks);
+    }
+
+    /// Creates the slot's next task, at mesh weight `weight`, if the restart policy allows one.
+    fn replace(&mut self, key: &SlotKey, tasks: &[&Task], weight: Option<u8>) {
+        let Some(mut task) = self.next_task(key, tasks) else {
+            return;
+        };
+        task.weight = weight;
+        // The dead tasks this one replaces are acknowledged by setting them to desired
+        // shutdown. A dead task the policy does not replace keeps desired `running`, which is
+        // how the next pass knows it already decided.
+        for t in tasks {
+            if t.desired_state == DesiredState::Running && t.status.state.is_terminal() {
+                self.ops.push(Op::SetTaskDesired {
+                    id: t.id.clone(),
+                    desired: DesiredState::Shutdown,
+                    expect: Expect::Version(t.meta.version),
+                });
+            }
+        }
+        self.create(task, key);
     }
 
     /// The replacement (or first) task for a slot, honouring the restart policy; `None` when the

@@ -1,9 +1,13 @@
 //! Drives [`reconcile`](crate::reconcile::reconcile) on the leader: after every store change,
 //! at the requeue time a pass asked for, and at least once a second as a resync.
 
-use crate::reconcile::{reconcile, ControllerConfig};
+use crate::reconcile::{reconcile_with_traffic, services_needing_traffic, ControllerConfig};
+use crate::rollout::TrafficView;
 use flotilla_store::{Command, CommandResult, Store};
+use flotilla_types::api::ServiceTraffic;
 use flotilla_types::now_ms;
+use futures::future::BoxFuture;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::watch;
@@ -12,21 +16,54 @@ use tokio::sync::watch;
 const RESYNC: Duration = Duration::from_secs(1);
 /// Changes arriving within this long after the first are handled in one pass.
 const DEBOUNCE: Duration = Duration::from_millis(5);
+/// Longest wait for changes to settle before the next pass.
+const MAX_SETTLE: Duration = Duration::from_millis(250);
+
+/// Where releases read what the meshes see (`GET /v1/services/{name}/traffic`, summed over
+/// every node). `None` when it cannot be had right now.
+pub trait TrafficSource: Send + Sync {
+    fn traffic<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Option<ServiceTraffic>>;
+}
 
 pub struct ControllerRunner {
     store: Store,
     cfg: ControllerConfig,
+    traffic: Option<Arc<dyn TrafficSource>>,
 }
 
 impl ControllerRunner {
     pub fn new(store: Store, cfg: ControllerConfig) -> Self {
-        ControllerRunner { store, cfg }
+        ControllerRunner {
+            store,
+            cfg,
+            traffic: None,
+        }
+    }
+
+    /// Lets blue-green and canary releases observe the meshes.
+    pub fn with_traffic(mut self, source: Arc<dyn TrafficSource>) -> Self {
+        self.traffic = Some(source);
+        self
+    }
+
+    async fn observe(&self) -> TrafficView {
+        let mut view = TrafficView::new();
+        let Some(source) = &self.traffic else {
+            return view;
+        };
+        for service in self.store.read(services_needing_traffic) {
+            if let Some(t) = source.traffic(&service).await {
+                view.insert(service, t);
+            }
+        }
+        view
     }
 
     /// Runs until `shutdown` turns true. Only the raft leader reconciles; followers wait.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut changes = self.store.subscribe();
         let mut was_leader = false;
+        let mut settle = DEBOUNCE;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -42,13 +79,24 @@ impl ControllerRunner {
             was_leader = leader;
             let mut wait = RESYNC;
             if leader {
+                let traffic = self.observe().await;
                 let now = now_ms();
-                let plan = self.store.read(|state| reconcile(state, now, &self.cfg));
+                let started = std::time::Instant::now();
+                let plan = self
+                    .store
+                    .read(|state| reconcile_with_traffic(state, now, &self.cfg, &traffic));
+                // A pass holds the state's read lock; under a storm of changes, waiting at least
+                // as long as a pass took before the next keeps writers from queueing behind us.
+                settle = started.elapsed().clamp(DEBOUNCE, MAX_SETTLE);
+                // Batches are independent (one per service), so they are proposed together and
+                // raft commits them in one go.
+                let writes = plan.batches.into_iter().map(|batch| {
+                    let store = self.store.clone();
+                    async move { store.write(Command::new(batch)).await }
+                });
                 let mut conflicted = false;
-                for batch in plan.batches {
-                    let span = tracing::debug_span!("controller_write", ops = batch.len());
-                    let _enter = span.enter();
-                    match self.store.write(Command::new(batch)).await {
+                for result in futures::future::join_all(writes).await {
+                    match result {
                         Ok(CommandResult::Applied { .. }) => {}
                         Ok(CommandResult::Conflict { reason, .. })
                         | Ok(CommandResult::NotFound { reason, .. }) => {
@@ -75,7 +123,7 @@ impl ControllerRunner {
                         changes = self.store.subscribe();
                         continue;
                     }
-                    tokio::time::sleep(DEBOUNCE).await;
+                    tokio::time::sleep(settle).await;
                     // Level-triggered: what changed does not matter, only that something did.
                     while let Ok(_) | Err(TryRecvError::Lagged(_)) = changes.try_recv() {}
                 }

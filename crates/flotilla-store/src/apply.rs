@@ -7,7 +7,8 @@
 
 use crate::ops::{Change, ClusterState, Command, CommandResult, Expect, Op};
 use flotilla_types::{
-    Event, EventLevel, Health, Node, NodeState, Revision, Service, Task, TaskState, Timestamp,
+    Availability, Event, EventLevel, Health, Node, NodeState, Revision, Rollout, Service, Task,
+    TaskState, Timestamp,
 };
 use std::collections::BTreeMap;
 
@@ -18,6 +19,7 @@ pub(crate) struct Overlay {
     revisions: BTreeMap<(String, u64), Option<Revision>>,
     tasks: BTreeMap<String, Option<Task>>,
     nodes: BTreeMap<String, Option<Node>>,
+    rollouts: BTreeMap<String, Option<Rollout>>,
 }
 
 impl Overlay {
@@ -27,6 +29,7 @@ impl Overlay {
         self.revisions.extend(later.revisions);
         self.tasks.extend(later.tasks);
         self.nodes.extend(later.nodes);
+        self.rollouts.extend(later.rollouts);
     }
 
     /// Moves every pending write into `state`.
@@ -47,6 +50,7 @@ impl Overlay {
         put(&mut state.revisions, self.revisions);
         put(&mut state.tasks, self.tasks);
         put(&mut state.nodes, self.nodes);
+        put(&mut state.rollouts, self.rollouts);
     }
 }
 
@@ -89,6 +93,7 @@ enum Touched {
     Revision(String, u64),
     Task(String),
     Node(String),
+    Rollout(String),
 }
 
 /// Applies `cmd` at log index `index` on top of `base` + `batch`. Deterministic: depends only on
@@ -195,6 +200,23 @@ impl Exec<'_> {
     fn node(&self, id: &str) -> Option<&Node> {
         let key = id.to_string();
         layered(&key, &self.own.nodes, &self.batch.nodes, &self.base.nodes)
+    }
+
+    fn rollout(&self, service: &str) -> Option<&Rollout> {
+        let key = service.to_string();
+        layered(
+            &key,
+            &self.own.rollouts,
+            &self.batch.rollouts,
+            &self.base.rollouts,
+        )
+    }
+
+    fn put_rollout(&mut self, service: String, value: Option<Rollout>) {
+        if !self.own.rollouts.contains_key(&service) {
+            self.touched.push(Touched::Rollout(service.clone()));
+        }
+        self.own.rollouts.insert(service, value);
     }
 
     /// `meta` for an object written now, keeping `created_at` of the version it replaces.
@@ -352,8 +374,23 @@ impl Exec<'_> {
                         "created",
                         format!("node {} ({}) registered", new.id, new.hostname),
                     ),
-                    Some(old) if old.state != new.state => self.node_state_event(&new),
-                    Some(_) => {}
+                    Some(old) => {
+                        if old.state != new.state {
+                            self.node_state_event(&new);
+                        }
+                        if old.availability != new.availability {
+                            self.node_availability_event(&new);
+                        }
+                        if old.labels != new.labels {
+                            self.event(
+                                EventLevel::Info,
+                                "node",
+                                &new.id,
+                                "labels",
+                                format!("node {} labels: {}", new.id, format_labels(&new.labels)),
+                            );
+                        }
+                    }
                 }
                 self.put_node(new.id.clone(), Some(new));
             }
@@ -382,6 +419,21 @@ impl Exec<'_> {
                     format!("node {id} removed"),
                 );
                 self.put_node(id.clone(), None);
+            }
+            Op::PutRollout { rollout, expect } => {
+                let what = format!("rollout of service {:?}", rollout.service);
+                let old = self.rollout(&rollout.service).cloned();
+                check(*expect, old.as_ref().map(|r| r.meta.version), &what)?;
+                let mut new = rollout.clone();
+                new.meta = self.meta(old.as_ref().map(|r| r.meta.created_at));
+                self.rollout_events(old.as_ref(), &new);
+                self.put_rollout(new.service.clone(), Some(new));
+            }
+            Op::DeleteRollout { service, expect } => {
+                let what = format!("rollout of service {service:?}");
+                let version = self.rollout(service).map(|r| r.meta.version);
+                check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
+                self.put_rollout(service.clone(), None);
             }
         }
         Ok(())
@@ -500,6 +552,99 @@ impl Exec<'_> {
         self.event(level, "node", &node.id, "state", message);
     }
 
+    /// One event per change a human follows: start, phase, pause/resume, canary step, end.
+    fn rollout_events(&mut self, old: Option<&Rollout>, new: &Rollout) {
+        let name = new.service.as_str();
+        let same_rollout = old.is_some_and(|o| {
+            o.to_revision == new.to_revision && o.kind == new.kind && o.started_at == new.started_at
+        });
+        let detail = if new.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", new.reason)
+        };
+        if !same_rollout {
+            let what = match new.kind {
+                flotilla_types::RolloutKind::Update => "rollout",
+                flotilla_types::RolloutKind::Restart => "restart",
+                flotilla_types::RolloutKind::AutoRollback => "automatic rollback",
+            };
+            let message = format!(
+                "{name}: {} {what} from revision {} to {} started{detail}",
+                new.strategy.as_str(),
+                new.from_revision,
+                new.to_revision
+            );
+            let level = match new.kind {
+                flotilla_types::RolloutKind::AutoRollback => EventLevel::Warning,
+                _ => EventLevel::Info,
+            };
+            self.event(level, "rollout", name, "started", message);
+            return;
+        }
+        let Some(old) = old else { return };
+        if old.paused != new.paused {
+            let (level, action) = if new.paused {
+                (EventLevel::Warning, "paused")
+            } else {
+                (EventLevel::Info, "resumed")
+            };
+            let message = format!("{name}: rollout {action}{detail}");
+            self.event(level, "rollout", name, action, message);
+        }
+        if old.phase != new.phase || old.step != new.step {
+            let level = match new.phase {
+                flotilla_types::RolloutPhase::RolledBack => EventLevel::Warning,
+                _ => EventLevel::Info,
+            };
+            let step = if new.phase == flotilla_types::RolloutPhase::CanaryStep {
+                format!(" {} (weight {})", new.step + 1, new.new_weight)
+            } else {
+                String::new()
+            };
+            let message = format!(
+                "{name}: rollout to revision {} {}{step}{}",
+                new.to_revision,
+                new.phase.as_str(),
+                if new.phase.is_terminal() {
+                    detail.as_str()
+                } else {
+                    ""
+                }
+            );
+            self.event(level, "rollout", name, new.phase.as_str(), message);
+        }
+        if let Some(result) = new.analysis.last().filter(|r| !r.passed) {
+            if old.analysis.last() != Some(result) {
+                let message = format!("{name}: canary analysis failed: {}", result.message);
+                self.event(EventLevel::Warning, "rollout", name, "analysis", message);
+            }
+        }
+    }
+
+    fn node_availability_event(&mut self, node: &Node) {
+        let availability = node.availability.as_str();
+        let (level, message) = match node.availability {
+            Availability::Active => (
+                EventLevel::Info,
+                format!("node {} availability {availability}", node.id),
+            ),
+            // Pausing or draining is worth a warning only when the system did it (with a reason).
+            _ if node.message.is_empty() => (
+                EventLevel::Info,
+                format!("node {} availability {availability}", node.id),
+            ),
+            _ => (
+                EventLevel::Warning,
+                format!(
+                    "node {} availability {availability}: {}",
+                    node.id, node.message
+                ),
+            ),
+        };
+        self.event(level, "node", &node.id, "availability", message);
+    }
+
     /// The final value of every touched object, in first-touch order.
     fn changes(&self) -> Vec<Change> {
         self.touched
@@ -527,7 +672,23 @@ impl Exec<'_> {
                     id: id.clone(),
                     object: self.own.nodes.get(id).cloned().flatten(),
                 },
+                Touched::Rollout(service) => Change::Rollout {
+                    service: service.clone(),
+                    object: self.own.rollouts.get(service).cloned().flatten(),
+                },
             })
             .collect()
     }
+}
+
+/// `k=v,k2=v2`, or `(none)`.
+fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "(none)".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

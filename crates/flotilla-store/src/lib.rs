@@ -8,6 +8,8 @@
 
 mod apply;
 mod error;
+mod log_writer;
+mod membership;
 pub mod network;
 mod ops;
 mod storage;
@@ -16,6 +18,7 @@ mod store;
 mod tests;
 
 pub use error::StoreError;
+pub use membership::Member;
 pub use ops::*;
 pub use store::{Store, StoreConfig};
 

@@ -1,4 +1,5 @@
-//! Raft RPC between managers over plain HTTP with JSON bodies.
+//! Raft RPC between managers over HTTP with JSON bodies: plain HTTP for a single loopback
+//! manager (`flotilla up`), HTTPS with mutual TLS ([`HttpNetwork::with_tls`]) in a cluster.
 //!
 //! The wire contract, which the API crate's server side implements by handing the decoded request
 //! to [`crate::Raft`] and encoding its result:
@@ -32,12 +33,24 @@ pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
 #[derive(Clone)]
 pub struct HttpNetwork {
     client: reqwest::Client,
+    scheme: &'static str,
 }
 
 impl HttpNetwork {
     pub fn new() -> Result<Self, reqwest::Error> {
         Ok(HttpNetwork {
             client: reqwest::Client::builder().build()?,
+            scheme: "http",
+        })
+    }
+
+    /// RPC over HTTPS with `tls`, which presents this manager's certificate and verifies peers.
+    pub fn with_tls(tls: rustls::ClientConfig) -> Result<Self, reqwest::Error> {
+        Ok(HttpNetwork {
+            client: reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .build()?,
+            scheme: "https",
         })
     }
 }
@@ -48,6 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> HttpConnection {
         HttpConnection {
             client: self.client.clone(),
+            scheme: self.scheme,
             target,
             node: node.clone(),
         }
@@ -57,6 +71,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
 /// The RPC client for one peer.
 pub struct HttpConnection {
     client: reqwest::Client,
+    scheme: &'static str,
     target: u64,
     node: BasicNode,
 }
@@ -73,7 +88,7 @@ impl HttpConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let url = format!("http://{}{path}", self.node.addr);
+        let url = format!("{}://{}{path}", self.scheme, self.node.addr);
         let response = self
             .client
             .post(&url)

@@ -1,6 +1,8 @@
 //! The write vocabulary of the store and the in-memory view of what it holds.
 
-use flotilla_types::{DesiredState, Event, Node, Revision, Service, Task, TaskStatus, Timestamp};
+use flotilla_types::{
+    DesiredState, Event, Node, Revision, Rollout, Service, Task, TaskStatus, Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -65,6 +67,15 @@ pub enum Op {
         id: String,
         expect: Expect,
     },
+    /// The release of `rollout.service`; at most one per service, so a new one replaces it.
+    PutRollout {
+        rollout: Rollout,
+        expect: Expect,
+    },
+    DeleteRollout {
+        service: String,
+        expect: Expect,
+    },
 }
 
 /// An atomic batch of ops: either all apply or none do.
@@ -112,6 +123,9 @@ pub struct ClusterState {
     pub revisions: BTreeMap<(String, u64), Revision>,
     pub tasks: BTreeMap<String, Task>,
     pub nodes: BTreeMap<String, Node>,
+    /// Keyed by service name.
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, Rollout>,
 }
 
 impl ClusterState {
@@ -151,6 +165,10 @@ pub enum Change {
     Node {
         id: String,
         object: Option<Node>,
+    },
+    Rollout {
+        service: String,
+        object: Option<Rollout>,
     },
 }
 

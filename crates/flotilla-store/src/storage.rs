@@ -6,9 +6,10 @@
 //! pool, because a durable commit fsyncs.
 
 use crate::apply::{apply_command, Overlay};
+use crate::log_writer::LogWriter;
 use crate::ops::{Change, ChangeBatch, ClusterState, CommandResult};
 use crate::TypeConfig;
-use flotilla_types::{Event, Node, Revision, Service, Task};
+use flotilla_types::{Event, Node, Revision, Rollout, Service, Task};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState,
@@ -21,7 +22,7 @@ use redb::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -30,13 +31,15 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::broadcast;
 
 /// Raft log entries by index, as JSON.
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 /// Raft bookkeeping: [`VOTE`], [`COMMITTED`], [`LAST_PURGED`].
-const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const REVISIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("revisions");
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+/// Rollouts by service name.
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 /// Events keyed by (revision, position within the revision's command).
 const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
 /// State-machine bookkeeping: [`LAST_APPLIED`], [`LAST_MEMBERSHIP`].
@@ -46,7 +49,7 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
-const LAST_PURGED: &str = "last_purged";
+pub(crate) const LAST_PURGED: &str = "last_purged";
 const LAST_APPLIED: &str = "last_applied";
 const LAST_MEMBERSHIP: &str = "last_membership";
 const SNAPSHOT_META: &str = "meta";
@@ -55,7 +58,7 @@ const SNAPSHOT_DATA: &str = "data";
 /// How many recent change batches [`Shared::changes_since`] can replay.
 pub(crate) const CHANGE_RING_CAPACITY: usize = 4096;
 
-type LogIdOf = LogId<u64>;
+pub(crate) type LogIdOf = LogId<u64>;
 type Membership = StoredMembership<u64, BasicNode>;
 
 /// A failure inside the storage layer, before it is mapped to openraft's or the caller's error.
@@ -103,7 +106,7 @@ impl From<DbError> for crate::StoreError {
     }
 }
 
-fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, DbError> {
+pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, DbError> {
     serde_json::to_vec(value).map_err(|source| DbError::Encode { what, source })
 }
 
@@ -159,12 +162,17 @@ struct SnapshotData {
     revisions: Vec<Revision>,
     tasks: Vec<Task>,
     nodes: Vec<Node>,
+    /// Absent in snapshots taken before rollouts existed.
+    #[serde(default)]
+    rollouts: Vec<Rollout>,
     events: Vec<Event>,
 }
 
 /// What the log store, the state machine and the [`crate::Store`] share.
 pub(crate) struct Shared {
-    db: Database,
+    db: Arc<Database>,
+    /// Group-commits log appends, truncates and purges (see [`crate::log_writer`]).
+    log_writer: LogWriter,
     live: RwLock<Live>,
     /// Newest events kept on disk.
     event_retention: u64,
@@ -207,7 +215,9 @@ impl Shared {
         let revision = last_applied.map_or(0, |l| l.index);
         let state = data.into_state(revision);
         let (changes, _) = broadcast::channel(CHANGE_RING_CAPACITY);
+        let db = Arc::new(db);
         let shared = Shared {
+            log_writer: LogWriter::start(db.clone())?,
             db,
             live: RwLock::new(Live {
                 state,
@@ -271,6 +281,7 @@ impl Shared {
     // ---- raft log ----
 
     fn log_state(&self) -> Result<LogState<TypeConfig>, DbError> {
+        let unflushed = self.log_writer.last_unflushed();
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(RAFT_META)?;
         let last_purged: Option<LogIdOf> = get_json(&meta, LAST_PURGED, "last purged log id")?;
@@ -283,7 +294,7 @@ impl Shared {
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
-            last_log_id: last_log,
+            last_log_id: unflushed.max(last_log),
         })
     }
 
@@ -291,14 +302,22 @@ impl Shared {
         &self,
         range: (Bound<u64>, Bound<u64>),
     ) -> Result<Vec<Entry<TypeConfig>>, DbError> {
+        // Unflushed entries first: see `LogWriter::unflushed` for why the order matters.
+        let unflushed = self.log_writer.unflushed(range);
         let txn = self.db.begin_read()?;
         let log = txn.open_table(LOG)?;
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         for item in log.range(range)? {
-            let (_, value) = item?;
-            out.push(decode("log entry", value.value())?);
+            let (index, value) = item?;
+            out.insert(
+                index.value(),
+                decode::<Entry<TypeConfig>>("log entry", value.value())?,
+            );
         }
-        Ok(out)
+        for entry in unflushed {
+            out.insert(entry.log_id.index, entry);
+        }
+        Ok(out.into_values().collect())
     }
 
     fn read_raft_meta<T: DeserializeOwned>(
@@ -320,36 +339,6 @@ impl Shared {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(durability)?;
         txn.open_table(RAFT_META)?.insert(key, value)?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    fn append_logs(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), DbError> {
-        // The default durability is `Immediate`: `commit` returns after fsync.
-        let txn = self.db.begin_write()?;
-        {
-            let mut log = txn.open_table(LOG)?;
-            for (index, bytes) in entries {
-                log.insert(index, bytes.as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
-    fn truncate_logs(&self, from: u64) -> Result<(), DbError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(LOG)?.retain_in(from.., |_, _| false)?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    fn purge_logs(&self, upto: LogIdOf) -> Result<(), DbError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(LOG)?
-            .retain_in(..=upto.index, |_, _| false)?;
-        txn.open_table(RAFT_META)?
-            .insert(LAST_PURGED, encode("last purged log id", &upto)?.as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -519,6 +508,11 @@ impl SnapshotData {
                 .collect(),
             tasks: self.tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
             nodes: self.nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
+            rollouts: self
+                .rollouts
+                .into_iter()
+                .map(|r| (r.service.clone(), r))
+                .collect(),
         }
     }
 }
@@ -541,6 +535,7 @@ fn read_sm_tables(txn: &ReadTransaction, with_events: bool) -> Result<SnapshotDa
         revisions: all(&txn.open_table(REVISIONS)?, "revision")?,
         tasks: all(&txn.open_table(TASKS)?, "task")?,
         nodes: all(&txn.open_table(NODES)?, "node")?,
+        rollouts: all(&txn.open_table(ROLLOUTS)?, "rollout")?,
         events: if with_events {
             all(&txn.open_table(EVENTS)?, "event")?
         } else {
@@ -555,6 +550,7 @@ struct SmTables<'txn> {
     revisions: Table<'txn, (&'static str, u64), &'static [u8]>,
     tasks: Table<'txn, &'static str, &'static [u8]>,
     nodes: Table<'txn, &'static str, &'static [u8]>,
+    rollouts: Table<'txn, &'static str, &'static [u8]>,
     events: Table<'txn, (u64, u32), &'static [u8]>,
     meta: Table<'txn, &'static str, &'static [u8]>,
 }
@@ -566,6 +562,7 @@ impl<'txn> SmTables<'txn> {
             revisions: txn.open_table(REVISIONS)?,
             tasks: txn.open_table(TASKS)?,
             nodes: txn.open_table(NODES)?,
+            rollouts: txn.open_table(ROLLOUTS)?,
             events: txn.open_table(EVENTS)?,
             meta: txn.open_table(SM_META)?,
         })
@@ -621,6 +618,19 @@ impl<'txn> SmTables<'txn> {
                 Change::Node { id, object: None } => {
                     self.nodes.remove(id.as_str())?;
                 }
+                Change::Rollout {
+                    service,
+                    object: Some(r),
+                } => {
+                    self.rollouts
+                        .insert(service.as_str(), encode("rollout", r)?.as_slice())?;
+                }
+                Change::Rollout {
+                    service,
+                    object: None,
+                } => {
+                    self.rollouts.remove(service.as_str())?;
+                }
             }
         }
         Ok(())
@@ -662,6 +672,7 @@ impl<'txn> SmTables<'txn> {
         self.revisions.retain(|_, _| false)?;
         self.tasks.retain(|_, _| false)?;
         self.nodes.retain(|_, _| false)?;
+        self.rollouts.retain(|_, _| false)?;
         self.events.retain(|_, _| false)?;
         for s in &data.services {
             self.services
@@ -680,6 +691,10 @@ impl<'txn> SmTables<'txn> {
         for n in &data.nodes {
             self.nodes
                 .insert(n.id.as_str(), encode("node", n)?.as_slice())?;
+        }
+        for r in &data.rollouts {
+            self.rollouts
+                .insert(r.service.as_str(), encode("rollout", r)?.as_slice())?;
         }
         let mut position = 0u32;
         let mut last_revision = None;
@@ -785,36 +800,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let encoded = entries
-            .into_iter()
-            .map(|entry| Ok((entry.log_id.index, encode("log entry", &entry)?)))
-            .collect::<Result<Vec<_>, DbError>>()
-            .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        let shared = self.shared.clone();
-        // Awaiting the fsync here (rather than in the background) keeps every log and vote write
-        // in order, as openraft requires, without blocking the async worker thread.
-        match blocking(move || shared.append_logs(&encoded)).await {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(raft_err(ErrorSubject::Logs, ErrorVerb::Write, e))
-            }
-        }
+        self.shared
+            .log_writer
+            .append(entries.into_iter().collect(), callback)
+            .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Write, e))
     }
 
     async fn truncate(&mut self, log_id: LogIdOf) -> Result<(), StorageError<u64>> {
-        let shared = self.shared.clone();
-        blocking(move || shared.truncate_logs(log_id.index))
+        self.shared
+            .log_writer
+            .truncate(log_id.index)
             .await
             .map_err(|e| raft_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogIdOf) -> Result<(), StorageError<u64>> {
-        let shared = self.shared.clone();
-        blocking(move || shared.purge_logs(log_id))
+        self.shared
+            .log_writer
+            .purge(log_id)
             .await
             .map_err(|e| raft_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))
     }

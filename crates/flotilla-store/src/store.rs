@@ -69,10 +69,29 @@ impl Store {
         Self::open_with_retention(cfg, EVENT_RETENTION).await
     }
 
-    #[tracing::instrument(skip_all, fields(node_id = cfg.node_id))]
+    /// Like [`Store::open`], but raft RPC goes through `network` (e.g.
+    /// [`HttpNetwork::with_tls`] in a multi-manager cluster).
+    pub async fn open_with_network(
+        cfg: StoreConfig,
+        network: HttpNetwork,
+    ) -> Result<Store, StoreError> {
+        Self::open_inner(cfg, EVENT_RETENTION, network).await
+    }
+
     pub(crate) async fn open_with_retention(
         cfg: StoreConfig,
         event_retention: u64,
+    ) -> Result<Store, StoreError> {
+        let network = HttpNetwork::new()
+            .map_err(|e| StoreError::Config(format!("building the raft HTTP client: {e}")))?;
+        Self::open_inner(cfg, event_retention, network).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = cfg.node_id))]
+    async fn open_inner(
+        cfg: StoreConfig,
+        event_retention: u64,
+        network: HttpNetwork,
     ) -> Result<Store, StoreError> {
         cfg.validate()?;
         let path = cfg.data_dir.join(DB_FILE);
@@ -94,8 +113,6 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Config(format!("raft config: {e}")))?;
-        let network = HttpNetwork::new()
-            .map_err(|e| StoreError::Config(format!("building the raft HTTP client: {e}")))?;
         let raft = Raft::new(
             cfg.node_id,
             Arc::new(config),
@@ -145,6 +162,8 @@ impl Store {
     /// Propose through raft (client_write) and return once applied. The write is durable
     /// (fsynced) before this returns.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        // Without quorum the write could only wait out WRITE_TIMEOUT; say so at once.
+        self.check_quorum()?;
         let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(cmd)).await;
         match written {
             Err(_) => Err(StoreError::Unavailable(format!(

@@ -1083,3 +1083,62 @@ async fn replicates_over_http_and_sends_snapshots_to_new_members() {
         server.abort();
     }
 }
+
+#[tokio::test]
+async fn availability_and_label_changes_produce_events_with_the_reason() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open_leader(dir.path()).await;
+    let put = |n: Node| {
+        Command::new(vec![Op::PutNode {
+            node: n,
+            expect: Expect::Any,
+        }])
+    };
+    applied(
+        store
+            .write(put(node("n1", NodeState::Ready)))
+            .await
+            .expect("register"),
+    );
+    let mut paused = node("n1", NodeState::Ready);
+    paused.availability = flotilla_types::Availability::Pause;
+    paused.message = "auto-paused: 5 tasks failed".into();
+    applied(store.write(put(paused)).await.expect("pause"));
+    let mut labelled = node("n1", NodeState::Ready);
+    labelled.labels.insert("zone".into(), "a".into());
+    applied(
+        store
+            .write(put(labelled))
+            .await
+            .expect("activate and label"),
+    );
+
+    let seen: Vec<_> = store
+        .events(0, 100)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.action != "created")
+        .map(|e| (e.level, e.action, e.message))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                EventLevel::Warning,
+                "availability".to_string(),
+                "node n1 availability pause: auto-paused: 5 tasks failed".to_string()
+            ),
+            (
+                EventLevel::Info,
+                "availability".to_string(),
+                "node n1 availability active".to_string()
+            ),
+            (
+                EventLevel::Info,
+                "labels".to_string(),
+                "node n1 labels: zone=a".to_string()
+            ),
+        ]
+    );
+    store.shutdown().await.expect("shutdown");
+}

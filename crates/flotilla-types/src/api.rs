@@ -13,13 +13,26 @@
 //! | `GET /v1/tasks?service=S&node=N` | → `Vec<Task>` |
 //! | `GET /v1/tasks/{id}` | → `Task` |
 //! | `GET /v1/tasks/{id}/logs?follow=bool&tail=N` | → `text/plain` stream (proxied to the node's agent) |
+//! | `GET /v1/tasks/{id}/stats` | → [`TaskStats`] (proxied to the node's agent) |
+//! | `POST /v1/tasks/{id}/resources` | `Resources` → 204 (proxied; changes cpu/memory limits in place) |
 //! | `PUT /v1/tasks/{id}/status` | [`TaskStatusReport`] → [`WriteResponse`] (agents) |
+//! | `PUT /v1/tasks/status` | [`BulkStatusReport`] → [`BulkStatusResponse`] (agents with many tasks) |
 //! | `GET /v1/nodes` | → `Vec<Node>` |
 //! | `POST /v1/nodes/register` | [`NodeRegistration`] → `Node` (agents) |
 //! | `POST /v1/nodes/{id}/heartbeat` | [`Heartbeat`] → [`WriteResponse`] (agents) |
+//! | `GET /v1/nodes/{id}` | → `Node` |
+//! | `PATCH /v1/nodes/{id}` | [`NodeUpdate`] → `Node` (availability, labels) |
 //! | `GET /v1/events?since=REV&follow=bool` | → NDJSON of `Event` |
 //! | `GET /v1/watch?kind=task&node=N` | → NDJSON of [`WatchMessage`]: a snapshot, then changes |
 //! | `GET /v1/status` | → [`ClusterStatus`] |
+//! | `PUT /v1/tasks/{id}/weight` | [`WeightRequest`] → [`WriteResponse`] (mesh weight 0..=100) |
+//! | `PUT /v1/services/{name}/weights` | [`BulkWeightRequest`] → [`WriteResponse`] (several tasks at once) |
+//! | `GET /v1/services/{name}/traffic` | → [`ServiceTraffic`] (mesh stats of every node, per task) |
+//! | `GET /v1/services/{name}/rollout` | → `Rollout` (the service's latest release) |
+//! | `POST /v1/services/{name}/rollout` | [`crate::RolloutAction`] as `{"action": …}` → `Rollout` |
+//! | `POST /v1/services/{name}/restart` | → `Rollout` (fresh tasks of the same revision, rolling) |
+//! | `POST /v1/services/{name}/rollback` | [`crate::release::RollbackRequest`] → [`DeployResponse`] |
+//! | `GET /metrics` | → Prometheus text of the manager's own node's mesh |
 
 use crate::spec::{FieldError, ServiceSpec};
 use crate::state::{Node, NodeResources, Revision, Service, Task, TaskStatus};
@@ -136,6 +149,42 @@ pub struct Heartbeat {
     pub at: crate::state::Timestamp,
 }
 
+/// Many status reports in one write, for nodes that run many tasks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkStatusReport {
+    pub node: String,
+    pub reports: Vec<TaskStatusUpdate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatusUpdate {
+    pub task: String,
+    pub status: TaskStatus,
+}
+
+/// Which reports were applied; the others name why not (task gone, or on another node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkStatusResponse {
+    pub store_revision: u64,
+    pub applied: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<FieldError>,
+}
+
+/// An operator's change to a node: `flotilla node update`. Fields left out stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability: Option<crate::state::Availability>,
+    /// Labels to set (replacing a value already there).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_add: BTreeMap<String, String>,
+    /// Label keys to remove; removing an absent key is not an error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_rm: Vec<String>,
+}
+
 /// One line of a watch stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -147,6 +196,9 @@ pub enum WatchMessage {
         tasks: Vec<Task>,
         services: Vec<Service>,
         nodes: Vec<Node>,
+        /// Releases of the services (with `kind=service` or all).
+        #[serde(default)]
+        rollouts: Vec<crate::release::Rollout>,
     },
     /// Objects that changed at `revision`; a `None` object means it was deleted.
     Change {
@@ -177,6 +229,10 @@ pub enum WatchChange {
         number: u64,
         object: Option<Revision>,
     },
+    Rollout {
+        service: String,
+        object: Option<crate::release::Rollout>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,4 +241,65 @@ pub struct ClusterStatus {
     pub leader: Option<u64>,
     pub node_id: u64,
     pub version: String,
+}
+
+/// A task's resource usage at one moment, as `flotilla top` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStats {
+    pub task_id: String,
+    /// Share of one cpu used over the sampling interval (100.0 = one full core).
+    pub cpu_percent: f64,
+    /// Total cpu time used since the task started, in nanoseconds.
+    pub cpu_total_nanos: u64,
+    pub memory_bytes: u64,
+    /// The memory limit in force, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    pub at: crate::state::Timestamp,
+}
+
+/// `PUT /v1/tasks/{id}/weight`: the task's share of mesh traffic, 0 (drained) to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightRequest {
+    pub weight: u8,
+}
+
+/// `PUT /v1/services/{name}/weights`: several tasks of one service in one atomic write (releases
+/// shift traffic with it). Keys are task ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkWeightRequest {
+    pub weights: BTreeMap<String, u8>,
+}
+
+/// `GET /v1/services/{name}/traffic`: what every node's mesh knows about a service's tasks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceTraffic {
+    pub service: String,
+    pub tasks: Vec<TaskTraffic>,
+    /// Ready nodes whose agent did not answer; their traffic is missing from the sums.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable_nodes: Vec<String>,
+}
+
+/// One task, summed over the meshes of all nodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskTraffic {
+    pub task_id: String,
+    /// The weight in the task record (100 unless set).
+    pub weight: u8,
+    /// Requests and connections in progress, over all nodes.
+    pub in_flight: u64,
+    /// Nodes whose mesh still sends this task new work (in the table, healthy, weight > 0).
+    /// Draining waits for this and `in_flight` to reach 0.
+    pub routed_by: u32,
+    /// Circuit-breaker state per node: `closed`, `open` or `half_open`.
+    pub breakers: BTreeMap<String, String>,
+    pub requests: u64,
+    pub connections: u64,
+    /// Connect errors, 5xx answers and timeouts.
+    pub errors: u64,
+    /// Latency percentiles of the node that saw the slowest (per-node histograms do not add up).
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
 }

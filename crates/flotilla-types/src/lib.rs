@@ -9,6 +9,7 @@
 pub mod api;
 pub mod container;
 pub mod mesh;
+pub mod release;
 pub mod rollout;
 pub mod spec;
 pub mod state;
@@ -16,6 +17,9 @@ pub mod units;
 
 pub use container::ContainerSpec;
 pub use mesh::MeshSpec;
-pub use rollout::RolloutSpec;
+pub use release::{
+    Rollout, RolloutAction, RolloutKind, RolloutPhase, Strategy, UpdateConfig, UpdateOrder,
+};
+pub use rollout::{DisruptionBudget, MaxUnavailable, RolloutSpec};
 pub use spec::*;
 pub use state::*;

@@ -374,13 +374,56 @@ impl ServiceSpec {
     /// The part of the spec that defines a task. Two specs with equal templates need no task
     /// replacement; a change in replica count alone is a scale, not a rollout.
     pub fn task_template_eq(&self, other: &ServiceSpec) -> bool {
-        let mut a = self.clone();
-        let mut b = other.clone();
-        a.mode = ServiceMode::Global;
-        b.mode = ServiceMode::Global;
-        a.deploy_labels.clear();
-        b.deploy_labels.clear();
-        a == b
+        // Field by field, without cloning: controllers call this for every task on every pass.
+        // The destructuring makes a new field a compile error here until someone decides
+        // whether it defines the task.
+        let ServiceSpec {
+            name,
+            driver,
+            image,
+            command,
+            entrypoint,
+            environment,
+            working_dir,
+            user,
+            labels,
+            ports,
+            healthcheck,
+            depends_on,
+            // A replica count change is a scale, not a rollout.
+            mode: _,
+            resources,
+            restart_policy,
+            // Labels on the service object, not its tasks.
+            deploy_labels: _,
+            placement,
+            stop_grace_period,
+            stop_signal,
+            container,
+            mesh,
+            // Release settings (the disruption budget included) govern how tasks move, not
+            // what they run.
+            rollout: _,
+        } = self;
+        *name == other.name
+            && *driver == other.driver
+            && *image == other.image
+            && *command == other.command
+            && *entrypoint == other.entrypoint
+            && *environment == other.environment
+            && *working_dir == other.working_dir
+            && *user == other.user
+            && *labels == other.labels
+            && *ports == other.ports
+            && *healthcheck == other.healthcheck
+            && *depends_on == other.depends_on
+            && *resources == other.resources
+            && *restart_policy == other.restart_policy
+            && *placement == other.placement
+            && *stop_grace_period == other.stop_grace_period
+            && *stop_signal == other.stop_signal
+            && *container == other.container
+            && *mesh == other.mesh
     }
 
     /// Checks every invariant the rest of the system relies on. Each problem names its field path
@@ -547,6 +590,23 @@ impl ServiceSpec {
                 "0 is ambiguous: leave it out for unlimited attempts",
             ));
         }
+        errs.extend(self.container.validate(&self.name));
+        errs.extend(self.mesh.validate(&self.name, &self.ports));
+        if let Err((field, reason)) = self.rollout.disruption.validate() {
+            errs.push(FieldError::new(
+                at(&format!("x-flotilla.disruption.{field}")),
+                reason,
+            ));
+        }
+        errs.extend(
+            crate::release::validate_release(
+                &self.rollout.update,
+                &self.rollout.rollback,
+                &self.rollout.canary,
+            )
+            .into_iter()
+            .map(|e| FieldError::new(at(&e.field), e.reason)),
+        );
         if let Some(sig) = &self.stop_signal {
             if signal_number(sig).is_none() {
                 errs.push(FieldError::new(

@@ -1,7 +1,10 @@
 //! Command-line definitions and dispatch.
 
 use crate::output::Format;
-use crate::{deploy, listing, up};
+use crate::{
+    agent_cmd, bench, cluster_cmd, deploy, docker_cmd, listing, load, mesh_cmd, nodes_cmd,
+    rollout_cmd, up,
+};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use flotilla_client::{Client, ADDR_ENV, DEFAULT_ADDR, TOKEN_ENV};
@@ -31,13 +34,30 @@ pub struct Cli {
 pub enum Command {
     /// Run a single-node cluster (manager + agent) in the foreground.
     Up(up::UpArgs),
+    /// Start a secure cluster: this node becomes its first manager (mTLS on --listen-addr).
+    Init(cluster_cmd::InitArgs),
+    /// Join a cluster as a worker or manager, depending on the token.
+    Join(cluster_cmd::JoinArgs),
+    /// Show or rotate the join tokens.
+    #[command(subcommand)]
+    Token(cluster_cmd::TokenCommand),
+    /// Run a worker node: only the agent, following a manager (--manager URL).
+    Agent(agent_cmd::AgentArgs),
     /// Deploy a Compose file and wait until it has converged.
     Deploy(deploy::DeployArgs),
     /// Manage services.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Follow or steer a service's release: status, pause, resume, promote, abort.
+    #[command(subcommand)]
+    Rollout(rollout_cmd::RolloutCommand),
+    /// Return a service to an earlier revision (a new revision, released with its strategy).
+    Rollback(rollout_cmd::RollbackArgs),
     /// List tasks (of one service, or all).
     Ps(listing::PsArgs),
+    /// Manage tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
     /// Set replica counts: `flotilla scale web=5 api=2`.
     Scale(ScaleArgs),
     /// Print a task's output, or every live task's of a service.
@@ -49,6 +69,10 @@ pub enum Command {
     Node(NodeCommand),
     /// The demo HTTP app used by the README, examples and tests.
     DemoApp(DemoAppArgs),
+    /// Build the local image flotilla-demo:latest (busybox + this binary) on the Docker Engine.
+    DemoImage(docker_cmd::DemoImageArgs),
+    /// Cpu and memory use of a service's running tasks.
+    Top(docker_cmd::TopArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -72,8 +96,20 @@ pub enum ServiceCommand {
     },
     /// Remove a service; its tasks are stopped.
     Rm { names: Vec<String> },
+    /// Change the cpu/memory limits of a service's running tasks in place (no restart).
+    UpdateResources(docker_cmd::UpdateResourcesArgs),
+    /// Replace every task with a fresh one of the same revision, rolling and drained.
+    Restart(rollout_cmd::RestartArgs),
     /// List a service's revisions.
     History {
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Set the mesh weights of several tasks in one step: `flotilla service weights web web.1=0 web.2=100`.
+    Weights(mesh_cmd::ServiceWeightsArgs),
+    /// Per-task mesh traffic over all nodes: weight, in-flight, requests, errors, latency, breakers.
+    Traffic {
         name: String,
         #[command(flatten)]
         out: OutputArgs,
@@ -81,25 +117,31 @@ pub enum ServiceCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Set a task's share of mesh traffic (0 drains it, 100 is the default).
+    Weight(mesh_cmd::WeightArgs),
+}
+
+#[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// List nodes.
     Ls(OutputArgs),
+    /// Change a node's availability (active, pause, drain) or labels.
+    Update(nodes_cmd::UpdateArgs),
+    /// Drain a node, wait until it runs nothing, let it be upgraded, then re-activate it.
+    Maintain(nodes_cmd::MaintainArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Pure placement throughput of the scheduler on a synthetic cluster.
-    Scheduler(BenchSchedulerArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct BenchSchedulerArgs {
-    #[arg(long, default_value_t = 10_000)]
-    pub nodes: usize,
-    #[arg(long, default_value_t = 1_000_000)]
-    pub tasks: usize,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    Scheduler(bench::BenchSchedulerArgs),
+    /// API + store + controllers + scheduler driven by hollow (simulated) nodes.
+    ControlPlane(bench::BenchControlPlaneArgs),
+    /// The routing mesh against a direct connection (or, with --serve, a mesh for other tools).
+    Mesh(mesh_cmd::BenchMeshArgs),
+    /// Constant-rate HTTP load: successes, failures by kind, latency percentiles.
+    Load(load::LoadArgs),
 }
 
 #[derive(Debug, Args, Clone, Copy)]
@@ -192,6 +234,10 @@ pub fn client(cli: &Cli) -> anyhow::Result<Client> {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Up(args) => up::run(args).await,
+        Command::Agent(args) => agent_cmd::run(args, cli.token.clone()).await,
+        Command::Init(args) => cluster_cmd::init(args).await,
+        Command::Join(args) => cluster_cmd::join(args).await,
+        Command::Token(cmd) => cluster_cmd::token(&client(&cli)?, cmd).await,
         Command::Deploy(args) => deploy::run(&cli, args).await,
         Command::Service(ServiceCommand::Ls(out)) => {
             listing::service_ls(&client(&cli)?, *out).await
@@ -213,6 +259,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Service(ServiceCommand::History { name, out }) => {
             listing::service_history(&client(&cli)?, name, *out).await
         }
+        Command::Service(ServiceCommand::Weights(args)) => {
+            mesh_cmd::service_weights(&client(&cli)?, args).await
+        }
+        Command::Service(ServiceCommand::Traffic { name, out }) => {
+            mesh_cmd::service_traffic(&client(&cli)?, name, out.format).await
+        }
+        Command::Task(TaskCommand::Weight(args)) => {
+            mesh_cmd::task_weight(&client(&cli)?, args).await
+        }
         Command::Ps(args) => listing::ps(&client(&cli)?, args).await,
         Command::Scale(args) => {
             let c = client(&cli)?;
@@ -225,8 +280,25 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => listing::logs(&client(&cli)?, args).await,
         Command::Events(args) => listing::events(&client(&cli)?, args).await,
         Command::Node(NodeCommand::Ls(out)) => listing::node_ls(&client(&cli)?, *out).await,
+        Command::Node(NodeCommand::Update(args)) => nodes_cmd::update(&client(&cli)?, args).await,
+        Command::Node(NodeCommand::Maintain(args)) => {
+            nodes_cmd::maintain(&client(&cli)?, args).await
+        }
         Command::DemoApp(args) => demo_app(args).await,
-        Command::Bench(BenchCommand::Scheduler(args)) => bench_scheduler(args),
+        Command::DemoImage(args) => docker_cmd::demo_image(args).await,
+        Command::Top(args) => docker_cmd::top(&client(&cli)?, args).await,
+        Command::Service(ServiceCommand::UpdateResources(args)) => {
+            docker_cmd::update_resources(&client(&cli)?, args).await
+        }
+        Command::Bench(BenchCommand::Scheduler(args)) => bench::scheduler(args),
+        Command::Bench(BenchCommand::ControlPlane(args)) => bench::control_plane(args).await,
+        Command::Bench(BenchCommand::Mesh(args)) => mesh_cmd::bench(args).await,
+        Command::Bench(BenchCommand::Load(args)) => load::run(args).await,
+        Command::Rollout(cmd) => rollout_cmd::rollout(&client(&cli)?, cmd).await,
+        Command::Rollback(args) => rollout_cmd::rollback(&client(&cli)?, args).await,
+        Command::Service(ServiceCommand::Restart(args)) => {
+            rollout_cmd::restart(&client(&cli)?, args).await
+        }
         Command::Shim(_) | Command::ShimExec(_) => unreachable_subcommand(),
     }
 }
@@ -258,18 +330,5 @@ async fn demo_app(args: &DemoAppArgs) -> anyhow::Result<ExitCode> {
         alloc_mb: args.alloc_mb,
     };
     flotilla_demo::run(cfg).await?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn bench_scheduler(args: &BenchSchedulerArgs) -> anyhow::Result<ExitCode> {
-    if args.nodes == 0 {
-        bail!("--nodes must be at least 1");
-    }
-    let report = flotilla_scheduler::bench::run(&flotilla_scheduler::bench::BenchConfig {
-        nodes: args.nodes,
-        tasks: args.tasks,
-        seed: args.seed,
-    });
-    println!("{report}");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! `flotilla deploy`: parse and validate a Compose file locally, send it, then follow the
-//! rollout over the watch stream until every service has converged or failed.
+//! rollout over the watch stream until every service has converged or failed. A release shows
+//! its phase, weights, counts and canary analysis; a rollback or abort exits non-zero.
 
 use crate::cli::{client, Cli};
 use anyhow::{bail, Context};
@@ -58,10 +59,16 @@ pub async fn run(cli: &Cli, args: &DeployArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let names: Vec<String> = compose.services.iter().map(|s| s.name.clone()).collect();
-    follow(&c, &names, args.timeout).await
+    let updated: BTreeMap<String, u64> = resp
+        .plan
+        .iter()
+        .filter(|e| e.action == PlanAction::Update)
+        .map(|e| (e.service.clone(), e.revision))
+        .collect();
+    follow(&c, &names, &updated, args.timeout).await
 }
 
-fn requester() -> String {
+pub fn requester() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let host = nix::unistd::gethostname()
         .ok()
@@ -194,7 +201,36 @@ fn progress(mirror: &Mirror, name: &str, started_ms: i64) -> Progress {
     }
 }
 
-async fn follow(c: &Client, names: &[String], timeout: Duration) -> anyhow::Result<ExitCode> {
+/// The release of `revision` as the deploy reports it, while one is under way or once it
+/// failed; `None` defers to the task counts.
+fn release_progress(mirror: &Mirror, name: &str, revision: u64) -> Option<Progress> {
+    let r = mirror.rollouts.get(name)?;
+    let mine = r.to_revision == revision
+        || (r.kind == flotilla_types::RolloutKind::AutoRollback && r.from_revision == revision);
+    if !mine {
+        return None;
+    }
+    let line = crate::rollout_cmd::describe(r);
+    match crate::rollout_cmd::outcome(r, revision) {
+        Some(code) if code == ExitCode::FAILURE => Some(Progress::Failed(line)),
+        Some(_) => None,
+        None => Some(Progress::Waiting {
+            ready: r.updated,
+            desired: match mirror.services.get(name).map(|s| &s.spec.mode) {
+                Some(ServiceMode::Replicated { replicas }) => *replicas,
+                _ => r.updated,
+            },
+            note: line,
+        }),
+    }
+}
+
+async fn follow(
+    c: &Client,
+    names: &[String],
+    updated: &BTreeMap<String, u64>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let started_ms = flotilla_types::now_ms() - 1000;
     let multi = MultiProgress::new();
@@ -237,7 +273,10 @@ async fn follow(c: &Client, names: &[String], timeout: Duration) -> anyhow::Resu
         mirror.apply(msg);
         let mut all_done = true;
         for n in names {
-            let p = progress(&mirror, n, started_ms);
+            let p = updated
+                .get(n)
+                .and_then(|rev| release_progress(&mirror, n, *rev))
+                .unwrap_or_else(|| progress(&mirror, n, started_ms));
             let bar = &bars[n.as_str()];
             match &p {
                 Progress::Waiting {

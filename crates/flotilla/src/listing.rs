@@ -63,7 +63,8 @@ pub async fn service_inspect(c: &Client, name: &str, out: OutputArgs) -> anyhow:
     println!("Spec:");
     println!("{}", serde_json::to_string_pretty(&detail.service.spec)?);
     println!("Tasks:");
-    print_tasks(&detail.tasks, true);
+    let mesh = crate::mesh_cmd::ps_notes(c, &detail.tasks).await;
+    print_tasks(&detail.tasks, true, &mesh);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -114,11 +115,17 @@ pub async fn ps(c: &Client, args: &PsArgs) -> anyhow::Result<ExitCode> {
         json(&tasks)?;
         return Ok(ExitCode::SUCCESS);
     }
-    print_tasks(&tasks, args.all);
+    let mesh = crate::mesh_cmd::ps_notes(c, &tasks).await;
+    print_tasks(&tasks, args.all, &mesh);
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_tasks(tasks: &[Task], with_desired: bool) {
+/// `mesh` holds the MESH column (weight, breakers) per task id.
+fn print_tasks(
+    tasks: &[Task],
+    with_desired: bool,
+    mesh: &std::collections::BTreeMap<String, String>,
+) {
     let rows: Vec<Vec<String>> = tasks
         .iter()
         .map(|t| {
@@ -142,6 +149,7 @@ fn print_tasks(tasks: &[Task], with_desired: bool) {
                 t.status.health.as_str().to_string(),
                 if ports.is_empty() { "-".into() } else { ports },
                 runtime,
+                mesh.get(&t.id).cloned().unwrap_or_else(|| "-".into()),
                 t.status.message.clone(),
             ];
             if with_desired {
@@ -158,6 +166,7 @@ fn print_tasks(tasks: &[Task], with_desired: bool) {
         "HEALTH",
         "PORTS",
         "PID/CONTAINER",
+        "MESH",
         "MESSAGE",
     ];
     if with_desired {
@@ -188,6 +197,15 @@ pub async fn node_ls(c: &Client, out: OutputArgs) -> anyhow::Result<ExitCode> {
                     .join(","),
                 format!("{:.1}", n.resources.cpu_millis as f64 / 1000.0),
                 format_bytes(n.resources.memory_bytes),
+                if n.labels.is_empty() {
+                    "-".to_string()
+                } else {
+                    n.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 n.message.clone(),
             ]
         })
@@ -202,6 +220,7 @@ pub async fn node_ls(c: &Client, out: OutputArgs) -> anyhow::Result<ExitCode> {
             "DRIVERS",
             "CPUS",
             "MEMORY",
+            "LABELS",
             "MESSAGE",
         ],
         &rows,

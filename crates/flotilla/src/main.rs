@@ -6,10 +6,20 @@
 //! starts by re-executing this binary.
 #![forbid(unsafe_code)]
 
+mod agent_cmd;
+mod bench;
 mod cli;
+mod cluster_cmd;
 mod deploy;
+mod docker_cmd;
 mod listing;
+mod load;
+mod manager;
+mod mesh_cmd;
+mod node_dir;
+mod nodes_cmd;
 mod output;
+mod rollout_cmd;
 mod up;
 
 use clap::Parser;
@@ -22,7 +32,11 @@ fn main() -> std::process::ExitCode {
         cli::Command::ShimExec(args) => return cli::run_shim_exec(args),
         _ => {}
     }
-    if let cli::Command::Up(_) = &cli.command {
+    if let cli::Command::Up(_)
+    | cli::Command::Agent(_)
+    | cli::Command::Init(_)
+    | cli::Command::Join(_) = &cli.command
+    {
         put_own_dir_on_path();
     }
     init_tracing(cli.verbose);

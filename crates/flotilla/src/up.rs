@@ -1,18 +1,17 @@
 //! `flotilla up`: one process running a manager (store, API, controllers) and an agent.
 
+use crate::manager::Manager;
+use crate::node_dir;
 use anyhow::{bail, Context};
 use clap::Args;
 use flotilla_agent::agent::{Agent, AgentConfig};
-use flotilla_api::AppState;
 use flotilla_client::Client;
-use flotilla_controllers::{ControllerConfig, ControllerRunner};
-use flotilla_store::{Store, StoreConfig};
+use flotilla_controllers::ControllerConfig;
 use flotilla_types::api::DeployRequest;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// The demo stack `--demo` deploys; the same file as examples/demo/compose.yaml.
 const DEMO_COMPOSE: &str = include_str!("../../../examples/demo/compose.yaml");
@@ -20,7 +19,7 @@ const DEMO_COMPOSE: &str = include_str!("../../../examples/demo/compose.yaml");
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// Where the store, task state and logs live.
-    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value_os_t = default_data_dir())]
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value_os_t = node_dir::default_data_dir())]
     pub data_dir: PathBuf,
     /// Address the API listens on. Non-loopback clients must present the token in DATA_DIR/api-token.
     #[arg(long, default_value = "127.0.0.1:7450")]
@@ -31,108 +30,22 @@ pub struct UpArgs {
     /// This node's name (default: the host name; remembered in DATA_DIR/node-id).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// A node silent for this long is marked down and its tasks replaced.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// A node silent for this long is marked down and its tasks replaced. 3s keeps the time
+    /// from a worker's death to healthy replacements under 5s (docs/BENCHMARKS.md).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
     /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = parse_port_range)]
+    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
     pub task_ports: std::ops::Range<u16>,
-}
-
-fn parse_port_range(s: &str) -> Result<std::ops::Range<u16>, String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?}: expected START-END, e.g. 20000-32000"))?;
-    let start: u16 = a
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: start {a:?} is not a port number"))?;
-    let end: u16 = b
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: end {b:?} is not a port number"))?;
-    if start == 0 || start >= end {
-        return Err(format!("{s:?}: need 0 < START < END"));
-    }
-    Ok(start..end)
-}
-
-fn default_data_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/var/lib/flotilla")
-    } else {
-        std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".local/share/flotilla"))
-            .unwrap_or_else(|| PathBuf::from("flotilla-data"))
-    }
-}
-
-/// Reads a small identity file, creating it with `make()` the first time.
-fn load_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
-        Ok(_) | Err(_) => {
-            let v = make();
-            std::fs::write(path, format!("{v}\n"))
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(v)
-        }
-    }
-}
-
-fn sanitize_node_name(raw: &str) -> String {
-    let s: String = raw
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    let s = s.trim_matches('-').to_string();
-    if s.is_empty() {
-        "node-1".into()
-    } else {
-        s
-    }
+    #[command(flatten)]
+    pub mesh: crate::mesh_cmd::MeshArgs,
 }
 
 pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("--data-dir {}: cannot create", args.data_dir.display()))?;
     // One `up` per data dir: a second one would fight over the store and the tasks.
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(args.data_dir.join("lock"))
-        .context("opening the data-dir lock")?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| {
-            anyhow::anyhow!(
-                "--data-dir {}: another flotilla is using it ({e})",
-                args.data_dir.display()
-            )
-        })?;
-
-    let node_name = match &args.node_name {
-        Some(n) => {
-            flotilla_types::validate_name(n).map_err(|r| anyhow::anyhow!("--node-name: {r}"))?;
-            n.clone()
-        }
-        None => load_or_create(&args.data_dir.join("node-id"), || {
-            let host = nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_default();
-            sanitize_node_name(&host)
-        })?,
-    };
-    let token = load_or_create(&args.data_dir.join("api-token"), || {
+    let _lock = node_dir::lock(&args.data_dir)?;
+    let node_name = node_dir::node_name(args.node_name.as_deref(), &args.data_dir)?;
+    let token = node_dir::load_or_create(&args.data_dir.join("api-token"), || {
         format!("{:032x}", rand::random::<u128>())
     })?;
 
@@ -141,39 +54,18 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--api-addr {}: cannot listen", args.api_addr))?;
     let api_addr = listener.local_addr()?;
 
-    let store = Store::open(StoreConfig {
-        data_dir: args.data_dir.join("store"),
-        node_id: 1,
-        advertise_addr: api_addr.to_string(),
-    })
-    .await
-    .context("opening the store")?;
-    store
-        .bootstrap_single()
-        .await
-        .context("starting the raft group")?;
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let api = tokio::spawn(flotilla_api::serve(
+    let manager = Manager::start(
+        &args.data_dir,
         listener,
-        AppState::new(store.clone(), Some(token)),
-        {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
+        Some(token),
+        ControllerConfig {
+            node_grace: args.node_grace,
+            ..ControllerConfig::default()
         },
-    ));
-    let controllers = tokio::spawn(
-        ControllerRunner::new(
-            store.clone(),
-            ControllerConfig {
-                node_grace: args.node_grace,
-                ..ControllerConfig::default()
-            },
-        )
-        .run(stop_rx.clone()),
-    );
+        Some(node_name.clone()),
+    )
+    .await?;
+    let stop_rx = manager.stopping();
     let api_url = format!("http://{api_addr}");
     let agent = Agent::new(AgentConfig {
         node_id: node_name.clone(),
@@ -181,6 +73,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         state_dir: args.data_dir.join("agent"),
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
         task_ports: args.task_ports.clone(),
+        mesh: args.mesh.config(),
     })
     .await
     .context("starting the agent")?;
@@ -198,15 +91,13 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
 
     wait_for_signal().await;
     println!("shutting down; tasks keep running and are re-adopted by the next `flotilla up`");
-    let _ = stop_tx.send(true);
+    manager.signal_stop();
     let _ = agent.await;
-    let _ = controllers.await;
-    let _ = api.await;
-    store.shutdown().await.context("stopping the store")?;
+    manager.stop().await?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => {

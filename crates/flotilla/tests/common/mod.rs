@@ -14,6 +14,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 /// Each cluster in this test binary gets its own slice of host ports for tasks, so parallel
 /// tests never race for the same port.
 static NEXT_SLICE: AtomicU16 = AtomicU16::new(0);
+/// Same for the port ranges of standalone agents (`Cluster::add_agent`), in their own region.
+static NEXT_AGENT_SLICE: AtomicU16 = AtomicU16::new(0);
 
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
@@ -63,6 +65,30 @@ pub struct Cluster {
     extra_args: Vec<String>,
     /// Interface the API binds to.
     pub api_host: String,
+    /// Standalone worker agents (`flotilla agent`) following this cluster's manager.
+    pub agents: Vec<AgentNode>,
+}
+
+/// A `flotilla agent` process: one worker node with its own name, data dir and port range.
+pub struct AgentNode {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub task_ports: (u16, u16),
+    log: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+    /// Extra `flotilla agent` arguments (e.g. `--mesh-bind 127.0.0.2`).
+    extra_args: Vec<String>,
+}
+
+impl AgentNode {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Cluster {
@@ -94,6 +120,7 @@ impl Cluster {
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             api_host: host.into(),
+            agents: Vec::new(),
         };
         c.spawn_up();
         c
@@ -136,8 +163,119 @@ impl Cluster {
                 .output()
                 .ok()?;
             let nodes: Value = serde_json::from_slice(&out.stdout).ok()?;
-            (nodes.as_array()?.len() == 1).then_some(())
+            (!nodes.as_array()?.is_empty()).then_some(())
         });
+    }
+
+    /// Starts a standalone agent named `name` against this cluster's manager and waits until
+    /// the node is registered and ready. Its heartbeat is 300ms, so run the cluster with a short
+    /// `--node-grace` to see failures quickly.
+    pub fn add_agent(&mut self, name: &str) -> &AgentNode {
+        self.add_agent_with(name, &[])
+    }
+
+    /// [`Cluster::add_agent`] with extra `flotilla agent` arguments.
+    pub fn add_agent_with(&mut self, name: &str, extra: &[&str]) -> &AgentNode {
+        let slice =
+            NEXT_AGENT_SLICE.fetch_add(1, Ordering::SeqCst) + (std::process::id() % 20) as u16 * 5;
+        let start = 11000 + (slice % 90) * 100;
+        self.agents.push(AgentNode {
+            name: name.to_string(),
+            data_dir: self.dir.path().join(format!("agent-{name}")),
+            task_ports: (start, start + 100),
+            log: self.dir.path().join(format!("agent-{name}.log")),
+            child: None,
+            stopped: false,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        });
+        self.start_agent(name);
+        self.agent(name)
+    }
+
+    pub fn agent(&self, name: &str) -> &AgentNode {
+        self.agents
+            .iter()
+            .find(|a| a.name == name)
+            .unwrap_or_else(|| panic!("no agent {name}"))
+    }
+
+    fn agent_mut(&mut self, name: &str) -> &mut AgentNode {
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == name)
+            .unwrap_or_else(|| panic!("no agent {name}"))
+    }
+
+    /// (Re)starts the agent process of an added agent and waits for its node to be ready.
+    pub fn start_agent(&mut self, name: &str) {
+        let addr = self.addr();
+        let a = self.agent_mut(name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.log)
+            .expect("open agent log");
+        let child = Command::new(BIN)
+            .args([
+                "agent",
+                "--manager",
+                &addr,
+                "--node-name",
+                name,
+                "--heartbeat",
+                "300ms",
+            ])
+            .arg("--data-dir")
+            .arg(&a.data_dir)
+            .arg("--task-ports")
+            .arg(format!("{}-{}", a.task_ports.0, a.task_ports.1))
+            .args(&a.extra_args)
+            .env("FLOTILLA_LOG", "info")
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla agent");
+        a.child = Some(child);
+        self.wait_node(name, "ready");
+    }
+
+    /// Waits until `node ls` shows `name` in `state` (`ready` or `down`).
+    pub fn wait_node(&self, name: &str, state: &str) -> Value {
+        wait_for(
+            &format!("node {name} to be {state}"),
+            Duration::from_secs(60),
+            || {
+                let nodes = self.json(&["node", "ls"]);
+                nodes
+                    .as_array()?
+                    .iter()
+                    .find(|n| n["id"] == name && n["state"] == state)
+                    .cloned()
+            },
+        )
+    }
+
+    /// SIGKILLs an agent process; its shims and workloads stay.
+    pub fn kill_agent(&mut self, name: &str) {
+        let a = self.agent_mut(name);
+        if let Some(mut c) = a.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOPs (`frozen = true`) or SIGCONTs an agent: a frozen agent sends no heartbeats,
+    /// but its workloads keep running.
+    pub fn freeze_agent(&mut self, name: &str, frozen: bool) {
+        let a = self.agent_mut(name);
+        let pid = a.pid().expect("agent is running");
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+        a.stopped = frozen;
     }
 
     /// SIGKILLs the `flotilla up` process (manager and agent), leaving shims and workloads.
@@ -238,6 +376,15 @@ impl Cluster {
         if self.child.is_none() {
             return;
         }
+        // Frozen agents must run again to stop their workloads.
+        for a in &mut self.agents {
+            if let (true, Some(pid)) = (a.stopped, a.pid()) {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status();
+                a.stopped = false;
+            }
+        }
         // Stop every workload through the cluster, so nothing outlives the test.
         if let Ok(services) =
             serde_json::from_slice::<Value>(&self.run(&["service", "ls", "-o", "json"]).stdout)
@@ -271,6 +418,17 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         self.kill_up();
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = Command::new("pkill")
+                .arg("-9")
+                .arg("-f")
+                .arg(&a.data_dir)
+                .status();
+        }
         // Last resort for shims of a test that failed midway.
         let _ = Command::new("pkill")
             .arg("-9")
@@ -289,6 +447,9 @@ impl Drop for Cluster {
                 self.dir.path().display(),
                 tail(&self.up_log(), 80)
             );
+            for a in &self.agents {
+                eprintln!("---- agent {} log ----\n{}", a.name, tail(&a.log(), 40));
+            }
         }
     }
 }

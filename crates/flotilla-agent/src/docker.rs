@@ -1,0 +1,1219 @@
+//! The docker driver: runs each task as a container on the local Docker Engine.
+//!
+//! Ownership lives in the engine, not in agent files: every container carries the labels
+//! [`LABEL_SERVICE`], [`LABEL_TASK`], [`LABEL_REVISION`], [`LABEL_NODE`] and [`LABEL_SLOT`], so a
+//! restarted agent finds its tasks again by listing containers. Exits and image health changes
+//! come from the engine's event stream, which one background task follows for the driver's whole
+//! life; [`Driver::wait`] resolves as soon as a `die` event arrives.
+
+use crate::driver::{
+    Driver, DriverError, ExecOutput, ExitInfo, LogStream, RecoveredTask, RunningTask,
+    EXEC_OUTPUT_LIMIT,
+};
+use crate::shim::ExitRecord;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerUpdateBody, DeviceRequest,
+    EndpointSettings, HealthConfig, HealthStatusEnum, HostConfig, Mount, MountType,
+    NetworkCreateRequest, NetworkingConfig, PortBinding as EnginePortBinding, ResourcesUlimits,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
+};
+use bollard::Docker;
+use flotilla_types::api::TaskStats;
+use flotilla_types::container::{GpuCount, PullPolicy, VolumeKind};
+use flotilla_types::{
+    now_ms, DriverKind, Health, PortBinding, PortProtocol, Resources, Task, Timestamp,
+};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+pub const LABEL_SERVICE: &str = "io.flotilla.service";
+pub const LABEL_TASK: &str = "io.flotilla.task";
+pub const LABEL_REVISION: &str = "io.flotilla.revision";
+pub const LABEL_NODE: &str = "io.flotilla.node";
+pub const LABEL_SLOT: &str = "io.flotilla.slot";
+
+/// How long engine detection waits for an answer to its ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a registry pull may take before the start fails.
+const PULL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause before following the event stream again after it broke.
+const EVENTS_RETRY: Duration = Duration::from_secs(1);
+
+/// The container name of a task: `flotilla-<service>-<slot or node>-<task_id>`.
+pub fn container_name(task: &Task) -> String {
+    let place = match (task.slot, &task.node) {
+        (Some(slot), _) => slot.to_string(),
+        (None, Some(node)) => node.clone(),
+        (None, None) => "any".to_string(),
+    };
+    // The engine allows [a-zA-Z0-9][a-zA-Z0-9_.-]*; node names may hold other characters.
+    let place: String = place
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("flotilla-{}-{place}-{}", task.spec.name, task.id)
+}
+
+/// The bridge network of a service's containers.
+pub fn network_name(service: &str) -> String {
+    format!("flotilla-{service}")
+}
+
+/// Per-task notifications fed by the event stream.
+#[derive(Default)]
+struct Watchers {
+    /// Bumped on every `die` of the task's container (and after the stream reconnects, when
+    /// events may have been missed), so waiters look at the container again.
+    exits: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Image health check results of tasks whose service defines no check of its own.
+    health: Mutex<HashMap<String, watch::Sender<Health>>>,
+}
+
+impl Watchers {
+    fn exit_receiver(&self, task_id: &str) -> watch::Receiver<u64> {
+        let mut exits = self.exits.lock().unwrap_or_else(|p| p.into_inner());
+        exits
+            .entry(task_id.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn bump(&self, task_id: &str) {
+        let exits = self.exits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = exits.get(task_id) {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn bump_all(&self) {
+        let exits = self.exits.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in exits.values() {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn set_health(&self, task_id: &str, health: Health) {
+        let watchers = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = watchers.get(task_id) {
+            tx.send_replace(health);
+        }
+    }
+
+    fn forget(&self, task_id: &str) {
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(task_id);
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(task_id);
+    }
+}
+
+/// Runs tasks as containers on the local Docker Engine.
+pub struct DockerDriver {
+    docker: Docker,
+    node: String,
+    watchers: Arc<Watchers>,
+    /// Serialises creating and removing service networks: the engine (API 1.41) would happily
+    /// create two networks of the same name for two concurrent starts.
+    networks: tokio::sync::Mutex<()>,
+    events: JoinHandle<()>,
+}
+
+impl Drop for DockerDriver {
+    fn drop(&mut self) {
+        self.events.abort();
+    }
+}
+
+impl DockerDriver {
+    /// Connects to the engine at `DOCKER_HOST` (default `/var/run/docker.sock`) and pings it.
+    /// `Ok(None)` when no engine answers: the node then simply has no docker driver.
+    pub async fn detect(node: &str) -> Result<Option<Self>, DriverError> {
+        let docker = match Docker::connect_with_defaults() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(error = %e, "no docker engine configured");
+                return Ok(None);
+            }
+        };
+        match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "docker engine unreachable; docker driver disabled");
+                return Ok(None);
+            }
+            Err(_) => {
+                tracing::info!("docker engine did not answer a ping; docker driver disabled");
+                return Ok(None);
+            }
+        }
+        // Speak the engine's API version, which may be older than bollard's default.
+        let docker = tokio::time::timeout(PING_TIMEOUT, docker.negotiate_version())
+            .await
+            .map_err(|_| DriverError::Invalid {
+                field: "docker".into(),
+                reason: "the engine answered a ping but not a version request".into(),
+            })??;
+        Ok(Some(Self::with_client(docker, node)))
+    }
+
+    /// A driver for this node using an already connected client.
+    pub fn with_client(docker: Docker, node: &str) -> Self {
+        let watchers = Arc::new(Watchers::default());
+        let span = tracing::info_span!("docker_events", node = %node);
+        let events = tokio::spawn(
+            follow_events(docker.clone(), node.to_string(), watchers.clone()).instrument(span),
+        );
+        DockerDriver {
+            docker,
+            node: node.to_string(),
+            watchers,
+            networks: tokio::sync::Mutex::new(()),
+            events,
+        }
+    }
+
+    /// The engine client, for callers that need more than the driver offers.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Tags of the images present on the node (`name:tag`).
+    pub async fn images(&self) -> Result<Vec<String>, DriverError> {
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptionsBuilder::default().build()))
+            .await?;
+        let mut tags: Vec<String> = images
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| t != "<none>:<none>")
+            .collect();
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    /// The container of a task on this node, inspected.
+    async fn find(&self, task_id: &str) -> Result<ContainerInspectResponse, DriverError> {
+        let filters = HashMap::from([(
+            "label",
+            vec![
+                format!("{LABEL_TASK}={task_id}"),
+                format!("{LABEL_NODE}={}", self.node),
+            ],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?;
+        let id = list
+            .into_iter()
+            .find_map(|c| c.id)
+            .ok_or_else(|| DriverError::NotFound(task_id.to_string()))?;
+        match self.docker.inspect_container(&id, None).await {
+            Ok(c) => Ok(c),
+            Err(e) if is_status(&e, 404) => Err(DriverError::NotFound(task_id.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes sure `image` is on the node, pulling it when the policy allows.
+    async fn ensure_image(
+        &self,
+        task: &Task,
+        image: &str,
+        policy: PullPolicy,
+    ) -> Result<(), DriverError> {
+        let present = match self.docker.inspect_image(image).await {
+            Ok(_) => true,
+            Err(e) if is_status(&e, 404) => false,
+            Err(e) => return Err(e.into()),
+        };
+        let must_pull = match policy {
+            PullPolicy::Never => false,
+            PullPolicy::Missing => !present,
+            PullPolicy::Always => true,
+        };
+        if !must_pull {
+            return if present {
+                Ok(())
+            } else {
+                Err(DriverError::StartFailed {
+                    task: task.id.clone(),
+                    reason: format!(
+                        "image {image} not present on node {} and pull_policy is never",
+                        self.node
+                    ),
+                })
+            };
+        }
+        match self.pull(image).await {
+            Ok(()) => Ok(()),
+            Err(reason) if present => {
+                tracing::warn!(%image, %reason, "pull failed; using the local copy");
+                Ok(())
+            }
+            Err(reason) => Err(DriverError::StartFailed {
+                task: task.id.clone(),
+                reason: format!(
+                    "image {image} not present on node {} and pull failed: {reason}",
+                    self.node
+                ),
+            }),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), String> {
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(image)
+            .build();
+        let mut progress = self.docker.create_image(Some(options), None, None);
+        let pulling = async {
+            while let Some(step) = progress.next().await {
+                step.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(PULL_TIMEOUT, pulling).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no result within {PULL_TIMEOUT:?}")),
+        }
+    }
+
+    /// Creates the service's bridge network unless it exists.
+    async fn ensure_network(&self, service: &str) -> Result<(), DriverError> {
+        let _guard = self.networks.lock().await;
+        let name = network_name(service);
+        match self.docker.inspect_network(&name, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.docker
+            .create_network(NetworkCreateRequest {
+                name: name.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(HashMap::from([
+                    (LABEL_SERVICE.to_string(), service.to_string()),
+                    (LABEL_NODE.to_string(), self.node.clone()),
+                ])),
+                ..Default::default()
+            })
+            .await?;
+        tracing::info!(network = %name, "created service network");
+        Ok(())
+    }
+
+    /// Removes the service's network once no container of the service is left on the node.
+    async fn release_network(&self, service: &str) -> Result<(), DriverError> {
+        let _guard = self.networks.lock().await;
+        let filters = HashMap::from([(
+            "label",
+            vec![
+                format!("{LABEL_SERVICE}={service}"),
+                format!("{LABEL_NODE}={}", self.node),
+            ],
+        )]);
+        let left = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?;
+        if !left.is_empty() {
+            return Ok(());
+        }
+        match self.docker.remove_network(&network_name(service)).await {
+            Ok(()) => {
+                tracing::info!(network = %network_name(service), "removed service network");
+                Ok(())
+            }
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits for the container to stop running, looking again at every `die` event.
+    async fn wait_exit(&self, task_id: &str) -> Result<ExitInfo, DriverError> {
+        // Subscribe before looking, so a die between the look and the wait is not missed.
+        let mut changed = self.watchers.exit_receiver(task_id);
+        loop {
+            let c = self.find(task_id).await?;
+            if let Some(exit) = exit_of(&c) {
+                return Ok(exit);
+            }
+            if changed.changed().await.is_err() {
+                return Err(DriverError::NotFound(task_id.to_string()));
+            }
+        }
+    }
+
+    fn create_body(
+        &self,
+        task: &Task,
+        ports: &[PortBinding],
+    ) -> Result<ContainerCreateBody, DriverError> {
+        let spec = &task.spec;
+        let invalid = |field: &str, reason: String| DriverError::Invalid {
+            field: format!("services.{}.{field}", spec.name),
+            reason,
+        };
+        if let Some(e) = spec.container.validate(&spec.name).into_iter().next() {
+            return Err(DriverError::Invalid {
+                field: e.field,
+                reason: e.reason,
+            });
+        }
+        let image = spec
+            .image
+            .clone()
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| invalid("image", "the docker driver needs an image".into()))?;
+
+        let mut env = Vec::new();
+        for (k, v) in &spec.environment {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(invalid(
+                    &format!("environment.{k}"),
+                    "names must be non-empty without '=' or NUL, values without NUL".into(),
+                ));
+            }
+            env.push(format!("{k}={v}"));
+        }
+        // Inside the container the workload listens on its target port; the host port is the
+        // engine's business.
+        if let Some(first) = ports.first() {
+            env.push(format!("PORT={}", first.target));
+        }
+        for p in ports {
+            env.push(format!("FLOTILLA_PORT_{0}={0}", p.target));
+        }
+        env.push(format!("FLOTILLA_TASK_ID={}", task.id));
+        env.push(format!("FLOTILLA_SERVICE={}", spec.name));
+        env.push(format!("FLOTILLA_NODE={}", self.node));
+        if let Some(slot) = task.slot {
+            env.push(format!("FLOTILLA_SLOT={slot}"));
+        }
+
+        let protocol_of = |target: u16| {
+            spec.ports
+                .iter()
+                .find(|p| p.target == target)
+                .map_or(PortProtocol::Tcp, |p| p.protocol)
+        };
+        let mut exposed = Vec::new();
+        let mut bindings = HashMap::new();
+        for p in ports {
+            if p.host_port == 0 || p.target == 0 {
+                return Err(invalid("ports", "port 0 is not a port".into()));
+            }
+            let proto = match protocol_of(p.target) {
+                PortProtocol::Tcp => "tcp",
+                PortProtocol::Udp => "udp",
+            };
+            let key = format!("{}/{proto}", p.target);
+            exposed.push(key.clone());
+            bindings.insert(
+                key,
+                Some(vec![EnginePortBinding {
+                    host_ip: None,
+                    host_port: Some(p.host_port.to_string()),
+                }]),
+            );
+        }
+
+        let mut labels: HashMap<String, String> = spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.insert(LABEL_SERVICE.into(), spec.name.clone());
+        labels.insert(LABEL_TASK.into(), task.id.clone());
+        labels.insert(LABEL_REVISION.into(), task.revision.to_string());
+        labels.insert(LABEL_NODE.into(), self.node.clone());
+        if let Some(slot) = task.slot {
+            labels.insert(LABEL_SLOT.into(), slot.to_string());
+        }
+
+        let c = &spec.container;
+        let mounts: Vec<Mount> = c
+            .volumes
+            .iter()
+            .map(|v| Mount {
+                typ: Some(match v.kind {
+                    VolumeKind::Volume => MountType::VOLUME,
+                    VolumeKind::Bind => MountType::BIND,
+                }),
+                source: v.source.clone(),
+                target: Some(v.target.clone()),
+                read_only: Some(v.read_only),
+                ..Default::default()
+            })
+            .collect();
+        let tmpfs: HashMap<String, String> = c
+            .tmpfs
+            .iter()
+            .map(|t| match t.split_once(':') {
+                Some((path, opts)) => (path.to_string(), opts.to_string()),
+                None => (t.clone(), String::new()),
+            })
+            .collect();
+        let ulimits: Vec<ResourcesUlimits> = c
+            .ulimits
+            .iter()
+            .map(|(name, l)| ResourcesUlimits {
+                name: Some(name.clone()),
+                soft: Some(l.soft),
+                hard: Some(l.hard),
+            })
+            .collect();
+        let device_requests: Vec<DeviceRequest> = c
+            .gpus
+            .iter()
+            .map(|g| DeviceRequest {
+                driver: g.driver.clone(),
+                count: g.count.map(|n| match n {
+                    // The engine's spelling of "all devices".
+                    GpuCount::All => -1,
+                    GpuCount::Count(n) => i64::try_from(n).unwrap_or(i64::MAX),
+                }),
+                device_ids: (!g.device_ids.is_empty()).then(|| g.device_ids.clone()),
+                capabilities: Some(vec![g.capabilities.clone()]),
+                options: None,
+            })
+            .collect();
+
+        let mut host = HostConfig {
+            port_bindings: Some(bindings),
+            network_mode: Some(network_name(&spec.name)),
+            cap_add: (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
+            cap_drop: (!c.cap_drop.is_empty()).then(|| c.cap_drop.clone()),
+            readonly_rootfs: Some(c.read_only),
+            init: c.init,
+            mounts: (!mounts.is_empty()).then_some(mounts),
+            tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
+            ulimits: (!ulimits.is_empty()).then_some(ulimits),
+            device_requests: (!device_requests.is_empty()).then_some(device_requests),
+            runtime: c.runtime.clone(),
+            ..Default::default()
+        };
+        apply_limits(&mut host, &spec.resources)?;
+
+        let stop_signal = spec.stop_signal.clone();
+        Ok(ContainerCreateBody {
+            image: Some(image),
+            cmd: spec.command.clone(),
+            entrypoint: spec.entrypoint.clone(),
+            env: Some(env),
+            working_dir: spec.working_dir.clone(),
+            user: spec.user.clone(),
+            labels: Some(labels),
+            exposed_ports: Some(exposed),
+            stop_signal,
+            stop_timeout: Some(i64::try_from(spec.stop_grace_period.as_secs()).unwrap_or(i64::MAX)),
+            // The agent runs the service's own check; the image's would only compete with it.
+            healthcheck: spec.healthcheck.as_ref().map(|_| HealthConfig {
+                test: Some(vec!["NONE".into()]),
+                ..Default::default()
+            }),
+            host_config: Some(host),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    network_name(&spec.name),
+                    EndpointSettings {
+                        aliases: Some(vec![spec.name.clone()]),
+                        ..Default::default()
+                    },
+                )])),
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), DriverError> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 404: already gone; 409: a removal is already in progress.
+            Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn kill(&self, id: &str, signal: i32) -> Result<(), DriverError> {
+        let options = KillContainerOptionsBuilder::default()
+            .signal(&signal.to_string())
+            .build();
+        match self.docker.kill_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 409: not running (it exited meanwhile), which is what a kill wants.
+            Err(e) if is_status(&e, 409) || is_status(&e, 404) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Sets cpu, memory and pids limits and reservations on a create or update body.
+fn apply_limits(host: &mut HostConfig, resources: &Resources) -> Result<(), DriverError> {
+    let update = limits_update(resources)?;
+    host.nano_cpus = update.nano_cpus;
+    host.memory = update.memory;
+    host.memory_swap = update.memory_swap;
+    host.memory_reservation = update.memory_reservation;
+    host.cpu_shares = update.cpu_shares;
+    host.pids_limit = update.pids_limit;
+    Ok(())
+}
+
+/// The engine's form of Flotilla's resources. Swap is capped at the memory limit so the limit
+/// means the same as for a process task.
+fn limits_update(resources: &Resources) -> Result<ContainerUpdateBody, DriverError> {
+    let invalid = |field: &str, reason: String| DriverError::Invalid {
+        field: format!("deploy.resources.{field}"),
+        reason,
+    };
+    let as_i64 = |field: &str, v: u64| {
+        i64::try_from(v).map_err(|_| invalid(field, format!("{v} is too large")))
+    };
+    let l = resources.limits;
+    let r = resources.reservations;
+    for (which, a) in [("limits", l), ("reservations", r)] {
+        if a.memory_bytes.is_some_and(|m| m < 6 << 20) {
+            // The engine refuses limits below 6MiB.
+            return Err(invalid(
+                &format!("{which}.memory"),
+                "must be at least 6MiB for a container".into(),
+            ));
+        }
+        if a.cpu_millis == Some(0) {
+            return Err(invalid(
+                &format!("{which}.cpus"),
+                "must be greater than 0".into(),
+            ));
+        }
+    }
+    if matches!((r.memory_bytes, l.memory_bytes), (Some(r), Some(l)) if r > l) {
+        return Err(invalid(
+            "reservations.memory",
+            "reservation is larger than the limit".into(),
+        ));
+    }
+    let memory = l
+        .memory_bytes
+        .map(|m| as_i64("limits.memory", m))
+        .transpose()?;
+    Ok(ContainerUpdateBody {
+        nano_cpus: l
+            .cpu_millis
+            .map(|m| as_i64("limits.cpus", m.saturating_mul(1_000_000)))
+            .transpose()?,
+        memory,
+        memory_swap: memory,
+        memory_reservation: r
+            .memory_bytes
+            .map(|m| as_i64("reservations.memory", m))
+            .transpose()?,
+        // 1024 shares are one cpu's worth; the kernel's minimum is 2.
+        cpu_shares: r
+            .cpu_millis
+            .map(|m| as_i64("reservations.cpus", (m.saturating_mul(1024) / 1000).max(2)))
+            .transpose()?,
+        pids_limit: l.pids.map(|p| as_i64("limits.pids", p)).transpose()?,
+        ..Default::default()
+    })
+}
+
+/// Whether an engine error is an HTTP answer with this status.
+fn is_status(e: &bollard::errors::Error, code: u16) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// The engine's message of an error, without bollard's wrapping.
+fn engine_message(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn parse_time(text: Option<&str>) -> Option<Timestamp> {
+    let t = chrono::DateTime::parse_from_rfc3339(text?).ok()?;
+    // The engine writes 0001-01-01 for "never".
+    (t.timestamp() > 0).then(|| t.timestamp_millis())
+}
+
+/// The exit of a container that is no longer running; `None` while it runs (or is created but
+/// not started yet, which only happens inside `start`).
+fn exit_of(c: &ContainerInspectResponse) -> Option<ExitInfo> {
+    let state = c.state.as_ref()?;
+    if state.running == Some(true) || state.restarting == Some(true) {
+        return None;
+    }
+    let code = state.exit_code.and_then(|c| i32::try_from(c).ok());
+    // The engine only reports a status; like a shell, 128+N means death by signal N.
+    let signal = code.filter(|c| (129..=192).contains(c)).map(|c| c - 128);
+    let record = ExitRecord {
+        code,
+        signal,
+        oom_killed: state.oom_killed == Some(true),
+        at: parse_time(state.finished_at.as_deref()).unwrap_or_else(now_ms),
+    };
+    let limit = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.memory)
+        .and_then(|m| u64::try_from(m).ok())
+        .filter(|m| *m > 0);
+    let mut exit = ExitInfo::from_record(&record, limit);
+    if let Some(err) = state.error.as_deref().filter(|e| !e.is_empty()) {
+        exit.message = format!("{}: {err}", exit.message);
+    }
+    Some(exit)
+}
+
+/// The host ports a container publishes, from its configuration (valid even when stopped).
+fn published_ports(c: &ContainerInspectResponse) -> Vec<PortBinding> {
+    let mut ports: Vec<PortBinding> = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|(key, bindings)| {
+            let target = key.split('/').next()?.parse::<u16>().ok()?;
+            let host_port = bindings
+                .as_ref()?
+                .iter()
+                .find_map(|b| b.host_port.as_deref()?.parse::<u16>().ok())?;
+            Some(PortBinding { target, host_port })
+        })
+        .collect();
+    ports.sort_by_key(|p| p.target);
+    ports
+}
+
+fn label<'a>(c: &'a ContainerInspectResponse, key: &str) -> Option<&'a str> {
+    c.config
+        .as_ref()?
+        .labels
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+fn health_from_engine(status: Option<HealthStatusEnum>) -> Option<Health> {
+    match status? {
+        HealthStatusEnum::STARTING => Some(Health::Starting),
+        HealthStatusEnum::HEALTHY => Some(Health::Healthy),
+        HealthStatusEnum::UNHEALTHY => Some(Health::Unhealthy),
+        HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => None,
+    }
+}
+
+/// Follows the engine's container events for this node's containers until aborted.
+async fn follow_events(docker: Docker, node: String, watchers: Arc<Watchers>) {
+    loop {
+        let filters = HashMap::from([
+            ("type", vec!["container".to_string()]),
+            ("label", vec![format!("{LABEL_NODE}={node}")]),
+        ]);
+        let mut events = docker.events(Some(
+            EventsOptionsBuilder::default().filters(&filters).build(),
+        ));
+        // Events may have been missed while the stream was down: waiters look again.
+        watchers.bump_all();
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "docker event stream failed; reconnecting");
+                    break;
+                }
+            };
+            let action = event.action.unwrap_or_default();
+            let Some(task_id) = event
+                .actor
+                .and_then(|a| a.attributes)
+                .and_then(|mut attrs| attrs.remove(LABEL_TASK))
+            else {
+                continue;
+            };
+            if action == "die" {
+                tracing::debug!(task = %task_id, "container died");
+                watchers.bump(&task_id);
+            } else if let Some(status) = action.strip_prefix("health_status: ") {
+                let health = match status.trim() {
+                    "healthy" => Health::Healthy,
+                    "unhealthy" => Health::Unhealthy,
+                    _ => Health::Starting,
+                };
+                watchers.set_health(&task_id, health);
+            }
+        }
+        tokio::time::sleep(EVENTS_RETRY).await;
+    }
+}
+
+/// Reads the engine's multiplexed output to the end, keeping at most `cap` bytes.
+async fn collect_output(
+    mut output: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+    >,
+    cap: usize,
+) -> Result<String, DriverError> {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(chunk) = output.next().await {
+        let (buf, bytes) = match chunk? {
+            LogOutput::StdErr { message } => (&mut err, message),
+            LogOutput::StdOut { message } | LogOutput::Console { message } => (&mut out, message),
+            LogOutput::StdIn { .. } => continue,
+        };
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+    out.extend_from_slice(&err);
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[async_trait::async_trait]
+impl Driver for DockerDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Docker
+    }
+
+    #[tracing::instrument(skip_all, fields(task = %task.id, service = %task.spec.name, node = %self.node))]
+    async fn start(&self, task: &Task, ports: &[PortBinding]) -> Result<RunningTask, DriverError> {
+        let body = self.create_body(task, ports)?;
+        match self.find(&task.id).await {
+            Ok(_) => return Err(DriverError::AlreadyExists(task.id.clone())),
+            Err(DriverError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let image = body.image.clone().unwrap_or_default();
+        self.ensure_image(task, &image, task.spec.container.pull_policy)
+            .await?;
+        self.ensure_network(&task.spec.name).await?;
+        let name = container_name(task);
+        let created = match self
+            .docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body,
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = format!("cannot create container {name}: {}", engine_message(&e));
+                if let Err(cleanup) = self.release_network(&task.spec.name).await {
+                    tracing::warn!(error = %cleanup, "releasing the service network failed");
+                }
+                return Err(DriverError::StartFailed {
+                    task: task.id.clone(),
+                    reason,
+                });
+            }
+        };
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let reason = format!("cannot start container {name}: {}", engine_message(&e));
+            // The task never ran: leave nothing behind so the id can be retried.
+            if let Err(cleanup) = self.remove(&task.id).await {
+                tracing::warn!(error = %cleanup, "cleanup after failed start failed");
+            }
+            return Err(DriverError::StartFailed {
+                task: task.id.clone(),
+                reason,
+            });
+        }
+        let inspected = self.docker.inspect_container(&created.id, None).await?;
+        let pid = inspected
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0);
+        tracing::info!(container = %created.id, ?pid, "container started");
+        Ok(RunningTask {
+            pid,
+            container_id: Some(created.id),
+        })
+    }
+
+    async fn recover(&self) -> Result<Vec<RecoveredTask>, DriverError> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={}", self.node)])]);
+        let list = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?;
+        let mut recovered = Vec::new();
+        for summary in list {
+            let Some(id) = summary.id else { continue };
+            let c = match self.docker.inspect_container(&id, None).await {
+                Ok(c) => c,
+                Err(e) if is_status(&e, 404) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let Some(task_id) = label(&c, LABEL_TASK).map(str::to_string) else {
+                continue;
+            };
+            let exited = exit_of(&c);
+            let pid = c
+                .state
+                .as_ref()
+                .and_then(|s| s.pid)
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|p| *p > 0 && exited.is_none());
+            tracing::info!(task = %task_id, container = %id, exited = exited.is_some(), "recovered container");
+            recovered.push(RecoveredTask {
+                task_id,
+                pid,
+                container_id: Some(id),
+                ports: published_ports(&c),
+                exited,
+            });
+        }
+        recovered.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        Ok(recovered)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn wait(&self, task_id: &str) -> Result<ExitInfo, DriverError> {
+        self.wait_exit(task_id).await
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn stop(
+        &self,
+        task_id: &str,
+        signal: i32,
+        grace: Duration,
+    ) -> Result<ExitInfo, DriverError> {
+        if nix::sys::signal::Signal::try_from(signal).is_err() {
+            return Err(DriverError::Invalid {
+                field: "signal".into(),
+                reason: format!("{signal} is not a signal number"),
+            });
+        }
+        let c = self.find(task_id).await?;
+        if let Some(exit) = exit_of(&c) {
+            return Ok(exit);
+        }
+        let id = c.id.clone().unwrap_or_default();
+        self.kill(&id, signal).await?;
+        match tokio::time::timeout(grace, self.wait_exit(task_id)).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::info!(?grace, "container outlived its grace period; killing it");
+                self.kill(&id, libc::SIGKILL).await?;
+                self.wait_exit(task_id).await
+            }
+        }
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn remove(&self, task_id: &str) -> Result<(), DriverError> {
+        let c = match self.find(task_id).await {
+            Ok(c) => c,
+            Err(DriverError::NotFound(_)) => {
+                self.watchers.forget(task_id);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let service = label(&c, LABEL_SERVICE).map(str::to_string);
+        self.remove_container(c.id.as_deref().unwrap_or_default())
+            .await?;
+        self.watchers.forget(task_id);
+        if let Some(service) = service {
+            self.release_network(&service).await?;
+        }
+        tracing::info!("container removed");
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self, limits))]
+    async fn update_resources(&self, task_id: &str, limits: &Resources) -> Result<(), DriverError> {
+        let update = limits_update(limits)?;
+        let c = self.find(task_id).await?;
+        if exit_of(&c).is_some() {
+            return Err(DriverError::NotRunning(task_id.to_string()));
+        }
+        let id = c.id.unwrap_or_default();
+        self.docker
+            .update_container(&id, update)
+            .await
+            .map_err(|e| DriverError::Refused {
+                task: task_id.to_string(),
+                reason: format!("the engine refused the new limits: {}", engine_message(&e)),
+            })?;
+        tracing::info!(container = %id, "resources updated in place");
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self, timeout))]
+    async fn exec(
+        &self,
+        task_id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, DriverError> {
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(DriverError::Invalid {
+                field: "argv".into(),
+                reason: "needs a program to run".into(),
+            });
+        }
+        let c = self.find(task_id).await?;
+        if exit_of(&c).is_some() {
+            return Err(DriverError::NotRunning(task_id.to_string()));
+        }
+        let id = c.id.unwrap_or_default();
+        let exec = self
+            .docker
+            .create_exec(
+                &id,
+                CreateExecOptions {
+                    cmd: Some(argv.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let run = async {
+            match self
+                .docker
+                .start_exec(&exec.id, Some(StartExecOptions::default()))
+                .await?
+            {
+                StartExecResults::Attached { output, .. } => {
+                    collect_output(output, EXEC_OUTPUT_LIMIT).await
+                }
+                StartExecResults::Detached => Ok(String::new()),
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(output) => {
+                let output = output?;
+                let inspect = self.docker.inspect_exec(&exec.id).await?;
+                Ok(ExecOutput {
+                    exit_code: inspect.exit_code.and_then(|c| i32::try_from(c).ok()),
+                    output,
+                    timed_out: false,
+                })
+            }
+            // The engine offers no way to kill an exec; it ends with the container at the latest.
+            Err(_) => Ok(ExecOutput {
+                exit_code: None,
+                output: String::new(),
+                timed_out: true,
+            }),
+        }
+    }
+
+    async fn logs(
+        &self,
+        task_id: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> Result<LogStream, DriverError> {
+        let c = self.find(task_id).await?;
+        let id = c.id.unwrap_or_default();
+        let tail = tail.map_or_else(|| "all".to_string(), |n| n.to_string());
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .follow(follow)
+            .tail(&tail)
+            .build();
+        let stream = self
+            .docker
+            .logs(&id, Some(options))
+            .map(|chunk| chunk.map(|o| o.into_bytes()).map_err(DriverError::from));
+        Ok(stream.boxed())
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn stats(&self, task_id: &str) -> Result<TaskStats, DriverError> {
+        let c = self.find(task_id).await?;
+        if exit_of(&c).is_some() {
+            return Err(DriverError::NotRunning(task_id.to_string()));
+        }
+        let id = c.id.clone().unwrap_or_default();
+        // Not one-shot: the engine then samples twice, a second apart, so the cpu rate is real.
+        let options = StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(false)
+            .build();
+        let sample = self
+            .docker
+            .stats(&id, Some(options))
+            .next()
+            .await
+            .ok_or_else(|| DriverError::NotRunning(task_id.to_string()))??;
+        let cpu = sample.cpu_stats.unwrap_or_default();
+        let pre = sample.precpu_stats.unwrap_or_default();
+        let total = |s: &bollard::models::ContainerCpuStats| {
+            s.cpu_usage
+                .as_ref()
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0)
+        };
+        let cpu_delta = total(&cpu).saturating_sub(total(&pre)) as f64;
+        let system_delta = cpu
+            .system_cpu_usage
+            .unwrap_or(0)
+            .saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
+        let cpus = f64::from(cpu.online_cpus.unwrap_or(1).max(1));
+        let cpu_percent = if system_delta > 0.0 {
+            cpu_delta / system_delta * cpus * 100.0
+        } else {
+            0.0
+        };
+        let memory = sample.memory_stats.unwrap_or_default();
+        // Like `docker stats`: page cache the kernel can drop at will is not "used".
+        let cache = memory
+            .stats
+            .as_ref()
+            .and_then(|s| {
+                s.get("total_inactive_file")
+                    .or_else(|| s.get("inactive_file"))
+            })
+            .copied()
+            .unwrap_or(0);
+        let limit = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.memory)
+            .and_then(|m| u64::try_from(m).ok())
+            .filter(|m| *m > 0);
+        Ok(TaskStats {
+            task_id: task_id.to_string(),
+            cpu_percent,
+            cpu_total_nanos: total(&cpu),
+            memory_bytes: memory.usage.unwrap_or(0).saturating_sub(cache),
+            memory_limit_bytes: limit,
+            at: now_ms(),
+        })
+    }
+
+    async fn native_health(&self, task_id: &str) -> Option<watch::Receiver<Health>> {
+        let c = self.find(task_id).await.ok()?;
+        let health = c.state.as_ref()?.health.as_ref()?;
+        let initial = health_from_engine(health.status)?;
+        let rx = {
+            let mut watchers = self
+                .watchers
+                .health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let tx = watchers
+                .entry(task_id.to_string())
+                .or_insert_with(|| watch::channel(initial).0);
+            tx.subscribe()
+        };
+        // A change between the first look and the subscription would otherwise be lost.
+        if let Some(now) = self
+            .find(task_id)
+            .await
+            .ok()
+            .and_then(|c| c.state?.health?.status)
+            .and_then(|s| health_from_engine(Some(s)))
+        {
+            self.watchers.set_health(task_id, now);
+        }
+        Some(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::{DesiredState, Meta, ServiceSpec, TaskState, TaskStatus};
+
+    fn task(slot: Option<u64>, node: Option<&str>) -> Task {
+        Task {
+            id: "0123abcd".into(),
+            service: "web".into(),
+            slot,
+            revision: 3,
+            spec: ServiceSpec::process("web", vec!["x".into()]),
+            node: node.map(str::to_string),
+            desired_state: DesiredState::Running,
+            status: TaskStatus::new(TaskState::Pending, 0, ""),
+            history: Vec::new(),
+            attempt: 0,
+            not_before: None,
+            weight: None,
+            meta: Meta::default(),
+        }
+    }
+
+    #[test]
+    fn names_follow_the_scheme() {
+        assert_eq!(
+            container_name(&task(Some(2), Some("n1"))),
+            "flotilla-web-2-0123abcd"
+        );
+        assert_eq!(
+            container_name(&task(None, Some("host:a b"))),
+            "flotilla-web-host_a_b-0123abcd"
+        );
+        assert_eq!(network_name("web"), "flotilla-web");
+    }
+
+    #[test]
+    fn limits_translate_to_engine_units() {
+        let mut r = Resources::default();
+        r.limits.cpu_millis = Some(500);
+        r.limits.memory_bytes = Some(64 << 20);
+        r.reservations.cpu_millis = Some(250);
+        r.limits.pids = Some(100);
+        let u = limits_update(&r).unwrap();
+        assert_eq!(u.nano_cpus, Some(500_000_000));
+        assert_eq!(u.memory, Some(64 << 20));
+        assert_eq!(u.memory_swap, Some(64 << 20));
+        assert_eq!(u.cpu_shares, Some(256));
+        assert_eq!(u.pids_limit, Some(100));
+        r.limits.memory_bytes = Some(1);
+        let e = limits_update(&r).unwrap_err().to_string();
+        assert!(e.contains("deploy.resources.limits.memory"), "{e}");
+    }
+}

@@ -1,0 +1,362 @@
+//! This node's part of the routing mesh: keeps a [`Mesh`] in step with the whole cluster,
+//! answers discovery (`<SERVICE>_ADDR` variables and DNS), serves the mesh's stats, and drains a
+//! task's traffic before the agent stops it.
+//!
+//! The node follows the manager's watch stream for every service, task and node, rebuilds the
+//! [`RouteTable`] with [`RouteTable::from_cluster`] after each burst of changes and applies it.
+//! So every node answers on every published port, whether or not it runs any of the tasks.
+
+use flotilla_client::{Client, Mirror};
+use flotilla_mesh::{Mesh, MeshConfig, RouteTable};
+use flotilla_types::{PortProtocol, Service, Task};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Changes arriving within this window are folded into one table rebuild.
+const DEBOUNCE: Duration = Duration::from_millis(30);
+/// A port that failed to bind (held by something else on the host) is retried this often.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+/// How often a draining task's traffic is checked.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// How long a starting task waits for the first cluster snapshot, so its `<SERVICE>_ADDR`
+/// variables are complete.
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// Node-level mesh settings (from `flotilla up` / `flotilla agent` flags).
+#[derive(Debug, Clone)]
+pub struct MeshNodeConfig {
+    /// Address published ports listen on.
+    pub bind_ip: IpAddr,
+    /// Where the DNS responder for `<service>.flotilla` listens; `None` runs none.
+    pub dns_addr: Option<SocketAddr>,
+}
+
+impl Default for MeshNodeConfig {
+    fn default() -> Self {
+        MeshNodeConfig {
+            bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            dns_addr: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshNodeError {
+    #[error(
+        "--mesh-bind {0}: the DNS responder answers with an IPv4 address; use an IPv4 bind address"
+    )]
+    Ipv6Dns(IpAddr),
+    #[error("--dns-addr {addr}: cannot listen: {source}")]
+    DnsBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The mesh of one node and what it knows about the cluster.
+pub struct MeshNode {
+    mesh: Mesh,
+    cfg: MeshNodeConfig,
+    /// Published services: name → first published port (what discovery hands out).
+    published: RwLock<BTreeMap<String, u16>>,
+    /// Turns true once the first cluster snapshot was applied.
+    synced: watch::Sender<bool>,
+    /// Port problems of the last apply, shown in the stats (`conflicts`).
+    conflicts: RwLock<Vec<String>>,
+}
+
+impl MeshNode {
+    pub fn new(cfg: MeshNodeConfig) -> Result<Arc<Self>, MeshNodeError> {
+        if cfg.dns_addr.is_some() && cfg.bind_ip.is_ipv6() {
+            return Err(MeshNodeError::Ipv6Dns(cfg.bind_ip));
+        }
+        Ok(Arc::new(MeshNode {
+            mesh: Mesh::new(MeshConfig {
+                bind_ip: cfg.bind_ip,
+                ..MeshConfig::default()
+            }),
+            cfg,
+            published: RwLock::new(BTreeMap::new()),
+            synced: watch::channel(false).0,
+            conflicts: RwLock::new(Vec::new()),
+        }))
+    }
+
+    /// The address workloads on this node use to reach the mesh: the bind address, or loopback
+    /// when the mesh listens on every interface.
+    pub fn local_ip(&self) -> Ipv4Addr {
+        match self.cfg.bind_ip {
+            IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+            _ => Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    /// `<SERVICE>_ADDR=<mesh ip>:<published port>` for every published service (upper case,
+    /// `-` → `_`). Waits briefly for the first cluster snapshot so a task started right after
+    /// the agent sees every service.
+    pub async fn discovery_env(&self) -> BTreeMap<String, String> {
+        let mut synced = self.synced.subscribe();
+        let _ = tokio::time::timeout(FIRST_SYNC_WAIT, synced.wait_for(|s| *s)).await;
+        let ip = self.local_ip();
+        read(&self.published)
+            .iter()
+            .map(|(service, port)| (addr_variable(service), format!("{ip}:{port}")))
+            .collect()
+    }
+
+    /// Follows the cluster until `shutdown`, then closes the mesh's listeners (open connections
+    /// get the mesh's shutdown grace).
+    pub async fn run(
+        self: Arc<Self>,
+        client: Client,
+        node_id: String,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        if let Some(addr) = self.cfg.dns_addr {
+            match tokio::net::UdpSocket::bind(addr).await {
+                Ok(socket) => {
+                    let me = self.clone();
+                    let ip = self.local_ip();
+                    tracing::info!(%addr, "mesh DNS responder listening");
+                    tokio::spawn(async move {
+                        let known = move |name: &str| read(&me.published).contains_key(name);
+                        if let Err(e) = flotilla_mesh::dns::serve(socket, known, ip).await {
+                            tracing::error!(error = %e, "mesh DNS responder failed");
+                        }
+                    });
+                }
+                Err(source) => {
+                    let e = MeshNodeError::DnsBind { addr, source };
+                    tracing::warn!(error = %e, "no mesh DNS on this node");
+                }
+            }
+        }
+        loop {
+            match client.watch(None, None).await {
+                Ok(stream) => self.follow(stream, &node_id, &mut shutdown).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh cannot watch the cluster; keeps its last routes")
+                }
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        self.mesh.shutdown().await;
+    }
+
+    /// Applies one watch stream until it ends or shutdown.
+    async fn follow(
+        &self,
+        mut stream: futures::stream::BoxStream<
+            'static,
+            Result<flotilla_types::api::WatchMessage, flotilla_client::ClientError>,
+        >,
+        node_id: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let mut mirror = Mirror::default();
+        let mut applied: Option<RouteTable> = None;
+        // When to rebuild after the first change of a burst, and when to retry failed binds.
+        let mut rebuild_at: Option<Instant> = None;
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let next = rebuild_at
+                .into_iter()
+                .chain(retry_at)
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(Ok(m)) => {
+                        mirror.apply(m);
+                        rebuild_at.get_or_insert_with(|| Instant::now() + DEBOUNCE);
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "mesh watch failed");
+                        return;
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(next) => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            let retrying = retry_at.take().is_some();
+            rebuild_at = None;
+            let services: Vec<Service> = mirror.services.values().cloned().collect();
+            let tasks: Vec<Task> = mirror.tasks.values().cloned().collect();
+            let nodes: Vec<_> = mirror.nodes.values().cloned().collect();
+            let table = RouteTable::from_cluster(&services, &tasks, &nodes, node_id);
+            *write(&self.published) = published_ports(&services);
+            if !retrying && applied.as_ref() == Some(&table) {
+                self.synced.send_replace(true);
+                continue;
+            }
+            match self.mesh.apply(table.clone()).await {
+                Ok(()) => write(&self.conflicts).clear(),
+                Err(e) => {
+                    // A published port held by something else on this host, or claimed by two
+                    // services: the other ports still serve; this one is retried.
+                    tracing::warn!(error = %e, "some published ports are not served on this node");
+                    *write(&self.conflicts) = vec![e.to_string()];
+                    retry_at = Some(Instant::now() + BIND_RETRY);
+                }
+            }
+            applied = Some(table);
+            self.synced.send_replace(true);
+        }
+    }
+
+    /// Requests and connections in progress on a task through this node's mesh.
+    pub fn in_flight(&self, task_id: &str) -> u64 {
+        self.mesh.in_flight(task_id)
+    }
+
+    /// Waits until no node's mesh routes new work to `task` and none has any in flight on it,
+    /// for at most the service's `drain_timeout`. Asks the manager, which sums every node's
+    /// mesh. Returns early (false) when `shutdown` turns true.
+    pub async fn drain(
+        &self,
+        client: &Client,
+        task: &Task,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        if !task.spec.ports.iter().any(|p| p.published.is_some()) {
+            return true;
+        }
+        let timeout = task.spec.mesh.drain_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let busy = match client.service_traffic(&task.service).await {
+                Ok(traffic) => traffic
+                    .tasks
+                    .iter()
+                    .find(|t| t.task_id == task.id)
+                    .map(|t| (t.routed_by, t.in_flight)),
+                Err(e) => {
+                    // Without the cluster-wide view, this node's own mesh is the best we know.
+                    tracing::debug!(error = %e, "traffic unavailable; using this node's mesh only");
+                    Some((0, self.in_flight(&task.id))).filter(|(_, n)| *n > 0)
+                }
+            };
+            match busy {
+                None | Some((0, 0)) => return true,
+                Some((routed_by, in_flight)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(
+                            routed_by,
+                            in_flight,
+                            ?timeout,
+                            "drain timeout over; stopping the task anyway"
+                        );
+                        return true;
+                    }
+                    tracing::debug!(routed_by, in_flight, "draining");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(DRAIN_POLL) => {}
+                _ = shutdown.wait_for(|s| *s) => return false,
+            }
+        }
+    }
+
+    /// `GET /mesh/stats` (JSON: `MeshStats` plus port conflicts) and `GET /metrics`
+    /// (Prometheus text), for the agent's HTTP server.
+    pub fn routes(self: &Arc<Self>) -> axum::Router {
+        use axum::extract::State;
+        async fn stats(State(node): State<Arc<MeshNode>>) -> axum::Json<serde_json::Value> {
+            axum::Json(serde_json::json!({
+                "stats": node.mesh.stats(),
+                "conflicts": *read(&node.conflicts),
+            }))
+        }
+        async fn metrics(State(node): State<Arc<MeshNode>>) -> impl axum::response::IntoResponse {
+            (
+                [("content-type", "text/plain; version=0.0.4")],
+                node.mesh.prometheus(),
+            )
+        }
+        axum::Router::new()
+            .route("/mesh/stats", axum::routing::get(stats))
+            .route("/metrics", axum::routing::get(metrics))
+            .with_state(self.clone())
+    }
+}
+
+/// The lock only guards plain data, so a poisoned lock still holds a consistent value.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Services with a published tcp port, each with its first one.
+fn published_ports(services: &[Service]) -> BTreeMap<String, u16> {
+    services
+        .iter()
+        .filter_map(|s| {
+            let port = s
+                .spec
+                .ports
+                .iter()
+                .filter(|p| p.protocol == PortProtocol::Tcp)
+                .find_map(|p| p.published)?;
+            Some((s.name.clone(), port))
+        })
+        .collect()
+}
+
+/// `web-api` → `WEB_API_ADDR`.
+pub fn addr_variable(service: &str) -> String {
+    format!("{}_ADDR", service.to_ascii_uppercase().replace('-', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variable_names() {
+        assert_eq!(addr_variable("web-api"), "WEB_API_ADDR");
+        assert_eq!(addr_variable("db"), "DB_ADDR");
+    }
+
+    #[test]
+    fn local_ip_is_loopback_for_the_wildcard() {
+        let node = MeshNode::new(MeshNodeConfig::default()).unwrap();
+        assert_eq!(node.local_ip(), Ipv4Addr::LOCALHOST);
+        let node = MeshNode::new(MeshNodeConfig {
+            bind_ip: "127.0.0.2".parse().unwrap(),
+            dns_addr: None,
+        })
+        .unwrap();
+        assert_eq!(node.local_ip(), Ipv4Addr::new(127, 0, 0, 2));
+        assert!(MeshNode::new(MeshNodeConfig {
+            bind_ip: "::1".parse().unwrap(),
+            dns_addr: Some("127.0.0.1:0".parse().unwrap()),
+        })
+        .is_err());
+    }
+}

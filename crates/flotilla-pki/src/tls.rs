@@ -1,0 +1,446 @@
+//! rustls configurations for the cluster's mutual TLS, with credentials that can be swapped at
+//! run time (certificate renewal, root rotation) without rebuilding listeners or clients.
+
+use crate::ca::{all_ders, der_digest, identity_of, NodeCredentials, NodeIdentity, Role};
+use crate::PkiError;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use std::sync::{Arc, RwLock};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn root_store(trust_pem: &str) -> Result<RootCertStore, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for der in all_ders(trust_pem, "trusted roots")? {
+        roots.add(der)?;
+    }
+    Ok(roots)
+}
+
+/// Checks that `cert_pem` chains to a root in `trust_pem` and is valid now.
+pub(crate) fn verify_chain(cert_pem: &str, trust_pem: &str) -> Result<(), PkiError> {
+    let roots = root_store(trust_pem)?;
+    let chain = all_ders(cert_pem, "node")?;
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| PkiError::BadCertificate {
+            what: "node".into(),
+            reason: "empty chain".into(),
+        })?;
+    let parsed = ParsedCertificate::try_from(leaf)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &roots,
+        intermediates,
+        UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    )?;
+    Ok(())
+}
+
+/// The current credentials in the forms rustls wants.
+struct Loaded {
+    creds: NodeCredentials,
+    certified: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl Loaded {
+    fn new(creds: NodeCredentials) -> Result<Loaded, PkiError> {
+        creds.verify()?;
+        let provider = provider();
+        let chain = all_ders(&creds.cert_pem, "node")?;
+        let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes())
+            .map_err(|e| PkiError::BadKey(format!("not a PEM private key: {e}")))?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| PkiError::BadKey(e.to_string()))?;
+        let certified = CertifiedKey::new(chain, signing);
+        certified
+            .keys_match()
+            .map_err(|e| PkiError::BadKey(format!("key does not match the certificate: {e}")))?;
+        let roots = Arc::new(root_store(&creds.trust_pem)?);
+        // Client certificates are optional at the TLS layer: CLI users may authenticate with
+        // the bearer token instead. A presented certificate must chain to the cluster CA; the API
+        // then authorises by the identity in it.
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .allow_unauthenticated()
+                .build()?;
+        Ok(Loaded {
+            creds,
+            certified: Arc::new(certified),
+            roots,
+            client_verifier,
+        })
+    }
+}
+
+/// This node's TLS identity. Renewal or a new trust bundle go through [`TlsIdentity::replace`];
+/// every config built from it picks the change up on the next handshake.
+pub struct TlsIdentity {
+    identity: NodeIdentity,
+    current: RwLock<Arc<Loaded>>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
+impl TlsIdentity {
+    pub fn new(creds: NodeCredentials) -> Result<Arc<TlsIdentity>, PkiError> {
+        let identity = creds.identity()?;
+        Ok(Arc::new(TlsIdentity {
+            identity,
+            current: RwLock::new(Arc::new(Loaded::new(creds)?)),
+        }))
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.identity
+    }
+
+    fn loaded(&self) -> Arc<Loaded> {
+        // A poisoned lock only means a writer panicked after validating; the value is whole.
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn credentials(&self) -> NodeCredentials {
+        self.loaded().creds.clone()
+    }
+
+    /// Swaps in renewed credentials. They must be valid and name the same node.
+    pub fn replace(&self, creds: NodeCredentials) -> Result<(), PkiError> {
+        let identity = creds.identity()?;
+        if identity.node_id != self.identity.node_id {
+            return Err(PkiError::BadCertificate {
+                what: "renewed".into(),
+                reason: format!(
+                    "names node {:?}, but this is node {:?}",
+                    identity.node_id, self.identity.node_id
+                ),
+            });
+        }
+        let loaded = Arc::new(Loaded::new(creds)?);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = loaded;
+        Ok(())
+    }
+
+    /// Server side: presents our certificate; verifies client certificates when offered.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, PkiError> {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(Arc::new(CurrentClientVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Client side: presents our certificate and accepts only servers whose certificate chains
+    /// to the cluster CA and names a manager.
+    pub fn client_config(self: &Arc<Self>) -> Result<ClientConfig, PkiError> {
+        Ok(ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ManagerServerVerifier(
+                TrustedRoots::Current(self.clone()),
+            )))
+            .with_client_cert_resolver(Arc::new(CurrentCert(self.clone()))))
+    }
+}
+
+#[derive(Debug)]
+struct CurrentCert(Arc<TlsIdentity>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.loaded().certified.clone())
+    }
+}
+
+impl ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.loaded().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+struct CurrentClientVerifier(Arc<TlsIdentity>);
+
+impl ClientCertVerifier for CurrentClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The hints would borrow from the swappable state; clients send their only
+        // certificate regardless, so none are needed.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .loaded()
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        identity_of(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies the chain against the current roots, then requires a manager identity. Host names
+/// are not checked: nodes are reached by whatever address they advertise, and the identity in
+/// the certificate is what matters.
+#[derive(Debug)]
+enum TrustedRoots {
+    /// Follows the node's credentials through renewals and rotations.
+    Current(Arc<TlsIdentity>),
+    /// A joiner's pinned CA, before it has credentials.
+    Fixed(Arc<RootCertStore>),
+}
+
+#[derive(Debug)]
+struct ManagerServerVerifier(TrustedRoots);
+
+fn other_error(e: PkiError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(e),
+    )))
+}
+
+impl ServerCertVerifier for ManagerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        let roots = match &self.0 {
+            TrustedRoots::Current(identity) => identity.loaded().roots.clone(),
+            TrustedRoots::Fixed(roots) => roots.clone(),
+        };
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            intermediates,
+            now,
+            provider().signature_verification_algorithms.all,
+        )?;
+        let identity = identity_of(end_entity).map_err(other_error)?;
+        if identity.role != Role::Manager {
+            return Err(other_error(PkiError::BadCertificate {
+                what: "server".into(),
+                reason: format!(
+                    "node {} presents a {} certificate; only managers serve the cluster API",
+                    identity.node_id, identity.role
+                ),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Accepts any server certificate (signatures are still checked). Used by a joining node for
+/// exactly one request, fetching the CA root, whose digest it then compares with the one pinned
+/// in its join token ([`fetched_ca_matches`]); everything after that uses the pinned CA.
+#[derive(Debug)]
+struct TrustOnFirstUse;
+
+impl ServerCertVerifier for TrustOnFirstUse {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client config for fetching the CA root before it is known (see [`TrustOnFirstUse`]).
+pub fn bootstrap_client_config() -> Result<ClientConfig, PkiError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TrustOnFirstUse))
+        .with_no_client_auth())
+}
+
+/// A client without a certificate that trusts only managers of the CA in `trust_pem`: what a
+/// joining node uses once it has pinned the CA and before it has its own certificate.
+pub fn pinned_client_config(trust_pem: &str) -> Result<ClientConfig, PkiError> {
+    let roots = Arc::new(root_store(trust_pem)?);
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ManagerServerVerifier(TrustedRoots::Fixed(
+            roots,
+        ))))
+        .with_no_client_auth())
+}
+
+/// Checks that the first certificate of a fetched CA bundle is the root the token pins.
+pub fn fetched_ca_matches(ca_pem: &str, pinned_digest: &str) -> Result<(), PkiError> {
+    let first = all_ders(ca_pem, "fetched CA")?;
+    let actual = first.first().map(|der| der_digest(der)).unwrap_or_default();
+    if actual == pinned_digest {
+        Ok(())
+    } else {
+        Err(PkiError::BadToken(format!(
+            "the manager's CA root (sha256 {actual}) is not the one the token pins \
+             ({pinned_digest}): wrong address, a different cluster, or a man in the middle"
+        )))
+    }
+}

@@ -1,0 +1,712 @@
+//! Acceptance tests of the routing mesh through real `flotilla up` / `flotilla agent` processes:
+//! published ports on every node, several listeners, HTTP routes, health, weights, draining,
+//! breakers, connect retries, hostile clients, discovery and metrics.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A single-node cluster whose mesh listens on loopback only.
+fn mesh_cluster() -> Cluster {
+    Cluster::start_with(&["--mesh-bind", "127.0.0.1", "--node-name", "n1"])
+}
+
+/// One HTTP/1.0 request to `ip:port`: (status, body), or an error text.
+fn request(
+    ip: &str,
+    port: u16,
+    path: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(
+        &format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?,
+        timeout,
+    )
+    .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {buf:?}"))?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn get(port: u16, path: &str) -> Result<(u16, String), String> {
+    request(
+        "127.0.0.1",
+        port,
+        path,
+        "localhost",
+        Duration::from_secs(10),
+    )
+}
+
+/// The task id a demo-app answer names.
+fn task_of(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["task"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn id(t: &Value) -> String {
+    t["id"].as_str().unwrap_or_default().to_string()
+}
+
+fn demo_service(
+    name: &str,
+    published: u16,
+    replicas: u32,
+    extra_args: &str,
+    x_flotilla: &str,
+) -> String {
+    format!(
+        r#"services:
+  {name}:
+    command: ["sh", "-c", "exec flotilla demo-app --version {name} {extra_args}"]
+    ports: ["{published}:8080"]
+    x-flotilla:
+      driver: process
+      healthcheck:
+        http: /health
+        interval: 500ms
+        timeout: 500ms
+        retries: 2
+{x_flotilla}    deploy:
+      replicas: {replicas}
+"#
+    )
+}
+
+fn deploy_ok(c: &Cluster, file: &str, yaml: &str) {
+    let out = c.deploy(file, yaml);
+    assert!(
+        out.status.success(),
+        "deploy failed: {}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+/// Waits until `n` requests in a row through `port` succeed (the mesh has the backends).
+fn wait_served(port: u16, ip: &str) {
+    wait_for(
+        &format!("{ip}:{port} to serve"),
+        Duration::from_secs(30),
+        || {
+            (0..5)
+                .all(|_| {
+                    matches!(
+                        request(ip, port, "/", "localhost", Duration::from_secs(5)),
+                        Ok((200, _))
+                    )
+                })
+                .then_some(())
+        },
+    );
+}
+
+fn traffic(c: &Cluster, service: &str) -> Vec<Value> {
+    c.json(&["service", "traffic", service])["tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// When a request started and how it ended.
+type Sample = (Instant, Result<(u16, String), String>);
+
+/// Requests sent at a steady rate from a background thread: (start time, outcome).
+struct Load {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Vec<Sample>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, every: Duration, timeout: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let (s, r) = (stop.clone(), results.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let outcome = request("127.0.0.1", port, "/", "localhost", timeout);
+                r.lock().expect("load results lock").push((at, outcome));
+                std::thread::sleep(every);
+            }
+        });
+        Load {
+            stop,
+            results,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("load thread");
+        }
+        std::mem::take(&mut *self.results.lock().expect("load results lock"))
+    }
+}
+
+fn failures(results: &[Sample], after: Instant) -> Vec<String> {
+    results
+        .iter()
+        .filter(|(at, _)| *at >= after)
+        .filter_map(|(_, r)| match r {
+            Ok((200, _)) => None,
+            Ok((status, body)) => Some(format!("{status}: {body}")),
+            Err(e) => Some(e.clone()),
+        })
+        .collect()
+}
+
+/// A 3-replica service answers on its published port on every node, including a node that runs
+/// none of its tasks; a service with two published ports answers on both.
+#[test]
+fn published_ports_answer_on_every_node_and_every_listener() {
+    let mut c = mesh_cluster();
+    c.add_agent_with("n2", &["--mesh-bind", "127.0.0.2"]);
+    let (web, first, second) = (free_port(), free_port(), free_port());
+    let yaml = format!(
+        r#"services:
+  web:
+    command: ["flotilla", "demo-app", "--version", "web"]
+    ports: ["{web}:8080"]
+    x-flotilla:
+      driver: process
+    deploy:
+      replicas: 3
+      placement:
+        constraints: ["node.id==n2"]
+  two:
+    command: ["sh", "-c", "flotilla demo-app --port $FLOTILLA_PORT_8080 --version first & exec flotilla demo-app --port $FLOTILLA_PORT_9090 --version second"]
+    ports: ["{first}:8080", "{second}:9090"]
+    x-flotilla:
+      driver: process
+"#
+    );
+    deploy_ok(&c, "web.yaml", &yaml);
+    let tasks = c.wait_ready("web", 3);
+    assert!(tasks.iter().all(|t| t["node"] == "n2"), "{tasks:?}");
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        wait_served(web, ip);
+        let mut seen = BTreeSet::new();
+        for _ in 0..30 {
+            let (status, body) =
+                request(ip, web, "/", "localhost", Duration::from_secs(5)).unwrap();
+            assert_eq!(status, 200, "{body}");
+            seen.insert(task_of(&body));
+        }
+        assert!(seen.len() >= 2, "{ip}: requests went to {seen:?} only");
+    }
+    for (port, version) in [(first, "first"), (second, "second")] {
+        wait_served(port, "127.0.0.1");
+        let (_, body) = get(port, "/").unwrap();
+        assert!(body.contains(version), "{port}: {body}");
+        let (_, body) =
+            request("127.0.0.2", port, "/", "localhost", Duration::from_secs(5)).unwrap();
+        assert!(body.contains(version), "{port} on n2: {body}");
+    }
+}
+
+/// Host and path routes on one shared HTTP port send each request to the right service.
+#[test]
+fn http_routes_pick_the_right_service() {
+    let c = mesh_cluster();
+    let port = free_port();
+    let http = format!("      ports: [{{published: {port}, protocol: http}}]\n");
+    let yaml = format!(
+        "{}{}",
+        demo_service(
+            "api",
+            port,
+            1,
+            "",
+            &format!("{http}      routes:\n        - {{host: api.test, port: {port}}}\n        - {{path_prefix: /api-only, port: {port}}}\n")
+        ),
+        demo_service("www", port, 1, "", &format!("{http}      routes: [{{port: {port}}}]\n"))
+            .trim_start_matches("services:\n")
+    );
+    deploy_ok(&c, "routes.yaml", &yaml);
+    c.wait_ready("api", 1);
+    c.wait_ready("www", 1);
+    wait_served(port, "127.0.0.1");
+    for (host, version) in [
+        ("api.test", "\"api\""),
+        ("www.test", "\"www\""),
+        ("API.TEST:80", "\"api\""),
+    ] {
+        let (status, body) = request("127.0.0.1", port, "/", host, Duration::from_secs(5)).unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains(version), "Host {host}: {body}");
+    }
+    // The demo app answers 404 for other paths; the mesh's per-service counters show who got it.
+    let requests = |svc: &str| -> u64 {
+        traffic(&c, svc)
+            .iter()
+            .map(|t| t["requests"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (api_before, www_before) = (requests("api"), requests("www"));
+    for _ in 0..5 {
+        let (status, _) = get(port, "/api-only/x").unwrap();
+        assert_eq!(status, 404);
+    }
+    assert_eq!(requests("api"), api_before + 5);
+    assert_eq!(requests("www"), www_before);
+}
+
+/// A task that stops answering is detected by its health check; once `ps` shows it unhealthy,
+/// not one request fails.
+#[test]
+fn unhealthy_task_stops_receiving_requests() {
+    let c = mesh_cluster();
+    let port = free_port();
+    deploy_ok(&c, "h.yaml", &demo_service("h", port, 3, "", ""));
+    let tasks = c.wait_ready("h", 3);
+    wait_served(port, "127.0.0.1");
+    let victim = &tasks[0];
+    let pid = victim["status"]["pid"].as_u64().unwrap();
+    let load = Load::start(port, Duration::from_millis(20), Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1));
+    // A stopped process accepts connections (the kernel does) but never answers.
+    sh(&format!("pkill -STOP -P {pid}; kill -STOP {pid}"));
+    let detected = wait_for(
+        "the task to be marked unhealthy",
+        Duration::from_secs(30),
+        || {
+            c.all_tasks("h")
+                .iter()
+                .any(|t| t["id"] == victim["id"] && t["status"]["health"] == "unhealthy")
+                .then(Instant::now)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let results = load.finish();
+    sh(&format!("kill -CONT {pid}; pkill -CONT -P {pid}"));
+    let after = failures(&results, detected);
+    assert!(results.iter().filter(|(at, _)| *at >= detected).count() > 20);
+    assert!(
+        after.is_empty(),
+        "requests failed after the task was marked unhealthy: {after:?}"
+    );
+}
+
+/// Weight 0 takes a task out of the balancing; its slow in-flight request still completes
+/// before the task is stopped (with SIGKILL, so nothing but the mesh's draining saves it).
+#[test]
+fn weight_zero_gets_no_requests_and_in_flight_requests_finish_before_stop() {
+    let c = mesh_cluster();
+    let port = free_port();
+    deploy_ok(&c, "w.yaml", &demo_service("w", port, 2, "", ""));
+    let tasks = c.wait_ready("w", 2);
+    wait_served(port, "127.0.0.1");
+    let (drained, kept) = (id(&tasks[0]), id(&tasks[1]));
+    c.ok(&["task", "weight", &drained, "0"]);
+    let ps = c.ok(&["ps", "w"]);
+    assert!(ps.contains("weight 0"), "{ps}");
+    wait_for(
+        "the mesh to take the weight",
+        Duration::from_secs(10),
+        || {
+            traffic(&c, "w")
+                .iter()
+                .any(|t| id_of(t) == drained && t["routed_by"] == 0)
+                .then_some(())
+        },
+    );
+    for _ in 0..30 {
+        let (status, body) = get(port, "/").unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(task_of(&body), kept, "a request reached the weight-0 task");
+    }
+    // Bad weights are refused, naming the field.
+    let out = c.run(&["task", "weight", &drained, "101"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("0..=100") || stderr(&out).contains("101"),
+        "{}",
+        stderr(&out)
+    );
+
+    let (status, body) = api_put(
+        &c,
+        &format!("/v1/tasks/{drained}/weight"),
+        r#"{"weight": 101}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"weight\""), "{body}");
+    let (status, body) = api_put(
+        &c,
+        "/v1/services/w/weights",
+        &format!(r#"{{"weights": {{"{drained}": 100, "{kept}": 100}}}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api_put(
+        &c,
+        "/v1/services/nope/weights",
+        &format!(r#"{{"weights": {{"{drained}": 5}}}}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains(&format!("weights.{drained}")), "{body}");
+    assert!(
+        !c.ok(&["ps", "w"]).contains("weight "),
+        "weights back to 100 are not shown"
+    );
+
+    // Draining: a 4s request is in flight when the service is scaled to zero.
+    let slow = free_port();
+    let yaml = demo_service(
+        "slow",
+        slow,
+        1,
+        "--latency 4000",
+        "      drain_timeout: 30s\n",
+    )
+    .replace("    deploy:", "    stop_signal: SIGKILL\n    deploy:");
+    deploy_ok(&c, "slow.yaml", &yaml);
+    let task = c.wait_ready("slow", 1).remove(0);
+    wait_for(
+        "the slow service to be routed",
+        Duration::from_secs(30),
+        || {
+            traffic(&c, "slow")
+                .iter()
+                .any(|t| t["routed_by"] == 1)
+                .then_some(())
+        },
+    );
+    let in_flight = std::thread::spawn(move || get(slow, "/"));
+    wait_for(
+        "the request to be in flight",
+        Duration::from_secs(10),
+        || {
+            traffic(&c, "slow")
+                .iter()
+                .any(|t| t["in_flight"] == 1)
+                .then_some(())
+        },
+    );
+    c.ok(&["scale", "slow=0"]);
+    let answer = in_flight.join().expect("load thread");
+    assert!(
+        matches!(&answer, Ok((200, body)) if body.contains(id(&task).as_str())),
+        "{answer:?}"
+    );
+    let done = wait_for("the drained task to stop", Duration::from_secs(30), || {
+        c.all_tasks("slow")
+            .into_iter()
+            .find(|t| t["id"] == task["id"] && t["status"]["state"] == "exited")
+    });
+    assert!(
+        done["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stopped"),
+        "{done}"
+    );
+}
+
+fn id_of(t: &Value) -> String {
+    t["task_id"].as_str().unwrap_or_default().to_string()
+}
+
+/// A task answering 500s trips its breaker and traffic goes to the others; when it recovers
+/// (it answers 200 after 10s) the breaker closes and it serves again.
+#[test]
+fn breaker_opens_on_errors_and_closes_after_recovery() {
+    let c = mesh_cluster();
+    let port = free_port();
+    let yaml = format!(
+        r#"services:
+  flaky:
+    command: ["sh", "-c", "if [ \"$FLOTILLA_SLOT\" = 1 ]; then flotilla demo-app --error-rate 1 --exit-after 10; fi; exec flotilla demo-app"]
+    ports: ["{port}:8080"]
+    x-flotilla:
+      driver: process
+      ports: [{{published: {port}, protocol: http}}]
+      breaker: {{consecutive_failures: 3, open_for: 1s}}
+    deploy:
+      replicas: 3
+"#
+    );
+    deploy_ok(&c, "flaky.yaml", &yaml);
+    let tasks = c.wait_ready("flaky", 3);
+    let bad = id(tasks.iter().find(|t| t["slot"] == 1).unwrap());
+    let load = Load::start(port, Duration::from_millis(20), Duration::from_secs(5));
+    wait_for(
+        "the breaker of slot 1 to open",
+        Duration::from_secs(10),
+        || {
+            traffic(&c, "flaky")
+                .iter()
+                .any(|t| id_of(t) == bad && t["breakers"]["n1"] != "closed")
+                .then_some(())
+        },
+    );
+    let ps = c.ok(&["ps", "flaky"]);
+    assert!(ps.contains("breaker "), "{ps}");
+    let opened = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let served_while_open: Vec<String> = load
+        .results
+        .lock()
+        .expect("load results lock")
+        .iter()
+        .filter(|(at, _)| *at >= opened)
+        .filter_map(|(_, r)| {
+            r.as_ref()
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|(_, b)| task_of(b))
+        })
+        .collect();
+    assert!(served_while_open.len() > 10, "{served_while_open:?}");
+    // After recovery: closed again and answering.
+    wait_for(
+        "the breaker to close and slot 1 to serve",
+        Duration::from_secs(40),
+        || {
+            let closed = traffic(&c, "flaky")
+                .iter()
+                .any(|t| id_of(t) == bad && t["breakers"]["n1"] == "closed");
+            let results = load.results.lock().expect("load results lock");
+            let recent = results
+                .iter()
+                .rev()
+                .take(30)
+                .any(|(_, r)| matches!(r, Ok((200, b)) if task_of(b) == bad));
+            (closed && recent).then_some(())
+        },
+    );
+    let results = load.finish();
+    assert!(
+        results.iter().all(|(_, r)| r.is_ok()),
+        "the client saw connection errors"
+    );
+}
+
+/// SIGKILLing a task under steady load fails no GET: connect errors are retried elsewhere.
+#[test]
+fn killing_a_task_mid_load_fails_no_request() {
+    let c = mesh_cluster();
+    let port = free_port();
+    deploy_ok(
+        &c,
+        "k.yaml",
+        &demo_service(
+            "k",
+            port,
+            3,
+            "",
+            &format!("      ports: [{{published: {port}, protocol: http}}]\n"),
+        ),
+    );
+    let tasks = c.wait_ready("k", 3);
+    wait_served(port, "127.0.0.1");
+    let load = Load::start(port, Duration::from_millis(10), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = tasks[0]["status"]["pid"].as_u64().unwrap();
+    sh(&format!("pkill -9 -P {pid}; kill -9 {pid}"));
+    std::thread::sleep(Duration::from_secs(3));
+    let results = load.finish();
+    let start = results[0].0;
+    assert!(results.len() > 100, "{}", results.len());
+    let failed = failures(&results, start);
+    assert!(
+        failed.is_empty(),
+        "{} of {} GETs failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+}
+
+/// Garbage, slowloris, oversized headers and clients vanishing mid-request neither crash nor
+/// stall the mesh for a well-behaved client.
+#[test]
+fn hostile_clients_do_not_stall_the_mesh() {
+    let c = mesh_cluster();
+    let port = free_port();
+    deploy_ok(
+        &c,
+        "b.yaml",
+        &demo_service(
+            "b",
+            port,
+            2,
+            "",
+            &format!("      ports: [{{published: {port}, protocol: http}}]\n"),
+        ),
+    );
+    c.wait_ready("b", 2);
+    wait_served(port, "127.0.0.1");
+    let connect = || TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // Slowloris: 50 connections that never finish their headers.
+    let slow: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = connect();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .unwrap();
+            s
+        })
+        .collect();
+    // Garbage.
+    let mut g = connect();
+    g.write_all(&[0xde, 0xad, 0xbe, 0xef, b'\r', b'\n', b'\r', b'\n'])
+        .unwrap();
+    g.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = Vec::new();
+    let _ = g.read_to_end(&mut answer);
+    assert!(
+        answer.is_empty() || String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Oversized headers get 431.
+    let mut big = connect();
+    let huge = "a".repeat(200 * 1024);
+    let _ = write!(big, "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n");
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = Vec::new();
+    let _ = big.read_to_end(&mut answer);
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&answer).lines().next()
+    );
+    // Disconnect mid-request, many times.
+    for _ in 0..50 {
+        let mut s = connect();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHo");
+    }
+    // A normal client is served promptly throughout.
+    for _ in 0..20 {
+        let (status, _) =
+            request("127.0.0.1", port, "/", "localhost", Duration::from_secs(2)).unwrap();
+        assert_eq!(status, 200);
+    }
+    drop(slow);
+    let out = c.ok(&["node", "ls"]);
+    assert!(out.contains("ready"), "{out}");
+}
+
+/// A raw `PUT` to the manager's API: (status, body).
+fn api_put(c: &Cluster, path: &str, json: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", c.api_port)).expect("connect to the API");
+    write!(
+        s,
+        "PUT {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        json.len()
+    )
+    .expect("send");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// Minimal DNS A query for `name`; returns the first answer's IPv4 address.
+fn dns_lookup(server: &str, name: &str) -> Option<std::net::Ipv4Addr> {
+    let sock = UdpSocket::bind("127.0.0.1:0").ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    sock.send_to(&q, server).ok()?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).ok()?;
+    let ancount = u16::from_be_bytes([buf[6], buf[7]]);
+    (ancount > 0 && n >= 4)
+        .then(|| std::net::Ipv4Addr::new(buf[n - 4], buf[n - 3], buf[n - 2], buf[n - 1]))
+}
+
+/// Tasks find published services through `<SERVICE>_ADDR` and DNS; the manager serves its
+/// node's mesh metrics at /metrics.
+#[test]
+fn discovery_env_dns_and_metrics() {
+    let dns_port = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let dns = format!("127.0.0.1:{dns_port}");
+    let c = Cluster::start_with(&[
+        "--mesh-bind",
+        "127.0.0.1",
+        "--node-name",
+        "n1",
+        "--dns-addr",
+        &dns,
+    ]);
+    let port = free_port();
+    let yaml = format!(
+        r#"services:
+  my-db:
+    command: ["flotilla", "demo-app"]
+    ports: ["{port}:8080"]
+    x-flotilla:
+      driver: process
+  client:
+    command: ["sh", "-c", "echo \"found=$MY_DB_ADDR\"; exec sleep 600"]
+    depends_on: [my-db]
+    x-flotilla:
+      driver: process
+"#
+    );
+    deploy_ok(&c, "d.yaml", &yaml);
+    c.wait_ready("client", 1);
+    let logs = wait_for("the client's output", Duration::from_secs(20), || {
+        let l = c.ok(&["logs", "client"]);
+        l.contains("found=").then_some(l)
+    });
+    assert!(logs.contains(&format!("found=127.0.0.1:{port}")), "{logs}");
+    let ip = wait_for("a DNS answer", Duration::from_secs(10), || {
+        dns_lookup(&dns, "my-db.flotilla")
+    });
+    assert_eq!(ip, std::net::Ipv4Addr::LOCALHOST);
+    assert_eq!(
+        dns_lookup(&dns, "my-db.internal"),
+        Some(std::net::Ipv4Addr::LOCALHOST)
+    );
+    assert_eq!(dns_lookup(&dns, "nothing.flotilla"), None);
+
+    wait_served(port, "127.0.0.1");
+    let metrics = wait_for("metrics", Duration::from_secs(10), || {
+        let (status, body) = get(c.api_port, "/metrics").ok()?;
+        (status == 200 && body.contains("flotilla_mesh_requests_total")).then_some(body)
+    });
+    assert!(metrics.contains("service=\"my-db\""), "{metrics}");
+}
