@@ -61,6 +61,8 @@ pub struct Agent {
     ports: Arc<PortAllocator>,
     log_listener: tokio::net::TcpListener,
     mesh: Option<Arc<MeshNode>>,
+    /// Container images on this node when the agent started (see `registration`).
+    images: Vec<String>,
 }
 
 /// A task this agent is running.
@@ -75,9 +77,15 @@ impl Agent {
         let process: Arc<dyn Driver> =
             Arc::new(ProcessDriver::new(cfg.state_dir.join("process"), exe)?);
         let mut drivers = BTreeMap::from([(DriverKind::Process, process)]);
+        let mut images = Vec::new();
         match DockerDriver::detect(&cfg.node_id).await {
             Ok(Some(docker)) => {
                 tracing::info!("docker engine found; docker driver enabled");
+                // Advertised at registration so the scheduler prefers nodes holding an image.
+                images = docker.images().await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot list the engine's images");
+                    Vec::new()
+                });
                 drivers.insert(DriverKind::Docker, Arc::new(docker) as Arc<dyn Driver>);
             }
             Ok(None) => {}
@@ -94,6 +102,7 @@ impl Agent {
             ports,
             log_listener,
             mesh,
+            images,
         })
     }
 
@@ -108,6 +117,7 @@ impl Agent {
             drivers: self.drivers.keys().copied().collect(),
             labels: BTreeMap::new(),
             engine_labels: BTreeMap::new(),
+            images: self.images.clone(),
             agent_addr: self.log_listener.local_addr().ok().map(|a| a.to_string()),
         }
     }

@@ -55,6 +55,7 @@ impl HollowFleet {
                     ("rack".to_string(), format!("rack-{}", i % (ZONES * 8))),
                 ]),
                 engine_labels: BTreeMap::new(),
+                images: Vec::new(),
                 agent_addr: None,
             })
             .collect();

@@ -73,6 +73,7 @@ pub async fn register(
                 .map(|n| n.labels.clone())
                 .unwrap_or_else(|| reg.labels.clone()),
             engine_labels: reg.engine_labels.clone(),
+            images: reg.images.clone(),
             zone: existing.as_ref().and_then(|n| n.zone.clone()),
             resources: reg.resources,
             drivers: reg.drivers.clone(),

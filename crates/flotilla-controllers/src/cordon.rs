@@ -89,6 +89,7 @@ mod tests {
             state: NodeState::Ready,
             labels: BTreeMap::new(),
             engine_labels: BTreeMap::new(),
+            images: Vec::new(),
             zone: None,
             resources: NodeResources::default(),
             drivers: vec![DriverKind::Process],

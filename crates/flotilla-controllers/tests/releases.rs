@@ -55,6 +55,7 @@ impl Cluster {
                 state: NodeState::Ready,
                 labels: BTreeMap::new(),
                 engine_labels: BTreeMap::new(),
+                images: Vec::new(),
                 zone: None,
                 resources: NodeResources {
                     cpu_millis: 64_000,

@@ -111,6 +111,7 @@ fn cluster(nodes: usize, seed: u64) -> Vec<Node> {
                 },
                 labels,
                 engine_labels: BTreeMap::new(),
+                images: Vec::new(),
                 zone: Some(format!("zone-{zone}")),
                 resources: NodeResources {
                     cpu_millis: 32_000,

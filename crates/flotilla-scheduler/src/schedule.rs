@@ -25,6 +25,8 @@ const SOFT_WEIGHT: f64 = 1e5;
 const AFFINITY_UNIT: f64 = 1e3;
 const SPREAD_WEIGHT: f64 = 1e3;
 const SERVICE_COUNT_WEIGHT: f64 = 10.0;
+/// Holding the task's image (no pull needed) beats a lighter load, not spreading.
+const IMAGE_WEIGHT: f64 = 5.0;
 const LOAD_WEIGHT: f64 = 1.0;
 
 /// A request to place `count` tasks of one service.
@@ -421,6 +423,11 @@ fn score(
         e.used.reserved_memory + d.reserved_memory,
         e.capacity.reserved_memory,
     )) / 2.0;
+    if let Some(image) = c.image.as_deref() {
+        if e.images.contains_key(image) || e.node.images.iter().any(|i| i == image) {
+            s += IMAGE_WEIGHT;
+        }
+    }
     match c.strategy {
         PlacementStrategy::Spread => {
             s -= f64::from(view.own_count(idx)) * SERVICE_COUNT_WEIGHT + load * LOAD_WEIGHT;

@@ -71,6 +71,7 @@ fn node(id: &str, state: NodeState) -> Node {
         state,
         labels: Default::default(),
         engine_labels: Default::default(),
+        images: Vec::new(),
         zone: None,
         resources: NodeResources {
             cpu_millis: 2000,

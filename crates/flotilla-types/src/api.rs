@@ -140,6 +140,9 @@ pub struct NodeRegistration {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub engine_labels: BTreeMap<String, String>,
+    /// Container images present on the node (`repo:tag`).
+    #[serde(default)]
+    pub images: Vec<String>,
     #[serde(default)]
     pub agent_addr: Option<String>,
 }

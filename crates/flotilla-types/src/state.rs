@@ -329,6 +329,10 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub engine_labels: BTreeMap<String, String>,
+    /// Container images present on the node; the scheduler prefers nodes that hold a task's
+    /// image, so it starts without a pull.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
     pub resources: NodeResources,

@@ -18,6 +18,7 @@ pub fn node(id: &str, zone: &str, cpu_millis: u64, memory_bytes: u64) -> Node {
         state: NodeState::Ready,
         labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
         engine_labels: BTreeMap::new(),
+        images: Vec::new(),
         zone: None,
         resources: NodeResources {
             cpu_millis,
