@@ -74,7 +74,7 @@ pub async fn run(args: &AgentArgs, token: Option<String>) -> anyhow::Result<Exit
     let node_name = node_dir::node_name(args.node_name.as_deref(), &args.data_dir)?;
     let api = Client::new(&args.manager, token).context("--manager")?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut worker = tokio::spawn(run_worker(
+    let worker = tokio::spawn(run_worker(
         WorkerConfig {
             node_name: node_name.clone(),
             data_dir: args.data_dir.clone(),
@@ -90,6 +90,15 @@ pub async fn run(args: &AgentArgs, token: Option<String>) -> anyhow::Result<Exit
         args.manager,
         args.data_dir.display()
     );
+    serve_until_signal(worker, stop_tx).await
+}
+
+/// Runs a worker agent until it fails or SIGINT/SIGTERM arrives; then stops it, leaving its
+/// workloads running for the next agent to re-adopt.
+pub async fn serve_until_signal(
+    mut worker: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop_tx: watch::Sender<bool>,
+) -> anyhow::Result<ExitCode> {
     tokio::select! {
         result = &mut worker => {
             result.context("the agent crashed")??;

@@ -391,7 +391,7 @@ async fn run_joined_worker(
     let tls = TlsIdentity::new(creds)?;
     let api = Client::with_tls(manager, tls.client_config()?)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut worker = tokio::spawn(run_worker(
+    let worker = tokio::spawn(run_worker(
         WorkerConfig {
             node_name: name.to_string(),
             data_dir: node.data_dir.clone(),
@@ -403,17 +403,7 @@ async fn run_joined_worker(
         stop_rx,
     ));
     println!("flotilla worker {name} following https://{manager} over mTLS");
-    tokio::select! {
-        result = &mut worker => {
-            result.context("the agent crashed")??;
-            return Ok(ExitCode::SUCCESS);
-        }
-        _ = crate::up::wait_for_signal() => {}
-    }
-    println!("stopping the agent; tasks keep running and are re-adopted by the next agent");
-    let _ = stop_tx.send(true);
-    worker.await.context("the agent crashed")??;
-    Ok(ExitCode::SUCCESS)
+    crate::agent_cmd::serve_until_signal(worker, stop_tx).await
 }
 
 /// `flotilla token show|rotate ROLE`, against the manager at `--addr`.
