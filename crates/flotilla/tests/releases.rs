@@ -83,6 +83,21 @@ fn version_served(port: u16) -> String {
         .to_string()
 }
 
+/// Asserts the mesh ends up serving `version`. `deploy` returns once the store has converged;
+/// each node's mesh applies that a moment later, so the check polls rather than samples once.
+fn assert_serves(port: u16, version: &str) {
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        last = version_served(port);
+        if last == version {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the mesh still serves {last:?}, expected {version:?}");
+}
+
 /// Deploys v1 and waits until the mesh serves it.
 fn start_v1(c: &Cluster, port: u16, release: &str) {
     let out = c.deploy("v1.yaml", &web(port, "v1", "", release));
@@ -128,7 +143,7 @@ fn rolling_case(order: &str) {
     });
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_no_failures(&report);
-    assert_eq!(version_served(port), "v2");
+    assert_serves(port, "v2");
     assert_eq!(c.json(&["rollout", "status", "web"])["phase"], "succeeded");
 }
 
@@ -151,7 +166,7 @@ fn blue_green_under_load_has_no_failed_requests() {
     let (out, report) = under_load(port, || c.deploy("v2.yaml", &web(port, "v2", "", bg)));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_no_failures(&report);
-    assert_eq!(version_served(port), "v2");
+    assert_serves(port, "v2");
 }
 
 #[test]
@@ -167,7 +182,7 @@ fn canary_to_full_weight_under_load_has_no_failed_requests() {
         report["versions"]["v2"].as_u64().unwrap_or(0) > 0,
         "{report:#}"
     );
-    assert_eq!(version_served(port), "v2");
+    assert_serves(port, "v2");
     let status = c.json(&["rollout", "status", "web"]);
     assert!(
         status["analysis"].as_array().is_some_and(|a| !a.is_empty()),
@@ -192,7 +207,7 @@ fn restart_under_load_has_no_failed_requests() {
     assert!(after
         .iter()
         .all(|t| !before.contains(&t["id"].as_str().unwrap_or_default().to_string())));
-    assert_eq!(version_served(port), "v1");
+    assert_serves(port, "v1");
 }
 
 #[test]
@@ -202,11 +217,11 @@ fn rollback_under_load_has_no_failed_requests() {
     start_v1(&c, port, "");
     let out = c.deploy("v2.yaml", &web(port, "v2", "", ""));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    assert_eq!(version_served(port), "v2");
+    assert_serves(port, "v2");
     let (out, report) = under_load(port, || c.run(&["rollback", "web"]));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_no_failures(&report);
-    assert_eq!(version_served(port), "v1");
+    assert_serves(port, "v1");
     assert_eq!(
         c.json(&["service", "inspect", "web"])["service"]["revision"],
         3
@@ -235,7 +250,7 @@ fn a_never_healthy_version_is_rolled_back_and_never_takes_traffic() {
     let status = c.json(&["rollout", "status", "web"]);
     assert_eq!(status["kind"], "auto_rollback", "{status:#}");
     c.wait_ready("web", 3);
-    assert_eq!(version_served(port), "v1");
+    assert_serves(port, "v1");
 }
 
 #[test]
@@ -265,5 +280,5 @@ fn an_erroring_canary_is_aborted_at_its_first_step() {
     let failed = report["failed"].as_u64().unwrap_or(0);
     assert!(failed * 10 <= sent, "failed {failed} of {sent}: {report:#}");
     c.wait_ready("web", 3);
-    assert_eq!(version_served(port), "v1");
+    assert_serves(port, "v1");
 }
