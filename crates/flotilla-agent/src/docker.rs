@@ -1040,11 +1040,7 @@ impl Driver for DockerDriver {
                 })
             }
             // The engine offers no way to kill an exec; it ends with the container at the latest.
-            Err(_) => Ok(ExecOutput {
-                exit_code: None,
-                output: String::new(),
-                timed_out: true,
-            }),
+            Err(_) => Ok(ExecOutput::timed_out()),
         }
     }
 

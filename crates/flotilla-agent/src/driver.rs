@@ -129,6 +129,17 @@ pub struct ExecOutput {
     pub timed_out: bool,
 }
 
+impl ExecOutput {
+    /// The command ran past its timeout; whatever it printed is discarded with it.
+    pub fn timed_out() -> Self {
+        ExecOutput {
+            exit_code: None,
+            output: String::new(),
+            timed_out: true,
+        }
+    }
+}
+
 /// Most bytes of each exec output stream kept.
 pub const EXEC_OUTPUT_LIMIT: usize = 64 * 1024;
 

@@ -19,7 +19,6 @@ use crate::shim::{
     call_shim, read_json, write_json_atomic, ShimArgs, ShimCallError, ShimRequest, ShimSpec,
     ShimState, UserIds, SHIM_LOG_FILE, SHIM_SUBCOMMAND, SOCKET_FILE, SPEC_FILE, STATE_FILE,
 };
-use crate::trampoline::{ExecTrampolineArgs, EXEC_SUBCOMMAND};
 use flotilla_types::api::TaskStats;
 use flotilla_types::{now_ms, signal_number, DriverKind, PortBinding, Resources, Task};
 use futures::StreamExt;
@@ -679,22 +678,8 @@ impl Driver for ProcessDriver {
         } else {
             Vec::new()
         };
-        let trampoline = ExecTrampolineArgs {
-            cgroup_procs,
-            uid: spec.user.map(|u| u.uid),
-            gid: spec.user.map(|u| u.gid),
-            argv: argv.to_vec(),
-        };
-        let mut child = tokio::process::Command::new(&spec.exec_helper)
-            .arg(EXEC_SUBCOMMAND)
-            .args(trampoline.to_args())
-            .env_clear()
-            .envs(&spec.env)
-            .current_dir(&spec.working_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
+        let mut child = spec
+            .trampoline_command(cgroup_procs, argv)
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| DriverError::Io {
@@ -737,11 +722,7 @@ impl Driver for ProcessDriver {
                 if let Some(pid) = pid {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
-                Ok(ExecOutput {
-                    exit_code: None,
-                    output: String::new(),
-                    timed_out: true,
-                })
+                Ok(ExecOutput::timed_out())
             }
         }
     }

@@ -127,6 +127,35 @@ pub struct ShimSpec {
 }
 
 impl ShimSpec {
+    /// `argv` started through the `shim-exec` trampoline with the workload's cgroup, user,
+    /// environment and working dir, stdout/stderr piped. Used for the workload itself and for
+    /// exec health checks, so both run in exactly the same context.
+    pub fn trampoline_command(
+        &self,
+        cgroup_procs: Vec<PathBuf>,
+        argv: &[String],
+    ) -> tokio::process::Command {
+        let trampoline = ExecTrampolineArgs {
+            cgroup_procs,
+            uid: self.user.map(|u| u.uid),
+            gid: self.user.map(|u| u.gid),
+            argv: argv.to_vec(),
+        };
+        let mut command = tokio::process::Command::new(&self.exec_helper);
+        command
+            .arg(EXEC_SUBCOMMAND)
+            .args(trampoline.to_args())
+            .env_clear()
+            .envs(&self.env)
+            .current_dir(&self.working_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group, so a stop reaches every process the workload forked.
+            .process_group(0);
+        command
+    }
+
     /// Whether any cgroup limit or reservation is asked for (then a cgroup is mandatory).
     pub fn wants_cgroup_limits(&self) -> bool {
         let Resources {
@@ -276,31 +305,17 @@ async fn launch(
         path: socket_path.clone(),
         source,
     })?;
-    let trampoline = ExecTrampolineArgs {
-        cgroup_procs: cgroup
-            .as_ref()
-            .map(TaskCgroup::procs_files)
-            .unwrap_or_default(),
-        uid: spec.user.map(|u| u.uid),
-        gid: spec.user.map(|u| u.gid),
-        argv: spec.argv.clone(),
-    };
-    let mut command = tokio::process::Command::new(&spec.exec_helper);
-    command
-        .arg(EXEC_SUBCOMMAND)
-        .args(trampoline.to_args())
-        .env_clear()
-        .envs(&spec.env)
-        .current_dir(&spec.working_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so a stop reaches every process the workload forked.
-        .process_group(0);
-    let mut child = command.spawn().map_err(|source| ShimError::Spawn {
-        program: spec.argv.first().cloned().unwrap_or_default(),
-        source,
-    })?;
+    let cgroup_procs = cgroup
+        .as_ref()
+        .map(TaskCgroup::procs_files)
+        .unwrap_or_default();
+    let mut child = spec
+        .trampoline_command(cgroup_procs, &spec.argv)
+        .spawn()
+        .map_err(|source| ShimError::Spawn {
+            program: spec.argv.first().cloned().unwrap_or_default(),
+            source,
+        })?;
     let pid = child.id().ok_or_else(|| ShimError::Spawn {
         program: spec.argv.first().cloned().unwrap_or_default(),
         source: io::Error::other("the workload exited before its pid could be read"),
