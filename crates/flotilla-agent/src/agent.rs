@@ -40,6 +40,11 @@ pub enum AgentError {
     Listen(std::io::Error),
     #[error("mesh: {0}")]
     Mesh(#[from] MeshNodeError),
+    #[error("{path}: {source}")]
+    StateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct AgentConfig {
@@ -53,6 +58,9 @@ pub struct AgentConfig {
     pub task_ports: std::ops::Range<u16>,
     /// The routing mesh of this node; `None` runs none (published ports are not served here).
     pub mesh: Option<MeshNodeConfig>,
+    /// The IP other nodes' meshes reach this node's tasks at; `None`: the agent's own address
+    /// (loopback, so only nodes on the same host reach them).
+    pub advertise_ip: Option<std::net::IpAddr>,
 }
 
 pub struct Agent {
@@ -78,7 +86,8 @@ impl Agent {
             Arc::new(ProcessDriver::new(cfg.state_dir.join("process"), exe)?);
         let mut drivers = BTreeMap::from([(DriverKind::Process, process)]);
         let mut images = Vec::new();
-        match DockerDriver::detect(&cfg.node_id).await {
+        let owner = owner_key(&cfg.state_dir)?;
+        match DockerDriver::detect(&cfg.node_id, &owner).await {
             Ok(Some(docker)) => {
                 tracing::info!("docker engine found; docker driver enabled");
                 // Advertised at registration so the scheduler prefers nodes holding an image.
@@ -119,6 +128,8 @@ impl Agent {
             engine_labels: BTreeMap::new(),
             images: self.images.clone(),
             agent_addr: self.log_listener.local_addr().ok().map(|a| a.to_string()),
+            advertise_ip: self.cfg.advertise_ip,
+            port_conflicts: Vec::new(),
         }
     }
 
@@ -155,7 +166,8 @@ impl Agent {
             }
             tracing::info!(count = recovered.len(), "recovered tasks from a previous agent");
 
-            let heartbeat = tokio::spawn(heartbeat_loop(client.clone(), reg, self.cfg.heartbeat, shutdown.clone()));
+            let conflicts = self.mesh.as_ref().map(|m| m.port_conflicts());
+            let heartbeat = tokio::spawn(heartbeat_loop(client.clone(), reg, conflicts, self.cfg.heartbeat, shutdown.clone()));
             let logs = tokio::spawn(serve_logs(self.log_listener, self.drivers.clone(), self.mesh.clone(), shutdown.clone()));
             let mesh = self.mesh.clone().map(|m| {
                 tokio::spawn(m.run(client.clone(), self.cfg.node_id.clone(), shutdown.clone()).in_current_span())
@@ -220,6 +232,32 @@ impl Agent {
 }
 
 /// Sleeps; returns true if shutdown was requested meanwhile.
+/// File in the state dir holding this agent's owner key (see `docker::LABEL_OWNER`).
+const OWNER_FILE: &str = "owner";
+
+/// This agent instance's owner key: random on first start, then read back, so an agent restarted
+/// or upgraded on the same state dir re-adopts its containers and nobody else's.
+fn owner_key(state_dir: &std::path::Path) -> Result<String, AgentError> {
+    let path = state_dir.join(OWNER_FILE);
+    let io = |source| AgentError::StateFile {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::create_dir_all(state_dir).map_err(io)?;
+    let key = format!("{:016x}", rand::random::<u64>());
+    // Written whole to a temp file and renamed, so a crash never leaves a half-written key.
+    let tmp = state_dir.join(format!("{OWNER_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{key}\n")).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(key)
+}
+
 async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     if *shutdown.borrow() {
         return true;
@@ -250,11 +288,29 @@ fn node_resources() -> NodeResources {
 
 async fn heartbeat_loop(
     client: Client,
-    reg: NodeRegistration,
+    mut reg: NodeRegistration,
+    mut conflicts: Option<watch::Receiver<Vec<String>>>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
+        // Published ports the mesh cannot serve go into the node record (`node ls`/`inspect`)
+        // by registering again, which refreshes only what the agent reports.
+        if let Some(rx) = conflicts
+            .as_mut()
+            .filter(|rx| rx.has_changed().unwrap_or(false))
+        {
+            reg.port_conflicts = rx.borrow_and_update().clone();
+            match client.register_node(&reg).await {
+                Ok(_) => {
+                    tracing::info!(conflicts = ?reg.port_conflicts, "reported mesh port conflicts")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reporting mesh port conflicts failed; retrying");
+                    rx.mark_changed();
+                }
+            }
+        }
         match client.heartbeat(&reg.id, &Heartbeat { at: now_ms() }).await {
             Ok(_) => {}
             Err(e) if e.code() == Some("not_found") => {
@@ -780,14 +836,17 @@ async fn finish(ctx: &RunnerCtx, driver: &dyn Driver, task_id: &str, ports: &[Po
 }
 
 /// The task with `<SERVICE>_ADDR` variables for every published service added to its
-/// environment (the service's own variables win). Only process tasks share the node's network
-/// namespace, where the mesh's local address is reachable.
+/// environment (the service's own variables win). Process tasks share the node's network
+/// namespace and use the mesh's local address; containers go through the bridge gateway.
 async fn with_discovery(task: &Task, mesh: &MeshNode) -> Task {
     let mut task = task.clone();
-    if task.spec.driver == DriverKind::Process {
-        for (key, value) in mesh.discovery_env().await {
-            task.spec.environment.entry(key).or_insert(value);
-        }
+    let env = match task.spec.driver {
+        DriverKind::Process => mesh.discovery_env().await,
+        DriverKind::Docker => mesh.container_discovery_env().await,
+        DriverKind::Sim => BTreeMap::new(),
+    };
+    for (key, value) in env {
+        task.spec.environment.entry(key).or_insert(value);
     }
     task
 }

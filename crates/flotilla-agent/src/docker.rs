@@ -1,7 +1,8 @@
 //! The docker driver: runs each task as a container on the local Docker Engine.
 //!
 //! Ownership lives in the engine, not in agent files: every container carries the labels
-//! [`LABEL_SERVICE`], [`LABEL_TASK`], [`LABEL_REVISION`], [`LABEL_NODE`] and [`LABEL_SLOT`], so a
+//! [`LABEL_SERVICE`], [`LABEL_TASK`], [`LABEL_REVISION`], [`LABEL_NODE`], [`LABEL_SLOT`] and
+//! [`LABEL_OWNER`] (this agent instance; lookups filter on it), so a
 //! restarted agent finds its tasks again by listing containers. Exits and image health changes
 //! come from the engine's event stream, which one background task follows for the driver's whole
 //! life; [`Driver::wait`] resolves as soon as a `die` event arrives.
@@ -42,6 +43,10 @@ pub const LABEL_TASK: &str = "io.flotilla.task";
 pub const LABEL_REVISION: &str = "io.flotilla.revision";
 pub const LABEL_NODE: &str = "io.flotilla.node";
 pub const LABEL_SLOT: &str = "io.flotilla.slot";
+/// The agent instance that owns a container. Node names are chosen by people and repeat across
+/// clusters sharing one engine (every test cluster has an `n1`), so the driver finds, adopts and
+/// removes only containers carrying its own owner key, never by node name alone.
+pub const LABEL_OWNER: &str = "io.flotilla.owner";
 
 /// How long engine detection waits for an answer to its ping.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -132,6 +137,8 @@ impl Watchers {
 pub struct DockerDriver {
     docker: Docker,
     node: String,
+    /// Value of [`LABEL_OWNER`] on this agent's containers and networks.
+    owner: String,
     watchers: Arc<Watchers>,
     /// Serialises creating and removing service networks: the engine (API 1.41) would happily
     /// create two networks of the same name for two concurrent starts.
@@ -148,7 +155,8 @@ impl Drop for DockerDriver {
 impl DockerDriver {
     /// Connects to the engine at `DOCKER_HOST` (default `/var/run/docker.sock`) and pings it.
     /// `Ok(None)` when no engine answers: the node then simply has no docker driver.
-    pub async fn detect(node: &str) -> Result<Option<Self>, DriverError> {
+    /// `owner` identifies this agent instance among all users of the engine (see [`LABEL_OWNER`]).
+    pub async fn detect(node: &str, owner: &str) -> Result<Option<Self>, DriverError> {
         let docker = match Docker::connect_with_defaults() {
             Ok(d) => d,
             Err(e) => {
@@ -174,19 +182,20 @@ impl DockerDriver {
                 field: "docker".into(),
                 reason: "the engine answered a ping but not a version request".into(),
             })??;
-        Ok(Some(Self::with_client(docker, node)))
+        Ok(Some(Self::with_client(docker, node, owner)))
     }
 
     /// A driver for this node using an already connected client.
-    pub fn with_client(docker: Docker, node: &str) -> Self {
+    pub fn with_client(docker: Docker, node: &str, owner: &str) -> Self {
         let watchers = Arc::new(Watchers::default());
         let span = tracing::info_span!("docker_events", node = %node);
         let events = tokio::spawn(
-            follow_events(docker.clone(), node.to_string(), watchers.clone()).instrument(span),
+            follow_events(docker.clone(), owner.to_string(), watchers.clone()).instrument(span),
         );
         DockerDriver {
             docker,
             node: node.to_string(),
+            owner: owner.to_string(),
             watchers,
             networks: tokio::sync::Mutex::new(()),
             events,
@@ -220,7 +229,7 @@ impl DockerDriver {
             "label",
             vec![
                 format!("{LABEL_TASK}={task_id}"),
-                format!("{LABEL_NODE}={}", self.node),
+                format!("{LABEL_OWNER}={}", self.owner),
             ],
         )]);
         let list = self
@@ -322,6 +331,7 @@ impl DockerDriver {
                 labels: Some(HashMap::from([
                     (LABEL_SERVICE.to_string(), service.to_string()),
                     (LABEL_NODE.to_string(), self.node.clone()),
+                    (LABEL_OWNER.to_string(), self.owner.clone()),
                 ])),
                 ..Default::default()
             })
@@ -337,7 +347,7 @@ impl DockerDriver {
             "label",
             vec![
                 format!("{LABEL_SERVICE}={service}"),
-                format!("{LABEL_NODE}={}", self.node),
+                format!("{LABEL_OWNER}={}", self.owner),
             ],
         )]);
         let left = self
@@ -358,6 +368,9 @@ impl DockerDriver {
                 Ok(())
             }
             Err(e) if is_status(&e, 404) => Ok(()),
+            // Another agent on this engine (another cluster, or a node sharing the engine) still
+            // has containers of a same-named service on it; the last one out removes it.
+            Err(e) if is_status(&e, 403) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -460,6 +473,7 @@ impl DockerDriver {
         labels.insert(LABEL_TASK.into(), task.id.clone());
         labels.insert(LABEL_REVISION.into(), task.revision.to_string());
         labels.insert(LABEL_NODE.into(), self.node.clone());
+        labels.insert(LABEL_OWNER.into(), self.owner.clone());
         if let Some(slot) = task.slot {
             labels.insert(LABEL_SLOT.into(), slot.to_string());
         }
@@ -524,6 +538,11 @@ impl DockerDriver {
             ulimits: (!ulimits.is_empty()).then_some(ulimits),
             device_requests: (!device_requests.is_empty()).then_some(device_requests),
             runtime: c.runtime.clone(),
+            // The routing mesh is reached through the bridge gateway (`<SERVICE>_ADDR`).
+            extra_hosts: Some(vec![format!(
+                "{}:host-gateway",
+                crate::mesh_node::CONTAINER_HOST
+            )]),
             ..Default::default()
         };
         apply_limits(&mut host, &spec.resources)?;
@@ -742,12 +761,12 @@ fn health_from_engine(status: Option<HealthStatusEnum>) -> Option<Health> {
     }
 }
 
-/// Follows the engine's container events for this node's containers until aborted.
-async fn follow_events(docker: Docker, node: String, watchers: Arc<Watchers>) {
+/// Follows the engine's container events for this agent's containers until aborted.
+async fn follow_events(docker: Docker, owner: String, watchers: Arc<Watchers>) {
     loop {
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
-            ("label", vec![format!("{LABEL_NODE}={node}")]),
+            ("label", vec![format!("{LABEL_OWNER}={owner}")]),
         ]);
         let mut events = docker.events(Some(
             EventsOptionsBuilder::default().filters(&filters).build(),
@@ -872,7 +891,7 @@ impl Driver for DockerDriver {
     }
 
     async fn recover(&self) -> Result<Vec<RecoveredTask>, DriverError> {
-        let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={}", self.node)])]);
+        let filters = HashMap::from([("label", vec![format!("{LABEL_OWNER}={}", self.owner)])]);
         let list = self
             .docker
             .list_containers(Some(

@@ -57,6 +57,8 @@ impl HollowFleet {
                 engine_labels: BTreeMap::new(),
                 images: Vec::new(),
                 agent_addr: None,
+                advertise_ip: None,
+                port_conflicts: Vec::new(),
             })
             .collect();
         HollowFleet {
@@ -91,6 +93,10 @@ impl HollowFleet {
         let mut mirror = Mirror::default();
         // Tasks started here and whether their `running` report went out.
         let mut started: HashMap<String, bool> = HashMap::new();
+        // Progress is kept up to date per changed task: recounting the whole mirror after every
+        // message is quadratic at 100k tasks.
+        let mut assigned: HashSet<String> = HashSet::new();
+        let mut running = 0usize;
         loop {
             let msg = tokio::select! {
                 m = stream.next() => match m {
@@ -112,17 +118,29 @@ impl HollowFleet {
                     .collect(),
                 WatchMessage::Heartbeat { .. } => Vec::new(),
             };
+            if matches!(msg, WatchMessage::Snapshot { .. }) {
+                // A snapshot lists every task there is; recount from it.
+                assigned.clear();
+            }
             mirror.apply(msg);
             for id in changed {
                 let Some(task) = mirror.tasks.get(&id) else {
-                    if started.remove(&id).is_some() {
+                    assigned.remove(&id);
+                    if let Some(reported) = started.remove(&id) {
+                        running -= usize::from(reported);
                         let _ = self.driver.remove(&id).await;
                     }
                     continue;
                 };
                 let Some(node) = task.node.as_deref().filter(|n| ours.contains(n)) else {
+                    assigned.remove(&id);
                     continue;
                 };
+                if task.desired_state == DesiredState::Running {
+                    assigned.insert(id.clone());
+                } else {
+                    assigned.remove(&id);
+                }
                 let wants_start = task.desired_state == DesiredState::Running
                     && !started.contains_key(&id)
                     && !task.status.state.is_terminal();
@@ -157,24 +175,21 @@ impl HollowFleet {
                         ));
                     }
                     let _ = self.driver.remove(&id).await;
-                    started.remove(&id);
+                    if let Some(reported) = started.remove(&id) {
+                        running -= usize::from(reported);
+                    }
                 }
                 if task.status.state == TaskState::Running {
                     if let Some(reported) = started.get_mut(&id) {
+                        running += usize::from(!*reported);
                         *reported = true;
                     }
                 }
             }
-            let assigned = mirror
-                .tasks
-                .values()
-                .filter(|t| {
-                    t.desired_state == DesiredState::Running
-                        && t.node.as_deref().is_some_and(|n| ours.contains(n))
-                })
-                .count();
-            let running = started.values().filter(|r| **r).count();
-            progress.send_replace(FleetProgress { running, assigned });
+            progress.send_replace(FleetProgress {
+                running,
+                assigned: assigned.len(),
+            });
         }
         drop(report_tx);
         let _ = reporter.await;

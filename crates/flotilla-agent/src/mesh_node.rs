@@ -26,6 +26,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// How long a starting task waits for the first cluster snapshot, so its `<SERVICE>_ADDR`
 /// variables are complete.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
+/// The name containers reach their host by: the docker driver maps it to the engine's bridge
+/// gateway (`host-gateway`), an address of this host.
+pub const CONTAINER_HOST: &str = "host.docker.internal";
 
 /// Node-level mesh settings (from `flotilla up` / `flotilla agent` flags).
 #[derive(Debug, Clone)]
@@ -67,8 +70,9 @@ pub struct MeshNode {
     published: RwLock<BTreeMap<String, u16>>,
     /// Turns true once the first cluster snapshot was applied.
     synced: watch::Sender<bool>,
-    /// Port problems of the last apply, shown in the stats (`conflicts`).
-    conflicts: RwLock<Vec<String>>,
+    /// Port problems of the last apply, shown in the stats (`conflicts`) and reported to the
+    /// manager by the agent (the node's `port_conflicts`).
+    conflicts: watch::Sender<Vec<String>>,
 }
 
 impl MeshNode {
@@ -84,7 +88,7 @@ impl MeshNode {
             cfg,
             published: RwLock::new(BTreeMap::new()),
             synced: watch::channel(false).0,
-            conflicts: RwLock::new(Vec::new()),
+            conflicts: watch::channel(Vec::new()).0,
         }))
     }
 
@@ -101,12 +105,32 @@ impl MeshNode {
     /// `-` → `_`). Waits briefly for the first cluster snapshot so a task started right after
     /// the agent sees every service.
     pub async fn discovery_env(&self) -> BTreeMap<String, String> {
+        self.discovery_env_at(&self.local_ip().to_string()).await
+    }
+
+    /// [`MeshNode::discovery_env`] for a container on a bridge network: the mesh through the
+    /// bridge gateway ([`CONTAINER_HOST`]) when it listens on every interface, else at its
+    /// bind address (a loopback bind is out of a container's reach; this is logged).
+    pub async fn container_discovery_env(&self) -> BTreeMap<String, String> {
+        let host = match self.cfg.bind_ip {
+            ip if ip.is_unspecified() => CONTAINER_HOST.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => {
+                if v4.is_loopback() {
+                    tracing::warn!(ip = %v4, "the mesh listens on loopback only; containers cannot reach it (use --mesh-bind 0.0.0.0)");
+                }
+                v4.to_string()
+            }
+        };
+        self.discovery_env_at(&host).await
+    }
+
+    async fn discovery_env_at(&self, host: &str) -> BTreeMap<String, String> {
         let mut synced = self.synced.subscribe();
         let _ = tokio::time::timeout(FIRST_SYNC_WAIT, synced.wait_for(|s| *s)).await;
-        let ip = self.local_ip();
         read(&self.published)
             .iter()
-            .map(|(service, port)| (addr_variable(service), format!("{ip}:{port}")))
+            .map(|(service, port)| (addr_variable(service), format!("{host}:{port}")))
             .collect()
     }
 
@@ -211,19 +235,29 @@ impl MeshNode {
                 self.synced.send_replace(true);
                 continue;
             }
-            match self.mesh.apply(table.clone()).await {
-                Ok(()) => write(&self.conflicts).clear(),
+            let conflicts = match self.mesh.apply(table.clone()).await {
+                Ok(()) => Vec::new(),
                 Err(e) => {
                     // A published port held by something else on this host, or claimed by two
                     // services: the other ports still serve; this one is retried.
                     tracing::warn!(error = %e, "some published ports are not served on this node");
-                    *write(&self.conflicts) = vec![e.to_string()];
                     retry_at = Some(Instant::now() + BIND_RETRY);
+                    e.problems()
                 }
-            }
+            };
+            self.conflicts.send_if_modified(|old| {
+                let changed = *old != conflicts;
+                *old = conflicts;
+                changed
+            });
             applied = Some(table);
             self.synced.send_replace(true);
         }
+    }
+
+    /// Follows the published ports this node's mesh cannot serve (empty when all are served).
+    pub fn port_conflicts(&self) -> watch::Receiver<Vec<String>> {
+        self.conflicts.subscribe()
     }
 
     /// Requests and connections in progress on a task through this node's mesh.
@@ -287,7 +321,7 @@ impl MeshNode {
         async fn stats(State(node): State<Arc<MeshNode>>) -> axum::Json<serde_json::Value> {
             axum::Json(serde_json::json!({
                 "stats": node.mesh.stats(),
-                "conflicts": *read(&node.conflicts),
+                "conflicts": *node.conflicts.borrow(),
             }))
         }
         async fn metrics(State(node): State<Arc<MeshNode>>) -> impl axum::response::IntoResponse {
@@ -321,7 +355,7 @@ fn published_ports(services: &[Service]) -> BTreeMap<String, u16> {
                 .spec
                 .ports
                 .iter()
-                .filter(|p| p.protocol == PortProtocol::Tcp)
+                .filter(|p| p.protocol == PortProtocol::Tcp && p.mode.is_ingress())
                 .find_map(|p| p.published)?;
             Some((s.name.clone(), port))
         })

@@ -28,6 +28,8 @@ pub enum PortError {
     InUse(u16),
     #[error("port 0 is not a port")]
     Zero,
+    #[error("host port {port} is in use on this node")]
+    HostPortInUse { port: u16 },
 }
 
 struct Allocations {
@@ -72,13 +74,38 @@ impl PortAllocator {
         }
     }
 
-    /// Host ports for each of `ports`, all or none.
+    /// Host ports for each of `ports`, all or none. A host-mode port gets its published port
+    /// (inside or outside the range), or fails if a live task or another program holds it.
     pub fn allocate(&self, ports: &[PortSpec]) -> Result<Vec<PortBinding>, PortError> {
         let mut state = self.lock();
-        let mut chosen: Vec<PortBinding> = Vec::with_capacity(ports.len());
+        // (position in `ports`, binding): results keep the order of `ports`, as `PORT` is the
+        // first one.
+        let mut chosen: Vec<(usize, PortBinding)> = Vec::with_capacity(ports.len());
         let span = u32::from(self.range.end - self.range.start);
         let mut tried = 0u32;
-        for spec in ports {
+        // Fixed (host-mode) ports first, so a range search cannot hand one of them to another
+        // entry.
+        for (i, spec) in ports.iter().enumerate() {
+            let Some((port, protocol)) = spec.host_port() else {
+                continue;
+            };
+            let taken =
+                state.held.contains(&port) || chosen.iter().any(|(_, b)| b.host_port == port);
+            if taken || !bindable(port, protocol) {
+                return Err(PortError::HostPortInUse { port });
+            }
+            chosen.push((
+                i,
+                PortBinding {
+                    target: spec.target,
+                    host_port: port,
+                },
+            ));
+        }
+        for (i, spec) in ports.iter().enumerate() {
+            if spec.host_port().is_some() {
+                continue;
+            }
             loop {
                 if tried >= span {
                     return Err(PortError::Exhausted {
@@ -95,18 +122,22 @@ impl PortAllocator {
                     port + 1
                 };
                 let taken =
-                    state.held.contains(&port) || chosen.iter().any(|b| b.host_port == port);
+                    state.held.contains(&port) || chosen.iter().any(|(_, b)| b.host_port == port);
                 if !taken && bindable(port, spec.protocol) {
-                    chosen.push(PortBinding {
-                        target: spec.target,
-                        host_port: port,
-                    });
+                    chosen.push((
+                        i,
+                        PortBinding {
+                            target: spec.target,
+                            host_port: port,
+                        },
+                    ));
                     break;
                 }
             }
         }
-        state.held.extend(chosen.iter().map(|b| b.host_port));
-        Ok(chosen)
+        chosen.sort_unstable_by_key(|(i, _)| *i);
+        state.held.extend(chosen.iter().map(|(_, b)| b.host_port));
+        Ok(chosen.into_iter().map(|(_, b)| b).collect())
     }
 
     /// Marks a port as held by a live task (after recovery). Ports outside the range are
@@ -163,6 +194,7 @@ mod tests {
             target,
             published: None,
             protocol: PortProtocol::Tcp,
+            mode: Default::default(),
         }
     }
 
@@ -199,6 +231,45 @@ mod tests {
             "{err:?}"
         );
         assert!(alloc.held().is_empty());
+    }
+
+    /// A host-mode port is handed out as published (even outside the range), keeps the order of
+    /// the spec, and is refused while a live task or another program holds it.
+    #[test]
+    fn host_mode_ports_bind_the_published_port() {
+        let probe = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let fixed = probe.local_addr().unwrap().port();
+        drop(probe);
+        let range_probe = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let r = range_probe.local_addr().unwrap().port();
+        drop(range_probe);
+        let alloc = PortAllocator::new(r..r.saturating_add(1)).unwrap();
+        let host = PortSpec {
+            target: 80,
+            published: Some(fixed),
+            protocol: PortProtocol::Tcp,
+            mode: flotilla_types::PortMode::Host,
+        };
+        let got = alloc.allocate(&[tcp(9000), host.clone()]).unwrap();
+        assert_eq!(got[0].target, 9000);
+        assert_eq!(got[1].target, 80);
+        assert_eq!(got[1].host_port, fixed);
+        // Held by the first task: a second one on this node is refused, and nothing leaks.
+        assert_eq!(
+            alloc.allocate(std::slice::from_ref(&host)),
+            Err(PortError::HostPortInUse { port: fixed })
+        );
+        alloc.release(fixed);
+        alloc.release(got[0].host_port);
+        // Held by some other program on the host.
+        let squatter = TcpListener::bind((Ipv4Addr::UNSPECIFIED, fixed)).unwrap();
+        assert_eq!(
+            alloc.allocate(&[host.clone()]),
+            Err(PortError::HostPortInUse { port: fixed })
+        );
+        assert!(alloc.held().is_empty());
+        drop(squatter);
+        assert_eq!(alloc.allocate(&[host]).unwrap()[0].host_port, fixed);
     }
 
     #[test]

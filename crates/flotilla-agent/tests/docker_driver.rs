@@ -9,7 +9,9 @@ use bollard::query_parameters::{
     CommitContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
     ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
 };
-use flotilla_agent::docker::{DockerDriver, LABEL_NODE, LABEL_SERVICE, LABEL_SLOT, LABEL_TASK};
+use flotilla_agent::docker::{
+    DockerDriver, LABEL_NODE, LABEL_OWNER, LABEL_SERVICE, LABEL_SLOT, LABEL_TASK,
+};
 use flotilla_agent::docker_image::{build_image, ImageRecipe};
 use flotilla_agent::driver::{Driver, DriverError};
 use flotilla_types::container::PullPolicy;
@@ -29,7 +31,7 @@ static IMAGE_BUILT: OnceCell<()> = OnceCell::const_new();
 
 /// The driver, or `None` (after saying so) when the node has no engine.
 async fn driver() -> Option<DockerDriver> {
-    match DockerDriver::detect(NODE).await {
+    match DockerDriver::detect(NODE, NODE).await {
         Ok(Some(d)) => {
             IMAGE_BUILT
                 .get_or_init(|| async {
@@ -144,6 +146,7 @@ async fn lifecycle_labels_ports_kill_recover_remove() {
         target: 8080,
         published: None,
         protocol: Default::default(),
+        mode: Default::default(),
     }];
     let host_port = free_port();
     let ports = [PortBinding {
@@ -161,6 +164,7 @@ async fn lifecycle_labels_ports_kill_recover_remove() {
     assert_eq!(labels[LABEL_TASK], task.id);
     assert_eq!(labels[LABEL_SERVICE], service);
     assert_eq!(labels[LABEL_NODE], NODE);
+    assert_eq!(labels[LABEL_OWNER], NODE);
     assert_eq!(labels[LABEL_SLOT], "1");
     assert_eq!(labels["io.flotilla.revision"], "4");
     let env = c.config.as_ref().unwrap().env.clone().unwrap();
@@ -196,9 +200,25 @@ async fn lifecycle_labels_ports_kill_recover_remove() {
     assert_eq!(mine.ports, ports);
     assert!(mine.exited.is_none());
 
+    // An agent of another cluster on this engine whose node has the same name neither adopts
+    // nor removes the container: ownership is the owner key, not the node name.
+    let stranger = DockerDriver::detect(NODE, "another-cluster")
+        .await
+        .unwrap()
+        .unwrap();
+    let theirs = stranger.recover().await.unwrap();
+    assert!(
+        theirs.iter().all(|r| r.task_id != task.id),
+        "a same-named node of another owner adopted {}",
+        task.id
+    );
+    stranger.remove(&task.id).await.unwrap();
+    let c = d.client().inspect_container(&id, None).await.unwrap();
+    assert_eq!(c.state.and_then(|s| s.running), Some(true));
+
     // wait() resolves from the die event of a kill done behind the driver's back.
     let waiting = tokio::spawn({
-        let d = DockerDriver::detect(NODE).await.unwrap().unwrap();
+        let d = DockerDriver::detect(NODE, NODE).await.unwrap().unwrap();
         let task_id = task.id.clone();
         async move { d.wait(&task_id).await }
     });

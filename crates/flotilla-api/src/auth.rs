@@ -1,21 +1,24 @@
 //! Authentication and authorisation:
-//! - loopback peers are trusted (like a local Docker socket);
 //! - a peer with a cluster client certificate (TLS, see [`crate::serve_tls`]) is who its
-//!   certificate says: a manager may call everything, a worker only what an agent needs
-//!   ([`worker_may_call`]);
+//!   certificate says, from any address including loopback: a manager may call everything, a
+//!   worker only what an agent needs ([`worker_may_call`]); a removed node's certificate is
+//!   refused ([`crate::cluster::check_not_revoked`]). On a write a follower forwarded, the
+//!   forwarding manager vouches for the original caller's certificate (`x-flotilla-peer`);
+//! - other loopback peers are trusted (like a local Docker socket);
 //! - everyone else needs `Authorization: Bearer <token>`, except the two join routes, which
 //!   authenticate with the join token in the body.
 //!
 //! The API is never open to the network without one of these.
 
-use crate::cluster::PeerIdentity;
+use crate::cluster::{check_not_revoked, PeerCert, PeerIdentity};
 use crate::error::ApiError;
+use crate::forward::{FORWARDED, FORWARDED_PEER};
 use crate::AppState;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use flotilla_pki::Role;
+use flotilla_pki::{NodeIdentity, Role};
 use std::net::SocketAddr;
 
 /// What an agent calls: read its assignments, register, heartbeat, report task status.
@@ -44,13 +47,38 @@ fn is_join_route(method: &Method, path: &str) -> bool {
 pub async fn require_auth(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    if peer.ip().is_loopback() {
-        return next.run(req).await;
-    }
-    if let Some(PeerIdentity(Some(identity))) = req.extensions().get::<PeerIdentity>() {
+    let presented = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .and_then(|p| p.0.clone());
+    if let Some(cert) = presented {
+        if let Err(e) = check_not_revoked(&state.store, &cert) {
+            return e.into_response();
+        }
+        let mut caller = cert;
+        if caller.identity.role == Role::Manager && req.headers().contains_key(&FORWARDED) {
+            // A write another manager forwarded: it authorised the caller already and says
+            // whose certificate (if any) it came with.
+            let original = match req.headers().get(&FORWARDED_PEER).map(parse_forwarded_peer) {
+                None => None,
+                Some(Ok(original)) => Some(original),
+                Some(Err(e)) => return e.into_response(),
+            };
+            req.extensions_mut().insert(PeerIdentity(original.clone()));
+            match original {
+                Some(original) => {
+                    if let Err(e) = check_not_revoked(&state.store, &original) {
+                        return e.into_response();
+                    }
+                    caller = original;
+                }
+                None => return next.run(req).await,
+            }
+        }
+        let identity = &caller.identity;
         if identity.role == Role::Manager || worker_may_call(req.method(), req.uri().path()) {
             return next.run(req).await;
         }
@@ -61,6 +89,9 @@ pub async fn require_auth(
             req.uri().path()
         ))
         .into_response();
+    }
+    if peer.ip().is_loopback() {
+        return next.run(req).await;
     }
     if is_join_route(req.method(), req.uri().path()) {
         return next.run(req).await;
@@ -86,6 +117,28 @@ pub async fn require_auth(
         .into_response(),
         (_, Some(_)) => ApiError::Unauthorized("invalid API token".into()).into_response(),
     }
+}
+
+/// Reads `ROLE/NODE-ID/ISSUED-AT` (see [`FORWARDED_PEER`]).
+fn parse_forwarded_peer(value: &axum::http::HeaderValue) -> Result<PeerCert, ApiError> {
+    let bad = || {
+        ApiError::Forbidden(format!(
+            "malformed {FORWARDED_PEER} header on a forwarded request"
+        ))
+    };
+    let text = value.to_str().map_err(|_| bad())?;
+    let mut parts = text.splitn(3, '/');
+    let (Some(role), Some(node_id), Some(issued_at)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    Ok(PeerCert {
+        identity: NodeIdentity {
+            node_id: node_id.to_string(),
+            role: role.parse().map_err(|_| bad())?,
+        },
+        issued_at: issued_at.parse().map_err(|_| bad())?,
+    })
 }
 
 /// Compares without an early exit so response timing does not reveal the token prefix.

@@ -12,7 +12,11 @@ use axum::response::{IntoResponse, Response};
 
 /// Marks a forwarded request so a leader that lost leadership meanwhile answers it itself
 /// rather than bouncing it on.
-const FORWARDED: HeaderName = HeaderName::from_static("x-flotilla-forwarded");
+pub(crate) const FORWARDED: HeaderName = HeaderName::from_static("x-flotilla-forwarded");
+/// On a forwarded request, the original caller's client certificate as
+/// `ROLE/NODE-ID/ISSUED-AT` (absent when the caller had none: loopback or bearer token). The
+/// leader believes it only from a peer holding a manager certificate (see `auth.rs`).
+pub(crate) const FORWARDED_PEER: HeaderName = HeaderName::from_static("x-flotilla-peer");
 /// Bodies of write requests are small JSON documents; anything larger is refused, not buffered.
 const MAX_FORWARDED_BODY: usize = 16 * 1024 * 1024;
 
@@ -37,6 +41,10 @@ pub async fn forward_writes(State(app): State<AppState>, req: Request, next: Nex
         Some(c) => c.clone(),
         None => return next.run(req).await,
     };
+    let original_peer = req
+        .extensions()
+        .get::<crate::cluster::PeerIdentity>()
+        .and_then(|p| p.0.clone());
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_FORWARDED_BODY).await {
         Ok(b) => b,
@@ -53,21 +61,62 @@ pub async fn forward_writes(State(app): State<AppState>, req: Request, next: Nex
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let url = format!("https://{leader_addr}{path}");
-    let mut outgoing = client
-        .request(parts.method.clone(), &url)
-        .header(FORWARDED, "1")
-        .body(bytes);
-    for name in [
-        axum::http::header::CONTENT_TYPE,
-        axum::http::header::AUTHORIZATION,
-    ] {
-        if let Some(v) = parts.headers.get(&name) {
-            outgoing = outgoing.header(name, v.clone());
+    let build = |leader_addr: &str| {
+        let url = format!("https://{leader_addr}{path}");
+        let mut outgoing = client
+            .request(parts.method.clone(), &url)
+            .header(FORWARDED, "1")
+            .body(bytes.clone());
+        if let Some(cert) = &original_peer {
+            outgoing = outgoing.header(
+                FORWARDED_PEER,
+                format!(
+                    "{}/{}/{}",
+                    cert.identity.role, cert.identity.node_id, cert.issued_at
+                ),
+            );
         }
-    }
-    tracing::debug!(%url, method = %parts.method, "forwarding a write to the leader");
-    match outgoing.send().await {
+        for name in [
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
+        ] {
+            if let Some(v) = parts.headers.get(&name) {
+                outgoing = outgoing.header(name, v.clone());
+            }
+        }
+        tracing::debug!(%url, method = %parts.method, "forwarding a write to the leader");
+        outgoing
+    };
+    let deadline = tokio::time::Instant::now() + LEADER_CHANGE_WAIT;
+    let (mut leader, mut leader_addr) = (leader, leader_addr);
+    let sent = loop {
+        match build(&leader_addr).send().await {
+            // The request never reached the leader (it crashed or is cut off): the write was
+            // not made. Wait for raft to elect another leader and send it there, so the client
+            // sees one slower success instead of an error it must retry itself.
+            Err(e) if e.is_connect() && tokio::time::Instant::now() < deadline => {
+                match next_leader(&app, leader, deadline).await {
+                    Some((id, _)) if id == app.store.node_id() => {
+                        // This manager was elected meanwhile: answer the write itself.
+                        let mut req = Request::new(Body::from(bytes.clone()));
+                        *req.method_mut() = parts.method.clone();
+                        *req.uri_mut() = parts.uri.clone();
+                        *req.version_mut() = parts.version;
+                        *req.headers_mut() = parts.headers.clone();
+                        *req.extensions_mut() = parts.extensions.clone();
+                        return next.run(req).await;
+                    }
+                    Some((id, addr)) => {
+                        tracing::info!(failed = %leader_addr, leader = %addr, "leader changed; forwarding the write to the new leader");
+                        (leader, leader_addr) = (Some(id), addr);
+                    }
+                    None => break Err(e),
+                }
+            }
+            other => break other,
+        }
+    };
+    match sent {
         Ok(resp) => {
             let mut builder = Response::builder().status(resp.status());
             if let Some(ct) = resp.headers().get(axum::http::header::CONTENT_TYPE) {
@@ -88,5 +137,27 @@ pub async fn forward_writes(State(app): State<AppState>, req: Request, next: Nex
              failed: {e}"
         ))
         .into_response(),
+    }
+}
+
+/// How long a forwarded write that could not reach the leader waits for a new one.
+const LEADER_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until raft knows a leader other than `old` (with its address), or `deadline`.
+async fn next_leader(
+    app: &AppState,
+    old: Option<u64>,
+    deadline: tokio::time::Instant,
+) -> Option<(u64, String)> {
+    loop {
+        if let Some(id) = app.store.current_leader().filter(|l| Some(*l) != old) {
+            if let Some(m) = app.store.members().into_iter().find(|m| m.raft_id == id) {
+                return Some((id, m.addr));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }

@@ -117,7 +117,12 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{id}/weight", put(traffic::set_weight))
         .route("/nodes", get(nodes::list))
         .route("/nodes/register", post(nodes::register))
-        .route("/nodes/{id}", get(nodes::get_node).patch(nodes::update))
+        .route(
+            "/nodes/{id}",
+            get(nodes::get_node)
+                .patch(nodes::update)
+                .delete(cluster::remove_node),
+        )
         .route("/nodes/{id}/heartbeat", post(nodes::heartbeat))
         .route("/events", get(streams::events))
         .route("/watch", get(streams::watch))

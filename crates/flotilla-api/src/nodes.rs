@@ -15,6 +15,9 @@ use flotilla_types::{
 /// Longest label key and value accepted.
 const MAX_LABEL_KEY: usize = 128;
 const MAX_LABEL_VALUE: usize = 256;
+/// Bounds on what an agent reports about its mesh's unserved ports.
+const MAX_PORT_CONFLICTS: usize = 256;
+const MAX_PORT_CONFLICT_LEN: usize = 4096;
 
 pub async fn list(State(app): State<AppState>) -> Json<Vec<Node>> {
     Json(app.store.read(|s| s.nodes.values().cloned().collect()))
@@ -42,6 +45,30 @@ fn validate_registration(reg: &NodeRegistration) -> Result<(), ApiError> {
             ));
         }
     }
+    if let Some(ip) = reg.advertise_ip {
+        if ip.is_unspecified() || ip.is_multicast() {
+            fields.push(FieldError::new(
+                "advertise_ip",
+                format!("{ip} is not an address other nodes can reach"),
+            ));
+        }
+    }
+    if reg.port_conflicts.len() > MAX_PORT_CONFLICTS {
+        fields.push(FieldError::new(
+            "port_conflicts",
+            format!("more than {MAX_PORT_CONFLICTS} entries"),
+        ));
+    }
+    if let Some(i) = reg
+        .port_conflicts
+        .iter()
+        .position(|c| c.len() > MAX_PORT_CONFLICT_LEN)
+    {
+        fields.push(FieldError::new(
+            format!("port_conflicts[{i}]"),
+            format!("longer than {MAX_PORT_CONFLICT_LEN} bytes"),
+        ));
+    }
     if fields.is_empty() {
         Ok(())
     } else {
@@ -53,16 +80,30 @@ fn validate_registration(reg: &NodeRegistration) -> Result<(), ApiError> {
 /// (availability, labels).
 pub async fn register(
     State(app): State<AppState>,
+    peer: Option<axum::Extension<crate::cluster::PeerIdentity>>,
     JsonBody(reg): JsonBody<NodeRegistration>,
 ) -> Result<Json<Node>, ApiError> {
     validate_registration(&reg)?;
+    // In a cluster the certificate says who the node is and what it may do: a node registers
+    // only itself, and its role is the one the CA signed. Without a certificate (`flotilla
+    // up`'s loopback agent) the node runs next to the manager.
+    let certified = crate::cluster::peer_of(peer);
+    if let Some(id) = &certified {
+        own_node_only(id, &reg.id)?;
+    }
+    let certified_role = certified.map(|id| match id.role {
+        flotilla_pki::Role::Manager => NodeRole::Manager,
+        flotilla_pki::Role::Worker => NodeRole::Worker,
+    });
     for _ in 0..5 {
         let now = now_ms();
         let existing = app.store.read(|s| s.nodes.get(&reg.id).cloned());
         let node = Node {
             id: reg.id.clone(),
             hostname: reg.hostname.clone(),
-            role: existing.as_ref().map_or(NodeRole::Manager, |n| n.role),
+            role: certified_role
+                .or(existing.as_ref().map(|n| n.role))
+                .unwrap_or(NodeRole::Manager),
             availability: existing
                 .as_ref()
                 .map(|n| n.availability)
@@ -78,6 +119,8 @@ pub async fn register(
             resources: reg.resources,
             drivers: reg.drivers.clone(),
             agent_addr: reg.agent_addr.clone(),
+            advertise_ip: reg.advertise_ip,
+            port_conflicts: reg.port_conflicts.clone(),
             last_heartbeat: now,
             // Why a node is paused or drained (an auto-cordon) outlives agent restarts.
             message: existing
@@ -114,11 +157,26 @@ pub async fn register(
     )))
 }
 
+/// A worker certificate acts only for its own node.
+fn own_node_only(identity: &flotilla_pki::NodeIdentity, node: &str) -> Result<(), ApiError> {
+    if identity.role == flotilla_pki::Role::Worker && identity.node_id != node {
+        return Err(ApiError::Forbidden(format!(
+            "node {} may only register and heartbeat as itself, not as {node:?}",
+            identity.node_id
+        )));
+    }
+    Ok(())
+}
+
 pub async fn heartbeat(
     State(app): State<AppState>,
+    peer: Option<axum::Extension<crate::cluster::PeerIdentity>>,
     Path(id): Path<String>,
     JsonBody(hb): JsonBody<Heartbeat>,
 ) -> Result<Json<WriteResponse>, ApiError> {
+    if let Some(identity) = crate::cluster::peer_of(peer) {
+        own_node_only(&identity, &id)?;
+    }
     tracing::trace!(node = %id, agent_time = hb.at, "heartbeat");
     let result = app
         .store

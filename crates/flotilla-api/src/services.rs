@@ -289,16 +289,17 @@ pub async fn remove(
     State(app): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<WriteResponse>, ApiError> {
-    let version = app
+    // "Does not exist" is decided by the state machine in log order, not by this read: the
+    // local state may lag the log (a new leader still applying its predecessor's last entries),
+    // and answering from it would contradict an acknowledged create (found by the multi-host
+    // linearizability test).
+    let expect = app
         .store
         .read(|s| s.services.get(&name).map(|svc| svc.meta.version))
-        .ok_or_else(|| ApiError::NotFound(format!("service {name:?} does not exist")))?;
+        .map_or(Expect::Exists, Expect::Version);
     let result = app
         .store
-        .write(Command::new(vec![Op::DeleteService {
-            name,
-            expect: Expect::Version(version),
-        }]))
+        .write(Command::new(vec![Op::DeleteService { name, expect }]))
         .await?;
     Ok(Json(WriteResponse {
         store_revision: check_applied(result)?,

@@ -1,10 +1,10 @@
 //! Serving the API over TLS, recording each connection's client-certificate identity so the
 //! auth layer can authorise by role.
 
-use crate::cluster::PeerIdentity;
+use crate::cluster::{PeerCert, PeerIdentity};
 use crate::{router, AppState};
 use axum::extract::ConnectInfo;
-use flotilla_pki::{identity_of, TlsIdentity};
+use flotilla_pki::{identity_of, issued_at_of, TlsIdentity};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +60,12 @@ pub async fn serve_tls(
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|der| identity_of(der).ok());
+                .and_then(|der| {
+                    Some(PeerCert {
+                        identity: identity_of(der).ok()?,
+                        issued_at: issued_at_of(der).ok()?,
+                    })
+                });
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ConnectInfo(peer));

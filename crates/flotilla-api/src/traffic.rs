@@ -111,19 +111,35 @@ struct AgentMeshStats {
     stats: MeshStats,
 }
 
-/// One node's mesh stats, or `None` when its agent does not answer.
-async fn node_stats(app: &AppState, agent: &str) -> Option<MeshStats> {
-    let resp = app
+/// What one node's agent says about its mesh.
+enum NodeMesh {
+    Stats(MeshStats),
+    /// The agent answers but runs no mesh (`--no-mesh`): it serves no published port.
+    None,
+    Unreachable,
+}
+
+/// One node's mesh stats.
+async fn node_stats(app: &AppState, agent: &str) -> NodeMesh {
+    let Ok(resp) = app
         .http
         .get(format!("http://{agent}/mesh/stats"))
         .timeout(AGENT_TIMEOUT)
         .send()
         .await
-        .ok()?;
-    if !resp.status().is_success() {
-        return None;
+    else {
+        return NodeMesh::Unreachable;
+    };
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return NodeMesh::None;
     }
-    resp.json::<AgentMeshStats>().await.ok().map(|s| s.stats)
+    if !resp.status().is_success() {
+        return NodeMesh::Unreachable;
+    }
+    match resp.json::<AgentMeshStats>().await {
+        Ok(s) => NodeMesh::Stats(s.stats),
+        Err(_) => NodeMesh::Unreachable,
+    }
 }
 
 fn breaker_name(state: BreakerState) -> &'static str {
@@ -162,14 +178,20 @@ pub async fn traffic(
     .await;
     let mut out = ServiceTraffic {
         service: name.clone(),
+        meshes: Some(0),
         ..ServiceTraffic::default()
     };
     let mut per_task: BTreeMap<String, TaskTraffic> = BTreeMap::new();
     for (node, stats) in answers {
-        let Some(stats) = stats else {
-            out.unreachable_nodes.push(node);
-            continue;
+        let stats = match stats {
+            NodeMesh::Stats(stats) => stats,
+            NodeMesh::None => continue,
+            NodeMesh::Unreachable => {
+                out.unreachable_nodes.push(node);
+                continue;
+            }
         };
+        *out.meshes.get_or_insert(0) += 1;
         let Some(service) = stats.services.get(&name) else {
             continue;
         };

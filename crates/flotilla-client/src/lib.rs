@@ -16,6 +16,7 @@ use flotilla_types::{Event, Node, Revision, Task};
 use futures::stream::{BoxStream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Environment variable holding the API address when `--addr` is not given.
@@ -55,12 +56,21 @@ impl ClientError {
     }
 }
 
-/// A handle on one manager's API.
+/// A handle on a manager's API. Clones share one list of managers ([`Client::set_managers`]):
+/// when a request cannot reach the current one, later requests go to the next, so an agent
+/// follows the cluster when the manager it joined through dies.
 #[derive(Clone, Debug)]
 pub struct Client {
-    base: String,
+    endpoints: Arc<Mutex<Endpoints>>,
     http: reqwest::Client,
     token: Option<String>,
+}
+
+#[derive(Debug)]
+struct Endpoints {
+    /// Normalised base URLs; never empty.
+    all: Vec<String>,
+    current: usize,
 }
 
 impl Client {
@@ -75,7 +85,7 @@ impl Client {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(Client { base, http, token })
+        Ok(Client::from_parts(base, http, token))
     }
 
     /// A client over HTTPS with `tls` (a cluster node's mutual-TLS config, see
@@ -103,11 +113,73 @@ impl Client {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(Client {
-            base,
+        Ok(Client::from_parts(base, http, None))
+    }
+
+    fn from_parts(base: String, http: reqwest::Client, token: Option<String>) -> Client {
+        Client {
+            endpoints: Arc::new(Mutex::new(Endpoints {
+                all: vec![base],
+                current: 0,
+            })),
             http,
-            token: None,
-        })
+            token,
+        }
+    }
+
+    fn endpoints(&self) -> MutexGuard<'_, Endpoints> {
+        // Only plain assignments happen under this lock; a poisoned one still holds valid data.
+        self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the managers this client (and its clones) may use. The current one stays in
+    /// use if it is listed; otherwise the first listed is used. Addresses take this client's
+    /// scheme when they have none. An empty list changes nothing.
+    pub fn set_managers(&self, addrs: &[String]) -> Result<(), ClientError> {
+        let scheme = if self.base().starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        };
+        let mut all = Vec::new();
+        for a in addrs {
+            let a = a.trim();
+            let with_scheme = if a.contains("://") {
+                a.to_string()
+            } else {
+                format!("{scheme}://{a}")
+            };
+            let base = normalise_addr(&with_scheme)?;
+            if !all.contains(&base) {
+                all.push(base);
+            }
+        }
+        if all.is_empty() {
+            return Ok(());
+        }
+        let mut ep = self.endpoints();
+        let current = ep.all[ep.current].clone();
+        ep.current = all.iter().position(|b| *b == current).unwrap_or(0);
+        ep.all = all;
+        Ok(())
+    }
+
+    /// Every manager this client may use, the current one first.
+    pub fn managers(&self) -> Vec<String> {
+        let ep = self.endpoints();
+        let n = ep.all.len();
+        (0..n)
+            .map(|i| ep.all[(ep.current + i) % n].clone())
+            .collect()
+    }
+
+    /// `failed` could not be reached: move to the next manager, unless another request moved
+    /// on already.
+    fn fail_over(&self, failed: &str) {
+        let mut ep = self.endpoints();
+        if ep.all.len() > 1 && ep.all[ep.current] == failed {
+            ep.current = (ep.current + 1) % ep.all.len();
+        }
     }
 
     /// POSTs `body` as JSON to `path` and decodes the JSON answer: for routes without a typed
@@ -120,17 +192,24 @@ impl Client {
         self.post(path, body).await
     }
 
+    /// DELETEs `path` and decodes the JSON answer (see [`Client::post_json`]).
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.json(self.request(reqwest::Method::DELETE, path)).await
+    }
+
     /// GETs `path` and decodes the JSON answer (see [`Client::post_json`]).
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.get(path).await
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
+    /// The manager requests go to now.
+    pub fn base(&self) -> String {
+        let ep = self.endpoints();
+        ep.all[ep.current].clone()
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self.http.request(method, format!("{}{path}", self.base()));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -138,9 +217,14 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(|e| ClientError::Connect {
-            addr: self.base.clone(),
-            reason: error_chain(&e),
+        // The request was built against the current manager just before this call.
+        let used = self.base();
+        let resp = req.send().await.map_err(|e| {
+            self.fail_over(&used);
+            ClientError::Connect {
+                addr: used.clone(),
+                reason: error_chain(&e),
+            }
         })?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -163,7 +247,7 @@ impl Client {
         let resp = self.send(req).await?;
         let url = resp.url().to_string();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Connect {
-            addr: self.base.clone(),
+            addr: self.base(),
             reason: error_chain(&e),
         })?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
@@ -394,7 +478,7 @@ impl Client {
             path.push_str(&format!("&tail={n}"));
         }
         let resp = self.send(self.request(reqwest::Method::GET, &path)).await?;
-        let addr = self.base.clone();
+        let addr = self.base();
         Ok(resp
             .bytes_stream()
             .map(move |r| {
@@ -461,7 +545,7 @@ impl Client {
     ) -> Result<BoxStream<'static, Result<T, ClientError>>, ClientError> {
         let resp = self.send(self.request(reqwest::Method::GET, path)).await?;
         let url = resp.url().to_string();
-        let addr = self.base.clone();
+        let addr = self.base();
         let bytes = resp.bytes_stream();
         let lines = futures::stream::unfold(
             (bytes, Vec::<u8>::new(), false),

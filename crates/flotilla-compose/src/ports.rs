@@ -2,7 +2,7 @@
 
 use crate::document::Node;
 use crate::report::Report;
-use flotilla_types::{PortProtocol, PortSpec};
+use flotilla_types::{PortMode, PortProtocol, PortSpec};
 
 /// Reads the `ports` list. Entries with errors are left out after being reported.
 pub(crate) fn read_ports(r: &mut Report, field: &str, node: &Node) -> Vec<PortSpec> {
@@ -25,6 +25,7 @@ pub(crate) fn read_ports(r: &mut Report, field: &str, node: &Node) -> Vec<PortSp
                             target,
                             published: None,
                             protocol: PortProtocol::Tcp,
+                            mode: Default::default(),
                         }
                     })
                 }
@@ -75,6 +76,7 @@ fn short_syntax(r: &mut Report, field: &str, text: &str) -> Option<PortSpec> {
         target: target?,
         published: published?,
         protocol,
+        mode: Default::default(),
     })
 }
 
@@ -82,6 +84,7 @@ fn long_syntax(r: &mut Report, field: &str, entries: &[(String, Node)]) -> Optio
     let mut target = None;
     let mut published = None;
     let mut proto = PortProtocol::Tcp;
+    let mut mode = PortMode::Ingress;
     let mut ok = true;
     for (key, value) in entries {
         let at = format!("{field}.{key}");
@@ -96,11 +99,8 @@ fn long_syntax(r: &mut Report, field: &str, entries: &[(String, Node)]) -> Optio
                 None => ok = false,
             },
             "mode" => match r.string(&at, value).as_deref() {
-                Some("ingress") => {}
-                Some("host") => r.warn(
-                    &at,
-                    "host mode is not supported yet; the port is published through the mesh",
-                ),
+                Some("ingress") => mode = PortMode::Ingress,
+                Some("host") => mode = PortMode::Host,
                 Some(other) => {
                     r.error(
                         &at,
@@ -120,10 +120,19 @@ fn long_syntax(r: &mut Report, field: &str, entries: &[(String, Node)]) -> Optio
     if target.is_none() && !entries.iter().any(|(k, _)| k == "target") {
         r.error(&format!("{field}.target"), "is required");
     }
+    // Host mode binds `published` on the node itself, so there must be one to bind.
+    if mode == PortMode::Host && published.is_none() && ok {
+        r.error(
+            &format!("{field}.published"),
+            "is required with mode: host (the port the task binds on its node)",
+        );
+        ok = false;
+    }
     Some(PortSpec {
         target: target?,
         published,
         protocol: proto,
+        mode,
     })
     .filter(|_| ok)
 }

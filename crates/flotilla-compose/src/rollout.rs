@@ -4,7 +4,7 @@
 use crate::document::Node;
 use crate::report::Report;
 use flotilla_types::release::{
-    AnalysisSpec, BlueGreenSpec, CanarySpec, CanaryStep, Decimal, FailureAction,
+    AnalysisSpec, BlueGreenSpec, CanaryMatch, CanarySpec, CanaryStep, Decimal, FailureAction,
 };
 use flotilla_types::{Strategy, UpdateConfig, UpdateOrder};
 
@@ -142,14 +142,30 @@ pub(crate) fn canary(r: &mut Report, field: &str, node: &Node) -> CanarySpec {
         match key.as_str() {
             "steps" => spec.steps = steps(r, &at, value),
             "analysis" => spec.analysis = analysis(r, &at, value),
-            "match" => r.error(
-                &at,
-                "header/cookie matching is not supported: the mesh routes by weight only",
-            ),
-            _ => r.error(&at, "unknown key (expected steps or analysis)"),
+            "match" => spec.matching = Some(canary_match(r, &at, value)),
+            _ => r.error(&at, "unknown key (expected steps, analysis or match)"),
         }
     }
     spec
+}
+
+/// `x-flotilla.canary.match: {header, cookie, value}`; names and value are checked by
+/// `validate_release`.
+fn canary_match(r: &mut Report, field: &str, node: &Node) -> CanaryMatch {
+    let mut m = CanaryMatch::default();
+    let Some(entries) = r.mapping(field, node) else {
+        return m;
+    };
+    for (key, value) in entries {
+        let at = format!("{field}.{key}");
+        match key.as_str() {
+            "header" => m.header = r.string(&at, value),
+            "cookie" => m.cookie = r.string(&at, value),
+            "value" => m.value = r.string(&at, value),
+            _ => r.error(&at, "unknown key (expected header, cookie or value)"),
+        }
+    }
+    m
 }
 
 fn steps(r: &mut Report, field: &str, node: &Node) -> Vec<CanaryStep> {

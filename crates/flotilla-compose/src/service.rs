@@ -90,9 +90,6 @@ const UNSUPPORTED_SERVICE_KEYS: &[&str] = &[
     "volumes_from",
 ];
 
-/// `x-flotilla` keys later work will give meaning to.
-const PLANNED_FLOTILLA_KEYS: &[&str] = &["priority"];
-
 /// Where relative `env_file` paths are resolved.
 pub(crate) struct Context<'a> {
     pub(crate) base_dir: &'a Path,
@@ -201,7 +198,15 @@ pub(crate) fn read_service(
     spec.placement.spread = extra.spread;
     spec.placement.affinities = extra.affinities;
     spec.placement.strategy = extra.strategy.unwrap_or_default();
-    spec.placement.priority = extra.priority.unwrap_or(0);
+    if let (Some(a), Some(b)) = (flotilla.priority, extra.priority) {
+        if a != b {
+            r.error(
+                &format!("{path}.x-flotilla.priority"),
+                format!("{a} contradicts x-flotilla.placement.priority {b} (set one)"),
+            );
+        }
+    }
+    spec.placement.priority = extra.priority.or(flotilla.priority).unwrap_or(0);
     spec.rollout.disruption = flotilla.disruption;
     spec.rollout.update = deploy.update_config;
     spec.rollout.rollback = deploy.rollback_config;
@@ -758,6 +763,8 @@ struct FlotillaExtension {
     healthcheck: Option<HealthCheck>,
     placement: FlotillaPlacement,
     disruption: DisruptionBudget,
+    /// `x-flotilla.priority`; the same as `x-flotilla.placement.priority`.
+    priority: Option<u32>,
     runtime: Option<String>,
     mesh: MeshSpec,
     strategy: Option<flotilla_types::Strategy>,
@@ -798,16 +805,7 @@ fn flotilla_placement(r: &mut Report, field: &str, node: &Node) -> FlotillaPlace
                     None => None,
                 }
             }
-            "priority" => {
-                out.priority = r.uint32(&at, value).and_then(|p| {
-                    if p > 1000 {
-                        r.error(&at, format!("{p} is outside 0..=1000"));
-                        None
-                    } else {
-                        Some(p)
-                    }
-                })
-            }
+            "priority" => out.priority = priority(r, &at, value),
             "spread" => out.spread = r.list_of(&at, value, spread_rule),
             "affinities" => out.affinities = r.list_of(&at, value, affinity_rule),
             _ => r.error(
@@ -817,6 +815,18 @@ fn flotilla_placement(r: &mut Report, field: &str, node: &Node) -> FlotillaPlace
         }
     }
     out
+}
+
+/// `x-flotilla.priority` (or `x-flotilla.placement.priority`): 0..=1000.
+fn priority(r: &mut Report, field: &str, node: &Node) -> Option<u32> {
+    r.uint32(field, node).and_then(|p| {
+        if p > 1000 {
+            r.error(field, format!("{p} is outside 0..=1000"));
+            None
+        } else {
+            Some(p)
+        }
+    })
 }
 
 fn spread_rule(r: &mut Report, field: &str, node: &Node) -> Option<SpreadSpec> {
@@ -903,9 +913,7 @@ fn flotilla_extension(r: &mut Report, field: &str, node: &Node) -> FlotillaExten
             "blue_green" => ext.blue_green = crate::rollout::blue_green(r, &at, value),
             "canary" => ext.canary = crate::rollout::canary(r, &at, value),
             k if MESH_KEYS.contains(&k) => mesh::read_key(r, &at, k, value, &mut ext.mesh),
-            k if PLANNED_FLOTILLA_KEYS.contains(&k) => {
-                r.warn(&at, "recognised, not supported yet; ignored")
-            }
+            "priority" => ext.priority = priority(r, &at, value),
             _ => r.warn(&at, "unknown x-flotilla key; ignored"),
         }
     }

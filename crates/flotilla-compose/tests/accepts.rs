@@ -2,9 +2,9 @@
 
 use flotilla_compose::{load, parse_str};
 use flotilla_types::{
-    DependencyCondition, DriverKind, HealthCheck, HealthTest, PlacementSpec, PortProtocol,
-    PortSpec, ResourceAmounts, Resources, RestartCondition, RestartPolicy, ServiceMode,
-    ServiceSpec,
+    DependencyCondition, DriverKind, HealthCheck, HealthTest, PlacementSpec, PortMode,
+    PortProtocol, PortSpec, ResourceAmounts, Resources, RestartCondition, RestartPolicy,
+    ServiceMode, ServiceSpec,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -145,21 +145,25 @@ fn full_example_maps_every_supported_key() {
                 target: 80,
                 published: Some(8080),
                 protocol: PortProtocol::Tcp,
+                mode: Default::default(),
             },
             PortSpec {
                 target: 9090,
                 published: Some(9090),
                 protocol: PortProtocol::Udp,
+                mode: Default::default(),
             },
             PortSpec {
                 target: 81,
                 published: None,
                 protocol: PortProtocol::Tcp,
+                mode: Default::default(),
             },
             PortSpec {
                 target: 443,
                 published: Some(8443),
                 protocol: PortProtocol::Tcp,
+                mode: Default::default(),
             },
         ],
         healthcheck: None,
@@ -205,6 +209,35 @@ fn full_example_maps_every_supported_key() {
         "{:?}",
         file.warnings
     );
+}
+
+#[test]
+fn host_mode_ports_are_read_without_a_warning() {
+    let file = parse_str(
+        "services:\n  web:\n    command: x\n    ports:\n      - {target: 80, published: 8080, mode: host}\n      - {target: 81, published: 8081, mode: ingress}\n      - {target: 82, published: 8082}\n",
+        "c.yaml",
+        Path::new("."),
+    )
+    .unwrap();
+    assert!(file.warnings.is_empty(), "{:?}", file.warnings);
+    let modes: Vec<(u16, PortMode)> = file.services[0]
+        .ports
+        .iter()
+        .map(|p| (p.target, p.mode))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            (80, PortMode::Host),
+            (81, PortMode::Ingress),
+            (82, PortMode::Ingress)
+        ]
+    );
+    assert_eq!(
+        file.services[0].ports[0].host_port(),
+        Some((8080, PortProtocol::Tcp))
+    );
+    assert_eq!(file.services[0].ports[1].host_port(), None);
 }
 
 #[test]
@@ -350,7 +383,8 @@ fn demo_example_loads() {
         [PortSpec {
             target: 8080,
             published: Some(8080),
-            protocol: PortProtocol::Tcp
+            protocol: PortProtocol::Tcp,
+            mode: Default::default(),
         }]
     );
     assert_eq!(
@@ -375,6 +409,16 @@ fn demo_example_loads() {
             window: None,
         }
     );
+}
+
+/// Issue 4's spelling, `x-flotilla.priority`, sets the same field as the placement key.
+#[test]
+fn flotilla_priority_sets_the_placement_priority() {
+    let yaml = "services:\n  web:\n    command: [\"sleep\", \"100\"]\n    x-flotilla:\n      priority: 900\n";
+    let file =
+        flotilla_compose::parse_str(yaml, "p.yaml", std::path::Path::new(".")).expect("valid");
+    assert_eq!(file.services[0].placement.priority, 900);
+    assert!(file.warnings.is_empty(), "{:?}", file.warnings);
 }
 
 #[test]

@@ -117,3 +117,20 @@ fn bad_mesh_settings_name_the_field() {
         );
     }
 }
+
+/// A host-mode port is bound by the task on its node, so mesh settings for it are an error.
+#[test]
+fn mesh_settings_for_a_host_mode_port_are_rejected() {
+    let yaml = "services:\n  web:\n    command: [sleep, \"100\"]\n    ports:\n      - {target: 80, published: 8080, mode: host}\n    x-flotilla:\n      ports: [{published: 8080, protocol: http}]\n";
+    let errors = error_fields(yaml);
+    assert!(
+        errors
+            .iter()
+            .any(|(f, r)| f == "services.web.x-flotilla.ports[0].published"
+                && r.contains("host-mode ports bypass the mesh")),
+        "{errors:?}"
+    );
+    // The same settings on an ingress port are fine.
+    let ingress = yaml.replace(", mode: host", "");
+    assert!(parse_str(&ingress, "c.yaml", Path::new(".")).is_ok());
+}

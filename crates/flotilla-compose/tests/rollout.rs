@@ -68,7 +68,10 @@ fn bad_release_settings_name_their_field() {
         ("    x-flotilla:\n      canary:\n        steps:\n          - {weight: 50}\n          - {weight: 20}\n", "services.web.x-flotilla.canary.steps[1].weight", "lower than the step before"),
         ("    x-flotilla:\n      canary:\n        analysis:\n          success_rate: 120\n", "services.web.x-flotilla.canary.analysis.success_rate", "outside 0..=100"),
         ("    x-flotilla:\n      canary:\n        analysis:\n          interval: 0s\n", "services.web.x-flotilla.canary.analysis.interval", "greater than 0"),
-        ("    x-flotilla:\n      canary:\n        match:\n          header: x-canary\n", "services.web.x-flotilla.canary.match", "not supported"),
+        ("    x-flotilla:\n      canary:\n        match:\n          header: x-canary\n", "services.web.x-flotilla.canary.match", "needs an HTTP port"),
+        ("    x-flotilla:\n      canary:\n        match:\n          header: \"x canary\"\n", "services.web.x-flotilla.canary.match.header", "not a valid header name"),
+        ("    x-flotilla:\n      canary:\n        match:\n          value: \"1\"\n", "services.web.x-flotilla.canary.match", "header, a cookie"),
+        ("    x-flotilla:\n      canary:\n        match:\n          query: x\n", "services.web.x-flotilla.canary.match.query", "unknown key"),
     ];
     let mut failures = Vec::new();
     for (extra, field, reason) in cases {
@@ -85,4 +88,16 @@ fn bad_release_settings_name_their_field() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn canary_match_is_read() {
+    let yaml = web(
+        "    ports: [\"8080:80\"]\n    x-flotilla:\n      ports: [{published: 8080, protocol: http}]\n      canary:\n        match: {header: X-Canary, cookie: canary, value: \"yes\"}\n",
+    );
+    let file = parse_str(&yaml, "c.yaml", Path::new(".")).unwrap();
+    let m = file.services[0].rollout.canary.matching.clone().unwrap();
+    assert_eq!(m.header.as_deref(), Some("X-Canary"));
+    assert_eq!(m.cookie.as_deref(), Some("canary"));
+    assert_eq!(m.value.as_deref(), Some("yes"));
 }

@@ -10,7 +10,7 @@
 use crate::cordon::{cordon_pass, is_start_failure};
 use crate::drain::{self, SlotMove, SlotTasks};
 use crate::rollout::{self, Release, ReleaseGuard, ReleaseInput, TrafficView};
-use flotilla_scheduler::{schedule, ClusterSnapshot, PlacementRequest};
+use flotilla_scheduler::{schedule, ClusterSnapshot, Placement, PlacementRequest};
 use flotilla_store::{ClusterState, Expect, Op};
 use flotilla_types::{
     new_task_id, Availability, DependencyCondition, DesiredState, Meta, Node, NodeState,
@@ -111,11 +111,29 @@ pub fn reconcile_with_traffic(
             && t.desired_state == DesiredState::Running
     });
     let mut snapshot = ClusterSnapshot::new(&nodes, holding, now);
+    let mut nominated = Vec::new();
     for t in state.tasks.values() {
         if let (Some(node), true) = (&t.node, is_recent_start_failure(t, now)) {
             snapshot.record_start_failure(&t.service, node, t.status.since);
         }
+        if t.desired_state == DesiredState::Shutdown {
+            snapshot.hold_stopping(t);
+        } else if t.node.is_none() && t.status.state == TaskState::Pending {
+            if let Some(n) = Nomination::parse(&t.status.message) {
+                nominated.push((t, n));
+            }
+        }
     }
+    if state
+        .services
+        .values()
+        .any(|s| s.spec.placement.priority > 0)
+    {
+        set_preemption_budgets(state, &mut snapshot);
+    }
+    // Before anything else is placed, so the room the victims freed goes to the task they made
+    // way for, not to whichever service sorts first (say, the victims' own replacements).
+    let nominations = settle_nominations(state, &mut snapshot, &nominated);
 
     for service in state.services.values() {
         let mut batch = Vec::new();
@@ -129,6 +147,7 @@ pub fn reconcile_with_traffic(
             plan_requeue: None,
             ops: &mut batch,
             traffic,
+            nominations: &nominations,
         };
         ctx.run();
         if let Some(at) = ctx.plan_requeue {
@@ -141,12 +160,17 @@ pub fn reconcile_with_traffic(
     plan
 }
 
-/// Services whose rollout waits on mesh traffic (blue-green and canary in progress).
+/// Services whose rollout waits on mesh traffic (blue-green and canary in progress, and a
+/// rolling one waiting for the meshes to route only its new tasks).
 pub fn services_needing_traffic(state: &ClusterState) -> Vec<String> {
     state
         .rollouts
         .values()
-        .filter(|r| r.is_active() && r.strategy != flotilla_types::Strategy::Rolling)
+        .filter(|r| {
+            r.is_active()
+                && (r.strategy != flotilla_types::Strategy::Rolling
+                    || r.phase == flotilla_types::RolloutPhase::Routing)
+        })
         .filter(|r| state.services.contains_key(&r.service))
         .map(|r| r.service.clone())
         .collect()
@@ -243,6 +267,102 @@ fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
     plan.push(batch);
 }
 
+/// A pending task that preempted lower-priority tasks and waits for them to exit before it is
+/// assigned, so the node is never asked to run both at once. The controller keeps no memory
+/// between passes, so the nomination lives in the task's pending message, which doubles as
+/// its explanation in `ps` and events:
+/// `preempting on node N: waiting for 2 lower-priority tasks to stop (ID1, ID2)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Nomination {
+    node: String,
+    victims: Vec<String>,
+}
+
+impl Nomination {
+    const PREFIX: &'static str = "preempting on node ";
+    const WAITING: &'static str = ": waiting for ";
+
+    fn message(&self) -> String {
+        let n = self.victims.len();
+        format!(
+            "{}{}{}{n} lower-priority task{} to stop ({})",
+            Self::PREFIX,
+            self.node,
+            Self::WAITING,
+            if n == 1 { "" } else { "s" },
+            self.victims.join(", ")
+        )
+    }
+
+    fn parse(message: &str) -> Option<Nomination> {
+        let rest = message.strip_prefix(Self::PREFIX)?;
+        let (node, rest) = rest.split_once(Self::WAITING)?;
+        let ids = rest.rsplit_once(" (")?.1.strip_suffix(')')?;
+        Some(Nomination {
+            node: node.to_string(),
+            victims: ids.split(", ").map(str::to_string).collect(),
+        })
+    }
+}
+
+/// For each nominated task: `None` while a victim is still stopping; once they have all
+/// exited, its placement on the nominated node, or anywhere if that no longer fits (a node
+/// gone, say). Tasks that fit nowhere are left out; their service's pass explains why.
+fn settle_nominations(
+    state: &ClusterState,
+    snapshot: &mut ClusterSnapshot,
+    nominated: &[(&Task, Nomination)],
+) -> BTreeMap<String, Option<Placement>> {
+    let mut out = BTreeMap::new();
+    for (t, n) in nominated {
+        let stopping = n.victims.iter().any(|id| {
+            state
+                .tasks
+                .get(id)
+                .is_some_and(|v| !v.status.state.is_terminal())
+        });
+        if stopping {
+            out.insert(t.id.clone(), None);
+            continue;
+        }
+        let Some(service) = state.services.get(&t.service) else {
+            continue;
+        };
+        let mut req = PlacementRequest::new(&service.spec, 1);
+        req.pin_to = Some(&n.node);
+        let placed = schedule(snapshot, &req).or_else(|_| {
+            tracing::info!(service = %t.service, task = %t.id, node = %n.node, "nominated node no longer fits; placing afresh");
+            schedule(snapshot, &PlacementRequest::new(&service.spec, 1))
+        });
+        if let Ok(mut placements) = placed {
+            if !placements.is_empty() {
+                out.insert(t.id.clone(), Some(placements.swap_remove(0)));
+            }
+        }
+    }
+    out
+}
+
+/// How many tasks of each service preemption may stop in this pass: the service's disruption
+/// budget (`x-flotilla.disruption`) minus the replicas already unavailable, the same
+/// accounting drains use, so preemption never makes a struggling service worse.
+fn set_preemption_budgets(state: &ClusterState, snapshot: &mut ClusterSnapshot) {
+    let mut live: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for t in state.tasks.values().filter(|t| is_live(t)) {
+        let e = live.entry(t.service.as_str()).or_default();
+        e.0 += 1;
+        e.1 += u64::from(t.is_ready());
+    }
+    for service in state.services.values() {
+        let (count, ready) = live.get(service.name.as_str()).copied().unwrap_or_default();
+        let wanted = service.spec.mode.replicas().unwrap_or(count);
+        let unavailable = wanted.saturating_sub(ready);
+        let allowed = service.spec.rollout.disruption.allowed(wanted);
+        let remaining = usize::try_from(allowed.saturating_sub(unavailable)).unwrap_or(usize::MAX);
+        snapshot.set_disruption_budget(&service.name, remaining);
+    }
+}
+
 /// A failure to start (never reached `running`) in the last ten minutes: the scheduler should
 /// avoid that node for this service for a while.
 fn is_recent_start_failure(t: &Task, now: Timestamp) -> bool {
@@ -278,6 +398,7 @@ struct ServiceCtx<'a> {
     plan_requeue: Option<Timestamp>,
     ops: &'a mut Vec<Op>,
     traffic: &'a TrafficView,
+    nominations: &'a BTreeMap<String, Option<Placement>>,
 }
 
 impl ServiceCtx<'_> {
@@ -730,7 +851,16 @@ impl ServiceCtx<'_> {
     /// Pending tasks that could not be placed on an earlier pass get another try.
     fn place_existing(&mut self, t: &Task) {
         let mut task = t.clone();
-        self.try_place(&mut task);
+        match self.nominations.get(&t.id) {
+            // Preempted tasks are still stopping; their exit is a store change, which
+            // triggers the next pass.
+            Some(None) => {
+                self.requeue(self.now + 1000);
+                return;
+            }
+            Some(Some(p)) => self.take(&mut task, p.clone()),
+            None => self.try_place(&mut task),
+        }
         if task.node.is_some() || task.status.message != t.status.message {
             self.ops.push(Op::PutTask {
                 task,
@@ -744,14 +874,8 @@ impl ServiceCtx<'_> {
     fn try_place(&mut self, task: &mut Task) {
         let req = PlacementRequest::new(&self.service.spec, 1);
         match schedule(self.snapshot, &req) {
-            Ok(placements) if !placements.is_empty() => {
-                let node = placements[0].node.clone();
-                task.node = Some(node.clone());
-                task.record_status(TaskStatus::new(
-                    TaskState::Assigned,
-                    self.now,
-                    format!("assigned to {node}"),
-                ));
+            Ok(mut placements) if !placements.is_empty() => {
+                self.take(task, placements.swap_remove(0));
             }
             Ok(_) => {}
             Err(failure) => {
@@ -763,6 +887,49 @@ impl ServiceCtx<'_> {
                 tracing::info!(service = %self.service.name, task = %task.id, reason = %failure.reason, "task not placed");
             }
         }
+    }
+
+    /// Acts on a placement: assigns the task, or, when lower-priority tasks must make way
+    /// first, stops them and leaves the task pending, nominated for that node, until they
+    /// have exited (see [`Nomination`]). The snapshot already counts the task on the node, so
+    /// nothing else placed in this pass takes the room.
+    fn take(&mut self, task: &mut Task, p: Placement) {
+        if p.evictions.is_empty() {
+            task.node = Some(p.node.clone());
+            task.record_status(TaskStatus::new(
+                TaskState::Assigned,
+                self.now,
+                format!("assigned to {}", p.node),
+            ));
+            return;
+        }
+        let priority = self.service.spec.placement.priority;
+        for id in &p.evictions {
+            let Some(victim) = self.state.tasks.get(id) else {
+                continue;
+            };
+            tracing::info!(service = %self.service.name, task = %task.id, victim = %id, victim_service = %victim.service, node = %p.node, "preempting a lower-priority task");
+            let mut v = victim.clone();
+            v.desired_state = DesiredState::Shutdown;
+            let mut status = v.status.clone();
+            status.state = TaskState::Stopping;
+            status.since = self.now;
+            status.message = format!(
+                "preempted by {} (priority {priority} > {})",
+                task.name(),
+                victim.spec.placement.priority
+            );
+            v.record_status(status);
+            self.ops.push(Op::PutTask {
+                task: v,
+                expect: Expect::Version(victim.meta.version),
+            });
+        }
+        let nomination = Nomination {
+            node: p.node,
+            victims: p.evictions,
+        };
+        task.status.message = nomination.message();
     }
 
     /// Deletes finished tasks beyond the per-slot history limit, oldest first.
@@ -780,5 +947,280 @@ impl ServiceCtx<'_> {
                 expect: Expect::Version(t.meta.version),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::{
+        DriverKind, MaxUnavailable, NodeResources, NodeRole, ResourceAmounts, ServiceSpec,
+    };
+
+    const NOW: Timestamp = 1_000_000;
+
+    fn node(id: &str, cpu_millis: u64) -> Node {
+        Node {
+            id: id.into(),
+            hostname: id.into(),
+            role: NodeRole::Worker,
+            availability: Availability::Active,
+            state: NodeState::Ready,
+            labels: BTreeMap::new(),
+            engine_labels: BTreeMap::new(),
+            images: Vec::new(),
+            zone: None,
+            resources: NodeResources {
+                cpu_millis,
+                memory_bytes: 8 << 30,
+            },
+            drivers: vec![DriverKind::Process],
+            agent_addr: None,
+            advertise_ip: None,
+            port_conflicts: Vec::new(),
+            last_heartbeat: NOW,
+            message: String::new(),
+            meta: Meta::default(),
+        }
+    }
+
+    fn spec(name: &str, replicas: u64, cpu_millis: u64, priority: u32) -> ServiceSpec {
+        let mut s = ServiceSpec::process(name, vec!["sleep".into(), "600".into()]);
+        s.mode = ServiceMode::Replicated { replicas };
+        s.resources.reservations = ResourceAmounts {
+            cpu_millis: Some(cpu_millis),
+            ..ResourceAmounts::default()
+        };
+        s.placement.priority = priority;
+        s
+    }
+
+    fn running(id: &str, spec: &ServiceSpec, slot: u64, node: &str) -> Task {
+        Task {
+            id: id.into(),
+            service: spec.name.clone(),
+            slot: Some(slot),
+            revision: 1,
+            spec: spec.clone(),
+            node: Some(node.into()),
+            desired_state: DesiredState::Running,
+            status: TaskStatus::new(TaskState::Running, NOW - 10_000, ""),
+            history: Vec::new(),
+            attempt: 0,
+            not_before: None,
+            weight: None,
+            meta: Meta {
+                version: 1,
+                created_at: NOW - 10_000,
+                updated_at: NOW - 10_000,
+            },
+        }
+    }
+
+    /// One 2-core node full of four priority-100 `batch` tasks (500m each).
+    fn full_node(batch: &ServiceSpec) -> ClusterState {
+        let mut state = ClusterState::default();
+        state.nodes.insert("n1".into(), node("n1", 2000));
+        add_service(&mut state, batch);
+        for i in 1..=4 {
+            let t = running(&format!("b{i}"), batch, i, "n1");
+            state.tasks.insert(t.id.clone(), t);
+        }
+        state
+    }
+
+    fn add_service(state: &mut ClusterState, s: &ServiceSpec) {
+        state.services.insert(
+            s.name.clone(),
+            Service {
+                name: s.name.clone(),
+                spec: s.clone(),
+                revision: 1,
+                meta: Meta::default(),
+            },
+        );
+    }
+
+    /// Applies a plan the way the store would (the task ops this test needs).
+    fn apply(state: &mut ClusterState, plan: Plan) {
+        for op in plan.batches.into_iter().flatten() {
+            match op {
+                Op::PutTask { mut task, .. } => {
+                    task.meta.version += 1;
+                    if task.meta.created_at == 0 {
+                        task.meta.created_at = NOW;
+                    }
+                    state.tasks.insert(task.id.clone(), task);
+                }
+                Op::SetTaskDesired { id, desired, .. } => {
+                    let t = state.tasks.get_mut(&id).expect("task exists");
+                    t.desired_state = desired;
+                    t.meta.version += 1;
+                }
+                Op::DeleteTask { id, .. } => {
+                    state.tasks.remove(&id);
+                }
+                other => panic!("unexpected op {other:?}"),
+            }
+        }
+    }
+
+    /// One controller pass, applied.
+    fn pass(state: &mut ClusterState, now: Timestamp) {
+        let plan = reconcile(state, now, &cfg());
+        apply(state, plan);
+    }
+
+    fn cfg() -> ControllerConfig {
+        ControllerConfig {
+            node_grace: Duration::from_secs(86_400),
+            ..ControllerConfig::default()
+        }
+    }
+
+    fn live_of<'a>(state: &'a ClusterState, service: &'a str) -> Vec<&'a Task> {
+        state.tasks_of(service).filter(|t| is_live(t)).collect()
+    }
+
+    #[test]
+    fn preemption_stops_victims_and_places_once_they_exit() {
+        let mut batch = spec("batch", 4, 500, 100);
+        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
+        let mut state = full_node(&batch);
+        let urgent = spec("urgent", 1, 1000, 900);
+        add_service(&mut state, &urgent);
+
+        // Pass 1: two batch tasks are told to stop, with the reason; urgent waits for them.
+        pass(&mut state, NOW);
+        let victims: Vec<Task> = state
+            .tasks_of("batch")
+            .filter(|t| t.desired_state == DesiredState::Shutdown)
+            .cloned()
+            .collect();
+        assert_eq!(victims.len(), 2, "{victims:?}");
+        for v in &victims {
+            assert_eq!(v.status.state, TaskState::Stopping);
+            assert_eq!(
+                v.status.message,
+                "preempted by urgent.1 (priority 900 > 100)"
+            );
+        }
+        let u = live_of(&state, "urgent");
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].node, None, "not assigned while the victims still run");
+        let nomination = Nomination::parse(&u[0].status.message).expect("nominated");
+        assert_eq!(nomination.node, "n1");
+        let mut expected: Vec<String> = victims.iter().map(|v| v.id.clone()).collect();
+        let mut got = nomination.victims.clone();
+        expected.sort();
+        got.sort();
+        assert_eq!(got, expected);
+
+        // Pass 2: the victims are still stopping. Urgent keeps waiting; batch's replacements
+        // find no room (the stopping tasks still hold it) and say why.
+        pass(&mut state, NOW + 100);
+        let u = live_of(&state, "urgent");
+        assert_eq!(u[0].node, None);
+        let pending: Vec<&Task> = live_of(&state, "batch")
+            .into_iter()
+            .filter(|t| t.node.is_none())
+            .collect();
+        assert_eq!(pending.len(), 2);
+        for t in &pending {
+            assert_eq!(t.status.message, "0/1 nodes: 1 insufficient cpu");
+        }
+
+        // The victims exit. Pass 3: urgent gets the room, batch's replacements stay pending.
+        let ids: Vec<String> = victims.iter().map(|v| v.id.clone()).collect();
+        for id in &ids {
+            let t = state.tasks.get_mut(id).unwrap();
+            t.record_status(TaskStatus::new(TaskState::Exited, NOW + 200, "stopped"));
+        }
+        pass(&mut state, NOW + 300);
+        let u = live_of(&state, "urgent");
+        assert_eq!(u[0].node.as_deref(), Some("n1"));
+        assert_eq!(u[0].status.state, TaskState::Assigned);
+        let batch_live = live_of(&state, "batch");
+        assert_eq!(batch_live.len(), 4);
+        assert_eq!(batch_live.iter().filter(|t| t.node.is_none()).count(), 2);
+
+        // Steady state: nothing else is preempted or moved.
+        let plan = reconcile(&state, NOW + 400, &cfg());
+        assert!(
+            plan.batches
+                .iter()
+                .flatten()
+                .all(|op| !matches!(op, Op::PutTask { task, .. } if task.desired_state == DesiredState::Shutdown)),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn preemption_honours_the_victims_disruption_budget() {
+        // Default budget of 4 replicas is 1, and urgent needs two batch tasks gone.
+        let batch = spec("batch", 4, 500, 100);
+        let mut state = full_node(&batch);
+        add_service(&mut state, &spec("urgent", 1, 1000, 900));
+        pass(&mut state, NOW);
+        assert_eq!(live_of(&state, "batch").len(), 4, "nothing preempted");
+        let u = live_of(&state, "urgent");
+        assert_eq!(u[0].node, None);
+        assert_eq!(u[0].status.message, "0/1 nodes: 1 insufficient cpu");
+
+        // A budget of 2 with one replica already unavailable leaves room for one eviction
+        // only: still not enough.
+        let mut batch = spec("batch", 4, 500, 100);
+        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
+        let mut state = full_node(&batch);
+        state.tasks.get_mut("b4").unwrap().status.state = TaskState::Starting;
+        add_service(&mut state, &spec("urgent", 1, 1000, 900));
+        pass(&mut state, NOW);
+        assert!(state
+            .tasks_of("batch")
+            .all(|t| t.desired_state == DesiredState::Running));
+
+        // Equal priority is never preempted.
+        let mut state = full_node(&batch);
+        add_service(&mut state, &spec("peer", 1, 1000, 100));
+        pass(&mut state, NOW);
+        assert!(state
+            .tasks_of("batch")
+            .all(|t| t.desired_state == DesiredState::Running));
+    }
+
+    #[test]
+    fn a_nomination_whose_node_filled_up_is_placed_afresh() {
+        let mut batch = spec("batch", 4, 500, 100);
+        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
+        let mut state = full_node(&batch);
+        let urgent = spec("urgent", 1, 1000, 900);
+        add_service(&mut state, &urgent);
+        pass(&mut state, NOW);
+        // The node goes away while the victims stop; a new, empty node joins.
+        state.nodes.remove("n1");
+        for t in state.tasks.values_mut() {
+            if t.service == "batch" {
+                t.record_status(TaskStatus::new(TaskState::Lost, NOW + 100, "node gone"));
+            }
+        }
+        state.nodes.insert("n2".into(), node("n2", 2000));
+        pass(&mut state, NOW + 200);
+        let u = live_of(&state, "urgent");
+        assert_eq!(u[0].node.as_deref(), Some("n2"));
+    }
+
+    #[test]
+    fn nomination_message_round_trips() {
+        let n = Nomination {
+            node: "worker-1".into(),
+            victims: vec!["a1".into(), "b2".into()],
+        };
+        assert_eq!(
+            n.message(),
+            "preempting on node worker-1: waiting for 2 lower-priority tasks to stop (a1, b2)"
+        );
+        assert_eq!(Nomination::parse(&n.message()), Some(n));
+        assert_eq!(Nomination::parse("0/1 nodes: 1 insufficient cpu"), None);
+        assert_eq!(Nomination::parse("preempting on node x"), None);
     }
 }

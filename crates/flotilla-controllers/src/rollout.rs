@@ -455,7 +455,16 @@ impl Machine<'_> {
                     parallelism.saturating_sub(in_progress)
                 };
                 if outdated_live == 0 && counted >= wanted && in_progress == 0 {
-                    self.enter(RolloutPhase::Succeeded);
+                    // Every task is replaced; the release ends once the meshes agree (the
+                    // same wait as blue-green's routing step), so a caller that sees it
+                    // succeed never reaches an old task again.
+                    if self.rollout.phase != RolloutPhase::Routing {
+                        self.enter(RolloutPhase::Routing);
+                    }
+                    self.await_meshes_only_new();
+                } else if self.rollout.phase == RolloutPhase::Routing {
+                    // A new task died and is being replaced: back to replacing it.
+                    self.enter(RolloutPhase::Replacing);
                 }
             }
             Strategy::BlueGreen | Strategy::Canary => {
@@ -673,13 +682,38 @@ impl Machine<'_> {
                     self.release.retire = Retire::Now;
                     if outdated_live == 0 {
                         self.release.current_weight = Some(100);
-                        self.enter(RolloutPhase::Succeeded);
+                        self.await_meshes_only_new();
                     }
                 } else {
                     self.requeue(since + delay);
                 }
             }
             RolloutPhase::Succeeded | RolloutPhase::RolledBack | RolloutPhase::Superseded => {}
+        }
+    }
+
+    /// The last step of every strategy: succeeds once every ready node's mesh routes every new
+    /// task and no old one. Meshes that never agree pause the rollout rather than roll back:
+    /// every task already runs the new revision.
+    fn await_meshes_only_new(&mut self) {
+        let now = self.input.now;
+        let routed = match self.meshes_route_new() {
+            Wait::Done => self.old_unrouted(),
+            Wait::Pending => Wait::Pending,
+        };
+        match routed {
+            Wait::Done => self.enter(RolloutPhase::Succeeded),
+            Wait::Pending if now - self.rollout.phase_since > MESH_SYNC_TIMEOUT_MS => {
+                if !self.rollout.paused {
+                    // A resume waits a full period again.
+                    self.rollout.phase_since = now;
+                    self.pause(format!(
+                        "every task runs the new revision, but not every node's mesh routed only the new tasks within {}s",
+                        MESH_SYNC_TIMEOUT_MS / 1000
+                    ));
+                }
+            }
+            Wait::Pending => self.requeue(now + 250),
         }
     }
 
@@ -741,7 +775,11 @@ impl Machine<'_> {
         if !traffic.unreachable_nodes.is_empty() {
             return Wait::Pending;
         }
-        let nodes = u32::try_from(self.input.ready_nodes).unwrap_or(u32::MAX);
+        // The meshes that answered (nodes without a mesh route nothing); an older manager's
+        // report lacks the count, so every ready node must route then.
+        let nodes = traffic
+            .meshes
+            .unwrap_or_else(|| u32::try_from(self.input.ready_nodes).unwrap_or(u32::MAX));
         let all = self
             .input
             .state
@@ -780,6 +818,33 @@ impl Machine<'_> {
                     .any(|tt| tt.task_id == t.id && (tt.routed_by > 0 || tt.in_flight > 0))
             });
         if busy {
+            Wait::Pending
+        } else {
+            Wait::Done
+        }
+    }
+
+    /// No node's mesh sends new work to a task other than the live new ones, including tasks
+    /// already stopped or deleted that a mesh has not dropped yet.
+    fn old_unrouted(&self) -> Wait {
+        if let Some(w) = self.without_data() {
+            return w;
+        }
+        let Some(traffic) = self.input.traffic else {
+            return Wait::Pending;
+        };
+        let new: BTreeSet<&str> = self
+            .input
+            .state
+            .tasks_of(&self.input.service.name)
+            .filter(|t| is_live(t) && self.is_current(t))
+            .map(|t| t.id.as_str())
+            .collect();
+        if traffic
+            .tasks
+            .iter()
+            .any(|tt| tt.routed_by > 0 && !new.contains(tt.task_id.as_str()))
+        {
             Wait::Pending
         } else {
             Wait::Done

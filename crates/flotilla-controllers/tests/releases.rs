@@ -63,6 +63,8 @@ impl Cluster {
                 },
                 drivers: vec![DriverKind::Process],
                 agent_addr: None,
+                advertise_ip: None,
+                port_conflicts: Vec::new(),
                 last_heartbeat: T0,
                 message: String::new(),
                 meta: Meta::default(),
@@ -208,6 +210,7 @@ fn published(mut spec: ServiceSpec) -> ServiceSpec {
         target: 8080,
         published: Some(18080),
         protocol: Default::default(),
+        mode: Default::default(),
     });
     spec.mesh.ports.push(flotilla_types::mesh::MeshPort {
         published: 18080,
@@ -251,6 +254,7 @@ fn traffic_for(c: &Cluster, erroring: Option<(&str, u64, u64)>) -> TrafficView {
             service: "web".into(),
             tasks,
             unreachable_nodes: Vec::new(),
+            meshes: Some(1),
         },
     )])
 }
@@ -328,6 +332,65 @@ async fn rolling_start_first_replaces_one_at_a_time_without_losing_capacity() {
     let live = c.live("web");
     assert_eq!(live.len(), 3);
     assert!(live.iter().all(|t| version_of(t).ends_with("v2")));
+}
+
+/// A rolling update ends only once every mesh routes the new tasks and no old one: a mesh that
+/// still routes a stopped v1 task holds the rollout in `routing`.
+#[tokio::test]
+async fn rolling_succeeds_only_once_no_mesh_routes_an_old_task() {
+    let mut c = Cluster::new().await;
+    start_v1(&mut c, published(app("v1", 3))).await;
+    let old: Vec<String> = c.live("web").iter().map(|t| t.id.clone()).collect();
+    c.deploy(published(app("v2", 3))).await;
+    // One node's mesh keeps routing the first v1 task for a while after it stopped.
+    let stale_until = std::cell::Cell::new(None::<Timestamp>);
+    let passes_in_routing = std::cell::Cell::new(0usize);
+    drive(
+        &mut c,
+        None,
+        |c| {
+            let mut view = traffic_for(c, None);
+            let routing = c
+                .state()
+                .rollouts
+                .get("web")
+                .is_some_and(|r| r.phase == RolloutPhase::Routing);
+            if routing && stale_until.get().is_none() {
+                stale_until.set(Some(c.now + 2_000));
+            }
+            if stale_until.get().is_none_or(|until| c.now < until) {
+                if let Some(t) = view.get_mut("web") {
+                    t.tasks.push(TaskTraffic {
+                        task_id: old[0].clone(),
+                        routed_by: 1,
+                        ..TaskTraffic::default()
+                    });
+                }
+            }
+            view
+        },
+        |c| {
+            let s = c.state();
+            let Some(r) = s.rollouts.get("web") else {
+                return;
+            };
+            if r.phase == RolloutPhase::Routing {
+                passes_in_routing.set(passes_in_routing.get() + 1);
+            }
+            if r.phase == RolloutPhase::Succeeded {
+                let until = stale_until.get().expect("the rollout went through routing");
+                assert!(
+                    c.now >= until,
+                    "succeeded while a mesh still routed {}",
+                    old[0]
+                );
+            }
+        },
+        succeeded,
+    )
+    .await;
+    assert!(passes_in_routing.get() > 0);
+    assert!(c.live("web").iter().all(|t| version_of(t).ends_with("v2")));
 }
 
 #[tokio::test]

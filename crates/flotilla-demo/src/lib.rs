@@ -59,8 +59,12 @@ impl DemoConfig {
 pub enum DemoError {
     #[error("--error-rate must be a number from 0 to 1, got {0}")]
     ErrorRate(f64),
-    #[error("cannot listen on 0.0.0.0:{port}: {source}")]
-    Bind { port: u16, source: std::io::Error },
+    #[error("cannot listen on {ip}:{port}: {source}")]
+    Bind {
+        ip: std::net::IpAddr,
+        port: u16,
+        source: std::io::Error,
+    },
     #[error("cannot read the listening address: {0}")]
     LocalAddr(std::io::Error),
     #[error("cannot install the SIGTERM handler: {0}")]
@@ -70,10 +74,16 @@ pub enum DemoError {
 /// Runs the app until SIGTERM or SIGINT, then drains in-flight requests and returns. With
 /// `exit_after` set the process exits with [`CRASH_EXIT_CODE`] instead, on purpose.
 pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
+    run_on(std::net::Ipv4Addr::UNSPECIFIED.into(), cfg).await
+}
+
+/// [`run`], listening on `ip` only (tests use it to prove which address reaches a task).
+pub async fn run_on(ip: std::net::IpAddr, cfg: DemoConfig) -> Result<(), DemoError> {
     cfg.validate()?;
-    let listener = TcpListener::bind(("0.0.0.0", cfg.port))
+    let listener = TcpListener::bind((ip, cfg.port))
         .await
         .map_err(|source| DemoError::Bind {
+            ip,
             port: cfg.port,
             source,
         })?;

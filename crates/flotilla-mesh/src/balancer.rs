@@ -112,7 +112,12 @@ impl BackendState {
 
     /// Takes new traffic: healthy, weighted, breaker not open.
     fn eligible(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.weight() > 0 && self.breaker.would_allow()
+        self.weight() > 0 && self.eligible_at_any_weight()
+    }
+
+    /// Healthy and breaker not open, whatever its weight (canary-matched requests).
+    fn eligible_at_any_weight(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.breaker.would_allow()
     }
 
     fn load(&self) -> f64 {
@@ -206,6 +211,9 @@ impl Drop for Attempt {
 pub struct Pool {
     backends: Vec<Arc<BackendState>>,
     kind: BalancerKind,
+    /// Every backend counts as weight 100, including weight 0 (a canary's matched requests
+    /// reach it at any step).
+    unweighted: bool,
     /// Smooth weighted round robin's running scores, one per backend.
     round_robin: Mutex<Vec<i64>>,
 }
@@ -216,7 +224,32 @@ impl Pool {
         Pool {
             backends,
             kind,
+            unweighted: false,
             round_robin: Mutex::new(scores),
+        }
+    }
+
+    /// A pool that ignores the backends' weights.
+    pub fn unweighted(backends: Vec<Arc<BackendState>>, kind: BalancerKind) -> Self {
+        Pool {
+            unweighted: true,
+            ..Pool::new(backends, kind)
+        }
+    }
+
+    fn takes(&self, b: &BackendState) -> bool {
+        if self.unweighted {
+            b.eligible_at_any_weight()
+        } else {
+            b.eligible()
+        }
+    }
+
+    fn weight_of(&self, b: &BackendState) -> u8 {
+        if self.unweighted {
+            100
+        } else {
+            b.weight()
         }
     }
 
@@ -225,7 +258,7 @@ impl Pool {
         let backend = self
             .backends
             .iter()
-            .find(|b| b.task_id == task_id && b.eligible())?;
+            .find(|b| b.task_id == task_id && self.takes(b))?;
         let permit = backend.breaker.acquire()?;
         Some(Attempt::new(backend.clone(), permit))
     }
@@ -236,11 +269,11 @@ impl Pool {
         let mut candidates: Vec<&Arc<BackendState>> = self
             .backends
             .iter()
-            .filter(|b| !tried.contains(&b.addr) && b.eligible())
+            .filter(|b| !tried.contains(&b.addr) && self.takes(b))
             .collect();
         while !candidates.is_empty() {
             let idx = match self.kind {
-                BalancerKind::P2c => p2c(&candidates),
+                BalancerKind::P2c => self.p2c(&candidates),
                 BalancerKind::RoundRobin => self.round_robin(&candidates),
             };
             let chosen = candidates.swap_remove(idx);
@@ -256,14 +289,17 @@ impl Pool {
         let Ok(mut scores) = self.round_robin.lock() else {
             return 0;
         };
-        let total: i64 = candidates.iter().map(|b| i64::from(b.weight())).sum();
+        let total: i64 = candidates
+            .iter()
+            .map(|b| i64::from(self.weight_of(b)))
+            .sum();
         let mut best = 0;
         let mut best_score = i64::MIN;
         for (i, candidate) in candidates.iter().enumerate() {
             let Some(slot) = self.backends.iter().position(|b| b.addr == candidate.addr) else {
                 continue;
             };
-            scores[slot] += i64::from(candidate.weight());
+            scores[slot] += i64::from(self.weight_of(candidate));
             if scores[slot] > best_score {
                 best_score = scores[slot];
                 best = i;
@@ -280,36 +316,41 @@ impl Pool {
     }
 }
 
-/// Index of a weighted random candidate.
-fn weighted_index(candidates: &[&Arc<BackendState>], rng: &mut impl Rng) -> usize {
-    let total: u32 = candidates.iter().map(|b| u32::from(b.weight())).sum();
-    let mut ticket = rng.random_range(0..total.max(1));
-    for (i, b) in candidates.iter().enumerate() {
-        let w = u32::from(b.weight());
-        if ticket < w {
-            return i;
+impl Pool {
+    /// Index of a weighted random candidate.
+    fn weighted_index(&self, candidates: &[&Arc<BackendState>], rng: &mut impl Rng) -> usize {
+        let total: u32 = candidates
+            .iter()
+            .map(|b| u32::from(self.weight_of(b)))
+            .sum();
+        let mut ticket = rng.random_range(0..total.max(1));
+        for (i, b) in candidates.iter().enumerate() {
+            let w = u32::from(self.weight_of(b));
+            if ticket < w {
+                return i;
+            }
+            ticket -= w;
         }
-        ticket -= w;
+        0
     }
-    0
-}
 
-fn p2c(candidates: &[&Arc<BackendState>]) -> usize {
-    if candidates.len() == 1 {
-        return 0;
-    }
-    let mut rng = rand::rng();
-    let a = weighted_index(candidates, &mut rng);
-    let b = weighted_index(candidates, &mut rng);
-    let (load_a, load_b) = (candidates[a].load(), candidates[b].load());
-    if load_a * LOAD_TIE_RATIO < load_b {
-        a
-    } else if load_b * LOAD_TIE_RATIO < load_a {
-        b
-    } else if rng.random_bool(0.5) {
-        a
-    } else {
-        b
+    fn p2c(&self, candidates: &[&Arc<BackendState>]) -> usize {
+        if candidates.len() == 1 {
+            return 0;
+        }
+        let mut rng = rand::rng();
+        let a = self.weighted_index(candidates, &mut rng);
+        let b = self.weighted_index(candidates, &mut rng);
+        let (load_a, load_b) = (candidates[a].load(), candidates[b].load());
+        if load_a * LOAD_TIE_RATIO < load_b {
+            a
+        } else if load_b * LOAD_TIE_RATIO < load_a {
+            b
+        } else if rng.random_bool(0.5) {
+            a
+        } else {
+            b
+        }
     }
 }
 
@@ -369,6 +410,19 @@ mod tests {
             .count();
         // The slow one wins only when both samples land on it (about a quarter of the time).
         assert!(fast_picks > 100, "{fast_picks}");
+    }
+
+    #[test]
+    fn an_unweighted_pool_takes_weight_zero_backends() {
+        let canary = backend(1, 0);
+        let sick = backend(2, 100);
+        sick.set(100, false);
+        let weighted = Pool::new(vec![canary.clone(), sick.clone()], BalancerKind::P2c);
+        assert!(weighted.pick(&[]).is_none());
+        let pool = Pool::unweighted(vec![canary.clone(), sick], BalancerKind::RoundRobin);
+        for _ in 0..10 {
+            assert_eq!(pool.pick(&[]).unwrap().backend.addr, canary.addr);
+        }
     }
 
     #[test]

@@ -148,6 +148,7 @@ async fn start_mesh(backend: SocketAddr, listen: SocketAddr) -> Result<Mesh, Ben
                     healthy: true,
                 }],
             }],
+            canary: None,
         },
     );
     mesh.apply(table).await?;

@@ -8,13 +8,13 @@ use crate::routes::{match_route, PortPlan};
 use crate::runtime::ServiceEntry;
 use crate::{MeshConfig, Shared};
 use bytes::Bytes;
+use flotilla_types::release::CanaryMatch;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -24,18 +24,101 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 type UpstreamBody = Either<Full<Bytes>, Incoming>;
-pub(crate) type HttpClient = Client<HttpConnector, UpstreamBody>;
 
-/// The pooled client toward backends.
-pub(crate) fn client(cfg: &MeshConfig) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
-        .build(connector)
+/// Backend connections most recently used by one client connection, kept for its next requests.
+const MAX_UPSTREAMS_PER_CLIENT: usize = 4;
+
+/// The upstream HTTP/1 connections of one client connection, by backend address. A client
+/// connection's requests come one after another, so one connection per backend is enough, and
+/// reusing it directly (as linkerd2-proxy keeps a client per endpoint) skips a shared pool's
+/// lock and the task a pooled client spawns per request to hand its connection back.
+#[derive(Default)]
+pub(crate) struct Upstreams {
+    conns: std::sync::Mutex<Vec<Upstream>>,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    sender: http1::SendRequest<UpstreamBody>,
+    idle_since: Instant,
+}
+
+/// Why a request did not get a response from a backend.
+enum SendError {
+    /// Nothing reached the backend (refused, unreachable, connect timeout).
+    Connect(String),
+    /// The exchange failed after the request (or part of it) may have been sent.
+    Exchange(hyper::Error),
+}
+
+impl Upstreams {
+    fn take(&self, addr: SocketAddr, max_idle: std::time::Duration) -> Option<Upstream> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let i = conns.iter().position(|u| u.addr == addr)?;
+        let up = conns.swap_remove(i);
+        (!up.sender.is_closed() && up.idle_since.elapsed() < max_idle).then_some(up)
+    }
+
+    fn put(&self, addr: SocketAddr, sender: http1::SendRequest<UpstreamBody>) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if conns.len() >= MAX_UPSTREAMS_PER_CLIENT {
+            conns.remove(0);
+        }
+        conns.push(Upstream {
+            addr,
+            sender,
+            idle_since: Instant::now(),
+        });
+    }
+
+    /// Sends `req` to `addr` on this client connection's connection to it, or on a new one.
+    async fn send(
+        &self,
+        cfg: &MeshConfig,
+        addr: SocketAddr,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        if let Some(mut up) = self.take(addr, cfg.pool_idle_timeout) {
+            if up.sender.ready().await.is_ok() {
+                match up.sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.put(addr, up.sender);
+                        return Ok(resp);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // The connection closed before the request went out: use a new one.
+                        Some(back) => req = back,
+                        None => return Err(SendError::Exchange(e.into_error())),
+                    },
+                }
+            }
+        }
+        let stream =
+            match tokio::time::timeout(cfg.connect_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+                Err(_) => return Err(SendError::Connect("connect timed out".to_string())),
+            };
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        // Ends when the client connection drops its sender (and the backend is idle) or the
+        // backend closes.
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "backend connection ended with error");
+            }
+        });
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(SendError::Exchange)?;
+        self.put(addr, sender);
+        Ok(resp)
+    }
 }
 
 /// Serves one client connection until it closes, the header timeout fires, or the mesh shuts
@@ -52,9 +135,11 @@ pub(crate) async fn serve_connection(
         .header_read_timeout(shared.cfg.header_read_timeout)
         .max_buf_size(shared.cfg.max_header_bytes);
     let handler = shared.clone();
+    let upstreams = Arc::new(Upstreams::default());
     let service = hyper::service::service_fn(move |req| {
         let shared = handler.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, port, peer, req).await) }
+        let upstreams = upstreams.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, &upstreams, port, peer, req).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -127,6 +212,7 @@ fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
 
 async fn handle(
     shared: &Shared,
+    upstreams: &Upstreams,
     port: u16,
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -156,7 +242,7 @@ async fn handle(
     let Some((service, pool)) = routing.target(&route.service, port) else {
         return local(StatusCode::NOT_FOUND, "no route matches this request\n");
     };
-    proxy(shared, service, pool, peer, host, req).await
+    proxy(shared, upstreams, service, pool, port, peer, host, req).await
 }
 
 /// The request body as it will be sent upstream.
@@ -175,10 +261,13 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     shared: &Shared,
+    upstreams: &Upstreams,
     service: &ServiceEntry,
     pool: &Pool,
+    port: u16,
     peer: SocketAddr,
     host: Option<String>,
     req: Request<Incoming>,
@@ -194,6 +283,13 @@ async fn proxy(
         .sticky_cookie
         .as_deref()
         .and_then(|name| cookie_value(&headers, name));
+    // Chosen testers reach the canary at any step; without a usable canary backend the
+    // request is balanced as usual.
+    let canary_pool = service
+        .canary
+        .as_ref()
+        .filter(|(matching, _)| canary_matches(matching, &headers))
+        .and_then(|(_, pools)| pools.get(&port));
     let mut outbound = match read_body(body, &headers, shared.cfg.max_replay_body_bytes).await {
         Ok(outbound) => outbound,
         Err(reason) => return local(StatusCode::BAD_REQUEST, reason),
@@ -211,7 +307,10 @@ async fn proxy(
             (Some(task), true) => pool.sticky(task),
             _ => None,
         };
-        let Some(attempt) = sticky.or_else(|| pool.pick(&tried)) else {
+        let Some(attempt) = sticky
+            .or_else(|| canary_pool.and_then(|p| p.pick(&tried)))
+            .or_else(|| pool.pick(&tried))
+        else {
             break;
         };
         let backend = attempt.backend.clone();
@@ -223,12 +322,8 @@ async fn proxy(
                 None => break,
             },
         };
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(backend.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-        {
+        // Origin form on the wire; the client's Host is kept (or the backend's when it sent none).
+        let uri = match Uri::builder().path_and_query(path_and_query).build() {
             Ok(uri) => uri,
             Err(_) => return local(StatusCode::BAD_REQUEST, "request target is not valid\n"),
         };
@@ -236,12 +331,19 @@ async fn proxy(
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = headers.clone();
+        if !upstream.headers().contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) {
+                upstream.headers_mut().insert(header::HOST, host);
+            }
+        }
         backend.counters.requests.fetch_add(1, Ordering::Relaxed);
         let in_flight = InFlight::new(backend.clone());
         let started = Instant::now();
-        let sent =
-            tokio::time::timeout(shared.cfg.response_timeout, shared.client.request(upstream))
-                .await;
+        let sent = tokio::time::timeout(
+            shared.cfg.response_timeout,
+            upstreams.send(&shared.cfg, backend.addr, upstream),
+        )
+        .await;
         let (class, retryable) = match sent {
             Ok(Ok(resp)) => {
                 let rtt = started.elapsed();
@@ -262,11 +364,11 @@ async fn proxy(
                 return relay(resp, in_flight, set_cookie);
             }
             // Nothing reached the backend, so any request may go elsewhere.
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(SendError::Connect(e))) => {
                 tracing::debug!(task = %backend.task_id, addr = %backend.addr, error = %e, "backend connect failed");
                 (ErrorClass::Connect, true)
             }
-            Ok(Err(e)) => {
+            Ok(Err(SendError::Exchange(e))) => {
                 tracing::debug!(task = %backend.task_id, addr = %backend.addr, error = %e, "backend exchange failed");
                 failure = StatusCode::BAD_GATEWAY;
                 (ErrorClass::Status5xx, idempotent)
@@ -404,6 +506,29 @@ fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>) 
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
 }
 
+/// Whether the request carries the canary's header or cookie (with its value, if one is set).
+fn canary_matches(matching: &CanaryMatch, headers: &HeaderMap) -> bool {
+    let value_ok = |v: &str| {
+        matching
+            .value
+            .as_deref()
+            .is_none_or(|want| v.trim() == want)
+    };
+    let by_header = matching.header.as_deref().is_some_and(|name| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(value_ok)
+    });
+    by_header
+        || matching
+            .cookie
+            .as_deref()
+            .and_then(|name| cookie_value(headers, name))
+            .is_some_and(|v| value_ok(&v))
+}
+
 /// The value of cookie `name`, if the request carries it.
 fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
@@ -448,6 +573,27 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn canary_match_by_header_or_cookie() {
+        let m = CanaryMatch {
+            header: Some("X-Canary".into()),
+            cookie: Some("canary".into()),
+            value: Some("yes".into()),
+        };
+        let with = |name: &'static str, value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static(value));
+            h
+        };
+        assert!(canary_matches(&m, &with("x-canary", "yes")));
+        assert!(!canary_matches(&m, &with("x-canary", "no")));
+        assert!(canary_matches(&m, &with("cookie", "a=1; canary=yes")));
+        assert!(!canary_matches(&m, &with("cookie", "canary=nope")));
+        assert!(!canary_matches(&m, &HeaderMap::new()));
+        let any = CanaryMatch { value: None, ..m };
+        assert!(canary_matches(&any, &with("x-canary", "whatever")));
     }
 
     #[test]

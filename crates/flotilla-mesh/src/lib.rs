@@ -47,7 +47,8 @@ pub struct MeshConfig {
     /// Request bodies up to this size are buffered so the request can be retried elsewhere;
     /// larger or unsized bodies are streamed and never retried.
     pub max_replay_body_bytes: usize,
-    /// How long idle connections to backends are kept for reuse.
+    /// How long an idle connection to a backend is reused (connections are kept per client
+    /// connection, for its next requests).
     pub pool_idle_timeout: Duration,
     /// How long [`Mesh::shutdown`] lets open connections finish before cutting them.
     pub shutdown_grace: Duration,
@@ -117,6 +118,16 @@ pub enum MeshError {
     Several(Vec<MeshError>),
 }
 
+impl MeshError {
+    /// One line per problem (a [`MeshError::Several`] is split up), for reports that list them.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            MeshError::Several(errors) => errors.iter().flat_map(MeshError::problems).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
 fn join_errors(errors: &[MeshError]) -> String {
     errors
         .iter()
@@ -130,7 +141,6 @@ pub(crate) struct Shared {
     pub cfg: MeshConfig,
     routing: RwLock<Arc<Routing>>,
     registry: Mutex<Registry>,
-    pub client: http_proxy::HttpClient,
     /// Cancelled on shutdown: HTTP connections finish their current request and close.
     pub drain: CancellationToken,
     /// Cancelled when the shutdown grace is over: every connection is cut.
@@ -164,13 +174,11 @@ impl Mesh {
     /// [`MeshConfig::validate`] to reject such settings instead.
     pub fn new(mut cfg: MeshConfig) -> Self {
         cfg.max_header_bytes = cfg.max_header_bytes.max(MIN_HEADER_BYTES);
-        let client = http_proxy::client(&cfg);
         Mesh {
             shared: Arc::new(Shared {
                 cfg,
                 routing: RwLock::new(Arc::new(Routing::default())),
                 registry: Mutex::new(Registry::default()),
-                client,
                 drain: CancellationToken::new(),
                 kill: CancellationToken::new(),
                 connections: TaskTracker::new(),

@@ -3,8 +3,11 @@
 
 use crate::MeshError;
 use flotilla_types::mesh::{MeshProtocol, MeshSpec};
-use flotilla_types::{DesiredState, Node, NodeState, PortProtocol, Service, Task, TaskState};
-use std::collections::BTreeMap;
+use flotilla_types::release::CanaryMatch;
+use flotilla_types::{
+    DesiredState, Node, NodeState, PortProtocol, Service, Strategy, Task, TaskState,
+};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// The complete routing state for this node; replaced atomically by [`crate::Mesh::apply`].
@@ -18,6 +21,16 @@ pub struct RouteTable {
 pub struct ServiceRoutes {
     pub spec: MeshSpec,
     pub ports: Vec<ServicePort>,
+    /// While a canary rollout runs with `x-flotilla.canary.match`: which HTTP requests go to
+    /// which tasks whatever their weight.
+    pub canary: Option<CanaryRouting>,
+}
+
+/// HTTP requests matching `matching` go to `tasks` (the new revision's) at any weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryRouting {
+    pub matching: CanaryMatch,
+    pub tasks: BTreeSet<String>,
 }
 
 /// A published port and the backends serving it (each task's host port for the target port).
@@ -41,8 +54,8 @@ impl RouteTable {
     /// Builds the table from cluster objects: every service with published tcp ports; backends
     /// are tasks that are running and meant to run and have a host port for the target. A task
     /// is healthy when it passes its health check (or has none) on a node that is up. The
-    /// address is the node's agent IP (127.0.0.1 on `local_node`) plus the host port; nodes
-    /// whose `agent_addr` holds no IP are skipped, as the mesh cannot reach them.
+    /// address is the node's advertised IP, else its agent IP (127.0.0.1 on `local_node`),
+    /// plus the host port; nodes with neither are skipped, as the mesh cannot reach them.
     pub fn from_cluster(
         services: &[Service],
         tasks: &[Task],
@@ -54,7 +67,9 @@ impl RouteTable {
                 return Some((IpAddr::V4(Ipv4Addr::LOCALHOST), true));
             }
             let node = nodes.iter().find(|n| n.id == node_id)?;
-            let ip = node.agent_addr.as_deref().and_then(agent_ip)?;
+            let ip = node
+                .advertise_ip
+                .or_else(|| node.agent_addr.as_deref().and_then(agent_ip))?;
             Some((ip, node.state == NodeState::Ready))
         };
         let mut table = RouteTable::default();
@@ -63,7 +78,8 @@ impl RouteTable {
                 .spec
                 .ports
                 .iter()
-                .filter(|p| p.protocol == PortProtocol::Tcp)
+                // Host-mode ports are bound by the tasks themselves, not served by the mesh.
+                .filter(|p| p.protocol == PortProtocol::Tcp && p.mode.is_ingress())
                 .filter_map(|p| Some((p.published?, p.target)))
                 .collect();
             if published.is_empty() {
@@ -106,11 +122,28 @@ impl RouteTable {
                 ServiceRoutes {
                     spec: service.spec.mesh.clone(),
                     ports,
+                    canary: canary_routing(service, &live),
                 },
             );
         }
         table
     }
+}
+
+/// The canary's tasks (those of the service's current template) when a canary rollout with a
+/// request match is under way, i.e. new and old tasks run side by side.
+fn canary_routing(service: &Service, live: &[&Task]) -> Option<CanaryRouting> {
+    let rollout = &service.spec.rollout;
+    let matching = rollout.canary.matching.clone()?;
+    if rollout.strategy != Strategy::Canary {
+        return None;
+    }
+    let tasks: BTreeSet<String> = live
+        .iter()
+        .filter(|t| t.spec.task_template_eq(&service.spec))
+        .map(|t| t.id.clone())
+        .collect();
+    (!tasks.is_empty() && tasks.len() < live.len()).then_some(CanaryRouting { matching, tasks })
 }
 
 /// The IP of an `agent_addr` (`1.2.3.4:7000`, `[::1]:7000` or a bare IP).
@@ -314,6 +347,7 @@ mod tests {
                 published,
                 backends: Vec::new(),
             }],
+            canary: None,
         }
     }
 
@@ -328,6 +362,7 @@ mod tests {
             target: 80,
             published: Some(8080),
             protocol: PortProtocol::Tcp,
+            mode: Default::default(),
         }];
         spec.healthcheck = Some(HealthCheck::with_defaults(HealthTest::Tcp));
         let service = Service {
@@ -372,6 +407,8 @@ mod tests {
             resources: NodeResources::default(),
             drivers: Vec::new(),
             agent_addr: Some(agent_addr.into()),
+            advertise_ip: None,
+            port_conflicts: Vec::new(),
             last_heartbeat: 0,
             message: String::new(),
             meta: Meta::default(),
@@ -421,9 +458,14 @@ mod tests {
         ];
         let nodes = [
             node("n1", "10.0.0.1:7000"),
-            node("n2", "10.0.0.2:7000"),
+            // The advertised IP wins over the agent's (loopback-bound) address.
+            Node {
+                advertise_ip: Some("192.168.1.2".parse().unwrap()),
+                ..node("n2", "127.0.0.1:7000")
+            },
             node("n3", "worker-3:7000"),
         ];
+        let service_copy = service.clone();
         let table = RouteTable::from_cluster(&[service], &tasks, &nodes, "n1");
         let port = &table.services["web"].ports[0];
         assert_eq!(port.published, 8080);
@@ -436,10 +478,16 @@ mod tests {
             got,
             [
                 ("local", "127.0.0.1:30001".to_string(), 100, true),
-                ("remote", "10.0.0.2:30002".to_string(), 40, true),
-                ("sick", "10.0.0.2:30003".to_string(), 100, false),
+                ("remote", "192.168.1.2:30002".to_string(), 40, true),
+                ("sick", "192.168.1.2:30003".to_string(), 100, false),
             ]
         );
+
+        // A host-mode port is bound by the tasks on their own nodes: the mesh leaves it alone.
+        let mut host = service_copy;
+        host.spec.ports[0].mode = flotilla_types::PortMode::Host;
+        let table = RouteTable::from_cluster(&[host], &tasks, &nodes, "n1");
+        assert!(!table.services.contains_key("web"), "{table:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::budget::RetryBudget;
 use crate::metrics::{Counters, MeshStats, ServiceStats};
 use crate::routes::{PortPlan, RouteTable};
 use flotilla_types::mesh::MeshSpec;
+use flotilla_types::release::CanaryMatch;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,9 @@ pub(crate) struct ServiceEntry {
     pub budget: Arc<RetryBudget>,
     /// Backends per published port.
     pub pools: HashMap<u16, Pool>,
+    /// During a canary rollout with a request match: which requests go to the canary, and
+    /// the canary's backends per published port (weights ignored).
+    pub canary: Option<(CanaryMatch, HashMap<u16, Pool>)>,
 }
 
 /// One immutable routing snapshot; `Mesh::apply` swaps in a new one.
@@ -67,6 +71,7 @@ impl Registry {
                 .clone();
             budget.set_percent(routes.spec.retry_budget_percent);
             let mut pools = HashMap::new();
+            let mut canary_pools = HashMap::new();
             for port in &routes.ports {
                 let mut backends = Vec::new();
                 for b in &port.backends {
@@ -93,6 +98,17 @@ impl Registry {
                         backends.push(state);
                     }
                 }
+                if let Some(canary) = &routes.canary {
+                    let chosen = backends
+                        .iter()
+                        .filter(|b| canary.tasks.contains(&b.task_id))
+                        .cloned()
+                        .collect();
+                    canary_pools.insert(
+                        port.published,
+                        Pool::unweighted(chosen, routes.spec.balancer),
+                    );
+                }
                 pools.insert(port.published, Pool::new(backends, routes.spec.balancer));
             }
             services.insert(
@@ -103,6 +119,10 @@ impl Registry {
                     counters,
                     budget,
                     pools,
+                    canary: routes
+                        .canary
+                        .as_ref()
+                        .map(|c| (c.matching.clone(), canary_pools)),
                 }),
             );
         }

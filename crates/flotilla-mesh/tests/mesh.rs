@@ -44,6 +44,7 @@ async fn http_routes_by_host_and_longest_prefix_and_forwards_client_address() {
                     published: port,
                     backends: vec![backend.backend(100)],
                 }],
+                canary: None,
             },
         );
     }
@@ -380,6 +381,7 @@ fn tcp_service(port: u16, proxy_protocol: bool, backend: SocketAddr) -> ServiceR
                 healthy: true,
             }],
         }],
+        canary: None,
     }
 }
 

@@ -128,6 +128,18 @@ fn not_after_of(cert_der: &[u8]) -> Result<(SystemTime, SystemTime), PkiError> {
     ))
 }
 
+/// When the CA signed a node certificate (DER), in whole seconds since the Unix epoch: its
+/// `notBefore` plus the fixed back-dating [`CaSigner::issue`] applies. Revocations compare it
+/// with the time a node was removed, so a certificate issued before the removal is refused
+/// while one issued to a node that rejoined afterwards is not.
+pub fn issued_at_of(cert_der: &[u8]) -> Result<u64, PkiError> {
+    let (not_before, _) = not_after_of(cert_der)?;
+    Ok((not_before + BACKDATE)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0))
+}
+
 fn first_der(pem: &str, what: &str) -> Result<CertificateDer<'static>, PkiError> {
     CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::BadCertificate {
         what: what.to_string(),
@@ -461,15 +473,22 @@ impl NodeCredentials {
         identity_of(&first_der(&self.cert_pem, "node")?)
     }
 
+    /// How long the certificate is valid from when it was issued.
+    pub fn lifetime(&self) -> Result<Duration, PkiError> {
+        let (from, until) = not_after_of(&first_der(&self.cert_pem, "node")?)?;
+        Ok(until.duration_since(from + BACKDATE).unwrap_or_default())
+    }
+
     /// When the certificate stops being valid.
     pub fn not_after(&self) -> Result<SystemTime, PkiError> {
         Ok(not_after_of(&first_der(&self.cert_pem, "node")?)?.1)
     }
 
-    /// True once less than a third of the certificate's lifetime is left.
+    /// True once less than a third of the certificate's lifetime (from issue, not from the
+    /// back-dated `notBefore`) is left.
     pub fn needs_renewal(&self, now: SystemTime) -> Result<bool, PkiError> {
         let (from, until) = not_after_of(&first_der(&self.cert_pem, "node")?)?;
-        let lifetime = until.duration_since(from).unwrap_or_default();
+        let lifetime = until.duration_since(from + BACKDATE).unwrap_or_default();
         Ok(match until.duration_since(now) {
             Ok(left) => left < lifetime / 3,
             Err(_) => true,

@@ -47,6 +47,10 @@ pub struct ManagerSecrets {
     pub previous_roots_pem: String,
     /// [`crate::JoinSecrets::to_file_contents`].
     pub join_secrets: String,
+    /// How long node certificates are valid (`flotilla init --cert-validity`); absent:
+    /// [`crate::NODE_CERT_VALIDITY`].
+    #[serde(default)]
+    pub node_cert_validity_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for ManagerSecrets {
@@ -79,4 +83,25 @@ pub struct RenewRequest {
 pub struct RenewResponse {
     pub cert_pem: String,
     pub trust_pem: String,
+}
+
+/// `DELETE /v1/nodes/{id}` (`flotilla node rm`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveNodeResponse {
+    pub node: String,
+    /// The node was a manager and left the raft membership.
+    pub was_manager: bool,
+}
+
+/// `GET /v1/cluster/managers`: the raft members as this manager sees them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManagerInfo {
+    pub raft_id: u64,
+    pub addr: String,
+    /// False while a joining manager is still a learner.
+    pub voter: bool,
+    /// The node name, when the cluster recorded it at join time.
+    #[serde(default)]
+    pub node: Option<String>,
+    pub leader: bool,
 }

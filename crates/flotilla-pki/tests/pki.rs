@@ -214,8 +214,13 @@ async fn root_rotation_trusts_old_and_new_until_retired() {
 async fn renewal_swaps_credentials_in_running_configs() {
     let ca = CaBundle::generate("test").unwrap();
     let short = issue(&ca, "mgr-1", Role::Manager, Duration::from_secs(30));
-    // 30 s lifetime plus one hour of back-dating: far less than a third is left.
-    assert!(short.needs_renewal(SystemTime::now()).unwrap());
+    // The lifetime counts from issue, not from the back-dated notBefore: a fresh 30 s
+    // certificate is not due yet, and is once less than 10 s are left.
+    assert!(!short.needs_renewal(SystemTime::now()).unwrap());
+    assert_eq!(short.lifetime().unwrap(), Duration::from_secs(30));
+    assert!(short
+        .needs_renewal(SystemTime::now() + Duration::from_secs(25))
+        .unwrap());
     let long = issue(&ca, "mgr-1", Role::Manager, NODE_CERT_VALIDITY);
     assert!(!long.needs_renewal(SystemTime::now()).unwrap());
     assert!(long

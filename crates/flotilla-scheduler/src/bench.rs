@@ -119,6 +119,8 @@ fn cluster(nodes: usize, seed: u64) -> Vec<Node> {
                 },
                 drivers: vec![DriverKind::Sim],
                 agent_addr: None,
+                advertise_ip: None,
+                port_conflicts: Vec::new(),
                 last_heartbeat: 0,
                 message: String::new(),
                 meta: Meta::default(),

@@ -7,7 +7,8 @@
 //! `/regex/` (unanchored, as classic Swarm matched them).
 
 use flotilla_types::{
-    DriverKind, FieldError, Node, NodeRole, PlacementStrategy, ResourceAmounts, ServiceSpec,
+    DriverKind, FieldError, Node, NodeRole, PlacementStrategy, PortProtocol, PortSpec,
+    ResourceAmounts, ServiceSpec,
 };
 
 /// Highest `x-flotilla.placement.priority`.
@@ -238,6 +239,8 @@ pub struct CompiledPlacement {
     pub max_per_node: Option<u64>,
     pub strategy: PlacementStrategy,
     pub priority: u32,
+    /// Host-mode published ports: each is held exclusively on the node a task runs on.
+    pub host_ports: Vec<(u16, PortProtocol)>,
 }
 
 /// The three classic prefixes.
@@ -492,6 +495,7 @@ pub fn compile(spec: &ServiceSpec) -> Result<CompiledPlacement, Vec<FieldError>>
             max_per_node: None,
             strategy: p.strategy,
             priority: p.priority,
+            host_ports: spec.ports.iter().filter_map(PortSpec::host_port).collect(),
         },
         errors: Vec::new(),
     };

@@ -9,7 +9,9 @@
 //!    constraints — and are evaluated once per service per snapshot, leaving a list of eligible
 //!    nodes. *Dynamic* filters depend on what nodes hold now: max tasks per node, hard
 //!    (anti-)affinities, hard topology spread (`max_skew` over the least used eligible domain,
-//!    like Kubernetes' `DoNotSchedule`), hard `availability:az==N`, and resources: reservations
+//!    like Kubernetes' `DoNotSchedule`), hard `availability:az==N`, host-mode published ports
+//!    (one live or stopping holder per node and protocol, the service's own tasks included: "host
+//!    port 8080 in use"), and resources: reservations
 //!    against capacity × the reservation overcommit ratio, limits against capacity × the limit
 //!    ratio (see [`OvercommitRatios`]).
 //! 2. **Ranking.** Feasible nodes get a score in tiers: a start-failure penalty (decaying with a

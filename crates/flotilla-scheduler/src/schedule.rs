@@ -5,7 +5,7 @@
 use crate::constraint::{AffinityTarget, CompiledPlacement, Demand};
 use crate::fasthash::FastMap;
 use crate::snapshot::{static_check, ClusterSnapshot, NodeEntry, Rejection, ServiceCache};
-use flotilla_types::{FieldError, PlacementStrategy, ServiceSpec};
+use flotilla_types::{FieldError, PlacementStrategy, PortSpec, ServiceSpec};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
@@ -108,6 +108,12 @@ pub fn schedule(
         },
     };
     let demand = Demand::of(req.spec);
+    let host_ports: Vec<_> = req
+        .spec
+        .ports
+        .iter()
+        .filter_map(PortSpec::host_port)
+        .collect();
     let image = req.spec.image.as_deref();
     for _ in 0..req.count {
         // `prepare` above inserted the cache under this name and nothing removes caches.
@@ -127,6 +133,7 @@ pub fn schedule(
             .map(|r| snapshot.evict(decision.node, r))
             .collect();
         snapshot.add_task(decision.node, name, image, &demand);
+        snapshot.hold_host_ports(decision.node, &host_ports);
         snapshot.placements_made += 1;
         let node = snapshot.nodes[decision.node].node.id.clone();
         if !evicted.is_empty() {
@@ -339,6 +346,11 @@ fn dynamic_check(
                 Some(_) => {}
             }
         }
+    }
+    // A host-mode port is bound on the node itself, so one holder per node (this service's
+    // own tasks included); freeing resources cannot lift this, so it is not a resource reason.
+    if let Some(i) = c.host_ports.iter().position(|p| e.host_ports.contains(p)) {
+        return Err(Rejection::HostPortInUse(i));
     }
     resource_check(&e.used, &e.capacity, &c.demand)
 }

@@ -4,7 +4,9 @@
 
 use crate::constraint::{compile, CompiledPlacement, Demand, NodeAttr};
 use crate::fasthash::FastMap;
-use flotilla_types::{Availability, FieldError, Node, NodeState, ServiceSpec, Task, Timestamp};
+use flotilla_types::{
+    Availability, FieldError, Node, NodeState, PortProtocol, PortSpec, ServiceSpec, Task, Timestamp,
+};
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
@@ -73,6 +75,7 @@ pub(crate) struct Resident {
     pub image: Option<String>,
     pub priority: u32,
     pub demand: Demand,
+    pub host_ports: Vec<(u16, PortProtocol)>,
 }
 
 /// One node and what it holds.
@@ -86,6 +89,8 @@ pub(crate) struct NodeEntry {
     pub images: FastMap<String, u32>,
     /// Tasks present when the snapshot was built; the only ones preemption may evict.
     pub residents: Vec<Resident>,
+    /// Host-mode ports held by live tasks (a multiset; almost always empty or tiny).
+    pub host_ports: Vec<(u16, PortProtocol)>,
 }
 
 impl NodeEntry {
@@ -140,6 +145,8 @@ pub(crate) enum Rejection {
     Spread(usize),
     MissingZone,
     ZoneAlreadyUsed,
+    /// Index into `CompiledPlacement::host_ports`.
+    HostPortInUse(usize),
     InsufficientCpu,
     InsufficientMemory,
     CpuLimitOvercommit,
@@ -177,6 +184,11 @@ impl Rejection {
             Rejection::ZoneAlreadyUsed => match &c.zones {
                 Some(z) => format!("violate {} (zone already used)", z.expr),
                 None => "zone already used".to_string(),
+            },
+            Rejection::HostPortInUse(i) => match c.host_ports.get(i) {
+                Some((port, PortProtocol::Tcp)) => format!("host port {port} in use"),
+                Some((port, PortProtocol::Udp)) => format!("host port {port}/udp in use"),
+                None => "host port in use".to_string(),
             },
             Rejection::InsufficientCpu => "insufficient cpu".to_string(),
             Rejection::InsufficientMemory => "insufficient memory".to_string(),
@@ -301,6 +313,7 @@ impl ClusterSnapshot {
                 used: Amounts::default(),
                 images: FastMap::default(),
                 residents: Vec::new(),
+                host_ports: Vec::new(),
             })
             .collect();
         let mut by_name = HashMap::with_capacity(nodes.len() * 2);
@@ -326,12 +339,15 @@ impl ClusterSnapshot {
             let entry = &mut entries[idx];
             entry.add(task.spec.image.as_deref(), &demand);
             bump_usage(&mut usage, &task.service, idx, 1);
+            let host_ports = host_ports_of(&task.spec);
+            entry.host_ports.extend_from_slice(&host_ports);
             entry.residents.push(Resident {
                 id: task.id.clone(),
                 service: task.service.clone(),
                 image: task.spec.image.clone(),
                 priority: task.spec.placement.priority,
                 demand,
+                host_ports,
             });
         }
         ClusterSnapshot {
@@ -345,6 +361,25 @@ impl ClusterSnapshot {
             usage,
             placements_made: 0,
         }
+    }
+
+    /// Accounts the resources of a task that is being stopped (desired shutdown, not finished):
+    /// its process still holds them until it exits, so nothing else may take them yet, but it
+    /// is not a resident either (preempting a task already on its way out frees nothing) and
+    /// it does not count for its service's spreading. Finished or unassigned tasks and tasks on
+    /// nodes outside the snapshot are ignored.
+    pub fn hold_stopping(&mut self, task: &Task) {
+        if task.status.state.is_terminal() {
+            return;
+        }
+        let Some(&idx) = task.node.as_deref().and_then(|n| self.by_name.get(n)) else {
+            return;
+        };
+        self.nodes[idx].used.add_demand(&Demand::of(&task.spec));
+        // The exiting process still has its host port bound.
+        self.nodes[idx]
+            .host_ports
+            .extend(task.spec.ports.iter().filter_map(PortSpec::host_port));
     }
 
     /// The time penalties are evaluated at.
@@ -509,10 +544,25 @@ impl ClusterSnapshot {
         }
     }
 
+    /// Marks `ports` as held on node `idx` by a task placed in this pass.
+    pub(crate) fn hold_host_ports(&mut self, idx: usize, ports: &[(u16, PortProtocol)]) {
+        self.nodes[idx].host_ports.extend_from_slice(ports);
+    }
+
+    fn release_host_ports(&mut self, idx: usize, ports: &[(u16, PortProtocol)]) {
+        let held = &mut self.nodes[idx].host_ports;
+        for p in ports {
+            if let Some(i) = held.iter().position(|h| h == p) {
+                held.swap_remove(i);
+            }
+        }
+    }
+
     /// Evicts resident `r` of node `idx`, returning its task id.
     pub(crate) fn evict(&mut self, idx: usize, r: usize) -> String {
         let resident = self.nodes[idx].residents.remove(r);
         self.nodes[idx].remove(resident.image.as_deref(), &resident.demand);
+        self.release_host_ports(idx, &resident.host_ports);
         bump_usage(&mut self.usage, &resident.service, idx, -1);
         if let Some(cache) = self.caches.get_mut(&resident.service) {
             cache.topologies.iter_mut().for_each(|t| t.adjust(idx, -1));
@@ -524,6 +574,10 @@ impl ClusterSnapshot {
         *budget = budget.saturating_sub(1);
         resident.id
     }
+}
+
+fn host_ports_of(spec: &ServiceSpec) -> Vec<(u16, PortProtocol)> {
+    spec.ports.iter().filter_map(PortSpec::host_port).collect()
 }
 
 /// Adjusts the task count of `service` on node `idx`, dropping entries at zero.

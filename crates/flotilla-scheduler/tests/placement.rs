@@ -6,8 +6,8 @@ use flotilla_scheduler::{
     SnapshotError, PENALTY_HALF_LIFE_MS,
 };
 use flotilla_types::{
-    AffinitySpec, Availability, DriverKind, Node, NodeRole, NodeState, PlacementStrategy,
-    ResourceAmounts, ServiceSpec, SpreadSpec, Task,
+    AffinitySpec, Availability, DriverKind, Node, NodeRole, NodeState, PlacementStrategy, PortMode,
+    PortProtocol, PortSpec, ResourceAmounts, ServiceSpec, SpreadSpec, Task,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -591,6 +591,32 @@ fn preemption_evicts_the_fewest_lowest_priority_tasks() {
     assert!(schedule(&mut snap, &PlacementRequest::new(&zero, 1)).is_err());
 }
 
+/// A task on its way out keeps its resources until it exits, but cannot be preempted again.
+#[test]
+fn stopping_tasks_hold_resources_but_are_not_victims() {
+    let nodes = vec![node("n1", "a", 2000, 8 * GIB)];
+    let batch = reserve(spec("batch"), 1000, GIB);
+    let mut stopping = task("b1", &batch, "n1");
+    stopping.desired_state = flotilla_types::DesiredState::Shutdown;
+    let running = task("b2", &batch, "n1");
+    let mut urgent = reserve(spec("urgent"), 1000, GIB);
+    urgent.placement.priority = 500;
+
+    let mut snap = ClusterSnapshot::new(&nodes, [&running], 0);
+    snap.set_disruption_budget("batch", 5);
+    snap.hold_stopping(&stopping);
+    let placed = schedule(&mut snap, &PlacementRequest::new(&urgent, 1)).unwrap();
+    assert_eq!(placed[0].evictions, vec!["b2".to_string()]);
+
+    // Once it has exited, it holds nothing.
+    let mut exited = stopping.clone();
+    exited.status.state = flotilla_types::TaskState::Exited;
+    let mut snap = ClusterSnapshot::new(&nodes, [&running], 0);
+    snap.hold_stopping(&exited);
+    let placed = schedule(&mut snap, &PlacementRequest::new(&urgent, 1)).unwrap();
+    assert!(placed[0].evictions.is_empty(), "{placed:?}");
+}
+
 #[test]
 fn preemption_picks_the_node_needing_fewest_evictions() {
     let nodes = vec![
@@ -908,4 +934,142 @@ fn nodes_holding_the_image_are_preferred() {
     let mut fresh = ClusterSnapshot::new(&plain, std::iter::empty(), 0);
     let without = schedule(&mut fresh, &PlacementRequest::new(&s, 1)).expect("placed");
     assert_ne!(without[0].node, "b");
+}
+
+fn host_port(
+    mut s: ServiceSpec,
+    published: u16,
+    protocol: PortProtocol,
+    mode: PortMode,
+) -> ServiceSpec {
+    s.ports.push(PortSpec {
+        target: 80,
+        published: Some(published),
+        protocol,
+        mode,
+    });
+    s
+}
+
+/// A host-mode published port is bound on the node itself: one holder per node, whatever the
+/// service, while ingress ports (served by the mesh) and other ports/protocols do not collide.
+#[test]
+fn host_ports_allow_one_holder_per_node() {
+    use PortMode::{Host, Ingress};
+    use PortProtocol::{Tcp, Udp};
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| node(&format!("n{i}"), "a", 4000, 8 * GIB))
+        .collect();
+    // (case, resident on n1, web's port, tasks of web, nodes placed, failure reason)
+    let cases: Vec<(
+        &str,
+        Option<ServiceSpec>,
+        ServiceSpec,
+        usize,
+        &[&str],
+        Option<&str>,
+    )> = vec![
+        (
+            "own tasks: at most one per node",
+            None,
+            host_port(spec("web"), 8080, Tcp, Host),
+            4,
+            &["n1", "n2", "n3"],
+            Some("0/3 nodes: 3 host port 8080 in use"),
+        ),
+        (
+            "another service holds the port on n1",
+            Some(host_port(spec("other"), 8080, Tcp, Host)),
+            host_port(spec("web"), 8080, Tcp, Host),
+            3,
+            &["n2", "n3"],
+            Some("0/3 nodes: 3 host port 8080 in use"),
+        ),
+        (
+            "an ingress port of another service does not hold the node port",
+            Some(host_port(spec("other"), 8080, Tcp, Ingress)),
+            host_port(spec("web"), 8080, Tcp, Host),
+            3,
+            &["n1", "n2", "n3"],
+            None,
+        ),
+        (
+            "udp and tcp are different ports",
+            Some(host_port(spec("other"), 8080, Udp, Host)),
+            host_port(spec("web"), 8080, Tcp, Host),
+            3,
+            &["n1", "n2", "n3"],
+            None,
+        ),
+        (
+            "a different host port does not collide",
+            Some(host_port(spec("other"), 8081, Tcp, Host)),
+            host_port(spec("web"), 8080, Tcp, Host),
+            3,
+            &["n1", "n2", "n3"],
+            None,
+        ),
+        (
+            "udp is named in the reason",
+            None,
+            host_port(spec("web"), 5353, Udp, Host),
+            4,
+            &["n1", "n2", "n3"],
+            Some("0/3 nodes: 3 host port 5353/udp in use"),
+        ),
+        (
+            "ingress ports place freely",
+            None,
+            host_port(spec("web"), 8080, Tcp, Ingress),
+            6,
+            &["n1", "n2", "n3"],
+            None,
+        ),
+    ];
+    for (name, resident, web, count, want_nodes, want_reason) in cases {
+        let tasks: Vec<Task> = resident.iter().map(|s| task("r1", s, "n1")).collect();
+        let mut snap = ClusterSnapshot::new(&nodes, &tasks, 0);
+        let (placed, reason) = match schedule(&mut snap, &PlacementRequest::new(&web, count)) {
+            Ok(p) => (p, None),
+            Err(f) => (f.placed, Some(f.reason)),
+        };
+        let got: BTreeSet<String> = placed.iter().map(|p| p.node.clone()).collect();
+        assert_eq!(got, set(want_nodes), "{name}");
+        assert_eq!(reason.as_deref(), want_reason, "{name}");
+    }
+}
+
+/// A stopping task keeps its port bound until it exits; a finished one holds nothing; evicting a
+/// holder (preemption) frees the port.
+#[test]
+fn host_ports_follow_stopping_finished_and_evicted_tasks() {
+    let nodes = vec![node("n1", "a", 2000, 8 * GIB)];
+    let web = host_port(spec("web"), 8080, PortProtocol::Tcp, PortMode::Host);
+    let mut stopping = task("w1", &web, "n1");
+    stopping.desired_state = flotilla_types::DesiredState::Shutdown;
+    let mut snap = ClusterSnapshot::new(&nodes, [], 0);
+    snap.hold_stopping(&stopping);
+    let err = schedule(&mut snap, &PlacementRequest::new(&web, 1)).unwrap_err();
+    assert_eq!(err.reason, "0/1 nodes: 1 host port 8080 in use");
+
+    let mut exited = stopping.clone();
+    exited.status.state = flotilla_types::TaskState::Exited;
+    let mut snap = ClusterSnapshot::new(&nodes, [&exited], 0);
+    snap.hold_stopping(&exited);
+    assert!(schedule(&mut snap, &PlacementRequest::new(&web, 1)).is_ok());
+
+    // A low-priority holder evicted for cpu gives its port back to the pass.
+    let batch = host_port(
+        reserve(spec("batch"), 2000, GIB),
+        9090,
+        PortProtocol::Tcp,
+        PortMode::Host,
+    );
+    let mut urgent = reserve(spec("urgent"), 2000, GIB);
+    urgent.placement.priority = 500;
+    let mut snap = ClusterSnapshot::new(&nodes, [&task("b1", &batch, "n1")], 0);
+    let placed = schedule(&mut snap, &PlacementRequest::new(&urgent, 1)).unwrap();
+    assert_eq!(placed[0].evictions, vec!["b1".to_string()]);
+    let small = host_port(spec("small"), 9090, PortProtocol::Tcp, PortMode::Host);
+    assert!(schedule(&mut snap, &PlacementRequest::new(&small, 1)).is_ok());
 }

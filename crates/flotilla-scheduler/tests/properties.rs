@@ -196,3 +196,77 @@ proptest! {
         }
     }
 }
+
+/// A service for the host-port property: which host port (of two, tcp) it binds, if any, how
+/// many tasks it asks for, its priority and cpu (so preemption also moves ports around).
+fn host_port_svc() -> impl Strategy<Value = (Option<u16>, usize, u32, u64)> {
+    (
+        proptest::option::of(8080u16..8082),
+        1usize..8,
+        0u32..3,
+        0u64..1500,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn no_node_holds_a_host_port_twice(
+        shape in proptest::collection::vec(node_strategy(), 1..8),
+        held in proptest::collection::vec((0usize..8, 8080u16..8082), 0..6),
+        svcs in proptest::collection::vec(host_port_svc(), 1..6),
+    ) {
+        use flotilla_types::{PortMode, PortProtocol, PortSpec};
+        let with_port = |mut s: ServiceSpec, port: u16| {
+            s.ports.push(PortSpec {
+                target: 80,
+                published: Some(port),
+                protocol: PortProtocol::Tcp,
+                mode: PortMode::Host,
+            });
+            s
+        };
+        let nodes = cluster(&shape);
+        // Start from a valid cluster: at most one resident per (node, port).
+        let mut tasks = Vec::new();
+        let mut live: BTreeMap<String, (String, Option<u16>)> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for (k, (n, port)) in held.iter().enumerate() {
+            let node = &nodes[n % nodes.len()].id;
+            if seen.insert((node.clone(), *port)) {
+                let t = task(&format!("r{k}"), &with_port(reserve(spec("resident"), 100, 4 << 20), *port), node);
+                live.insert(t.id.clone(), (node.clone(), Some(*port)));
+                tasks.push(t);
+            }
+        }
+        let mut snap = ClusterSnapshot::new(&nodes, &tasks, 0);
+        snap.set_disruption_budget("resident", 3);
+        for (i, (port, count, priority, cpu)) in svcs.iter().enumerate() {
+            let mut s = spec(&format!("svc{i}"));
+            if *cpu > 0 {
+                s = reserve(s, *cpu, 4 << 20);
+            }
+            s.placement.priority = *priority;
+            if let Some(p) = port {
+                s = with_port(s, *p);
+            }
+            let got = placed(*count, schedule(&mut snap, &PlacementRequest::new(&s, *count)));
+            for (k, p) in got.into_iter().enumerate() {
+                for e in &p.evictions {
+                    prop_assert!(live.remove(e).is_some(), "evicted a task that was not live");
+                }
+                live.insert(format!("{i}-{k}"), (p.node.clone(), *port));
+            }
+        }
+        let mut holders: BTreeMap<(String, u16), usize> = BTreeMap::new();
+        for (node, port) in live.values() {
+            if let Some(p) = port {
+                *holders.entry((node.clone(), *p)).or_default() += 1;
+            }
+        }
+        for ((node, port), n) in holders {
+            prop_assert!(n <= 1, "{node} holds host port {port} {n} times");
+        }
+    }
+}

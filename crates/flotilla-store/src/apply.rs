@@ -5,7 +5,7 @@
 //! [`ClusterState`] is only updated once that transaction commits. So a command sees the state
 //! through two [`Overlay`]s: the writes of earlier commands in the batch, then its own earlier ops.
 
-use crate::ops::{Change, ClusterState, Command, CommandResult, Expect, Op};
+use crate::ops::{Change, ClusterState, Command, CommandResult, Expect, Op, Record};
 use flotilla_types::{
     Availability, Event, EventLevel, Health, Node, NodeState, Revision, Rollout, Service, Task,
     TaskState, Timestamp,
@@ -20,6 +20,7 @@ pub(crate) struct Overlay {
     tasks: BTreeMap<String, Option<Task>>,
     nodes: BTreeMap<String, Option<Node>>,
     rollouts: BTreeMap<String, Option<Rollout>>,
+    records: BTreeMap<String, Option<Record>>,
 }
 
 impl Overlay {
@@ -30,6 +31,7 @@ impl Overlay {
         self.tasks.extend(later.tasks);
         self.nodes.extend(later.nodes);
         self.rollouts.extend(later.rollouts);
+        self.records.extend(later.records);
     }
 
     /// Moves every pending write into `state`.
@@ -48,9 +50,27 @@ impl Overlay {
         }
         put(&mut state.services, self.services);
         put(&mut state.revisions, self.revisions);
-        put(&mut state.tasks, self.tasks);
+        let indexed = state.task_index.len == state.tasks.len();
+        for (id, value) in self.tasks {
+            match value {
+                Some(t) => {
+                    if indexed && !state.tasks.contains_key(&id) {
+                        state.task_index.insert(&t.service, &id);
+                    }
+                    state.tasks.insert(id, t);
+                }
+                None => {
+                    if let Some(old) = state.tasks.remove(&id) {
+                        if indexed {
+                            state.task_index.remove(&old.service, &id);
+                        }
+                    }
+                }
+            }
+        }
         put(&mut state.nodes, self.nodes);
         put(&mut state.rollouts, self.rollouts);
+        put(&mut state.records, self.records);
     }
 }
 
@@ -94,6 +114,7 @@ enum Touched {
     Task(String),
     Node(String),
     Rollout(String),
+    Record(String),
 }
 
 /// Applies `cmd` at log index `index` on top of `base` + `batch`. Deterministic: depends only on
@@ -210,6 +231,23 @@ impl Exec<'_> {
             &self.batch.rollouts,
             &self.base.rollouts,
         )
+    }
+
+    fn record(&self, key: &str) -> Option<&Record> {
+        let key = key.to_string();
+        layered(
+            &key,
+            &self.own.records,
+            &self.batch.records,
+            &self.base.records,
+        )
+    }
+
+    fn put_record(&mut self, key: String, value: Option<Record>) {
+        if !self.own.records.contains_key(&key) {
+            self.touched.push(Touched::Record(key.clone()));
+        }
+        self.own.records.insert(key, value);
     }
 
     fn put_rollout(&mut self, service: String, value: Option<Rollout>) {
@@ -434,6 +472,20 @@ impl Exec<'_> {
                 let version = self.rollout(service).map(|r| r.meta.version);
                 check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
                 self.put_rollout(service.clone(), None);
+            }
+            Op::PutRecord { record, expect } => {
+                let what = format!("record {:?}", record.key);
+                let old = self.record(&record.key).cloned();
+                check(*expect, old.as_ref().map(|r| r.meta.version), &what)?;
+                let mut new = record.clone();
+                new.meta = self.meta(old.as_ref().map(|r| r.meta.created_at));
+                self.put_record(new.key.clone(), Some(new));
+            }
+            Op::DeleteRecord { key, expect } => {
+                let what = format!("record {key:?}");
+                let version = self.record(key).map(|r| r.meta.version);
+                check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
+                self.put_record(key.clone(), None);
             }
         }
         Ok(())
@@ -675,6 +727,10 @@ impl Exec<'_> {
                 Touched::Rollout(service) => Change::Rollout {
                     service: service.clone(),
                     object: self.own.rollouts.get(service).cloned().flatten(),
+                },
+                Touched::Record(key) => Change::Record {
+                    key: key.clone(),
+                    object: self.own.records.get(key).cloned().flatten(),
                 },
             })
             .collect()

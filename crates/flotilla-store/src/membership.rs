@@ -9,6 +9,9 @@ use std::time::Duration;
 /// A leader whose quorum has not acknowledged it for this long is treated as cut off: writes
 /// would only hang until the write timeout, so they are refused at once instead.
 const QUORUM_ACK_LIMIT: Duration = Duration::from_millis(1500);
+/// A peer that answered a raft RPC this recently counts as reachable. Leaders send heartbeats
+/// every 250 ms and candidates ask for votes every 1-2 s, so live peers answer well within it.
+const REACHABLE_WITHIN: Duration = Duration::from_secs(4);
 
 /// One raft member as the membership config lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,12 +95,36 @@ impl Store {
         Ok(())
     }
 
+    /// Managers (voters) this one can reach: itself plus every peer that answered a raft RPC
+    /// within [`REACHABLE_WITHIN`].
+    pub fn reachable_managers(&self) -> (usize, usize) {
+        let metrics = self.raft().metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let reachable = voters
+            .iter()
+            .filter(|id| {
+                **id == self.node_id() || self.contacts().answered_within(**id, REACHABLE_WITHIN)
+            })
+            .count();
+        (reachable, voters.len())
+    }
+
     /// Fails fast when a write could not commit: no leader known, or this leader has not heard
-    /// from a quorum recently. The message says how many managers vote.
+    /// from a quorum recently. The message says how many managers are reachable and how many
+    /// are needed, e.g. `quorum lost: 1 of 3 managers reachable, 2 needed`.
     pub fn check_quorum(&self) -> Result<(), StoreError> {
         let metrics = self.raft().metrics().borrow().clone();
         let voters = metrics.membership_config.membership().voter_ids().count();
         let quorum = voters / 2 + 1;
+        let lost = |detail: String| {
+            let (reachable, voters) = self.reachable_managers();
+            StoreError::Unavailable(format!(
+                "quorum lost: {reachable} of {voters} managers reachable, {quorum} needed \
+                 ({detail}); running tasks keep running, writes fail until enough managers \
+                 are back"
+            ))
+        };
         match (metrics.state, metrics.current_leader) {
             // A single voter is its own quorum.
             (ServerState::Leader, _) if voters == 1 => Ok(()),
@@ -105,16 +132,12 @@ impl Store {
                 Some(ms) if Duration::from_millis(ms) <= QUORUM_ACK_LIMIT => Ok(()),
                 // Freshly elected, no acknowledgement yet: let the write wait for one.
                 None => Ok(()),
-                Some(ms) => Err(StoreError::Unavailable(format!(
-                    "quorum lost: this leader has not been acknowledged by {quorum} of {voters} \
-                     managers for {ms} ms; only this manager is known reachable"
+                Some(ms) => Err(lost(format!(
+                    "this leader has not been acknowledged by a quorum for {ms} ms"
                 ))),
             },
             (_, Some(_)) => Ok(()),
-            (_, None) => Err(StoreError::Unavailable(format!(
-                "quorum lost: no leader elected; {quorum} of {voters} managers must be reachable \
-                 to elect one"
-            ))),
+            (_, None) => Err(lost("no leader can be elected".into())),
         }
     }
 }

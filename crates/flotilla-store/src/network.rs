@@ -24,16 +24,44 @@ use openraft::raft::{
 use openraft::{AnyError, BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub const APPEND_PATH: &str = "/raft/append";
 pub const VOTE_PATH: &str = "/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
+
+/// When each peer last answered a raft RPC (any answer, even a refused vote), so a manager
+/// without quorum can say how many managers it can still reach.
+#[derive(Clone, Default)]
+pub struct Contacts(Arc<Mutex<BTreeMap<u64, Instant>>>);
+
+impl Contacts {
+    fn record(&self, target: u64) {
+        // A poisoned lock only means a panic between two plain inserts; the map is usable.
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target, Instant::now());
+    }
+
+    /// Whether `target` answered within `within`.
+    pub fn answered_within(&self, target: u64, within: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&target)
+            .is_some_and(|at| at.elapsed() <= within)
+    }
+}
 
 /// Creates a [`HttpConnection`] per peer; all share one connection pool.
 #[derive(Clone)]
 pub struct HttpNetwork {
     client: reqwest::Client,
     scheme: &'static str,
+    contacts: Contacts,
 }
 
 impl HttpNetwork {
@@ -41,6 +69,7 @@ impl HttpNetwork {
         Ok(HttpNetwork {
             client: reqwest::Client::builder().build()?,
             scheme: "http",
+            contacts: Contacts::default(),
         })
     }
 
@@ -51,7 +80,13 @@ impl HttpNetwork {
                 .use_preconfigured_tls(tls)
                 .build()?,
             scheme: "https",
+            contacts: Contacts::default(),
         })
+    }
+
+    /// Which peers answered recently; shared with every connection this network makes.
+    pub fn contacts(&self) -> Contacts {
+        self.contacts.clone()
     }
 }
 
@@ -64,6 +99,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
             scheme: self.scheme,
             target,
             node: node.clone(),
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -74,6 +110,7 @@ pub struct HttpConnection {
     scheme: &'static str,
     target: u64,
     node: BasicNode,
+    contacts: Contacts,
 }
 
 impl HttpConnection {
@@ -106,6 +143,9 @@ impl HttpConnection {
                 }
             })?;
         let status = response.status();
+        if status.is_success() {
+            self.contacts.record(self.target);
+        }
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             let message = format!("POST {url} returned {status}: {body}");

@@ -1,7 +1,7 @@
 //! The write vocabulary of the store and the in-memory view of what it holds.
 
 use flotilla_types::{
-    DesiredState, Event, Node, Revision, Rollout, Service, Task, TaskStatus, Timestamp,
+    DesiredState, Event, Meta, Node, Revision, Rollout, Service, Task, TaskStatus, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -76,6 +76,36 @@ pub enum Op {
         service: String,
         expect: Expect,
     },
+    PutRecord {
+        record: Record,
+        expect: Expect,
+    },
+    DeleteRecord {
+        key: String,
+        expect: Expect,
+    },
+}
+
+/// A small cluster-wide record that only managers read, such as the cluster PKI (CA and join
+/// secrets) or a certificate revocation. The store keeps it opaque (the API owns the
+/// encoding). It is never sent on watch streams, and `Debug` redacts the value because it may
+/// hold private keys.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub key: String,
+    pub value: serde_json::Value,
+    #[serde(default)]
+    pub meta: Meta,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("key", &self.key)
+            .field("value", &"<redacted>")
+            .field("meta", &self.meta)
+            .finish()
+    }
 }
 
 /// An atomic batch of ops: either all apply or none do.
@@ -126,11 +156,74 @@ pub struct ClusterState {
     /// Keyed by service name.
     #[serde(default)]
     pub rollouts: BTreeMap<String, Rollout>,
+    /// Keyed by [`Record::key`].
+    #[serde(default)]
+    pub records: BTreeMap<String, Record>,
+    /// Task ids by service, kept in step with `tasks` by the store so [`ClusterState::tasks_of`]
+    /// does not scan every task (controllers ask once or more per service per pass).
+    #[serde(skip)]
+    pub task_index: TaskIndex,
+}
+
+/// Task ids per service: derived from [`ClusterState::tasks`], never serialised, and equal to
+/// any other index (two states with the same tasks are the same state). A service never
+/// changes under a task id, so only insertions and removals touch it. Code that edits `tasks`
+/// directly (tests) without the index is still served correctly: [`ClusterState::tasks_of`]
+/// scans when the index does not account for every task.
+#[derive(Debug, Clone, Default)]
+pub struct TaskIndex {
+    by_service: BTreeMap<String, std::collections::BTreeSet<String>>,
+    pub(crate) len: usize,
+}
+
+impl PartialEq for TaskIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl TaskIndex {
+    /// Indexes every task of `tasks`.
+    pub fn build(tasks: &BTreeMap<String, Task>) -> TaskIndex {
+        let mut index = TaskIndex::default();
+        for t in tasks.values() {
+            index.insert(&t.service, &t.id);
+        }
+        index
+    }
+
+    pub(crate) fn insert(&mut self, service: &str, id: &str) {
+        let ids = match self.by_service.get_mut(service) {
+            Some(ids) => ids,
+            None => self.by_service.entry(service.to_string()).or_default(),
+        };
+        if ids.insert(id.to_string()) {
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn remove(&mut self, service: &str, id: &str) {
+        if let Some(ids) = self.by_service.get_mut(service) {
+            if ids.remove(id) {
+                self.len -= 1;
+            }
+            if ids.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
+    }
 }
 
 impl ClusterState {
-    pub fn tasks_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
-        self.tasks.values().filter(move |t| t.service == service)
+    /// Tasks of `service`, in id order.
+    pub fn tasks_of<'a>(&'a self, service: &'a str) -> Box<dyn Iterator<Item = &'a Task> + 'a> {
+        if self.task_index.len != self.tasks.len() {
+            return Box::new(self.tasks.values().filter(move |t| t.service == service));
+        }
+        match self.task_index.by_service.get(service) {
+            Some(ids) => Box::new(ids.iter().filter_map(|id| self.tasks.get(id))),
+            None => Box::new(std::iter::empty()),
+        }
     }
 
     pub fn tasks_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
@@ -169,6 +262,10 @@ pub enum Change {
     Rollout {
         service: String,
         object: Option<Rollout>,
+    },
+    Record {
+        key: String,
+        object: Option<Record>,
     },
 }
 

@@ -7,7 +7,7 @@
 
 use crate::apply::{apply_command, Overlay};
 use crate::log_writer::LogWriter;
-use crate::ops::{Change, ChangeBatch, ClusterState, CommandResult};
+use crate::ops::{Change, ChangeBatch, ClusterState, CommandResult, Record};
 use crate::TypeConfig;
 use flotilla_types::{Event, Node, Revision, Rollout, Service, Task};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -40,6 +40,8 @@ const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 /// Rollouts by service name.
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// Managers-only records ([`crate::Record`]): PKI, revocations.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// Events keyed by (revision, position within the revision's command).
 const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
 /// State-machine bookkeeping: [`LAST_APPLIED`], [`LAST_MEMBERSHIP`].
@@ -165,6 +167,9 @@ struct SnapshotData {
     /// Absent in snapshots taken before rollouts existed.
     #[serde(default)]
     rollouts: Vec<Rollout>,
+    /// Absent in snapshots taken before records existed.
+    #[serde(default)]
+    records: Vec<Record>,
     events: Vec<Event>,
 }
 
@@ -494,7 +499,7 @@ impl Shared {
 
 impl SnapshotData {
     fn into_state(self, revision: u64) -> ClusterState {
-        ClusterState {
+        let mut state = ClusterState {
             revision,
             services: self
                 .services
@@ -513,7 +518,15 @@ impl SnapshotData {
                 .into_iter()
                 .map(|r| (r.service.clone(), r))
                 .collect(),
-        }
+            records: self
+                .records
+                .into_iter()
+                .map(|r| (r.key.clone(), r))
+                .collect(),
+            task_index: Default::default(),
+        };
+        state.task_index = crate::ops::TaskIndex::build(&state.tasks);
+        state
     }
 }
 
@@ -536,6 +549,7 @@ fn read_sm_tables(txn: &ReadTransaction, with_events: bool) -> Result<SnapshotDa
         tasks: all(&txn.open_table(TASKS)?, "task")?,
         nodes: all(&txn.open_table(NODES)?, "node")?,
         rollouts: all(&txn.open_table(ROLLOUTS)?, "rollout")?,
+        records: all(&txn.open_table(RECORDS)?, "record")?,
         events: if with_events {
             all(&txn.open_table(EVENTS)?, "event")?
         } else {
@@ -551,6 +565,7 @@ struct SmTables<'txn> {
     tasks: Table<'txn, &'static str, &'static [u8]>,
     nodes: Table<'txn, &'static str, &'static [u8]>,
     rollouts: Table<'txn, &'static str, &'static [u8]>,
+    records: Table<'txn, &'static str, &'static [u8]>,
     events: Table<'txn, (u64, u32), &'static [u8]>,
     meta: Table<'txn, &'static str, &'static [u8]>,
 }
@@ -563,6 +578,7 @@ impl<'txn> SmTables<'txn> {
             tasks: txn.open_table(TASKS)?,
             nodes: txn.open_table(NODES)?,
             rollouts: txn.open_table(ROLLOUTS)?,
+            records: txn.open_table(RECORDS)?,
             events: txn.open_table(EVENTS)?,
             meta: txn.open_table(SM_META)?,
         })
@@ -631,6 +647,16 @@ impl<'txn> SmTables<'txn> {
                 } => {
                     self.rollouts.remove(service.as_str())?;
                 }
+                Change::Record {
+                    key,
+                    object: Some(r),
+                } => {
+                    self.records
+                        .insert(key.as_str(), encode("record", r)?.as_slice())?;
+                }
+                Change::Record { key, object: None } => {
+                    self.records.remove(key.as_str())?;
+                }
             }
         }
         Ok(())
@@ -673,6 +699,7 @@ impl<'txn> SmTables<'txn> {
         self.tasks.retain(|_, _| false)?;
         self.nodes.retain(|_, _| false)?;
         self.rollouts.retain(|_, _| false)?;
+        self.records.retain(|_, _| false)?;
         self.events.retain(|_, _| false)?;
         for s in &data.services {
             self.services
@@ -695,6 +722,10 @@ impl<'txn> SmTables<'txn> {
         for r in &data.rollouts {
             self.rollouts
                 .insert(r.service.as_str(), encode("rollout", r)?.as_slice())?;
+        }
+        for r in &data.records {
+            self.records
+                .insert(r.key.as_str(), encode("record", r)?.as_slice())?;
         }
         let mut position = 0u32;
         let mut last_revision = None;

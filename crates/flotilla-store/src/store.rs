@@ -61,9 +61,15 @@ struct Inner {
     shared: Arc<Shared>,
     node_id: u64,
     advertise_addr: String,
+    /// Which peers answered raft RPCs lately ([`Store::check_quorum`] reports them).
+    contacts: crate::network::Contacts,
 }
 
 impl Store {
+    pub(crate) fn contacts(&self) -> &crate::network::Contacts {
+        &self.inner.contacts
+    }
+
     /// Opens the store in `cfg.data_dir` (loading the applied state from disk) and starts raft.
     pub async fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
         Self::open_with_retention(cfg, EVENT_RETENTION).await
@@ -104,9 +110,15 @@ impl Store {
 
         let config = Config {
             cluster_name: "flotilla".to_string(),
+            // openraft also uses the heartbeat interval as the AppendEntries timeout, so it
+            // stays at 250 ms for slow disks. A follower whose leader was acknowledged waits a
+            // lease (= election_timeout_max) plus a random election timeout before standing:
+            // 1.2–1.6 s of silence (about 5 missed heartbeats), so a dead leader is replaced
+            // within the 2 s failover goal (docs/BENCHMARKS.md) without elections on a merely
+            // slow heartbeat.
             heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
+            election_timeout_min: 400,
+            election_timeout_max: 800,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
             max_in_snapshot_log_to_keep: 1000,
             ..Config::default()
@@ -116,7 +128,7 @@ impl Store {
         let raft = Raft::new(
             cfg.node_id,
             Arc::new(config),
-            network,
+            network.clone(),
             LogStore::new(shared.clone()),
             StateMachine::new(shared.clone(), applied),
         )
@@ -128,6 +140,7 @@ impl Store {
                 shared,
                 node_id: cfg.node_id,
                 advertise_addr: cfg.advertise_addr,
+                contacts: network.contacts(),
             }),
         })
     }
@@ -151,6 +164,19 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("initialising the cluster: {e}")))?;
             tracing::info!("initialised a single-manager cluster");
+        } else if raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count()
+            > 1
+        {
+            // The first manager restarting in a multi-manager cluster: another manager may
+            // lead, and this one must serve raft RPCs (which start after this returns) to
+            // rejoin, so waiting for its own leadership would only block it.
+            return Ok(());
         }
         raft.wait(Some(LEADER_TIMEOUT))
             .current_leader(self.inner.node_id, "this manager to become leader")

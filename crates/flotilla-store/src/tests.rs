@@ -79,6 +79,8 @@ fn node(id: &str, state: NodeState) -> Node {
         },
         drivers: vec![DriverKind::Process],
         agent_addr: None,
+        advertise_ip: None,
+        port_conflicts: Vec::new(),
         last_heartbeat: 0,
         message: String::new(),
         meta: Meta::default(),
@@ -456,6 +458,48 @@ async fn events_describe_service_and_node_lifecycles() {
         .map(|(k, a, m)| (k.to_string(), a.to_string(), m.to_string()))
         .collect();
     assert_eq!(seen, expected);
+    store.shutdown().await.expect("shutdown");
+}
+
+/// `tasks_of` answers from the per-service index the store keeps in step with every write,
+/// and after a reopen; a state edited behind the index's back is still answered (by a scan).
+#[tokio::test]
+async fn tasks_of_follows_writes_deletes_and_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = |state: &ClusterState, service: &str| -> Vec<String> {
+        state.tasks_of(service).map(|t| t.id.clone()).collect()
+    };
+    let store = open_leader(dir.path()).await;
+    let puts = ["a1", "b1", "a2", "b2", "a3"].map(|id| Op::PutTask {
+        task: task(id, &id[..1], 1, None),
+        expect: Expect::Absent,
+    });
+    applied(store.write(at(puts.to_vec(), 1)).await.expect("write"));
+    applied(
+        store
+            .write(at(
+                vec![Op::DeleteTask {
+                    id: "a2".into(),
+                    expect: Expect::Any,
+                }],
+                2,
+            ))
+            .await
+            .expect("write"),
+    );
+    let state = store.read(Clone::clone);
+    assert_eq!(state.task_index.len, state.tasks.len());
+    assert_eq!(ids(&state, "a"), ["a1", "a3"]);
+    assert_eq!(ids(&state, "b"), ["b1", "b2"]);
+    assert!(ids(&state, "c").is_empty());
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+
+    let store = open_leader(dir.path()).await;
+    let mut state = store.read(Clone::clone);
+    assert_eq!(ids(&state, "a"), ["a1", "a3"]);
+    state.tasks.insert("a9".into(), task("a9", "a", 2, None));
+    assert_eq!(ids(&state, "a"), ["a1", "a3", "a9"]);
     store.shutdown().await.expect("shutdown");
 }
 

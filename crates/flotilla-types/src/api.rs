@@ -145,6 +145,12 @@ pub struct NodeRegistration {
     pub images: Vec<String>,
     #[serde(default)]
     pub agent_addr: Option<String>,
+    /// The IP other nodes' meshes reach this node's tasks at; must not be a wildcard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_ip: Option<std::net::IpAddr>,
+    /// Published ports this node's mesh cannot serve right now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_conflicts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,6 +288,10 @@ pub struct ServiceTraffic {
     /// Ready nodes whose agent did not answer; their traffic is missing from the sums.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable_nodes: Vec<String>,
+    /// Ready nodes whose mesh answered. Nodes running no mesh (`--no-mesh`) are neither counted
+    /// here nor unreachable: releases wait for these meshes only. `None` from an older manager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meshes: Option<u32>,
 }
 
 /// One task, summed over the meshes of all nodes.

@@ -196,17 +196,18 @@ impl MeshSpec {
     pub fn validate(&self, service: &str, ports: &[PortSpec]) -> Vec<FieldError> {
         let mut errs = Vec::new();
         let at = |field: &str| format!("services.{service}.x-flotilla.{field}");
+        // Host-mode ports are bound by the tasks on their nodes; the mesh never serves them.
         let published_tcp = |port: u16| {
-            ports
-                .iter()
-                .any(|p| p.published == Some(port) && p.protocol == PortProtocol::Tcp)
+            ports.iter().any(|p| {
+                p.published == Some(port) && p.protocol == PortProtocol::Tcp && p.mode.is_ingress()
+            })
         };
         for (i, port) in self.ports.iter().enumerate() {
             if !published_tcp(port.published) {
                 errs.push(FieldError::new(
                     at(&format!("ports[{i}].published")),
                     format!(
-                        "{} is not a published tcp port in the service's ports",
+                        "{} is not a published tcp port in the service's ports (host-mode ports bypass the mesh)",
                         port.published
                     ),
                 ));
@@ -320,6 +321,7 @@ mod tests {
             target,
             published: Some(published),
             protocol: PortProtocol::Tcp,
+            mode: Default::default(),
         }
     }
 

@@ -235,6 +235,61 @@ pub struct CanarySpec {
     pub steps: Vec<CanaryStep>,
     #[serde(default)]
     pub analysis: AnalysisSpec,
+    /// `x-flotilla.canary.match`: HTTP requests that always go to the canary (the tasks of
+    /// the new revision), whatever the step's weight, so chosen testers reach it.
+    #[serde(rename = "match", default, skip_serializing_if = "Option::is_none")]
+    pub matching: Option<CanaryMatch>,
+}
+
+/// Which requests the mesh sends to the canary: those carrying the header and/or the cookie
+/// (either one matches), with `value` when given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// The exact value the header or cookie must have; `None` matches any value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+impl CanaryMatch {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        let at = |f: &str| format!("x-flotilla.canary.match.{f}");
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        if self.header.is_none() && self.cookie.is_none() {
+            errs.push(FieldError::new(
+                "x-flotilla.canary.match",
+                "give a header, a cookie, or both",
+            ));
+        }
+        for (field, name) in [("header", &self.header), ("cookie", &self.cookie)] {
+            if let Some(name) = name.as_deref().filter(|n| !token(n)) {
+                errs.push(FieldError::new(
+                    at(field),
+                    format!("{name:?} is not a valid {field} name"),
+                ));
+            }
+        }
+        if let Some(value) = &self.value {
+            // Visible ASCII without `;` fits both a header and a cookie value.
+            if value.is_empty()
+                || !value
+                    .bytes()
+                    .all(|b| (0x21..0x7f).contains(&b) && b != b';')
+            {
+                errs.push(FieldError::new(
+                    at("value"),
+                    format!("{value:?} must be non-empty visible ASCII without ';'"),
+                ));
+            }
+        }
+    }
 }
 
 impl CanarySpec {
@@ -280,6 +335,9 @@ pub fn validate_release(
             ));
         }
         last = last.max(step.weight);
+    }
+    if let Some(m) = &canary.matching {
+        m.validate(&mut errs);
     }
     let a = &canary.analysis;
     if a.success_rate > Decimal(100_000_000) {
@@ -554,6 +612,10 @@ mod tests {
                 interval: Duration::ZERO,
                 ..AnalysisSpec::default()
             },
+            matching: Some(CanaryMatch {
+                header: Some("x canary".into()),
+                ..CanaryMatch::default()
+            }),
         };
         let errs = validate_release(&update, &UpdateConfig::default(), &canary);
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
@@ -562,6 +624,7 @@ mod tests {
             [
                 "deploy.update_config.max_failure_ratio",
                 "x-flotilla.canary.steps[1].weight",
+                "x-flotilla.canary.match.header",
                 "x-flotilla.canary.analysis.interval"
             ]
         );

@@ -68,6 +68,40 @@ pub struct PortSpec {
     pub published: Option<u16>,
     #[serde(default)]
     pub protocol: PortProtocol,
+    /// How `published` is exposed. Defaults to ingress so specs stored before modes existed
+    /// still read back unchanged.
+    #[serde(default, skip_serializing_if = "PortMode::is_ingress")]
+    pub mode: PortMode,
+}
+
+/// Compose `ports[].mode`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PortMode {
+    /// The mesh serves `published` on every node and balances over all tasks.
+    #[default]
+    Ingress,
+    /// The task binds `published` directly on its own node, so the port is a node resource:
+    /// at most one task per node can hold it, and the mesh does not listen on it.
+    Host,
+}
+
+impl PortMode {
+    pub fn is_ingress(&self) -> bool {
+        *self == PortMode::Ingress
+    }
+}
+
+impl PortSpec {
+    /// The node port this entry holds exclusively, if it is a host-mode published port.
+    pub fn host_port(&self) -> Option<(u16, PortProtocol)> {
+        match (self.mode, self.published) {
+            (PortMode::Host, Some(p)) => Some((p, self.protocol)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -496,6 +530,13 @@ impl ServiceSpec {
                     format!("target port {} is listed twice", p.target),
                 ));
             }
+            // Host mode binds `published` on the node itself; without it there is nothing to bind.
+            if p.mode == PortMode::Host && p.published.is_none() {
+                errs.push(FieldError::new(
+                    at(&format!("ports[{i}].published")),
+                    "host mode needs a published port to bind on the node",
+                ));
+            }
         }
         if let Some(hc) = &self.healthcheck {
             if hc.interval.is_zero() {
@@ -607,6 +648,20 @@ impl ServiceSpec {
             .into_iter()
             .map(|e| FieldError::new(at(&e.field), e.reason)),
         );
+        // Headers and cookies exist only where the mesh speaks HTTP.
+        if self.rollout.canary.matching.is_some()
+            && self.mesh.routes.is_empty()
+            && !self
+                .mesh
+                .ports
+                .iter()
+                .any(|p| p.protocol == crate::mesh::MeshProtocol::Http)
+        {
+            errs.push(FieldError::new(
+                at("x-flotilla.canary.match"),
+                "needs an HTTP port (x-flotilla.ports[].protocol: http, or x-flotilla.routes)",
+            ));
+        }
         if let Some(sig) = &self.stop_signal {
             if signal_number(sig).is_none() {
                 errs.push(FieldError::new(

@@ -340,6 +340,14 @@ pub struct Node {
     /// Where the agent serves logs and stats (`host:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_addr: Option<String>,
+    /// The IP other nodes' meshes reach this node's tasks at (`--advertise-ip`, or the IP of
+    /// a joined node's `--advertise-addr`); without it, the IP of `agent_addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_ip: Option<std::net::IpAddr>,
+    /// Published ports this node's mesh cannot serve (held by another program, claimed twice),
+    /// as its agent last reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_conflicts: Vec<String>,
     pub last_heartbeat: Timestamp,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,

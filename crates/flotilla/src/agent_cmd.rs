@@ -19,8 +19,9 @@ use tokio::sync::watch;
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// API address of the manager to follow (http://HOST:PORT). A non-loopback manager needs
-    /// the token (--token / FLOTILLA_TOKEN).
+    /// API address of the manager to follow (http://HOST:PORT), or several separated by
+    /// commas: the agent moves to the next when one cannot be reached. A non-loopback manager
+    /// needs the token (--token / FLOTILLA_TOKEN).
     #[arg(long, env = "FLOTILLA_MANAGER")]
     pub manager: String,
     /// This node's name (default: the host name; remembered in DATA_DIR/node-id).
@@ -48,6 +49,8 @@ pub struct WorkerConfig {
     pub heartbeat: Duration,
     /// The node's routing mesh; `None` runs none.
     pub mesh: Option<MeshNodeConfig>,
+    /// The IP other nodes' meshes reach this node's tasks at.
+    pub advertise_ip: Option<std::net::IpAddr>,
 }
 
 /// Runs a worker until `shutdown` turns true. The caller holds the data-dir lock.
@@ -62,6 +65,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: watch::Receiver<bool>) -> a
         heartbeat: cfg.heartbeat,
         task_ports: cfg.task_ports,
         mesh: cfg.mesh,
+        advertise_ip: cfg.advertise_ip,
     })
     .await
     .context("starting the agent")?;
@@ -72,7 +76,17 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: watch::Receiver<bool>) -> a
 pub async fn run(args: &AgentArgs, token: Option<String>) -> anyhow::Result<ExitCode> {
     let _lock = node_dir::lock(&args.data_dir)?;
     let node_name = node_dir::node_name(args.node_name.as_deref(), &args.data_dir)?;
-    let api = Client::new(&args.manager, token).context("--manager")?;
+    let managers: Vec<String> = args
+        .manager
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let first = managers
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("--manager: no address given"))?;
+    let api = Client::new(first, token).context("--manager")?;
+    api.set_managers(&managers).context("--manager")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(run_worker(
         WorkerConfig {
@@ -82,6 +96,7 @@ pub async fn run(args: &AgentArgs, token: Option<String>) -> anyhow::Result<Exit
             task_ports: args.task_ports.clone(),
             heartbeat: args.heartbeat,
             mesh: args.mesh.config(),
+            advertise_ip: args.mesh.advertise_ip,
         },
         stop_rx,
     ));

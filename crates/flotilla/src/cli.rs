@@ -126,10 +126,18 @@ pub enum TaskCommand {
 pub enum NodeCommand {
     /// List nodes.
     Ls(OutputArgs),
+    /// Show one node: addresses, resources, labels, and published ports its mesh cannot serve.
+    Inspect {
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Change a node's availability (active, pause, drain) or labels.
     Update(nodes_cmd::UpdateArgs),
     /// Drain a node, wait until it runs nothing, let it be upgraded, then re-activate it.
     Maintain(nodes_cmd::MaintainArgs),
+    /// Remove a node from the cluster and revoke its certificate (a manager also leaves raft).
+    Rm(cluster_cmd::RmArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +150,8 @@ pub enum BenchCommand {
     Mesh(mesh_cmd::BenchMeshArgs),
     /// Constant-rate HTTP load: successes, failures by kind, latency percentiles.
     Load(load::LoadArgs),
+    /// Latency of sequential API writes against the manager at --addr (p50/p90/p99).
+    ApiWrites(bench::BenchApiWritesArgs),
 }
 
 #[derive(Debug, Args, Clone, Copy)]
@@ -194,6 +204,9 @@ pub struct DemoAppArgs {
     /// Port to listen on.
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: std::net::IpAddr,
 }
 
 /// Arguments passed through untouched to the shim or trampoline, which parse them themselves
@@ -216,9 +229,18 @@ pub fn run_shim(raw: &RawArgs) -> ExitCode {
     }
 }
 
-pub fn run_shim_exec(raw: &RawArgs) -> ExitCode {
-    use flotilla_agent::trampoline::{run_exec_trampoline, ExecTrampolineArgs, EXEC_FAILED_STATUS};
-    let err = match ExecTrampolineArgs::parse(&raw.args) {
+pub fn run_shim_exec(_raw: &RawArgs) -> ExitCode {
+    use flotilla_agent::trampoline::{
+        run_exec_trampoline, ExecTrampolineArgs, EXEC_FAILED_STATUS, EXEC_SUBCOMMAND,
+    };
+    // clap swallows a leading `--`, which is the trampoline's first argument when no cgroup or
+    // user flags precede it (a host where cgroups are read-only, e.g. inside a container), so
+    // parse the raw arguments after the subcommand instead.
+    let args: Vec<String> = std::env::args()
+        .skip_while(|a| a != EXEC_SUBCOMMAND)
+        .skip(1)
+        .collect();
+    let err = match ExecTrampolineArgs::parse(&args) {
         Ok(args) => run_exec_trampoline(args),
         Err(e) => e,
     };
@@ -280,10 +302,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => listing::logs(&client(&cli)?, args).await,
         Command::Events(args) => listing::events(&client(&cli)?, args).await,
         Command::Node(NodeCommand::Ls(out)) => listing::node_ls(&client(&cli)?, *out).await,
+        Command::Node(NodeCommand::Inspect { id, out }) => {
+            listing::node_inspect(&client(&cli)?, id, *out).await
+        }
         Command::Node(NodeCommand::Update(args)) => nodes_cmd::update(&client(&cli)?, args).await,
         Command::Node(NodeCommand::Maintain(args)) => {
             nodes_cmd::maintain(&client(&cli)?, args).await
         }
+        Command::Node(NodeCommand::Rm(args)) => cluster_cmd::node_rm(&client(&cli)?, args).await,
         Command::DemoApp(args) => demo_app(args).await,
         Command::DemoImage(args) => docker_cmd::demo_image(args).await,
         Command::Top(args) => docker_cmd::top(&client(&cli)?, args).await,
@@ -294,6 +320,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::ControlPlane(args)) => bench::control_plane(args).await,
         Command::Bench(BenchCommand::Mesh(args)) => mesh_cmd::bench(args).await,
         Command::Bench(BenchCommand::Load(args)) => load::run(args).await,
+        Command::Bench(BenchCommand::ApiWrites(args)) => {
+            bench::api_writes(&client(&cli)?, args).await
+        }
         Command::Rollout(cmd) => rollout_cmd::rollout(&client(&cli)?, cmd).await,
         Command::Rollback(args) => rollout_cmd::rollback(&client(&cli)?, args).await,
         Command::Service(ServiceCommand::Restart(args)) => {
@@ -329,6 +358,6 @@ async fn demo_app(args: &DemoAppArgs) -> anyhow::Result<ExitCode> {
         exit_after,
         alloc_mb: args.alloc_mb,
     };
-    flotilla_demo::run(cfg).await?;
+    flotilla_demo::run_on(args.bind, cfg).await?;
     Ok(ExitCode::SUCCESS)
 }

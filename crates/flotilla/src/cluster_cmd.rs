@@ -16,11 +16,12 @@ use flotilla_api::AppState;
 use flotilla_client::Client;
 use flotilla_controllers::{ControllerConfig, ControllerRunner};
 use flotilla_pki::wire::{
-    AddManagerRequest, CaResponse, JoinRequest, JoinResponse, TokensResponse,
+    AddManagerRequest, CaResponse, JoinRequest, JoinResponse, ManagerInfo, RemoveNodeResponse,
+    RenewRequest, RenewResponse, TokensResponse,
 };
 use flotilla_pki::{
     bootstrap_client_config, fetched_ca_matches, pinned_client_config, CaBundle, JoinSecrets,
-    JoinToken, NodeCredentials, NodeIdentity, NodeKey, Role, TlsIdentity, NODE_CERT_VALIDITY,
+    JoinToken, NodeCredentials, NodeIdentity, NodeKey, Role, TlsIdentity,
 };
 use flotilla_store::network::HttpNetwork;
 use flotilla_store::{Store, StoreConfig};
@@ -63,7 +64,14 @@ pub struct NodeArgs {
 pub struct InitArgs {
     #[command(flatten)]
     pub node: NodeArgs,
+    /// How long node certificates are valid; every node renews its own once less than a third
+    /// is left. At least 30s (short values are for tests).
+    #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
+    pub cert_validity: Duration,
 }
+
+/// Below this, renewals (every tenth of the validity, after two thirds) would crowd each other.
+const MIN_CERT_VALIDITY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
@@ -74,6 +82,15 @@ pub struct JoinArgs {
     pub manager: String,
     #[command(flatten)]
     pub node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The node to remove (its name, as `flotilla node ls` shows it).
+    pub node: String,
+    /// Remove the node even though it is still up (its agent keeps running but is refused).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,11 +136,19 @@ fn advertise(node: &NodeArgs) -> anyhow::Result<SocketAddr> {
 
 pub async fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
     let node = &args.node;
+    if args.cert_validity < MIN_CERT_VALIDITY {
+        bail!(
+            "--cert-validity {}: must be at least {}",
+            humantime::format_duration(args.cert_validity),
+            humantime::format_duration(MIN_CERT_VALIDITY)
+        );
+    }
     let _lock = node_dir::lock(&node.data_dir)?;
     let name = node_dir::node_name(node.node_name.as_deref(), &node.data_dir)?;
     let advertise = advertise(node)?;
     let dir = pki_dir(&node.data_dir);
-    if !NodeCredentials::exists(&dir) {
+    let fresh = !NodeCredentials::exists(&dir);
+    if fresh {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ca = CaBundle::generate(&name)?;
         let secrets = JoinSecrets::generate();
@@ -136,7 +161,7 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
             &key.csr_pem(&name)?,
             &identity,
             &[advertise.ip().to_string()],
-            NODE_CERT_VALIDITY,
+            args.cert_validity,
         )?;
         ClusterSecurity::save(&dir, &ca, &secrets)?;
         NodeCredentials {
@@ -151,7 +176,14 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
             dir.display()
         );
     }
-    run_manager(node, &name, advertise, None).await
+    run_manager(
+        node,
+        &name,
+        advertise,
+        None,
+        fresh.then_some(args.cert_validity),
+    )
+    .await
 }
 
 fn write_raft_id(data_dir: &Path, id: u64) -> anyhow::Result<()> {
@@ -170,11 +202,13 @@ fn read_raft_id(data_dir: &Path) -> anyhow::Result<u64> {
 
 /// Runs a manager (store, mTLS API, loopback API, controllers, local agent) until a signal.
 /// `join_via`: the manager to ask for a vote once this one serves (a manager joining).
+/// `cert_validity`: set by a fresh `init`; otherwise the cluster's (store) value applies.
 async fn run_manager(
     node: &NodeArgs,
     name: &str,
     advertise: SocketAddr,
     join_via: Option<&str>,
+    cert_validity: Option<Duration>,
 ) -> anyhow::Result<ExitCode> {
     let dir = pki_dir(&node.data_dir);
     let tls = TlsIdentity::new(NodeCredentials::load(&dir)?)?;
@@ -184,7 +218,10 @@ async fn run_manager(
             dir.display()
         );
     }
-    let security = Arc::new(ClusterSecurity::load(dir, tls.clone())?);
+    let security = Arc::new(ClusterSecurity::load(dir.clone(), tls.clone())?);
+    if let Some(validity) = cert_validity {
+        security.set_cert_validity(validity);
+    }
     let raft_id = read_raft_id(&node.data_dir)?;
     let cluster_listener = tokio::net::TcpListener::bind(node.listen_addr)
         .await
@@ -219,7 +256,7 @@ async fn run_manager(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let state = AppState::new(store.clone(), None).with_cluster(security)?;
+    let state = AppState::new(store.clone(), None).with_cluster(security.clone())?;
     let cluster_api = tokio::spawn(flotilla_api::serve_tls(
         cluster_listener,
         state.clone(),
@@ -264,7 +301,14 @@ async fn run_manager(
             task_ports: node.task_ports.clone(),
             heartbeat: (node.node_grace / 4).max(Duration::from_millis(250)),
             mesh: node.mesh.config(),
+            advertise_ip: Some(node.mesh.advertise_ip.unwrap_or(advertise.ip())),
         },
+        stop_rx.clone(),
+    ));
+    let renewal = tokio::spawn(renew_loop(
+        tls.clone(),
+        Client::with_tls(&advertise.to_string(), tls.client_config()?)?,
+        dir,
         stop_rx.clone(),
     ));
     println!(
@@ -272,6 +316,9 @@ async fn run_manager(
          http://{}",
         node.api_addr
     );
+    if join_via.is_none() && raft_id == 1 {
+        publish_pki(&store, &security, name, raft_id, advertise).await;
+    }
     if join_via.is_none() {
         if let Ok(tokens) = Client::new(&format!("http://{}", node.api_addr), None)?
             .get_json::<TokensResponse>("/v1/cluster/tokens")
@@ -283,11 +330,120 @@ async fn run_manager(
     crate::up::wait_for_signal().await;
     println!("shutting down; tasks keep running");
     let _ = stop_tx.send(true);
+    let _ = renewal.await;
     let _ = worker.await;
     let _ = controllers.await;
     let _ = cluster_api.await;
     let _ = local_api.await;
     store.shutdown().await.context("stopping the store")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Puts the cluster PKI and this first manager's raft id into the store (once; later starts
+/// find them there). Retried briefly because a restarted first manager may not lead yet; if
+/// another manager leads, that cluster has them already.
+async fn publish_pki(
+    store: &Store,
+    security: &ClusterSecurity,
+    name: &str,
+    raft_id: u64,
+    advertise: SocketAddr,
+) {
+    for _ in 0..20 {
+        let done = async {
+            security.publish(store).await?;
+            flotilla_api::cluster::record_manager(store, name, raft_id, &advertise.to_string())
+                .await
+        }
+        .await;
+        match done {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "publishing the cluster PKI; retrying"),
+        }
+        if store.current_leader().is_some_and(|l| l != store.node_id()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tracing::warn!("could not put the cluster PKI into the store; joins still use the local copy");
+}
+
+/// Renews this node's certificate through the managers once less than a third of its lifetime
+/// is left: a fresh key, a CSR, `POST /v1/cluster/renew` (authenticated by the current
+/// certificate), then the new credentials are swapped in for new connections
+/// ([`TlsIdentity::replace`]) and saved for restarts. Failures are retried at the next tick; the
+/// old certificate stays in use meanwhile.
+async fn renew_loop(
+    tls: Arc<TlsIdentity>,
+    api: Client,
+    dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let creds = tls.credentials();
+        let tick = creds
+            .lifetime()
+            .map(|l| (l / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)))
+            .unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        if !creds
+            .needs_renewal(std::time::SystemTime::now())
+            .unwrap_or(true)
+        {
+            continue;
+        }
+        match renew_once(&tls, &api, &dir).await {
+            Ok(()) => tracing::info!(node = %tls.identity().node_id, "certificate renewed"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying")
+            }
+        }
+    }
+}
+
+async fn renew_once(tls: &Arc<TlsIdentity>, api: &Client, dir: &Path) -> anyhow::Result<()> {
+    let name = tls.identity().node_id.clone();
+    let key = NodeKey::generate()?;
+    let renewed: RenewResponse = api
+        .post_json(
+            "/v1/cluster/renew",
+            &RenewRequest {
+                csr_pem: key.csr_pem(&name)?,
+            },
+        )
+        .await
+        .context("asking a manager for a renewed certificate")?;
+    let creds = NodeCredentials {
+        cert_pem: renewed.cert_pem,
+        key_pem: key.key_pem(),
+        trust_pem: renewed.trust_pem,
+    };
+    tls.replace(creds.clone())
+        .context("the renewed certificate is not usable")?;
+    creds.save(dir)?;
+    Ok(())
+}
+
+/// `flotilla node rm NODE [--force]`.
+pub async fn node_rm(client: &Client, args: &RmArgs) -> anyhow::Result<ExitCode> {
+    let path = format!(
+        "/v1/nodes/{}{}",
+        args.node,
+        if args.force { "?force=true" } else { "" }
+    );
+    let removed: RemoveNodeResponse = client.delete_json(&path).await?;
+    println!(
+        "removed node {}{}; its certificate is revoked",
+        removed.node,
+        if removed.was_manager {
+            " (and from the raft managers)"
+        } else {
+            ""
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -320,10 +476,11 @@ pub async fn join(args: &JoinArgs) -> anyhow::Result<ExitCode> {
                 &name,
                 advertise,
                 joined_now.then_some(args.manager.as_str()),
+                None,
             )
             .await
         }
-        Role::Worker => run_joined_worker(node, &name, &args.manager, creds).await,
+        Role::Worker => run_joined_worker(node, &name, &args.manager, creds, dir).await,
     }
 }
 
@@ -387,10 +544,23 @@ async fn run_joined_worker(
     name: &str,
     manager: &str,
     creds: NodeCredentials,
+    dir: PathBuf,
 ) -> anyhow::Result<ExitCode> {
     let tls = TlsIdentity::new(creds)?;
     let api = Client::with_tls(manager, tls.client_config()?)?;
+    // Every manager seen last time, so a restart works when the one given here is gone.
+    let mut known = vec![manager.to_string()];
+    known.extend(read_known_managers(&node.data_dir));
+    api.set_managers(&known)
+        .with_context(|| format!("{}", node.data_dir.join(MANAGERS_FILE).display()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(follow_managers(
+        api.clone(),
+        node.data_dir.clone(),
+        stop_rx.clone(),
+    ));
+    // Ends with the process; a renewal cut short leaves the old, still valid, files in place.
+    tokio::spawn(renew_loop(tls.clone(), api.clone(), dir, stop_rx.clone()));
     let worker = tokio::spawn(run_worker(
         WorkerConfig {
             node_name: name.to_string(),
@@ -399,11 +569,72 @@ async fn run_joined_worker(
             task_ports: node.task_ports.clone(),
             heartbeat: (node.node_grace / 4).max(Duration::from_millis(250)),
             mesh: node.mesh.config(),
+            // Other nodes reach this worker's tasks where they would reach the worker.
+            advertise_ip: node.mesh.advertise_ip.or_else(|| {
+                node.advertise_addr
+                    .map(|a| a.ip())
+                    .or(Some(node.listen_addr.ip()))
+                    .filter(|ip| !ip.is_unspecified())
+            }),
         },
         stop_rx,
     ));
-    println!("flotilla worker {name} following https://{manager} over mTLS");
+    println!(
+        "flotilla worker {name} following https://{manager} (and the other managers) over mTLS"
+    );
     crate::agent_cmd::serve_until_signal(worker, stop_tx).await
+}
+
+/// A worker's list of manager addresses, one per line, rewritten as the cluster changes.
+const MANAGERS_FILE: &str = "managers";
+
+fn read_known_managers(data_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(data_dir.join(MANAGERS_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Keeps the worker's client pointed at every manager (`GET /v1/cluster/managers`), so its
+/// heartbeats, watch and status reports move to another manager when the current one dies,
+/// and saves the list for the next start. Failures are retried at the next tick (the client
+/// has moved on by then).
+async fn follow_managers(api: Client, data_dir: PathBuf, mut stop: watch::Receiver<bool>) {
+    let path = data_dir.join(MANAGERS_FILE);
+    let mut saved = read_known_managers(&data_dir);
+    loop {
+        match api
+            .get_json::<Vec<ManagerInfo>>("/v1/cluster/managers")
+            .await
+        {
+            Ok(list) => {
+                let mut addrs: Vec<String> = list.into_iter().map(|m| m.addr).collect();
+                addrs.sort();
+                if let Err(e) = api.set_managers(&addrs) {
+                    tracing::warn!(error = %e, "a manager advertises an unusable address");
+                } else if addrs != saved && !addrs.is_empty() {
+                    // Written whole and renamed: a crash never leaves half a list.
+                    let tmp = data_dir.join(format!("{MANAGERS_FILE}.tmp"));
+                    let written = std::fs::write(&tmp, addrs.join("\n") + "\n")
+                        .and_then(|()| std::fs::rename(&tmp, &path));
+                    match written {
+                        Ok(()) => saved = addrs,
+                        Err(e) => {
+                            tracing::warn!(error = %e, path = %path.display(), "saving the managers")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "listing the managers failed; retrying"),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// `flotilla token show|rotate ROLE`, against the manager at `--addr`.

@@ -40,7 +40,7 @@ pub struct UpdateResourcesArgs {
 /// Builds the demo image (busybox + this binary) on the local engine.
 pub async fn demo_image(args: &DemoImageArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find the running flotilla binary")?;
-    let docker = DockerDriver::detect("local")
+    let docker = DockerDriver::detect("local", "local")
         .await?
         .context("no Docker Engine answers at DOCKER_HOST or /var/run/docker.sock")?;
     let recipe = ImageRecipe {

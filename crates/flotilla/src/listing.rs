@@ -206,7 +206,7 @@ pub async fn node_ls(c: &Client, out: OutputArgs) -> anyhow::Result<ExitCode> {
                         .collect::<Vec<_>>()
                         .join(",")
                 },
-                n.message.clone(),
+                node_message(n),
             ]
         })
         .collect();
@@ -225,6 +225,61 @@ pub async fn node_ls(c: &Client, out: OutputArgs) -> anyhow::Result<ExitCode> {
         ],
         &rows,
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The node's message, plus the published ports its mesh cannot serve (they would otherwise
+/// be visible only in the agent's log).
+fn node_message(n: &flotilla_types::Node) -> String {
+    let ports = n
+        .port_conflicts
+        .iter()
+        .map(|c| format!("mesh: {c}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    match (n.message.is_empty(), ports.is_empty()) {
+        (_, true) => n.message.clone(),
+        (true, false) => ports,
+        (false, false) => format!("{}; {ports}", n.message),
+    }
+}
+
+pub async fn node_inspect(c: &Client, id: &str, out: OutputArgs) -> anyhow::Result<ExitCode> {
+    let n = c.node(id).await?;
+    if out.format == Format::Json {
+        json(&n)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".to_string());
+    println!("ID:            {}", n.id);
+    println!("Hostname:      {}", n.hostname);
+    println!("Role:          {:?}", n.role);
+    println!("State:         {:?}", n.state);
+    println!("Availability:  {:?}", n.availability);
+    println!("Agent address: {}", or_dash(n.agent_addr.clone()));
+    println!(
+        "Advertise IP:  {}",
+        or_dash(n.advertise_ip.map(|ip| ip.to_string()))
+    );
+    println!(
+        "Resources:     {:.1} cpus, {}",
+        n.resources.cpu_millis as f64 / 1000.0,
+        format_bytes(n.resources.memory_bytes)
+    );
+    let drivers: Vec<String> = n.drivers.iter().map(|d| d.to_string()).collect();
+    println!("Drivers:       {}", drivers.join(","));
+    for (k, v) in &n.labels {
+        println!("Label:         {k}={v}");
+    }
+    if !n.message.is_empty() {
+        println!("Message:       {}", n.message);
+    }
+    if n.port_conflicts.is_empty() {
+        println!("Mesh ports:    all published ports served");
+    }
+    for c in &n.port_conflicts {
+        println!("Mesh ports:    NOT SERVED: {c}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

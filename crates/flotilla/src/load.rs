@@ -18,7 +18,8 @@ pub struct LoadArgs {
     /// Requests per second.
     #[arg(long, default_value_t = 200)]
     pub rate: u32,
-    /// How long to send (e.g. 30s, 2m).
+    /// How long to send (e.g. 30s, 2m). SIGINT or SIGTERM stops sending earlier; the report
+    /// then covers what was sent.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Per-request timeout.
@@ -123,8 +124,15 @@ pub async fn generate(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     let total = (args.duration.as_secs_f64() * f64::from(args.rate)).round() as u64;
     let started = Instant::now();
     let mut inflight = tokio::task::JoinSet::new();
-    for _ in 0..total {
-        ticker.tick().await;
+    let mut stop = std::pin::pin!(stop_signal());
+    let mut sent = 0u64;
+    while sent < total {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            // Requests already sent still count: their outcome is part of the report.
+            _ = &mut stop => break,
+        }
+        sent += 1;
         let client = client.clone();
         let url = args.url.clone();
         inflight.spawn(async move { one(&client, &url).await });
@@ -133,7 +141,7 @@ pub async fn generate(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         url: args.url.clone(),
         rate: args.rate,
         duration_ms: 0,
-        sent: total,
+        sent,
         succeeded: 0,
         failed: 0,
         failures: BTreeMap::new(),
@@ -142,7 +150,7 @@ pub async fn generate(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         p90_ms: 0.0,
         p99_ms: 0.0,
     };
-    let mut latencies = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    let mut latencies = Vec::with_capacity(usize::try_from(sent).unwrap_or(0));
     while let Some(done) = inflight.join_next().await {
         match done.context("a request task panicked")? {
             Outcome::Ok { latency, version } => {
@@ -164,6 +172,22 @@ pub async fn generate(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     report.p90_ms = percentile(&latencies, 90.0);
     report.p99_ms = percentile(&latencies, 99.0);
     Ok(report)
+}
+
+/// Resolves on SIGINT or SIGTERM (a test or a user ending the load early); never when the
+/// handlers cannot be installed.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
 }
 
 pub async fn run(args: &LoadArgs) -> anyhow::Result<ExitCode> {

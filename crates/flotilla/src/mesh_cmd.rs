@@ -25,6 +25,19 @@ pub struct MeshArgs {
     /// (e.g. 127.0.0.1:5353) with the node's mesh address.
     #[arg(long)]
     pub dns_addr: Option<SocketAddr>,
+    /// The IP other nodes' meshes reach this node's tasks at (this host's address on the
+    /// network between nodes). Default: the IP of --advertise-addr for `init`/`join`; for
+    /// `up`/`agent`, none, so only nodes on the same host reach this node's tasks.
+    #[arg(long, value_parser = parse_advertise_ip)]
+    pub advertise_ip: Option<IpAddr>,
+}
+
+fn parse_advertise_ip(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!("{ip} is not an address other nodes can reach"));
+    }
+    Ok(ip)
 }
 
 impl MeshArgs {

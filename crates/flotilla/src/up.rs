@@ -74,6 +74,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
         task_ports: args.task_ports.clone(),
         mesh: args.mesh.config(),
+        advertise_ip: args.mesh.advertise_ip,
     })
     .await
     .context("starting the agent")?;

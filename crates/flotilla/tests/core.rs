@@ -486,3 +486,146 @@ fn unplaceable_task_explains_why() {
         "{events}"
     );
 }
+
+/// A host-mode port is a node resource: the one task the node can hold binds the published port
+/// itself (the mesh, bound on 127.0.0.1, does not listen on it, or the task could not bind it),
+/// and the second replica stays pending, saying why.
+#[test]
+fn host_mode_port_binds_on_the_node_and_holds_one_task_per_node() {
+    let c = Cluster::start_with(&["--mesh-bind", "127.0.0.1"]);
+    let port = free_port();
+    let yaml = format!(
+        "services:\n  edge:\n    command: [\"flotilla\", \"demo-app\"]\n    ports:\n      - {{target: 8080, published: {port}, mode: host}}\n    deploy:\n      replicas: 2\n"
+    );
+    let f = c.write_file("edge.yaml", &yaml);
+    let out = c.run(&[
+        "deploy",
+        "-f",
+        f.to_str().unwrap_or_default(),
+        "--timeout",
+        "3s",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a deploy with a replica that cannot be placed must not report success"
+    );
+    let expected = format!("0/1 nodes: 1 host port {port} in use");
+    let (running, pending) = wait_for(
+        "one running task and one explained pending one",
+        Duration::from_secs(60),
+        || {
+            let live = c.live_tasks("edge");
+            let running = live
+                .iter()
+                .find(|t| t["status"]["state"] == "running")?
+                .clone();
+            let pending = live
+                .iter()
+                .find(|t| t["status"]["state"] == "pending" && t["status"]["message"] == expected)?
+                .clone();
+            (live.len() == 2).then_some((running, pending))
+        },
+    );
+    assert!(pending["node"].is_null(), "{pending:#}");
+    // The task was given the published port itself, and answers on it directly.
+    assert_eq!(host_port(&running), port, "{running:#}");
+    let (status, body) = wait_for("the task on its host port", Duration::from_secs(30), || {
+        http_get(port, "/")
+    });
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(v["task"], running["id"]);
+    assert!(c.ok(&["ps", "edge"]).contains(&expected));
+    assert!(
+        c.ok(&["events"]).contains(&format!("pending: {expected}")),
+        "events explain the pending task"
+    );
+}
+
+/// A priority-900 service that fits only by evicting priority-100 tasks on the one (full) node:
+/// the scheduler picks the victims within their disruption budget, the controller stops them
+/// with the reason in events, starts the urgent task once they are gone, and the victims'
+/// replacements stay pending saying why. Nothing else of `batch` is touched.
+#[test]
+fn higher_priority_service_preempts_lower_priority_tasks() {
+    let c = Cluster::start();
+    let nodes = c.json(&["node", "ls"]);
+    let cpu = nodes[0]["resources"]["cpu_millis"]
+        .as_u64()
+        .expect("the node reports its cpus");
+    let cpus = |millis: u64| format!("{}.{:03}", millis / 1000, millis % 1000);
+    let service = |name: &str, replicas: u64, millis: u64, extra: &str| {
+        format!(
+            "services:\n  {name}:\n    command: [\"sleep\", \"600\"]\n    deploy:\n      replicas: {replicas}\n      resources:\n        reservations:\n          cpus: \"{}\"\n    x-flotilla:\n{extra}",
+            cpus(millis)
+        )
+    };
+    // Four quarter-node tasks fill the node; two may be disrupted at once.
+    let batch = service(
+        "batch",
+        4,
+        cpu / 4,
+        "      priority: 100\n      disruption:\n        max_unavailable: 2\n",
+    );
+    let out = c.deploy("batch.yaml", &batch);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = c.wait_ready("batch", 4);
+
+    let urgent = service("urgent", 1, cpu / 2, "      priority: 900\n");
+    let out = c.deploy("urgent.yaml", &urgent);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let urgent_task = c.wait_ready("urgent", 1).remove(0);
+
+    // Exactly two batch tasks were preempted: their processes are gone, the other two still
+    // run the same pids.
+    let all = c.all_tasks("batch");
+    let preempted: Vec<&Value> = before
+        .iter()
+        .filter(|t| {
+            all.iter()
+                .any(|a| a["id"] == t["id"] && a["desired_state"] == "shutdown")
+        })
+        .collect();
+    assert_eq!(preempted.len(), 2, "{all:#?}");
+    for t in &preempted {
+        wait_for("a preempted task to exit", Duration::from_secs(30), || {
+            (!pid_alive(pid(t))).then_some(())
+        });
+    }
+    let untouched: Vec<&Value> = before
+        .iter()
+        .filter(|t| !preempted.iter().any(|p| p["id"] == t["id"]))
+        .collect();
+    assert_eq!(untouched.len(), 2);
+    assert!(untouched.iter().all(|t| pid_alive(pid(t))));
+
+    // The victims' replacements wait, and say why.
+    let expected = "0/1 nodes: 1 insufficient cpu";
+    let pending = wait_for(
+        "batch's replacements to explain",
+        Duration::from_secs(30),
+        || {
+            let live = c.live_tasks("batch");
+            let waiting: Vec<Value> = live
+                .into_iter()
+                .filter(|t| t["status"]["state"] == "pending" && t["status"]["message"] == expected)
+                .collect();
+            (waiting.len() == 2).then_some(waiting)
+        },
+    );
+    assert!(pending.iter().all(|t| t["node"].is_null()));
+    assert!(c.ok(&["ps", "batch"]).contains(expected));
+
+    let events = c.ok(&["events"]);
+    let urgent_name = "urgent.1";
+    assert!(
+        events.contains(&format!("preempted by {urgent_name} (priority 900 > 100)")),
+        "{events}"
+    );
+    assert!(
+        events.contains(&format!("{urgent_name} pending: preempting on node")),
+        "{events}"
+    );
+    assert!(events.contains(&format!("pending: {expected}")), "{events}");
+    assert_eq!(urgent_task["node"], nodes[0]["id"]);
+}

@@ -1,10 +1,13 @@
 //! Releases under load, through real `flotilla up` processes and the mesh's published port:
 //! every path ends on the right version with zero failed requests, a never-healthy version is
-//! rolled back without ever taking traffic, and an erroring canary is aborted at its first step.
+//! rolled back without ever taking traffic, an erroring canary is aborted at its first step,
+//! and the global guard pauses every rollout when task starts fail across the cluster. The
+//! process driver always; the docker driver too where an engine answers.
 //!
 //! The load is `flotilla bench load` at 200 requests/s, open loop, started before the release
-//! and running past its end. Tests take turns with the load (a shared lock) so two of them never
-//! compete for the machine's cores.
+//! and stopped (SIGTERM, which makes it report) a moment after the release command returned.
+//! Tests take turns with the load (a shared lock) so two of them never compete for the
+//! machine's cores.
 
 mod common;
 
@@ -17,29 +20,72 @@ use std::time::Duration;
 static LOAD_TURN: Mutex<()> = Mutex::new(());
 
 const RATE: &str = "200";
-/// Long enough to outlast each release below (they take a few seconds each).
-const LOAD_FOR: &str = "30s";
+/// An upper bound only: the load is stopped once the release has returned.
+const LOAD_AT_MOST: &str = "180s";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    Process,
+    Docker,
+}
+
+impl Driver {
+    /// The service's name. Docker containers are visible engine-wide, and other test binaries
+    /// clean up containers of their services by name (`DockerLeftovers`), so the docker
+    /// variant's name is its own.
+    fn service(self) -> &'static str {
+        match self {
+            Driver::Process => "web",
+            Driver::Docker => "web-releases",
+        }
+    }
+}
 
 fn release_cluster() -> Cluster {
     Cluster::start_with(&["--mesh-bind", "127.0.0.1", "--node-name", "n1"])
 }
 
-/// A demo-app service `web` at `version`, published on `port`, with fast health checks.
+/// A cluster whose node name no other cluster on this engine uses: the docker driver finds
+/// its containers by node name, so a concurrent test cluster's node `n1` would adopt (and
+/// remove) them when its agent starts.
+fn docker_release_cluster() -> Cluster {
+    let node = format!("releases-docker-{}", std::process::id());
+    Cluster::start_with(&["--mesh-bind", "127.0.0.1", "--node-name", &node])
+}
+
+/// A demo-app service `web` at `version`, published on `port`, with frequent health checks
+/// that tolerate a slow answer (a loaded CI machine must not make healthy tasks unhealthy).
 fn web(port: u16, version: &str, app_args: &str, release: &str) -> String {
+    web_on(Driver::Process, port, version, app_args, release)
+}
+
+fn web_on(driver: Driver, port: u16, version: &str, app_args: &str, release: &str) -> String {
+    let run = match driver {
+        Driver::Process => format!(
+            "    command: [\"sh\", \"-c\", \"exec flotilla demo-app --version {version} {app_args}\"]\n    x-flotilla:\n      driver: process\n"
+        ),
+        Driver::Docker => {
+            let args: String = app_args
+                .split_whitespace()
+                .map(|a| format!(", \"{a}\""))
+                .collect();
+            format!(
+                "    image: flotilla-demo:latest\n    command: [\"demo-app\", \"--version\", \"{version}\"{args}]\n    x-flotilla:\n"
+            )
+        }
+    };
+    let name = driver.service();
     format!(
         r#"services:
-  web:
-    command: ["sh", "-c", "exec flotilla demo-app --version {version} {app_args}"]
-    ports: ["{port}:8080"]
-    x-flotilla:
-      driver: process
-      ports: [{{published: {port}, protocol: http}}]
+  {name}:
+{run}      ports: [{{published: {port}, protocol: http}}]
       healthcheck:
         http: /health
         interval: 300ms
-        timeout: 500ms
-        retries: 2
-{release}    deploy:
+        timeout: 2s
+        retries: 3
+{release}    ports: ["{port}:8080"]
+    deploy:
       replicas: 3
       update_config:
         monitor: 1s
@@ -58,7 +104,7 @@ fn start_load(port: u16) -> Child {
             "--rate",
             RATE,
             "--duration",
-            LOAD_FOR,
+            LOAD_AT_MOST,
             "-o",
             "json",
         ])
@@ -68,7 +114,15 @@ fn start_load(port: u16) -> Child {
         .expect("start the load")
 }
 
+/// Stops the load (it reports what it sent) and parses its report.
 fn load_report(child: Child) -> Value {
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(
+        stopped.is_ok_and(|s| s.success()),
+        "could not stop the load"
+    );
     let out = child.wait_with_output().expect("load finished");
     assert!(out.status.success(), "bench load: {}", stderr(&out));
     serde_json::from_slice(&out.stdout).expect("load JSON")
@@ -83,26 +137,35 @@ fn version_served(port: u16) -> String {
         .to_string()
 }
 
-/// Asserts the mesh ends up serving `version`. `deploy` returns once the store has converged;
-/// each node's mesh applies that a moment later, so the check polls rather than samples once.
-fn assert_serves(port: u16, version: &str) {
-    let mut last = String::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        last = version_served(port);
-        if last == version {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+/// Asserts the mesh serves only `version` right now: a release command returns once every
+/// node's mesh routes only the new tasks, so no request may reach an old one afterwards.
+fn assert_serves_now(port: u16, version: &str) {
+    for i in 0..30 {
+        let got = version_served(port);
+        assert_eq!(got, version, "request {i} after the release returned");
     }
-    panic!("the mesh still serves {last:?}, expected {version:?}");
+}
+
+/// Waits until the mesh serves `version` (after a failed release, whose rollback continues
+/// after the command returned).
+fn wait_serves(port: u16, version: &str) {
+    wait_for(
+        &format!("the mesh to serve {version}"),
+        Duration::from_secs(60),
+        || (version_served(port) == version).then_some(()),
+    );
+    assert_serves_now(port, version);
 }
 
 /// Deploys v1 and waits until the mesh serves it.
 fn start_v1(c: &Cluster, port: u16, release: &str) {
-    let out = c.deploy("v1.yaml", &web(port, "v1", "", release));
+    start_version(c, Driver::Process, port, "v1", release);
+}
+
+fn start_version(c: &Cluster, driver: Driver, port: u16, version: &str, release: &str) {
+    let out = c.deploy("v1.yaml", &web_on(driver, port, version, "", release));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    c.wait_ready("web", 3);
+    c.wait_ready(driver.service(), 3);
     wait_for("the mesh to serve v1", Duration::from_secs(30), || {
         (0..5)
             .all(|_| http_get(port, "/").is_some_and(|(s, _)| s == 200))
@@ -117,9 +180,10 @@ fn under_load(
 ) -> (std::process::Output, Value) {
     let _turn = LOAD_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let load = start_load(port);
-    // The load is running before the release starts.
+    // The load is running before the release starts and goes on a moment after it returned.
     std::thread::sleep(Duration::from_secs(1));
     let out = release();
+    std::thread::sleep(Duration::from_secs(1));
     (out, load_report(load))
 }
 
@@ -143,7 +207,7 @@ fn rolling_case(order: &str) {
     });
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_no_failures(&report);
-    assert_serves(port, "v2");
+    assert_serves_now(port, "v2");
     assert_eq!(c.json(&["rollout", "status", "web"])["phase"], "succeeded");
 }
 
@@ -157,6 +221,26 @@ fn rolling_stop_first_under_load_has_no_failed_requests() {
     rolling_case("stop-first");
 }
 
+/// A node running no mesh (`--no-mesh`) routes nothing, so a release does not wait for it: a
+/// rolling update with tasks on both nodes still ends, on the new version.
+#[test]
+fn a_node_without_a_mesh_does_not_hold_a_release_back() {
+    let mut c = release_cluster();
+    c.add_agent_with("bare", &["--no-mesh"]);
+    let port = free_port();
+    start_v1(&c, port, "");
+    let nodes: std::collections::BTreeSet<String> = c
+        .live_tasks("web")
+        .iter()
+        .filter_map(|t| t["node"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(nodes.len(), 2, "tasks on both nodes: {nodes:?}");
+    let out = c.deploy("v2.yaml", &web(port, "v2", "", ""));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_serves_now(port, "v2");
+    assert_eq!(c.json(&["rollout", "status", "web"])["phase"], "succeeded");
+}
+
 #[test]
 fn blue_green_under_load_has_no_failed_requests() {
     let c = release_cluster();
@@ -166,7 +250,7 @@ fn blue_green_under_load_has_no_failed_requests() {
     let (out, report) = under_load(port, || c.deploy("v2.yaml", &web(port, "v2", "", bg)));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_no_failures(&report);
-    assert_serves(port, "v2");
+    assert_serves_now(port, "v2");
 }
 
 #[test]
@@ -182,7 +266,7 @@ fn canary_to_full_weight_under_load_has_no_failed_requests() {
         report["versions"]["v2"].as_u64().unwrap_or(0) > 0,
         "{report:#}"
     );
-    assert_serves(port, "v2");
+    assert_serves_now(port, "v2");
     let status = c.json(&["rollout", "status", "web"]);
     assert!(
         status["analysis"].as_array().is_some_and(|a| !a.is_empty()),
@@ -207,7 +291,7 @@ fn restart_under_load_has_no_failed_requests() {
     assert!(after
         .iter()
         .all(|t| !before.contains(&t["id"].as_str().unwrap_or_default().to_string())));
-    assert_serves(port, "v1");
+    assert_serves_now(port, "v1");
 }
 
 #[test]
@@ -217,11 +301,11 @@ fn rollback_under_load_has_no_failed_requests() {
     start_v1(&c, port, "");
     let out = c.deploy("v2.yaml", &web(port, "v2", "", ""));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    assert_serves(port, "v2");
+    assert_serves_now(port, "v2");
     let (out, report) = under_load(port, || c.run(&["rollback", "web"]));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_no_failures(&report);
-    assert_serves(port, "v1");
+    assert_serves_now(port, "v1");
     assert_eq!(
         c.json(&["service", "inspect", "web"])["service"]["revision"],
         3
@@ -250,7 +334,7 @@ fn a_never_healthy_version_is_rolled_back_and_never_takes_traffic() {
     let status = c.json(&["rollout", "status", "web"]);
     assert_eq!(status["kind"], "auto_rollback", "{status:#}");
     c.wait_ready("web", 3);
-    assert_serves(port, "v1");
+    wait_serves(port, "v1");
 }
 
 #[test]
@@ -280,5 +364,139 @@ fn an_erroring_canary_is_aborted_at_its_first_step() {
     let failed = report["failed"].as_u64().unwrap_or(0);
     assert!(failed * 10 <= sent, "failed {failed} of {sent}: {report:#}");
     c.wait_ready("web", 3);
-    assert_serves(port, "v1");
+    wait_serves(port, "v1");
+}
+
+/// The docker driver through every release path, on one cluster and one service (containers
+/// start slower than processes; one cluster keeps the wall time down): rolling start-first,
+/// blue-green, canary to 100%, restart and rollback, each under load with zero failed requests
+/// and ending on the right version.
+#[test]
+fn docker_releases_under_load_have_no_failed_requests() {
+    if !docker_available() {
+        return;
+    }
+    let _leftovers = DockerLeftovers(&["web-releases"]);
+    let c = docker_release_cluster();
+    let port = free_port();
+    let d = Driver::Docker;
+    let name = d.service();
+    start_version(&c, d, port, "v1", "");
+    let release = |file: &str, version: &str, strategy: &str| {
+        let yaml = web_on(d, port, version, "", strategy);
+        let (out, report) = under_load(port, || c.deploy(file, &yaml));
+        assert!(
+            out.status.success(),
+            "{version}: {}\n{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        assert_no_failures(&report);
+        assert_serves_now(port, version);
+        report
+    };
+    let start_first = web_on(d, port, "v2", "", "")
+        .replace("monitor: 1s", "monitor: 1s\n        order: start-first");
+    let (out, report) = under_load(port, || c.deploy("v2.yaml", &start_first));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_no_failures(&report);
+    assert_serves_now(port, "v2");
+
+    release(
+        "v3.yaml",
+        "v3",
+        "      strategy: blue-green\n      blue_green:\n        scale_down_delay: 1s\n",
+    );
+    let report = release(
+        "v4.yaml",
+        "v4",
+        "      strategy: canary\n      canary:\n        steps: [{weight: 20, pause: 3s}, {weight: 60, pause: 3s}]\n        analysis: {interval: 1s}\n",
+    );
+    assert!(
+        report["versions"]["v3"].as_u64().unwrap_or(0) > 0
+            && report["versions"]["v4"].as_u64().unwrap_or(0) > 0,
+        "the canary shared the traffic: {report:#}"
+    );
+
+    let before: Vec<Value> = c.live_tasks(name).iter().map(|t| t["id"].clone()).collect();
+    let (out, report) = under_load(port, || c.run(&["service", "restart", name]));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_no_failures(&report);
+    assert_serves_now(port, "v4");
+    let after = c.wait_ready(name, 3);
+    assert!(
+        after.iter().all(|t| !before.contains(&t["id"])),
+        "restart left an old container: {after:#?}"
+    );
+
+    let (out, report) = under_load(port, || c.run(&["rollback", name]));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_no_failures(&report);
+    assert_serves_now(port, "v3");
+}
+
+/// The global guard: when task starts fail across the cluster (two services whose new version
+/// cannot start), every rollout in flight pauses, a healthy one too, and events say why.
+#[test]
+fn failing_task_starts_across_the_cluster_pause_every_rollout() {
+    let c = release_cluster();
+    // `c` is a healthy release held in flight by a long delay between its batches.
+    let stack = |a_b: &str, c_cmd: &str| {
+        let svc = |name: &str, cmd: &str, replicas: u32, update: &str| {
+            format!(
+                "  {name}:\n    command: {cmd}\n    x-flotilla:\n      driver: process\n    deploy:\n      replicas: {replicas}\n      restart_policy:\n        delay: 100ms\n      update_config:\n{update}"
+            )
+        };
+        let failing = "        failure_action: continue\n";
+        let slow = "        parallelism: 1\n        delay: 10m\n";
+        format!(
+            "services:\n{}{}{}",
+            svc("a", a_b, 2, failing),
+            svc("b", a_b, 2, failing),
+            svc("c", c_cmd, 3, slow)
+        )
+    };
+    let out = c.deploy(
+        "v1.yaml",
+        &stack("[\"sleep\", \"600\"]", "[\"sleep\", \"600\"]"),
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    for s in ["a", "b", "c"] {
+        c.wait_ready(s, if s == "c" { 3 } else { 2 });
+    }
+    let v2 = c.write_file(
+        "v2.yaml",
+        &stack(
+            "[\"/nonexistent/flotilla-guard-test\"]",
+            "[\"sleep\", \"601\"]",
+        ),
+    );
+    c.ok(&["deploy", "-f", v2.to_str().unwrap_or_default(), "--detach"]);
+    for s in ["a", "b", "c"] {
+        let status = wait_for(
+            &format!("the guard to pause {s}'s rollout"),
+            Duration::from_secs(90),
+            || {
+                // 404 until the controllers have seen the new revision.
+                let out = c.run(&["rollout", "status", s, "-o", "json"]);
+                let r: Value = serde_json::from_slice(&out.stdout).ok()?;
+                (r["paused"] == true).then_some(r)
+            },
+        );
+        let reason = status["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("release guard:"), "{s}: {status:#}");
+        assert!(reason.contains("a, b"), "{s}: {status:#}");
+    }
+    // The healthy release stopped where it was: its old tasks still run.
+    let old_c = c
+        .live_tasks("c")
+        .iter()
+        .filter(|t| t["spec"]["command"][1] == "600")
+        .count();
+    assert!(old_c >= 1, "{:#?}", c.live_tasks("c"));
+    let events = c.ok(&["events"]);
+    assert!(
+        events.contains("c: rollout paused: release guard:"),
+        "{events}"
+    );
 }

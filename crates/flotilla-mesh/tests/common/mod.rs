@@ -163,6 +163,7 @@ pub fn http_table(service: &str, port: u16, backends: Vec<Backend>) -> RouteTabl
                 published: port,
                 backends,
             }],
+            canary: None,
         },
     );
     table

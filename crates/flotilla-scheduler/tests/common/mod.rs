@@ -26,6 +26,8 @@ pub fn node(id: &str, zone: &str, cpu_millis: u64, memory_bytes: u64) -> Node {
         },
         drivers: vec![DriverKind::Process, DriverKind::Sim],
         agent_addr: None,
+        advertise_ip: None,
+        port_conflicts: Vec::new(),
         last_heartbeat: 0,
         message: String::new(),
         meta: Meta::default(),

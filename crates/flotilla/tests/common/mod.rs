@@ -454,6 +454,44 @@ impl Drop for Cluster {
     }
 }
 
+static DEMO_IMAGE: std::sync::Once = std::sync::Once::new();
+
+/// True when an engine answers; builds `flotilla-demo:latest` once per test binary.
+pub fn docker_available() -> bool {
+    let out = sh("docker version --format '{{.Server.Version}}' 2>&1");
+    if !out.status.success() {
+        let why = format!("`docker version` failed: {}", stdout(&out).trim());
+        assert!(
+            std::env::var("FLOTILLA_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "FLOTILLA_REQUIRE_DOCKER=1 but there is no Docker Engine: {why}"
+        );
+        eprintln!("SKIP: no Docker Engine: {why}");
+        return false;
+    }
+    DEMO_IMAGE.call_once(|| {
+        let out = std::process::Command::new(BIN)
+            .arg("demo-image")
+            .output()
+            .expect("run flotilla demo-image");
+        assert!(out.status.success(), "demo-image failed: {}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), "flotilla-demo:latest");
+    });
+    true
+}
+
+/// Removes whatever containers and networks of `services` a failed test left behind.
+pub struct DockerLeftovers(pub &'static [&'static str]);
+
+impl Drop for DockerLeftovers {
+    fn drop(&mut self) {
+        for s in self.0 {
+            sh(&format!(
+                "docker ps -aq --filter label=io.flotilla.service={s} | xargs -r docker rm -f; docker network rm flotilla-{s} 2>/dev/null"
+            ));
+        }
+    }
+}
+
 pub fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")

@@ -1,0 +1,841 @@
+//! Cluster membership and security end to end: real `flotilla init` / `join` processes on
+//! loopback, mutual TLS between them, real kills. One cluster serves every check, in an order
+//! where each step starts from what the previous one left (wall time stays small).
+mod common;
+
+use common::{free_port, stderr, stdout, tail, wait_for, BIN};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// One `flotilla init` or `flotilla join` process.
+struct Member {
+    name: String,
+    data_dir: PathBuf,
+    listen: String,
+    /// Loopback plain-HTTP API (managers only).
+    api: Option<String>,
+    log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn pki(&self, file: &str) -> PathBuf {
+        self.data_dir.join("pki").join(file)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        self.child = Some(
+            Command::new(BIN)
+                .args(&self.args)
+                .env("FLOTILLA_LOG", "info,openraft=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn flotilla"),
+        );
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The CLI against this manager's loopback API.
+    fn cli(&self, args: &[&str]) -> Output {
+        let api = self.api.as_ref().expect("a manager");
+        Command::new(BIN)
+            .args(["--addr", &format!("http://{api}")])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run flotilla")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} on {} failed: {}{}",
+            self.name,
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).expect("JSON")
+    }
+
+    /// `curl` against `target`'s cluster (mTLS) API with this node's certificate.
+    fn curl_as(&self, target: &Member, method: &str, path: &str, body: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "-k", "--http1.1", "--max-time", "10", "-X", method])
+            .arg("--cert")
+            .arg(self.pki("node.crt"))
+            .arg("--key")
+            .arg(self.pki("node.key"))
+            .args(["-H", "content-type: application/json", "-d", body])
+            .args(["-w", "\n%{http_code}"])
+            .arg(format!("https://{}{path}", target.listen))
+            .output()
+            .expect("run curl");
+        let text = stdout(&out);
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        let code = code.trim().parse().unwrap_or(0);
+        // curl's own complaint (connection, TLS) explains a 0.
+        let body = if code == 0 {
+            stderr(&out)
+        } else {
+            body.to_string()
+        };
+        (code, body)
+    }
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    next_ports: u16,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        Fleet {
+            dir: tempfile::Builder::new()
+                .prefix("fltc")
+                .tempdir()
+                .expect("tempdir"),
+            members: Vec::new(),
+            next_ports: 36000 + (std::process::id() % 40) as u16 * 100,
+        }
+    }
+
+    fn add(&mut self, name: &str, command: &[&str], manager: bool) -> usize {
+        let data_dir = self.dir.path().join(name);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let api = manager.then(|| format!("127.0.0.1:{}", free_port()));
+        let ports = format!("{}-{}", self.next_ports, self.next_ports + 10);
+        self.next_ports += 10;
+        let mut args: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+        args.extend([
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen-addr".into(),
+            listen.clone(),
+            "--node-name".into(),
+            name.into(),
+            "--node-grace".into(),
+            "2s".into(),
+            "--task-ports".into(),
+            ports,
+        ]);
+        if let Some(api) = &api {
+            args.extend(["--api-addr".into(), api.clone()]);
+        }
+        let mut m = Member {
+            name: name.into(),
+            log: self.dir.path().join(format!("{name}.log")),
+            data_dir,
+            listen,
+            api,
+            args,
+            child: None,
+        };
+        m.spawn();
+        self.members.push(m);
+        self.members.len() - 1
+    }
+
+    fn get(&self, name: &str) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.name == name)
+            .expect("member")
+    }
+
+    fn get_mut(&mut self, name: &str) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.name == name)
+            .expect("member")
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for m in &self.members {
+                eprintln!("---- {} log ----\n{}", m.name, tail(&m.log(), 60));
+            }
+        }
+        for m in &mut self.members {
+            m.kill();
+        }
+        // Task shims outlive their agents by design; they run under this test's temp dir.
+        let _ = Command::new("pkill")
+            .arg("-9")
+            .arg("-f")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn node_roles(m: &Member) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = m
+        .json(&["node", "ls"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap_or_default().to_string(),
+                n["role"].as_str().unwrap_or_default().to_string(),
+                n["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn managers(m: &Member) -> Vec<Value> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!(
+            "http://{}/v1/cluster/managers",
+            m.api.as_ref().expect("manager")
+        ))
+        .output()
+        .expect("curl");
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn voters(m: &Member) -> usize {
+    managers(m)
+        .iter()
+        .filter(|v| v["voter"].as_bool() == Some(true))
+        .count()
+}
+
+fn wait_ready_nodes(m: &Member, want: &[(&str, &str)]) {
+    wait_for(&format!("nodes {want:?} ready"), LONG, || {
+        let roles = node_roles(m);
+        want.iter()
+            .all(|(name, role)| {
+                roles
+                    .iter()
+                    .any(|(n, r, s)| n == name && r == role && s == "ready")
+            })
+            .then_some(())
+    });
+}
+
+fn processes_matching(pattern: &str) -> usize {
+    let out = Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .expect("pgrep");
+    stdout(&out).lines().count()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p.display().to_string()
+}
+
+#[test]
+fn membership_security_quorum_and_removal() {
+    let mut fleet = Fleet::new();
+    // Short-lived certificates: every node must renew its own during the test (item 6).
+    fleet.add("m1", &["init", "--cert-validity", "60s"], true);
+    let m1_listen = fleet.get("m1").listen.clone();
+    let manager_token = wait_for("m1 to serve its join tokens", LONG, || {
+        let out = fleet.get("m1").cli(&["token", "show", "manager"]);
+        out.status
+            .success()
+            .then(|| stdout(&out).trim().to_string())
+    });
+    let worker_token = fleet
+        .get("m1")
+        .ok(&["token", "show", "worker"])
+        .trim()
+        .to_string();
+
+    // m2 joins through the leader; m3 through m2, a follower: its join and its request to
+    // become a voter are forwarded to the leader.
+    fleet.add("m2", &["join", "--token", &manager_token, &m1_listen], true);
+    wait_for("m2 to vote", LONG, || {
+        (voters(fleet.get("m1")) == 2).then_some(())
+    });
+    let m2_listen = fleet.get("m2").listen.clone();
+    fleet.add("m3", &["join", "--token", &manager_token, &m2_listen], true);
+    fleet.add("w1", &["join", "--token", &worker_token, &m1_listen], false);
+    wait_for("3 voting managers", LONG, || {
+        (voters(fleet.get("m1")) == 3).then_some(())
+    });
+
+    // 1. Roles come from the certificates.
+    wait_ready_nodes(
+        fleet.get("m1"),
+        &[
+            ("m1", "manager"),
+            ("m2", "manager"),
+            ("m3", "manager"),
+            ("w1", "worker"),
+        ],
+    );
+    let names: Vec<String> = managers(fleet.get("m2"))
+        .iter()
+        .filter_map(|m| m["node"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names.len(), 3, "managers with names: {names:?}");
+
+    // A worker certificate is refused on manager-only routes, with the reason.
+    let (w1, m1) = (fleet.get("w1"), fleet.get("m1"));
+    let (code, body) = w1.curl_as(m1, "POST", "/raft/vote", "{}");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("worker certificate"), "{body}");
+    assert!(body.contains("managers only"), "{body}");
+    let (code, body) = w1.curl_as(m1, "POST", "/v1/cluster/managers", "{}");
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = w1.curl_as(m1, "GET", "/v1/cluster/tokens", "");
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = w1.curl_as(m1, "POST", "/v1/cluster/tokens/worker/rotate", "{}");
+    assert_eq!(code, 403, "{body}");
+    // ...and may register and heartbeat only as itself.
+    let (code, body) = w1.curl_as(m1, "POST", "/v1/nodes/m2/heartbeat", r#"{"at":0}"#);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("only register and heartbeat as itself"),
+        "{body}"
+    );
+    // A manager certificate may read the tokens.
+    let (code, body) = fleet.get("m2").curl_as(m1, "GET", "/v1/cluster/tokens", "");
+    assert_eq!(code, 200, "{body}");
+
+    // 4. Token rotation goes through the store: rotated on a follower, every manager refuses
+    // the old token and shows the new one.
+    let rotated = fleet.get("m3").ok(&["token", "rotate", "worker"]);
+    let new_worker_token = rotated
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert_ne!(new_worker_token, worker_token);
+    for m in ["m1", "m2", "m3"] {
+        wait_for(&format!("{m} to show the rotated token"), LONG, || {
+            let shown = fleet.get(m).ok(&["token", "show", "worker"]);
+            (shown.trim() == new_worker_token).then_some(())
+        });
+    }
+    let w2_data = fleet.dir.path().join("w2-refused");
+    let refused = Command::new(BIN)
+        .args([
+            "join",
+            "--token",
+            &worker_token,
+            &m2_listen,
+            "--node-name",
+            "w2",
+        ])
+        .arg("--data-dir")
+        .arg(&w2_data)
+        .args(["--listen-addr", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run join");
+    assert!(!refused.status.success(), "a rotated token was accepted");
+    let why = stderr(&refused);
+    assert!(
+        why.contains("not valid (wrong token, or it was rotated)"),
+        "{why}"
+    );
+    // Through m2, a follower. (A worker follows the one manager it joined through, and m3 is
+    // removed below.)
+    fleet.add(
+        "w2",
+        &["join", "--token", &new_worker_token, &m2_listen],
+        false,
+    );
+    wait_ready_nodes(fleet.get("m2"), &[("w2", "worker")]);
+
+    // A service whose tasks must survive the loss of quorum.
+    let marker = format!("{}", 80000 + std::process::id() % 10000);
+    let compose = write(
+        fleet.dir.path(),
+        "keep.yaml",
+        &format!(
+            "services:\n  keep:\n    command: [\"sleep\", \"{marker}\"]\n    deploy:\n      \
+             replicas: 3\n"
+        ),
+    );
+    fleet
+        .get("m1")
+        .ok(&["deploy", "-f", &compose, "--timeout", "60s"]);
+    let pattern = format!("^sleep {marker}$");
+    wait_for("3 keep tasks running", LONG, || {
+        (processes_matching(&pattern) == 3).then_some(())
+    });
+
+    // 5. Quorum loss: with m2 and m3 killed, writes on m1 fail fast and say how many managers
+    // are reachable; running tasks keep running.
+    fleet.get_mut("m2").kill();
+    fleet.get_mut("m3").kill();
+    let message = wait_for("m1 to report lost quorum", LONG, || {
+        let out = fleet.get("m1").cli(&["scale", "keep=2"]);
+        let text = stderr(&out);
+        (!out.status.success() && text.contains("quorum lost")).then_some(text)
+    });
+    assert!(
+        message.contains("quorum lost: 1 of 3 managers reachable, 2 needed"),
+        "{message}"
+    );
+    // All three, including those whose agents died with m2 and m3 (shims outlive agents).
+    assert_eq!(
+        processes_matching(&pattern),
+        3,
+        "tasks stopped without quorum"
+    );
+
+    // m2 comes back (restart from its data dir): writes work again.
+    fleet.get_mut("m2").spawn();
+    // (3 → 2 is a real write; scaling to the current count would write nothing.)
+    wait_for("writes to succeed with 2 of 3 managers", LONG, || {
+        fleet
+            .get("m1")
+            .cli(&["scale", "keep=2"])
+            .status
+            .success()
+            .then_some(())
+    });
+
+    // 2. `node rm`: a live node needs --force; a dead manager leaves raft; removed nodes'
+    // certificates are refused everywhere.
+    wait_ready_nodes(fleet.get("m1"), &[("w1", "worker")]);
+    let out = fleet.get("m1").cli(&["node", "rm", "w1"]);
+    assert!(
+        !out.status.success(),
+        "removed a ready node without --force: {} {:?}",
+        stdout(&out),
+        node_roles(fleet.get("m1"))
+    );
+    assert!(stderr(&out).contains("is ready"), "{}", stderr(&out));
+    let removed = fleet.get("m2").ok(&["node", "rm", "--force", "w1"]);
+    assert!(removed.contains("removed node w1"), "{removed}");
+    let (code, body) = fleet
+        .get("w1")
+        .curl_as(fleet.get("m1"), "GET", "/v1/nodes", "");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("was revoked"), "{body}");
+    let (code, body) = fleet.get("w1").curl_as(
+        fleet.get("m2"),
+        "POST",
+        "/v1/nodes/w1/heartbeat",
+        r#"{"at":0}"#,
+    );
+    assert_eq!(code, 403, "{body}");
+    wait_for("w1 to stay out of node ls", LONG, || {
+        (!node_roles(fleet.get("m1"))
+            .iter()
+            .any(|(n, _, _)| n == "w1"))
+        .then_some(())
+    });
+
+    // m3 is down; removing it shrinks raft to 2 voters and revokes it.
+    wait_for("m3 down", LONG, || {
+        node_roles(fleet.get("m1"))
+            .iter()
+            .any(|(n, _, s)| n == "m3" && s == "down")
+            .then_some(())
+    });
+    let removed = fleet.get("m1").ok(&["node", "rm", "m3"]);
+    assert!(removed.contains("raft managers"), "{removed}");
+    wait_for("2 voters", LONG, || {
+        (voters(fleet.get("m1")) == 2).then_some(())
+    });
+    let (code, body) = fleet
+        .get("m3")
+        .curl_as(fleet.get("m1"), "POST", "/raft/vote", "{}");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("was revoked"), "{body}");
+
+    // Unknown nodes and bad flags get clear errors.
+    let out = fleet.get("m1").cli(&["node", "rm", "nosuch"]);
+    assert!(
+        stderr(&out).contains("no node \"nosuch\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // Certificates renew before they expire (after two thirds of their 60 s), and the renewed
+    // ones work.
+    let first_m1 = std::fs::read_to_string(fleet.get("m1").pki("node.crt")).expect("m1 cert");
+    let first_w2 = std::fs::read_to_string(fleet.get("w2").pki("node.crt")).expect("w2 cert");
+    wait_for(
+        "m1 and w2 to renew their certificates",
+        Duration::from_secs(120),
+        || {
+            let m1 = std::fs::read_to_string(fleet.get("m1").pki("node.crt")).ok()?;
+            let w2 = std::fs::read_to_string(fleet.get("w2").pki("node.crt")).ok()?;
+            (m1 != first_m1 && w2 != first_w2).then_some(())
+        },
+    );
+    let (code, body) = fleet
+        .get("w2")
+        .curl_as(fleet.get("m1"), "GET", "/v1/nodes", "");
+    assert_eq!(code, 200, "{body}");
+    assert!(fleet.get("w2").log().contains("certificate renewed"));
+    wait_ready_nodes(fleet.get("m2"), &[("m1", "manager"), ("w2", "worker")]);
+
+    // Live agents stop their tasks; those of the killed m3 and the removed w1 cannot (their
+    // shims outlive them by design) and go with the fleet's cleanup.
+    fleet.get("m1").ok(&["service", "rm", "keep"]);
+}
+
+/// Kills (`pkill -9 -f`) every process whose command line holds the pattern when dropped:
+/// the demo apps of a killed manager's task shims outlive both (a workload runs in its own
+/// process group), and their command lines do not name the fleet's temp dir. Declared before
+/// the fleet, so it runs after the fleet stopped every agent that could restart them.
+struct KillMatching(String);
+
+impl Drop for KillMatching {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-9", "-f", &self.0]).status();
+    }
+}
+
+/// `flotilla bench load` at 200 requests/s against `url`, until stopped by [`load_report`].
+fn start_load(url: &str) -> Child {
+    Command::new(BIN)
+        .args(["bench", "load", "--url", url, "--rate", "200"])
+        .args(["--duration", "180s", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the load")
+}
+
+/// Stops the load (SIGTERM makes it report what it sent) and parses its report.
+fn load_report(child: Child) -> Value {
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(
+        stopped.is_ok_and(|s| s.success()),
+        "could not stop the load"
+    );
+    let out = child.wait_with_output().expect("load finished");
+    assert!(out.status.success(), "bench load: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("load JSON")
+}
+
+/// The version the demo app behind `ip:port` (a node's mesh) reports.
+fn version_via(ip: &str, port: u16) -> Option<String> {
+    let (status, body) = common::http_get_from(ip, port, "/", &[])?;
+    (status == 200).then_some(())?;
+    serde_json::from_str::<Value>(&body).ok()?["version"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Issue 7: killing the leader manager (`kill -9`) mid blue-green ends with green or blue
+/// serving, never neither. Three managers, each with its own mesh on its own loopback address;
+/// the load goes through a surviving manager's mesh. The rollout controller's state is in the
+/// replicated store, so the new leader resumes the rollout and finishes it (or rolls it back);
+/// the running tasks keep serving throughout. The load is split at the new leader's election:
+/// before it, a request in flight when the leader died may fail (a handful at most); after
+/// it, none may.
+#[test]
+fn killing_the_leader_mid_blue_green_leaves_a_version_serving() {
+    // Every demo app's command line carries `tag` (its version string).
+    let tag = format!("lk{}x{}", std::process::id(), free_port());
+    let _workloads = KillMatching(tag.clone());
+    let mut fleet = Fleet::new();
+    let mesh_ip = |name: &str| format!("127.0.0.{}", &name[1..]);
+    fleet.add("m1", &["init", "--mesh-bind", "127.0.0.1"], true);
+    let m1_listen = fleet.get("m1").listen.clone();
+    let token = wait_for("m1 to serve its join tokens", LONG, || {
+        let out = fleet.get("m1").cli(&["token", "show", "manager"]);
+        out.status
+            .success()
+            .then(|| stdout(&out).trim().to_string())
+    });
+    for (name, voting) in [("m2", 2), ("m3", 3)] {
+        let ip = mesh_ip(name);
+        fleet.add(
+            name,
+            &["join", "--token", &token, &m1_listen, "--mesh-bind", &ip],
+            true,
+        );
+        wait_for(&format!("{voting} voting managers"), LONG, || {
+            (voters(fleet.get("m1")) == voting).then_some(())
+        });
+    }
+    wait_ready_nodes(
+        fleet.get("m1"),
+        &[("m1", "manager"), ("m2", "manager"), ("m3", "manager")],
+    );
+
+    let port = free_port();
+    let (v1, v2) = (format!("v1-{tag}"), format!("v2-{tag}"));
+    let web = |version: &str| {
+        format!(
+            r#"services:
+  web:
+    command: ["sh", "-c", "exec flotilla demo-app --version {version}"]
+    x-flotilla:
+      driver: process
+      ports: [{{published: {port}, protocol: http}}]
+      healthcheck:
+        http: /health
+        interval: 300ms
+        timeout: 2s
+        retries: 3
+      strategy: blue-green
+      blue_green:
+        scale_down_delay: 3s
+    ports: ["{port}:8080"]
+    deploy:
+      replicas: 3
+      update_config:
+        monitor: 1s
+        failure_action: rollback
+"#
+        )
+    };
+    let v1_file = write(fleet.dir.path(), "v1.yaml", &web(&v1));
+    let v2_file = write(fleet.dir.path(), "v2.yaml", &web(&v2));
+    fleet
+        .get("m1")
+        .ok(&["deploy", "-f", &v1_file, "--timeout", "60s"]);
+
+    let leader = wait_for("a leader", LONG, || {
+        managers(fleet.get("m2"))
+            .iter()
+            .find(|m| m["leader"] == true)
+            .and_then(|m| m["node"].as_str().map(str::to_string))
+    });
+    let via = ["m1", "m2", "m3"]
+        .into_iter()
+        .find(|m| *m != leader)
+        .expect("a follower")
+        .to_string();
+    let other = ["m1", "m2", "m3"]
+        .into_iter()
+        .find(|m| *m != leader && *m != via)
+        .expect("a second follower")
+        .to_string();
+    for m in [&via, &other] {
+        wait_for(&format!("{m}'s mesh to serve v1"), LONG, || {
+            (0..5)
+                .all(|_| version_via(&mesh_ip(m), port).as_deref() == Some(v1.as_str()))
+                .then_some(())
+        });
+    }
+
+    let url = format!("http://{}:{port}/", mesh_ip(&via));
+    let before = start_load(&url);
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.get(&via).ok(&["deploy", "-f", &v2_file, "--detach"]);
+    // Green is up and traffic is moving (or has moved) to it; blue still runs.
+    let mid = [
+        "routing",
+        "draining_old",
+        "awaiting_promotion",
+        "scaling_down",
+    ];
+    let status = wait_for("the blue-green rollout to reach a mid step", LONG, || {
+        let out = fleet
+            .get(&via)
+            .cli(&["rollout", "status", "web", "-o", "json"]);
+        let r: Value = serde_json::from_slice(&out.stdout).ok()?;
+        if r["to_revision"] != 2 {
+            return None;
+        }
+        let phase = r["phase"].as_str().unwrap_or_default();
+        assert!(
+            !matches!(phase, "succeeded" | "rolled_back" | "superseded"),
+            "the rollout ended before the leader could be killed: {r:#}"
+        );
+        mid.contains(&phase).then_some(r)
+    });
+    fleet.get_mut(&leader).kill();
+    eprintln!("killed leader {leader} in phase {}", status["phase"]);
+
+    let new_leader = wait_for("a new leader", LONG, || {
+        managers(fleet.get(&via))
+            .iter()
+            .find(|m| m["leader"] == true)
+            .and_then(|m| m["node"].as_str().map(str::to_string))
+            .filter(|n| *n != leader)
+    });
+    // The loads overlap: some load runs at every moment.
+    let after = start_load(&url);
+    std::thread::sleep(Duration::from_millis(500));
+    let report_before = load_report(before);
+
+    let done = wait_for("the rollout to end on a surviving manager", LONG, || {
+        let out = fleet
+            .get(&via)
+            .cli(&["rollout", "status", "web", "-o", "json"]);
+        let r: Value = serde_json::from_slice(&out.stdout).ok()?;
+        matches!(r["phase"].as_str(), Some("succeeded" | "rolled_back")).then_some(r)
+    });
+    let rolled_back = done["phase"] == "rolled_back" || done["kind"] == "auto_rollback";
+    let expected = if rolled_back { &v1 } else { &v2 };
+    // Exactly one version on the published port, through both surviving meshes.
+    for m in [&via, &other] {
+        for i in 0..20 {
+            let got = version_via(&mesh_ip(m), port);
+            assert_eq!(
+                got.as_deref(),
+                Some(expected.as_str()),
+                "request {i} through {m}'s mesh after the rollout ended: {done:#}"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let report_after = load_report(after);
+    eprintln!(
+        "new leader {new_leader}; rollout {}; before the election: {report_before:#}\nafter: {report_after:#}",
+        done["phase"]
+    );
+
+    for report in [&report_before, &report_after] {
+        assert!(report["sent"].as_u64().unwrap_or(0) >= 100, "{report:#}");
+        let versions = report["versions"].as_object().cloned().unwrap_or_default();
+        assert!(
+            versions.keys().all(|v| *v == v1 || *v == v2),
+            "unexpected versions: {report:#}"
+        );
+    }
+    assert!(
+        report_before["failed"].as_u64().unwrap_or(u64::MAX) <= 5,
+        "more than a handful of requests failed around the leader's death: {report_before:#}"
+    );
+    assert_eq!(
+        report_after["failed"], 0,
+        "requests failed after the new leader was elected: {report_after:#}"
+    );
+
+    // Live agents stop their tasks; the killed leader's go with the cleanup.
+    fleet.get(&via).ok(&["service", "rm", "web"]);
+}
+
+/// A worker follows every manager, not only the one it joined through: with that manager
+/// killed, the worker's heartbeats, task watch and status reports move to another one, so the
+/// node stays ready and takes new tasks; restarted, it finds the managers from its data dir.
+#[test]
+fn worker_fails_over_when_its_manager_dies() {
+    let mut fleet = Fleet::new();
+    fleet.add("m1", &["init"], true);
+    let m1_listen = fleet.get("m1").listen.clone();
+    let manager_token = wait_for("m1 to serve its join tokens", LONG, || {
+        let out = fleet.get("m1").cli(&["token", "show", "manager"]);
+        out.status
+            .success()
+            .then(|| stdout(&out).trim().to_string())
+    });
+    let worker_token = fleet
+        .get("m1")
+        .ok(&["token", "show", "worker"])
+        .trim()
+        .to_string();
+    fleet.add("m2", &["join", "--token", &manager_token, &m1_listen], true);
+    wait_for("m2 to vote", LONG, || {
+        (voters(fleet.get("m1")) == 2).then_some(())
+    });
+    fleet.add("m3", &["join", "--token", &manager_token, &m1_listen], true);
+    wait_for("3 voting managers", LONG, || {
+        (voters(fleet.get("m1")) == 3).then_some(())
+    });
+    let m2_listen = fleet.get("m2").listen.clone();
+    fleet.add("w1", &["join", "--token", &worker_token, &m2_listen], false);
+    wait_ready_nodes(fleet.get("m1"), &[("w1", "worker")]);
+    // The worker has learnt (and saved) every manager before the one it joined through dies.
+    let saved = fleet.get("w1").data_dir.join("managers");
+    wait_for("w1 to save the 3 managers", LONG, || {
+        let text = std::fs::read_to_string(&saved).ok()?;
+        (text.lines().count() == 3).then_some(())
+    });
+
+    fleet.get_mut("m2").kill();
+    wait_for("m2 down", LONG, || {
+        node_roles(fleet.get("m1"))
+            .iter()
+            .any(|(n, _, s)| n == "m2" && s == "down")
+            .then_some(())
+    });
+    // m2 was down for longer than the grace period; w1 heartbeats elsewhere meanwhile.
+    wait_ready_nodes(fleet.get("m1"), &[("w1", "worker")]);
+
+    // A new task is placed on w1 and reported running: the watch and status reports moved too.
+    let marker = format!("{}", 70000 + std::process::id() % 10000);
+    let compose = write(
+        fleet.dir.path(),
+        "pinned.yaml",
+        &format!(
+            "services:\n  pinned:\n    command: [\"sleep\", \"{marker}\"]\n    deploy:\n      \
+             placement:\n        constraints: [\"node.id==w1\"]\n"
+        ),
+    );
+    fleet
+        .get("m3")
+        .ok(&["deploy", "-f", &compose, "--timeout", "60s"]);
+    let running_on_w1 = |fleet: &Fleet| {
+        fleet
+            .get("m1")
+            .json(&["ps", "pinned"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t["node"] == "w1" && t["status"]["state"] == "running")
+    };
+    wait_for("the pinned task running on w1", LONG, || {
+        running_on_w1(&fleet).then_some(())
+    });
+    let pattern = format!("^sleep {marker}$");
+    assert_eq!(processes_matching(&pattern), 1, "the task's process");
+
+    // Restarted with only the dead m2 on its command line, w1 uses the saved managers.
+    fleet.get_mut("w1").kill();
+    wait_for("w1 down", LONG, || {
+        node_roles(fleet.get("m1"))
+            .iter()
+            .any(|(n, _, s)| n == "w1" && s == "down")
+            .then_some(())
+    });
+    fleet.get_mut("w1").spawn();
+    wait_ready_nodes(fleet.get("m1"), &[("w1", "worker")]);
+    fleet.get("m1").ok(&["service", "rm", "pinned"]);
+    wait_for("the pinned task to stop", LONG, || {
+        (processes_matching(&pattern) == 0).then_some(())
+    });
+}
