@@ -61,6 +61,10 @@ pub struct AgentConfig {
     /// The IP other nodes' meshes reach this node's tasks at; `None`: the agent's own address
     /// (loopback, so only nodes on the same host reach them).
     pub advertise_ip: Option<std::net::IpAddr>,
+    /// Cluster nodes: serve the agent server (logs, stats, resources, mesh stats) over this
+    /// mTLS config on `advertise_ip`, so managers on other hosts reach it and nobody else does.
+    /// `None` (`flotilla up`): plain HTTP on loopback, where only this host's manager is.
+    pub agent_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub struct Agent {
@@ -101,7 +105,12 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "docker engine unusable; docker driver disabled"),
         }
         let ports = Arc::new(PortAllocator::new(cfg.task_ports.clone())?);
-        let log_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        // Without TLS the server has no authentication, so it must stay on loopback.
+        let bind_ip = match (&cfg.agent_tls, cfg.advertise_ip) {
+            (Some(_), Some(ip)) => ip,
+            _ => std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        let log_listener = tokio::net::TcpListener::bind((bind_ip, 0))
             .await
             .map_err(AgentError::Listen)?;
         let mesh = cfg.mesh.clone().map(MeshNode::new).transpose()?;
@@ -127,7 +136,14 @@ impl Agent {
             labels: BTreeMap::new(),
             engine_labels: BTreeMap::new(),
             images: self.images.clone(),
-            agent_addr: self.log_listener.local_addr().ok().map(|a| a.to_string()),
+            agent_addr: self
+                .log_listener
+                .local_addr()
+                .ok()
+                .map(|a| match self.cfg.agent_tls {
+                    Some(_) => format!("https://{a}"),
+                    None => a.to_string(),
+                }),
             advertise_ip: self.cfg.advertise_ip,
             port_conflicts: Vec::new(),
         }
@@ -168,7 +184,7 @@ impl Agent {
 
             let conflicts = self.mesh.as_ref().map(|m| m.port_conflicts());
             let heartbeat = tokio::spawn(heartbeat_loop(client.clone(), reg, conflicts, self.cfg.heartbeat, shutdown.clone()));
-            let logs = tokio::spawn(serve_logs(self.log_listener, self.drivers.clone(), self.mesh.clone(), shutdown.clone()));
+            let logs = tokio::spawn(serve_logs(self.log_listener, self.cfg.agent_tls.clone(), self.drivers.clone(), self.mesh.clone(), shutdown.clone()));
             let mesh = self.mesh.clone().map(|m| {
                 tokio::spawn(m.run(client.clone(), self.cfg.node_id.clone(), shutdown.clone()).in_current_span())
             });
@@ -331,6 +347,7 @@ async fn heartbeat_loop(
 /// `POST /tasks/{id}/resources` (a `Resources` body) for the manager to proxy.
 async fn serve_logs(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     drivers: BTreeMap<DriverKind, Arc<dyn Driver>>,
     mesh: Option<Arc<MeshNode>>,
     mut shutdown: watch::Receiver<bool>,
@@ -423,6 +440,10 @@ async fn serve_logs(
         Some(mesh) => app.merge(mesh.routes()),
         None => app,
     };
+    if let Some(tls) = tls {
+        serve_mtls(listener, tls, app, shutdown).await;
+        return;
+    }
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = until_true(&mut shutdown).await;
@@ -430,6 +451,64 @@ async fn serve_logs(
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "log server failed");
+    }
+}
+
+/// A client that has not finished the TLS handshake by then is dropped, so half-open
+/// connections cannot pile up.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` over TLS until `shutdown` turns true. The config decides who may connect (on
+/// cluster nodes: managers only); each handshake runs in its own task so a slow client holds
+/// up nobody else. Connections in flight (e.g. a followed log) end with the process.
+async fn serve_mtls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tower::ServiceExt;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = until_true(&mut shutdown) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "agent server: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "agent server: TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "agent server: TLS handshake timed out");
+                        return;
+                    }
+                };
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                });
+            if let Err(e) =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await
+            {
+                tracing::debug!(%peer, error = %e, "agent server: connection ended with an error");
+            }
+        });
     }
 }
 

@@ -264,7 +264,7 @@ mod tests {
         // Held by some other program on the host.
         let squatter = TcpListener::bind((Ipv4Addr::UNSPECIFIED, fixed)).unwrap();
         assert_eq!(
-            alloc.allocate(&[host.clone()]),
+            alloc.allocate(std::slice::from_ref(&host)),
             Err(PortError::HostPortInUse { port: fixed })
         );
         assert!(alloc.held().is_empty());

@@ -39,7 +39,8 @@ pub struct AppState {
     pub store: Store,
     /// Bearer token required from non-loopback peers. `None` refuses every non-loopback request.
     pub token: Option<Arc<str>>,
-    /// Used to reach agents (log streaming).
+    /// Used to reach agents (logs, stats, resources, mesh stats). On cluster managers it
+    /// presents the manager's node certificate, which `https://` agent servers require.
     pub http: reqwest::Client,
     /// The cluster PKI on managers started by `flotilla init`/`join`; `None` for `flotilla up`.
     pub cluster: Option<Arc<cluster::ClusterSecurity>>,
@@ -82,6 +83,13 @@ impl AppState {
                     flotilla_pki::PkiError::BadKey(format!("building the TLS client: {e}"))
                 })?,
         );
+        // Built once; the certificate resolver follows renewals of `security.tls`.
+        self.http = reqwest::Client::builder()
+            .use_preconfigured_tls(security.tls.agent_client_config()?)
+            .build()
+            .map_err(|e| {
+                flotilla_pki::PkiError::BadKey(format!("building the agent TLS client: {e}"))
+            })?;
         self.cluster = Some(security);
         Ok(self)
     }

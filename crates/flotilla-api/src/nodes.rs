@@ -38,10 +38,11 @@ fn validate_registration(reg: &NodeRegistration) -> Result<(), ApiError> {
         ));
     }
     if let Some(addr) = &reg.agent_addr {
-        if addr.parse::<std::net::SocketAddr>().is_err() {
+        let host_port = addr.strip_prefix("https://").unwrap_or(addr);
+        if host_port.parse::<std::net::SocketAddr>().is_err() {
             fields.push(FieldError::new(
                 "agent_addr",
-                format!("{addr:?} is not HOST:PORT"),
+                format!("{addr:?} is not HOST:PORT or https://HOST:PORT"),
             ));
         }
     }
@@ -360,5 +361,16 @@ mod tests {
         };
         assert_eq!(fields[0].field, "availability");
         assert!(crate::body::parse::<NodeUpdate>(br#"{"labels":{}}"#).is_err());
+    }
+}
+
+/// The URL of `path` on the agent server at `agent_addr`: `https://HOST:PORT` for cluster nodes
+/// (mTLS, reached with [`crate::AppState::http`]'s manager certificate), plain `HOST:PORT` for a
+/// loopback agent (`flotilla up`, standalone agents).
+pub(crate) fn agent_url(agent_addr: &str, path: &str) -> String {
+    if agent_addr.starts_with("https://") {
+        format!("{agent_addr}{path}")
+    } else {
+        format!("http://{agent_addr}{path}")
     }
 }

@@ -165,7 +165,10 @@ pub async fn logs(
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
     let (task, node_id, agent) = task_agent(&app, &id, "logs")?;
-    let mut url = format!("http://{agent}/tasks/{}/logs?follow={}", task.id, q.follow);
+    let mut url = crate::nodes::agent_url(
+        &agent,
+        &format!("/tasks/{}/logs?follow={}", task.id, q.follow),
+    );
     if let Some(n) = q.tail {
         url.push_str(&format!("&tail={n}"));
     }
@@ -228,7 +231,7 @@ pub async fn stats(
     Path(id): Path<String>,
 ) -> Result<Json<TaskStats>, ApiError> {
     let (task, node_id, agent) = task_agent(&app, &id, "stats")?;
-    let url = format!("http://{agent}/tasks/{}/stats", task.id);
+    let url = crate::nodes::agent_url(&agent, &format!("/tasks/{}/stats", task.id));
     let resp = app.http.get(&url).send().await.map_err(|e| {
         ApiError::Unavailable(format!(
             "cannot reach the agent of node {node_id} at {agent}: {e}"
@@ -250,7 +253,7 @@ pub async fn update_resources(
     JsonBody(resources): JsonBody<Resources>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (task, node_id, agent) = task_agent(&app, &id, "resource updates")?;
-    let url = format!("http://{agent}/tasks/{}/resources", task.id);
+    let url = crate::nodes::agent_url(&agent, &format!("/tasks/{}/resources", task.id));
     let resp = app
         .http
         .post(&url)

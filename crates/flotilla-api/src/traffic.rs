@@ -123,7 +123,7 @@ enum NodeMesh {
 async fn node_stats(app: &AppState, agent: &str) -> NodeMesh {
     let Ok(resp) = app
         .http
-        .get(format!("http://{agent}/mesh/stats"))
+        .get(crate::nodes::agent_url(agent, "/mesh/stats"))
         .timeout(AGENT_TIMEOUT)
         .send()
         .await
@@ -259,7 +259,7 @@ pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> 
         })?;
     let resp = app
         .http
-        .get(format!("http://{agent}/metrics"))
+        .get(crate::nodes::agent_url(&agent, "/metrics"))
         .timeout(AGENT_TIMEOUT)
         .send()
         .await

@@ -321,13 +321,15 @@ fn settle_nominations(
                 .get(id)
                 .is_some_and(|v| !v.status.state.is_terminal())
         });
-        if stopping {
-            out.insert(t.id.clone(), None);
-            continue;
-        }
         let Some(service) = state.services.get(&t.service) else {
             continue;
         };
+        if stopping {
+            // Victims exit one by one: what the first ones free stays reserved for this task.
+            snapshot.hold_for(&n.node, &service.spec);
+            out.insert(t.id.clone(), None);
+            continue;
+        }
         let mut req = PlacementRequest::new(&service.spec, 1);
         req.pin_to = Some(&n.node);
         let placed = schedule(snapshot, &req).or_else(|_| {
@@ -1130,12 +1132,26 @@ mod tests {
             assert_eq!(t.status.message, "0/1 nodes: 1 insufficient cpu");
         }
 
-        // The victims exit. Pass 3: urgent gets the room, batch's replacements stay pending.
+        // The first victim exits; the second is still stopping. The room the first freed stays
+        // reserved for urgent: batch's replacements must not take it (they did once, and urgent
+        // then had to preempt again).
         let ids: Vec<String> = victims.iter().map(|v| v.id.clone()).collect();
-        for id in &ids {
-            let t = state.tasks.get_mut(id).unwrap();
-            t.record_status(TaskStatus::new(TaskState::Exited, NOW + 200, "stopped"));
-        }
+        let t = state.tasks.get_mut(&ids[0]).unwrap();
+        t.record_status(TaskStatus::new(TaskState::Exited, NOW + 150, "stopped"));
+        pass(&mut state, NOW + 175);
+        assert_eq!(live_of(&state, "urgent")[0].node, None);
+        assert_eq!(
+            live_of(&state, "batch")
+                .iter()
+                .filter(|t| t.node.is_none())
+                .count(),
+            2,
+            "a replacement took the room reserved for the preemptor"
+        );
+
+        // The last victim exits. Pass 3: urgent gets the room, batch's replacements stay pending.
+        let t = state.tasks.get_mut(&ids[1]).unwrap();
+        t.record_status(TaskStatus::new(TaskState::Exited, NOW + 200, "stopped"));
         pass(&mut state, NOW + 300);
         let u = live_of(&state, "urgent");
         assert_eq!(u[0].node.as_deref(), Some("n1"));

@@ -133,6 +133,9 @@ pub struct Release {
     /// Mesh weight wanted for current and outdated live tasks; `None` leaves them alone.
     current_weight: Option<u8>,
     outdated_weight: Option<u8>,
+    /// Blue-green shrink: replica slots whose old (blue) task may stop now so that green
+    /// tasks waiting for a host port can take its place.
+    shrink: BTreeSet<u64>,
 }
 
 impl Release {
@@ -157,6 +160,9 @@ impl Release {
 
     /// Whether the outdated tasks of a slot whose current task is `current` may stop now.
     pub fn may_retire(&self, current: &Task, now: Timestamp) -> bool {
+        if current.slot.is_some_and(|s| self.shrink.contains(&s)) {
+            return true;
+        }
         match self.retire {
             Retire::WhenReady => current.is_ready(),
             Retire::WhenCounted => counted(current, now, self.monitor_ms),
@@ -180,6 +186,17 @@ impl Release {
         let want = (want < 100).then_some(want);
         (t.weight.filter(|w| *w < 100) != want).then_some(want)
     }
+}
+
+/// Whether a placement failure (`0/3 nodes: 2 host port 80 in use, 1 …`) names host ports as
+/// the only reason no node fits, so stopping the old task of the slot makes room.
+fn blocked_by_host_ports(message: &str) -> bool {
+    message.split_once(": ").is_some_and(|(_, reasons)| {
+        reasons.split(", ").all(|r| {
+            r.split_once(' ')
+                .is_some_and(|(_, why)| why.starts_with("host port"))
+        })
+    })
 }
 
 /// Ready (running and, with a health check, healthy) for at least `monitor_ms`.
@@ -221,6 +238,7 @@ pub fn plan(input: &ReleaseInput) -> Release {
         monitor_ms: 0,
         current_weight: None,
         outdated_weight: None,
+        shrink: BTreeSet::new(),
     };
     let Some((rollout, expect)) = current_rollout(input) else {
         return release;
@@ -579,6 +597,15 @@ impl Machine<'_> {
             ),
         );
         back.new_weight = 100;
+        if self.rollout.shrunk > 0 {
+            // Shrunk blue-green: green holds the host ports of the blue tasks it replaced, so
+            // a start-first restore of those would wait forever. Stop green first.
+            back.config.order = UpdateOrder::StopFirst;
+            back.reason = format!(
+                "{}; restoring {} shrunk blue task(s), stop-first",
+                back.reason, self.rollout.shrunk
+            );
+        }
         self.release.ops.push(Op::PutService {
             service: reverted,
             expect: Expect::Version(service.meta.version),
@@ -621,6 +648,9 @@ impl Machine<'_> {
         match self.rollout.phase {
             RolloutPhase::Replacing | RolloutPhase::StartingNew => {
                 self.set_weights(0);
+                if !paused && self.rollout.strategy == Strategy::BlueGreen {
+                    self.shrink_for_host_ports(wanted);
+                }
                 if !paused && counted >= wanted && self.all_new_ready() {
                     match self.rollout.strategy {
                         Strategy::Canary => self.enter_canary_step(0, &steps),
@@ -733,6 +763,68 @@ impl Machine<'_> {
         self.rollout.new_weight = new;
     }
 
+    /// Blue-green with host-mode ports: a green task that no node can take only because blue
+    /// holds the host port would wait forever beside blue. Stops blue tasks of such slots, as
+    /// many as the disruption budget allows (slots without a ready task count against it), so
+    /// green takes their place; the next passes repeat it until green runs the full count.
+    /// Blue stops gracefully (SIGTERM and the grace period); the mesh drain does not apply, a
+    /// host-mode port is reached directly. The count goes into the rollout (and its events).
+    fn shrink_for_host_ports(&mut self, wanted: usize) {
+        let service = self.input.service;
+        if !service.spec.ports.iter().any(|p| p.host_port().is_some()) {
+            return;
+        }
+        let mut blue_slots = BTreeSet::new();
+        let mut green_ready = BTreeSet::new();
+        let mut ready_slots = BTreeSet::new();
+        let mut blocked = 0;
+        for t in self.input.state.tasks_of(&service.name) {
+            let (Some(slot), true) = (t.slot, is_live(t)) else {
+                continue;
+            };
+            let current = self.is_current(t);
+            if t.is_ready() {
+                ready_slots.insert(slot);
+                if current {
+                    green_ready.insert(slot);
+                }
+            }
+            if !current {
+                blue_slots.insert(slot);
+            } else if t.node.is_none()
+                && t.status.state == TaskState::Pending
+                && blocked_by_host_ports(&t.status.message)
+            {
+                blocked += 1;
+            }
+        }
+        if blocked == 0 {
+            return;
+        }
+        let allowed = usize::try_from(
+            service
+                .spec
+                .rollout
+                .disruption
+                .allowed(u64::try_from(wanted).unwrap_or(u64::MAX)),
+        )
+        .unwrap_or(usize::MAX);
+        let unavailable = wanted.saturating_sub(ready_slots.len());
+        let room = allowed.saturating_sub(unavailable);
+        // Any blue task frees a port for whichever green task the scheduler puts there; blue
+        // beside a ready green goes first (its slot loses nothing).
+        let (surplus, needed): (Vec<u64>, Vec<u64>) = blue_slots
+            .into_iter()
+            .partition(|s| green_ready.contains(s));
+        let mut stopped = 0;
+        for slot in surplus.into_iter().chain(needed).take(blocked.min(room)) {
+            tracing::info!(service = %service.name, slot, "blue-green: shrinking blue so green can take its host port");
+            self.release.shrink.insert(slot);
+            stopped += 1;
+        }
+        self.rollout.shrunk += stopped;
+    }
+
     /// Every new task is ready (and none still starting), so traffic may move to them.
     fn all_new_ready(&self) -> bool {
         self.input
@@ -748,7 +840,8 @@ impl Machine<'_> {
             .spec
             .ports
             .iter()
-            .any(|p| p.published.is_some())
+            // Host-mode ports are bound by the tasks themselves: no mesh routes them.
+            .any(|p| p.published.is_some() && p.mode.is_ingress())
     }
 
     /// Waits for traffic data: no published port means no mesh to wait for; no data means a

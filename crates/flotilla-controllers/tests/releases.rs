@@ -701,3 +701,130 @@ async fn rollouts_survive_a_store_reopen() {
     assert_eq!(back.phase, RolloutPhase::StartingNew);
     store.shutdown().await.unwrap();
 }
+
+/// `ports: [{target: 8080, published: 18080, mode: host}]`: one task per node can hold it.
+fn host_port(mut spec: ServiceSpec) -> ServiceSpec {
+    spec.ports.push(PortSpec {
+        target: 8080,
+        published: Some(18080),
+        protocol: Default::default(),
+        mode: flotilla_types::PortMode::Host,
+    });
+    spec
+}
+
+impl Cluster {
+    /// A second node like `n1`, so two tasks can hold the same host port.
+    async fn add_node(&self, id: &str) {
+        let mut node = self.state().nodes["n1"].clone();
+        node.id = id.into();
+        node.hostname = id.into();
+        node.meta = Meta::default();
+        self.write(vec![Op::PutNode {
+            node,
+            expect: Expect::Absent,
+        }])
+        .await;
+    }
+
+    fn rollout_events(&self) -> Vec<String> {
+        self.store
+            .events(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "rollout")
+            .map(|e| format!("{} {}", e.action, e.message))
+            .collect()
+    }
+}
+
+/// Runs passes until `done` like [`drive`], but a host port is reached directly, not through
+/// the mesh weights: returns the most slots that lacked a ready task after any pass.
+async fn drive_host_ports(
+    c: &mut Cluster,
+    replicas: usize,
+    fail_revision: Option<u64>,
+    done: impl Fn(&Cluster) -> bool,
+) -> usize {
+    let mut most_unavailable = 0;
+    for _ in 0..400 {
+        c.agent(true, fail_revision).await;
+        let view = traffic_for(c, None);
+        c.pass(&view).await;
+        let ready = c.live("web").iter().filter(|t| t.is_ready()).count();
+        most_unavailable = most_unavailable.max(replicas.saturating_sub(ready));
+        if done(c) {
+            return most_unavailable;
+        }
+        c.advance(250);
+    }
+    panic!(
+        "did not converge; rollout: {:#?}",
+        c.state().rollouts.get("web")
+    );
+}
+
+#[tokio::test]
+async fn blue_green_with_host_ports_shrinks_blue_within_the_budget_and_restores() {
+    let mut c = Cluster::new().await;
+    c.add_node("n2").await;
+    start_v1(&mut c, host_port(app("v1", 2))).await;
+    let mut v2 = host_port(app("v2", 2));
+    v2.rollout.strategy = Strategy::BlueGreen;
+    c.deploy(v2).await;
+    // Both nodes hold the port: every green task needs a blue one gone first, and the
+    // default budget (1 of 2) lets one go at a time.
+    let most_unavailable = drive_host_ports(&mut c, 2, None, succeeded).await;
+    assert_eq!(
+        most_unavailable, 1,
+        "the budget allows one task down at a time"
+    );
+    let s = c.state();
+    assert_eq!(s.rollouts["web"].shrunk, 2);
+    let live = c.live("web");
+    assert_eq!(live.len(), 2, "{live:#?}");
+    assert!(live.iter().all(|t| version_of(t).ends_with("v2")));
+    let nodes: std::collections::BTreeSet<_> = live.iter().map(|t| t.node.clone()).collect();
+    assert_eq!(nodes.len(), 2, "one task per node holds the host port");
+    let events = c.rollout_events();
+    assert!(
+        events.iter().any(|e| e.starts_with("shrink ")),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("restore ")),
+        "{events:#?}"
+    );
+}
+
+/// One node, one replica: blue must stop before green can start. Green never starts, so blue
+/// is restored (stop-first) and the reason says so.
+#[tokio::test]
+async fn blue_green_with_host_ports_restores_blue_when_green_fails() {
+    let mut c = Cluster::new().await;
+    start_v1(&mut c, host_port(app("v1", 1))).await;
+    let mut v2 = host_port(app("v2", 1));
+    v2.rollout.strategy = Strategy::BlueGreen;
+    c.deploy(v2).await;
+    drive_host_ports(&mut c, 1, Some(2), |c| {
+        c.state().rollouts.get("web").is_some_and(|r| {
+            r.kind == RolloutKind::AutoRollback && r.phase == RolloutPhase::Succeeded
+        })
+    })
+    .await;
+    let s = c.state();
+    let r = &s.rollouts["web"];
+    assert!(
+        r.reason.contains("restoring 1 shrunk blue task"),
+        "{}",
+        r.reason
+    );
+    let live = c.live("web");
+    assert_eq!(live.len(), 1, "{live:#?}");
+    assert!(version_of(&live[0]).ends_with("v1") && live[0].is_ready());
+    let events = c.rollout_events();
+    assert!(
+        events.iter().any(|e| e.starts_with("shrink ")),
+        "{events:#?}"
+    );
+}

@@ -146,8 +146,10 @@ fn canary_routing(service: &Service, live: &[&Task]) -> Option<CanaryRouting> {
     (!tasks.is_empty() && tasks.len() < live.len()).then_some(CanaryRouting { matching, tasks })
 }
 
-/// The IP of an `agent_addr` (`1.2.3.4:7000`, `[::1]:7000` or a bare IP).
+/// The IP of an `agent_addr` (`1.2.3.4:7000`, `[::1]:7000`, either with `https://` in front
+/// for a cluster node's mTLS agent server, or a bare IP).
 fn agent_ip(agent_addr: &str) -> Option<IpAddr> {
+    let agent_addr = agent_addr.strip_prefix("https://").unwrap_or(agent_addr);
     if let Ok(sock) = agent_addr.parse::<SocketAddr>() {
         return Some(sock.ip());
     }

@@ -213,6 +213,27 @@ impl TlsIdentity {
             )))
             .with_client_cert_resolver(Arc::new(CurrentCert(self.clone()))))
     }
+
+    /// The agent server of a cluster node: presents our certificate and admits only clients
+    /// with a manager certificate of the cluster.
+    pub fn agent_server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, PkiError> {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(Arc::new(ManagerClientVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A manager's client for agent servers: presents our certificate and accepts any node
+    /// certificate of the cluster (agents on workers hold worker certificates).
+    pub fn agent_client_config(self: &Arc<Self>) -> Result<ClientConfig, PkiError> {
+        Ok(ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NodeServerVerifier(self.clone())))
+            .with_client_cert_resolver(Arc::new(CurrentCert(self.clone()))))
+    }
 }
 
 #[derive(Debug)]
@@ -297,6 +318,90 @@ fn other_error(e: PkiError) -> rustls::Error {
     )))
 }
 
+/// Checks that a server certificate chains to `roots` and is valid `now`; returns the node
+/// identity it names.
+fn server_identity(
+    roots: &RootCertStore,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<NodeIdentity, rustls::Error> {
+    let parsed = ParsedCertificate::try_from(end_entity)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        now,
+        provider().signature_verification_algorithms.all,
+    )?;
+    identity_of(end_entity).map_err(other_error)
+}
+
+/// Accepts any node of the cluster (worker or manager): agents serve with their own node
+/// certificate, whatever their role.
+#[derive(Debug)]
+struct NodeServerVerifier(Arc<TlsIdentity>);
+
+impl ServerCertVerifier for NodeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        server_identity(&self.0.loaded().roots, end_entity, intermediates, now)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    handshake_signatures_with_ring!();
+}
+
+/// Requires a client certificate of the cluster naming a manager: the agent server's only
+/// legitimate clients are managers (log proxying, mesh stats for releases, resource updates).
+#[derive(Debug)]
+struct ManagerClientVerifier(Arc<TlsIdentity>);
+
+impl ClientCertVerifier for ManagerClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .loaded()
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let identity = identity_of(end_entity).map_err(other_error)?;
+        if identity.role != Role::Manager {
+            return Err(other_error(PkiError::BadCertificate {
+                what: "client".into(),
+                reason: format!(
+                    "node {} presents a {} certificate; only managers may call agents",
+                    identity.node_id, identity.role
+                ),
+            }));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    handshake_signatures_with_ring!();
+}
+
 impl ServerCertVerifier for ManagerServerVerifier {
     fn verify_server_cert(
         &self,
@@ -306,19 +411,11 @@ impl ServerCertVerifier for ManagerServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
         let roots = match &self.0 {
             TrustedRoots::Current(identity) => identity.loaded().roots.clone(),
             TrustedRoots::Fixed(roots) => roots.clone(),
         };
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            intermediates,
-            now,
-            provider().signature_verification_algorithms.all,
-        )?;
-        let identity = identity_of(end_entity).map_err(other_error)?;
+        let identity = server_identity(&roots, end_entity, intermediates, now)?;
         if identity.role != Role::Manager {
             return Err(other_error(PkiError::BadCertificate {
                 what: "server".into(),

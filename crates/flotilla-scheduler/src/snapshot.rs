@@ -382,6 +382,20 @@ impl ClusterSnapshot {
             .extend(task.spec.ports.iter().filter_map(PortSpec::host_port));
     }
 
+    /// Keeps room on `node` for a task of `spec` that is not placed yet: a preempting task
+    /// waiting for its victims to exit. Without it, the room the first victim frees goes to
+    /// whichever service is placed next in the same pass (often the victims' own replacements),
+    /// and the preemptor has to evict again. Unknown nodes are ignored.
+    pub fn hold_for(&mut self, node: &str, spec: &ServiceSpec) {
+        let Some(&idx) = self.by_name.get(node) else {
+            return;
+        };
+        self.nodes[idx].used.add_demand(&Demand::of(spec));
+        self.nodes[idx]
+            .host_ports
+            .extend(spec.ports.iter().filter_map(PortSpec::host_port));
+    }
+
     /// The time penalties are evaluated at.
     pub fn now(&self) -> Timestamp {
         self.now

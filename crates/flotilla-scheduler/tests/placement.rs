@@ -951,6 +951,16 @@ fn host_port(
     s
 }
 
+/// (case, resident on n1, web's spec, tasks of web, nodes placed, failure reason)
+type HostPortCase = (
+    &'static str,
+    Option<ServiceSpec>,
+    ServiceSpec,
+    usize,
+    &'static [&'static str],
+    Option<&'static str>,
+);
+
 /// A host-mode published port is bound on the node itself: one holder per node, whatever the
 /// service, while ingress ports (served by the mesh) and other ports/protocols do not collide.
 #[test]
@@ -960,15 +970,7 @@ fn host_ports_allow_one_holder_per_node() {
     let nodes: Vec<Node> = (1..=3)
         .map(|i| node(&format!("n{i}"), "a", 4000, 8 * GIB))
         .collect();
-    // (case, resident on n1, web's port, tasks of web, nodes placed, failure reason)
-    let cases: Vec<(
-        &str,
-        Option<ServiceSpec>,
-        ServiceSpec,
-        usize,
-        &[&str],
-        Option<&str>,
-    )> = vec![
+    let cases: Vec<HostPortCase> = vec![
         (
             "own tasks: at most one per node",
             None,

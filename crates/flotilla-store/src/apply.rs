@@ -666,6 +666,26 @@ impl Exec<'_> {
             );
             self.event(level, "rollout", name, new.phase.as_str(), message);
         }
+        if new.shrunk > old.shrunk {
+            let message = format!(
+                "{name}: shrink: stopped {} blue task(s) so green can take their host ports \
+                 ({} in all; restored when green runs the full count)",
+                new.shrunk - old.shrunk,
+                new.shrunk
+            );
+            self.event(EventLevel::Warning, "rollout", name, "shrink", message);
+        }
+        // A failed shrunk rollout's restore shows in the automatic rollback's reason.
+        if new.shrunk > 0
+            && old.phase != new.phase
+            && new.phase == flotilla_types::RolloutPhase::Succeeded
+        {
+            let message = format!(
+                "{name}: restore: green runs the full count after {} blue task(s) were shrunk",
+                new.shrunk
+            );
+            self.event(EventLevel::Info, "rollout", name, "restore", message);
+        }
         if let Some(result) = new.analysis.last().filter(|r| !r.passed) {
             if old.analysis.last() != Some(result) {
                 let message = format!("{name}: canary analysis failed: {}", result.message);

@@ -487,6 +487,11 @@ pub struct Rollout {
     pub baseline_errors: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub analysis: Vec<AnalysisResult>,
+    /// Blue-green with host-mode ports: blue tasks stopped early so green tasks could take
+    /// their host ports (the shrink). Stored so a new leader knows the service runs below its
+    /// count until green is complete, and a failure restores blue stop-first.
+    #[serde(default)]
+    pub shrunk: u64,
     pub started_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
@@ -533,6 +538,7 @@ impl Rollout {
             baseline_requests: 0,
             baseline_errors: 0,
             analysis: Vec::new(),
+            shrunk: 0,
             started_at: now,
             finished_at: None,
             meta: Meta::default(),

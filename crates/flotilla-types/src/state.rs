@@ -337,7 +337,8 @@ pub struct Node {
     pub zone: Option<String>,
     pub resources: NodeResources,
     pub drivers: Vec<DriverKind>,
-    /// Where the agent serves logs and stats (`host:port`).
+    /// Where the agent serves logs and stats: `host:port` (plain HTTP, loopback) or
+    /// `https://host:port` (cluster nodes: mTLS, manager certificates only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_addr: Option<String>,
     /// The IP other nodes' meshes reach this node's tasks at (`--advertise-ip`, or the IP of

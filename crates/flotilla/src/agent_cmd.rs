@@ -51,6 +51,8 @@ pub struct WorkerConfig {
     pub mesh: Option<MeshNodeConfig>,
     /// The IP other nodes' meshes reach this node's tasks at.
     pub advertise_ip: Option<std::net::IpAddr>,
+    /// Cluster nodes: the mTLS config of the agent server (see `AgentConfig::agent_tls`).
+    pub agent_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Runs a worker until `shutdown` turns true. The caller holds the data-dir lock.
@@ -66,6 +68,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: watch::Receiver<bool>) -> a
         task_ports: cfg.task_ports,
         mesh: cfg.mesh,
         advertise_ip: cfg.advertise_ip,
+        agent_tls: cfg.agent_tls,
     })
     .await
     .context("starting the agent")?;
@@ -97,6 +100,8 @@ pub async fn run(args: &AgentArgs, token: Option<String>) -> anyhow::Result<Exit
             heartbeat: args.heartbeat,
             mesh: args.mesh.config(),
             advertise_ip: args.mesh.advertise_ip,
+            // A standalone agent has no node certificate: plain HTTP on loopback.
+            agent_tls: None,
         },
         stop_rx,
     ));

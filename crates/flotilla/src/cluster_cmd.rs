@@ -302,6 +302,7 @@ async fn run_manager(
             heartbeat: (node.node_grace / 4).max(Duration::from_millis(250)),
             mesh: node.mesh.config(),
             advertise_ip: Some(node.mesh.advertise_ip.unwrap_or(advertise.ip())),
+            agent_tls: Some(tls.agent_server_config()?),
         },
         stop_rx.clone(),
     ));
@@ -576,6 +577,7 @@ async fn run_joined_worker(
                     .or(Some(node.listen_addr.ip()))
                     .filter(|ip| !ip.is_unspecified())
             }),
+            agent_tls: Some(tls.agent_server_config()?),
         },
         stop_rx,
     ));

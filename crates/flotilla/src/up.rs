@@ -75,6 +75,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         task_ports: args.task_ports.clone(),
         mesh: args.mesh.config(),
         advertise_ip: args.mesh.advertise_ip,
+        agent_tls: None,
     })
     .await
     .context("starting the agent")?;

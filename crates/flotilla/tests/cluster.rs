@@ -376,8 +376,7 @@ fn membership_security_quorum_and_removal() {
         why.contains("not valid (wrong token, or it was rotated)"),
         "{why}"
     );
-    // Through m2, a follower. (A worker follows the one manager it joined through, and m3 is
-    // removed below.)
+    // Through m2, a follower.
     fleet.add(
         "w2",
         &["join", "--token", &new_worker_token, &m2_listen],
@@ -513,9 +512,74 @@ fn membership_security_quorum_and_removal() {
     assert!(fleet.get("w2").log().contains("certificate renewed"));
     wait_ready_nodes(fleet.get("m2"), &[("m1", "manager"), ("w2", "worker")]);
 
+    // 7. Agent servers are mTLS: a manager proxies the logs of a task on another node through
+    // that node's agent with its (renewed) manager certificate...
+    let tasks: Vec<(String, String)> = fleet
+        .get("m1")
+        .json(&["ps", "keep"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t["status"]["state"] == "running")
+        .filter_map(|t| Some((t["id"].as_str()?.into(), t["node"].as_str()?.into())))
+        .collect();
+    assert!(!tasks.is_empty(), "no running keep task");
+    for (task, node) in &tasks {
+        let via = if node == "m1" { "m2" } else { "m1" };
+        fleet.get(via).ok(&["logs", task]);
+    }
+    // ...while no certificate, a worker's certificate or plain HTTP get nothing from it.
+    let agent_addr = |node: &str| {
+        fleet
+            .get("m1")
+            .json(&["node", "ls"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .find(|n| n["id"] == node)
+            .and_then(|n| n["agent_addr"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let w2_agent = agent_addr("w2");
+    assert!(w2_agent.starts_with("https://"), "w2 agent at {w2_agent:?}");
+    let probe = format!("{w2_agent}/tasks/nosuch/stats");
+    let (code, body) = curl_agent(Some(fleet.get("m2")), &probe);
+    assert_eq!(code, 404, "a manager certificate was not admitted: {body}");
+    for cert in [None, Some(fleet.get("w2"))] {
+        let (code, body) = curl_agent(cert, &probe);
+        assert_eq!(code, 0, "admitted without a manager certificate: {body}");
+    }
+    let plain = probe.replacen("https://", "http://", 1);
+    let (code, body) = curl_agent(Some(fleet.get("m2")), &plain);
+    assert_eq!(code, 0, "plain HTTP answered: {body}");
+
     // Live agents stop their tasks; those of the killed m3 and the removed w1 cannot (their
     // shims outlive them by design) and go with the fleet's cleanup.
     fleet.get("m1").ok(&["service", "rm", "keep"]);
+}
+
+/// `GET url` with `curl`, presenting `cert`'s node certificate when given; the status code
+/// (0 when the connection or TLS handshake failed) and the body or curl's complaint.
+fn curl_agent(cert: Option<&Member>, url: &str) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-k", "--max-time", "10", "-w", "\n%{http_code}"]);
+    if let Some(m) = cert {
+        cmd.arg("--cert")
+            .arg(m.pki("node.crt"))
+            .arg("--key")
+            .arg(m.pki("node.key"));
+    }
+    let out = cmd.arg(url).output().expect("run curl");
+    let text = stdout(&out);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        (0, stderr(&out))
+    } else {
+        (code, body.to_string())
+    }
 }
 
 /// Kills (`pkill -9 -f`) every process whose command line holds the pattern when dropped:

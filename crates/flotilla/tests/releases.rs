@@ -500,3 +500,49 @@ fn failing_task_starts_across_the_cluster_pause_every_rollout() {
         "{events}"
     );
 }
+
+/// One node, one replica, a host-mode port: only one task can hold the port, so blue-green
+/// shrinks blue to nothing, starts green in its place and ends on v2 with one replica, which
+/// answers directly on the host port (no mesh listens there). The events say so.
+#[test]
+fn blue_green_with_a_host_port_shrinks_blue_and_ends_on_the_new_version() {
+    let c = release_cluster();
+    let port = free_port();
+    let yaml = |version: &str| {
+        format!(
+            "services:\n  edge:\n    command: [\"flotilla\", \"demo-app\", \"--version\", \"{version}\"]\n    ports:\n      - {{target: 8080, published: {port}, mode: host}}\n    x-flotilla:\n      strategy: blue-green\n      blue_green:\n        scale_down_delay: 1s\n    deploy:\n      replicas: 1\n"
+        )
+    };
+    let serves = |version: &str| {
+        wait_for(
+            &format!("{version} on the host port"),
+            Duration::from_secs(30),
+            || {
+                let (status, body) = http_get(port, "/")?;
+                let v: Value = serde_json::from_str(&body).ok()?;
+                (status == 200 && v["version"] == version).then_some(())
+            },
+        )
+    };
+    let out = c.deploy("v1.yaml", &yaml("v1"));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    serves("v1");
+    let out = c.deploy("v2.yaml", &yaml("v2"));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    serves("v2");
+    let status = c.json(&["rollout", "status", "edge"]);
+    assert_eq!(status["phase"], "succeeded", "{status:#}");
+    assert_eq!(status["shrunk"], 1, "{status:#}");
+    let live = c.live_tasks("edge");
+    assert_eq!(live.len(), 1, "{live:#?}");
+    assert_eq!(live[0]["revision"], 2, "{live:#?}");
+    let events = c.ok(&["events"]);
+    assert!(
+        events.contains("edge: shrink: stopped 1 blue task"),
+        "{events}"
+    );
+    assert!(
+        events.contains("edge: restore: green runs the full count"),
+        "{events}"
+    );
+}
