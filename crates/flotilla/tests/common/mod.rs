@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -17,9 +18,19 @@ static NEXT_SLICE: AtomicU16 = AtomicU16::new(0);
 /// Same for the port ranges of standalone agents (`Cluster::add_agent`), in their own region.
 static NEXT_AGENT_SLICE: AtomicU16 = AtomicU16::new(0);
 
+/// A port nothing listens on now, never the same one twice in this test process: the kernel
+/// may hand a just-released ephemeral port to the next `bind(0)`, and two clusters of parallel
+/// tests once got the same API port that way.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
-    l.local_addr().expect("local addr").port()
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+        let port = l.local_addr().expect("local addr").port();
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
@@ -134,8 +145,27 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.api_port)
     }
 
-    /// Starts `flotilla up` (again) on this cluster's data dir and waits for its API.
+    /// Starts `flotilla up` (again) on this cluster's data dir and waits for its API. The API
+    /// port comes from `free_port`, which another test (or a task) may take before `up` binds
+    /// it; then `up` exits and another cluster would answer on that port, so a start that lost
+    /// the race is retried on a fresh port.
     pub fn spawn_up(&mut self) {
+        for _ in 0..5 {
+            if self.try_spawn_up() {
+                return;
+            }
+            eprintln!(
+                "flotilla up could not listen on {}; retrying on another port",
+                self.api_port
+            );
+            self.api_port = free_port();
+        }
+        panic!("flotilla up could not bind an API port:\n{}", self.up_log());
+    }
+
+    /// One start of `flotilla up`; false if it exited because its API port was taken.
+    fn try_spawn_up(&mut self) -> bool {
+        let log_offset = self.up_log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -157,14 +187,44 @@ impl Cluster {
             .expect("spawn flotilla up");
         self.child = Some(child);
         let addr = self.addr();
-        wait_for("the API to answer", Duration::from_secs(60), || {
-            let out = Command::new(BIN)
-                .args(["--addr", &addr, "node", "ls", "-o", "json"])
-                .output()
-                .ok()?;
-            let nodes: Value = serde_json::from_slice(&out.stdout).ok()?;
-            (!nodes.as_array()?.is_empty()).then_some(())
-        });
+        // `up` says "flotilla is up: …, API http://HOST:PORT" once it holds the port; only this
+        // start's part of the (appended) log counts.
+        let started = format!(", API http://{}:{}", self.api_host, self.api_port);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.up_log();
+            let this_start = log.get(log_offset..).unwrap_or_default();
+            // Ours exited: never mistake whoever else holds the port for this cluster.
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let taken = format!("{}: cannot listen", self.api_port);
+                if this_start.contains(&taken) && this_start.contains("Address already in use") {
+                    self.child = None;
+                    return false;
+                }
+                panic!("flotilla up exited ({status}) before its API answered:\n{log}");
+            }
+            let answered = this_start.contains(&started)
+                && Command::new(BIN)
+                    .args(["--addr", &addr, "node", "ls", "-o", "json"])
+                    .output()
+                    .ok()
+                    .and_then(|out| serde_json::from_slice::<Value>(&out.stdout).ok())
+                    .and_then(|nodes| nodes.as_array().map(|n| !n.is_empty()))
+                    .unwrap_or(false);
+            if answered {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 60s waiting for the API to answer:\n{}",
+                self.up_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Starts a standalone agent named `name` against this cluster's manager and waits until
