@@ -368,9 +368,9 @@ fn an_erroring_canary_is_aborted_at_its_first_step() {
 }
 
 /// The docker driver through every release path, on one cluster and one service (containers
-/// start slower than processes; one cluster keeps the wall time down): rolling start-first,
-/// blue-green, canary to 100%, restart and rollback, each under load with zero failed requests
-/// and ending on the right version.
+/// start slower than processes; one cluster keeps the wall time down): rolling start-first and
+/// stop-first, blue-green, canary to 100%, restart and rollback, each under load with zero failed
+/// requests and ending on the right version.
 #[test]
 fn docker_releases_under_load_have_no_failed_requests() {
     if !docker_available() {
@@ -401,6 +401,12 @@ fn docker_releases_under_load_have_no_failed_requests() {
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_no_failures(&report);
     assert_serves_now(port, "v2");
+    let stop_first = web_on(d, port, "v2s", "", "")
+        .replace("monitor: 1s", "monitor: 1s\n        order: stop-first");
+    let (out, report) = under_load(port, || c.deploy("v2s.yaml", &stop_first));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_no_failures(&report);
+    assert_serves_now(port, "v2s");
 
     release(
         "v3.yaml",
