@@ -305,6 +305,17 @@ pub async fn update(
     )))
 }
 
+/// The URL of `path` on the agent server at `agent_addr`: `https://HOST:PORT` for cluster nodes
+/// (mTLS, reached with [`crate::AppState::http`]'s manager certificate), plain `HOST:PORT` for a
+/// loopback agent (`flotilla up`, standalone agents).
+pub(crate) fn agent_url(agent_addr: &str, path: &str) -> String {
+    if agent_addr.starts_with("https://") {
+        format!("{agent_addr}{path}")
+    } else {
+        format!("http://{agent_addr}{path}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,16 +372,5 @@ mod tests {
         };
         assert_eq!(fields[0].field, "availability");
         assert!(crate::body::parse::<NodeUpdate>(br#"{"labels":{}}"#).is_err());
-    }
-}
-
-/// The URL of `path` on the agent server at `agent_addr`: `https://HOST:PORT` for cluster nodes
-/// (mTLS, reached with [`crate::AppState::http`]'s manager certificate), plain `HOST:PORT` for a
-/// loopback agent (`flotilla up`, standalone agents).
-pub(crate) fn agent_url(agent_addr: &str, path: &str) -> String {
-    if agent_addr.starts_with("https://") {
-        format!("{agent_addr}{path}")
-    } else {
-        format!("http://{agent_addr}{path}")
     }
 }
