@@ -215,16 +215,20 @@ fn nodes_pass(
     }
     for task in state.tasks.values() {
         let Some(node) = &task.node else { continue };
-        if !down.contains_key(node) || task.status.state.is_terminal() {
+        // A removed node (`node rm`) has no record left to go down, and will never report
+        // again: its tasks are lost at once, or its replicas would never be replaced.
+        let removed = !state.nodes.contains_key(node);
+        if !(removed || down.contains_key(node)) || task.status.state.is_terminal() {
             continue;
         }
         let mut t = task.clone();
         t.desired_state = DesiredState::Shutdown;
-        t.record_status(TaskStatus::new(
-            TaskState::Lost,
-            now,
-            format!("node {node} is down"),
-        ));
+        let why = if removed {
+            format!("node {node} was removed from the cluster")
+        } else {
+            format!("node {node} is down")
+        };
+        t.record_status(TaskStatus::new(TaskState::Lost, now, why));
         plan.push(vec![Op::PutTask {
             task: t,
             expect: Expect::Version(task.meta.version),
@@ -1082,6 +1086,34 @@ mod tests {
 
     fn live_of<'a>(state: &'a ClusterState, service: &'a str) -> Vec<&'a Task> {
         state.tasks_of(service).filter(|t| is_live(t)).collect()
+    }
+
+    #[test]
+    fn tasks_of_a_removed_node_are_lost_and_replaced() {
+        let web = spec("web", 2, 100, 0);
+        let mut state = ClusterState::default();
+        state.nodes.insert("n1".into(), node("n1", 2000));
+        add_service(&mut state, &web);
+        for (id, slot, on) in [("w1", 1, "n1"), ("w2", 2, "gone")] {
+            let t = running(id, &web, slot, on);
+            state.tasks.insert(t.id.clone(), t);
+        }
+        pass(&mut state, NOW);
+        let lost = &state.tasks["w2"];
+        assert_eq!(lost.status.state, TaskState::Lost);
+        assert_eq!(lost.desired_state, DesiredState::Shutdown);
+        assert_eq!(
+            lost.status.message,
+            "node gone was removed from the cluster"
+        );
+        pass(&mut state, NOW + 100);
+        let live = live_of(&state, "web");
+        assert_eq!(live.len(), 2, "{live:?}");
+        assert!(
+            live.iter().all(|t| t.node.as_deref() == Some("n1")),
+            "{live:?}"
+        );
+        assert_eq!(state.tasks["w1"].status.state, TaskState::Running);
     }
 
     #[test]

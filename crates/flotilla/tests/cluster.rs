@@ -88,27 +88,49 @@ impl Member {
 
     /// `curl` against `target`'s cluster (mTLS) API with this node's certificate.
     fn curl_as(&self, target: &Member, method: &str, path: &str, body: &str) -> (u16, String) {
-        let out = Command::new("curl")
-            .args(["-sS", "-k", "--http1.1", "--max-time", "10", "-X", method])
-            .arg("--cert")
-            .arg(self.pki("node.crt"))
+        curl(
+            Some(self),
+            &[
+                "-X",
+                method,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                body,
+            ],
+            &format!("https://{}{path}", target.listen),
+        )
+    }
+}
+
+/// `curl` over TLS (any server certificate), presenting `cert`'s node certificate if given:
+/// (HTTP status, body), or (0, curl's own complaint) when no answer came (refused connection or
+/// handshake).
+fn curl(cert: Option<&Member>, extra: &[&str], url: &str) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-k",
+        "--http1.1",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(m) = cert {
+        cmd.arg("--cert")
+            .arg(m.pki("node.crt"))
             .arg("--key")
-            .arg(self.pki("node.key"))
-            .args(["-H", "content-type: application/json", "-d", body])
-            .args(["-w", "\n%{http_code}"])
-            .arg(format!("https://{}{path}", target.listen))
-            .output()
-            .expect("run curl");
-        let text = stdout(&out);
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        let code = code.trim().parse().unwrap_or(0);
-        // curl's own complaint (connection, TLS) explains a 0.
-        let body = if code == 0 {
-            stderr(&out)
-        } else {
-            body.to_string()
-        };
-        (code, body)
+            .arg(m.pki("node.key"));
+    }
+    let out = cmd.args(extra).arg(url).output().expect("run curl");
+    let text = stdout(&out);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        (0, stderr(&out))
+    } else {
+        (code, body.to_string())
     }
 }
 
@@ -145,7 +167,7 @@ impl Fleet {
             "--node-name".into(),
             name.into(),
             "--node-grace".into(),
-            "2s".into(),
+            "4s".into(),
             "--task-ports".into(),
             ports,
         ]);
@@ -551,41 +573,19 @@ fn membership_security_quorum_and_removal() {
     let w2_agent = agent_addr("w2");
     assert!(w2_agent.starts_with("https://"), "w2 agent at {w2_agent:?}");
     let probe = format!("{w2_agent}/tasks/nosuch/stats");
-    let (code, body) = curl_agent(Some(fleet.get("m2")), &probe);
+    let (code, body) = curl(Some(fleet.get("m2")), &[], &probe);
     assert_eq!(code, 404, "a manager certificate was not admitted: {body}");
     for cert in [None, Some(fleet.get("w2"))] {
-        let (code, body) = curl_agent(cert, &probe);
+        let (code, body) = curl(cert, &[], &probe);
         assert_eq!(code, 0, "admitted without a manager certificate: {body}");
     }
     let plain = probe.replacen("https://", "http://", 1);
-    let (code, body) = curl_agent(Some(fleet.get("m2")), &plain);
+    let (code, body) = curl(Some(fleet.get("m2")), &[], &plain);
     assert_eq!(code, 0, "plain HTTP answered: {body}");
 
     // Live agents stop their tasks; those of the killed m3 and the removed w1 cannot (their
     // shims outlive them by design) and go with the fleet's cleanup.
     fleet.get("m1").ok(&["service", "rm", "keep"]);
-}
-
-/// `GET url` with `curl`, presenting `cert`'s node certificate when given; the status code
-/// (0 when the connection or TLS handshake failed) and the body or curl's complaint.
-fn curl_agent(cert: Option<&Member>, url: &str) -> (u16, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-k", "--max-time", "10", "-w", "\n%{http_code}"]);
-    if let Some(m) = cert {
-        cmd.arg("--cert")
-            .arg(m.pki("node.crt"))
-            .arg("--key")
-            .arg(m.pki("node.key"));
-    }
-    let out = cmd.arg(url).output().expect("run curl");
-    let text = stdout(&out);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    let code = code.trim().parse().unwrap_or(0);
-    if code == 0 {
-        (0, stderr(&out))
-    } else {
-        (code, body.to_string())
-    }
 }
 
 /// Kills (`pkill -9 -f`) every process whose command line holds the pattern when dropped:
