@@ -3,7 +3,7 @@
 //! where each step starts from what the previous one left (wall time stays small).
 mod common;
 
-use common::{free_port, stderr, stdout, tail, wait_for, BIN};
+use common::{free_port, load_report, stderr, stdout, tail, wait_for, BIN};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -609,20 +609,6 @@ fn start_load(url: &str) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the load")
-}
-
-/// Stops the load (SIGTERM makes it report what it sent) and parses its report.
-fn load_report(child: Child) -> Value {
-    let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    assert!(
-        stopped.is_ok_and(|s| s.success()),
-        "could not stop the load"
-    );
-    let out = child.wait_with_output().expect("load finished");
-    assert!(out.status.success(), "bench load: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("load JSON")
 }
 
 /// The version the demo app behind `ip:port` (a node's mesh) reports.

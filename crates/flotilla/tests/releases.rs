@@ -114,20 +114,6 @@ fn start_load(port: u16) -> Child {
         .expect("start the load")
 }
 
-/// Stops the load (it reports what it sent) and parses its report.
-fn load_report(child: Child) -> Value {
-    let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    assert!(
-        stopped.is_ok_and(|s| s.success()),
-        "could not stop the load"
-    );
-    let out = child.wait_with_output().expect("load finished");
-    assert!(out.status.success(), "bench load: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("load JSON")
-}
-
 fn version_served(port: u16) -> String {
     let (status, body) = http_get(port, "/").expect("GET / through the mesh");
     assert_eq!(status, 200, "{body}");

@@ -588,3 +588,18 @@ pub fn external_ipv4() -> Option<String> {
         })
         .map(str::to_string)
 }
+
+/// Stops a `flotilla bench load` child (SIGTERM makes it report what it sent) and parses its
+/// JSON report.
+pub fn load_report(child: Child) -> Value {
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(
+        stopped.is_ok_and(|s| s.success()),
+        "could not stop the load"
+    );
+    let out = child.wait_with_output().expect("load finished");
+    assert!(out.status.success(), "bench load: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("load JSON")
+}
