@@ -15,8 +15,8 @@ use crate::shim::ExitRecord;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerUpdateBody, DeviceRequest,
-    EndpointSettings, HealthConfig, HealthStatusEnum, HostConfig, Mount, MountType,
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerUpdateBody,
+    DeviceRequest, EndpointSettings, HealthConfig, HealthStatusEnum, HostConfig, Mount, MountType,
     NetworkCreateRequest, NetworkingConfig, PortBinding as EnginePortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
@@ -223,16 +223,15 @@ impl DockerDriver {
         Ok(tags)
     }
 
-    /// The container of a task on this node, inspected.
-    async fn find(&self, task_id: &str) -> Result<ContainerInspectResponse, DriverError> {
-        let filters = HashMap::from([(
-            "label",
-            vec![
-                format!("{LABEL_TASK}={task_id}"),
-                format!("{LABEL_OWNER}={}", self.owner),
-            ],
-        )]);
-        let list = self
+    /// This agent's containers (running or not) that also carry `label` (`KEY=VALUE`), if given.
+    async fn owned_containers(
+        &self,
+        label: Option<String>,
+    ) -> Result<Vec<ContainerSummary>, DriverError> {
+        let mut labels = vec![format!("{LABEL_OWNER}={}", self.owner)];
+        labels.extend(label);
+        let filters = HashMap::from([("label", labels)]);
+        Ok(self
             .docker
             .list_containers(Some(
                 ListContainersOptionsBuilder::default()
@@ -240,6 +239,13 @@ impl DockerDriver {
                     .filters(&filters)
                     .build(),
             ))
+            .await?)
+    }
+
+    /// The container of a task on this node, inspected.
+    async fn find(&self, task_id: &str) -> Result<ContainerInspectResponse, DriverError> {
+        let list = self
+            .owned_containers(Some(format!("{LABEL_TASK}={task_id}")))
             .await?;
         let id = list
             .into_iter()
@@ -343,21 +349,8 @@ impl DockerDriver {
     /// Removes the service's network once no container of the service is left on the node.
     async fn release_network(&self, service: &str) -> Result<(), DriverError> {
         let _guard = self.networks.lock().await;
-        let filters = HashMap::from([(
-            "label",
-            vec![
-                format!("{LABEL_SERVICE}={service}"),
-                format!("{LABEL_OWNER}={}", self.owner),
-            ],
-        )]);
         let left = self
-            .docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
+            .owned_containers(Some(format!("{LABEL_SERVICE}={service}")))
             .await?;
         if !left.is_empty() {
             return Ok(());
@@ -891,16 +884,7 @@ impl Driver for DockerDriver {
     }
 
     async fn recover(&self) -> Result<Vec<RecoveredTask>, DriverError> {
-        let filters = HashMap::from([("label", vec![format!("{LABEL_OWNER}={}", self.owner)])]);
-        let list = self
-            .docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await?;
+        let list = self.owned_containers(None).await?;
         let mut recovered = Vec::new();
         for summary in list {
             let Some(id) = summary.id else { continue };

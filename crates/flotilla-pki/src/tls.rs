@@ -194,12 +194,7 @@ impl TlsIdentity {
 
     /// Server side: presents our certificate; verifies client certificates when offered.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, PkiError> {
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(Arc::new(CurrentClientVerifier(self.clone())))
-            .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        self.serving(false)
     }
 
     /// Client side: presents our certificate and accepts only servers whose certificate chains
@@ -217,9 +212,19 @@ impl TlsIdentity {
     /// The agent server of a cluster node: presents our certificate and admits only clients
     /// with a manager certificate of the cluster.
     pub fn agent_server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, PkiError> {
+        self.serving(true)
+    }
+
+    /// A server presenting our certificate; `managers_only`: a manager client certificate is
+    /// required, otherwise a client certificate is checked when offered.
+    fn serving(self: &Arc<Self>, managers_only: bool) -> Result<Arc<ServerConfig>, PkiError> {
+        let verifier = ClusterClientVerifier {
+            identity: self.clone(),
+            managers_only,
+        };
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(Arc::new(ManagerClientVerifier(self.clone())))
+            .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
@@ -259,16 +264,24 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
+/// Checks client certificates against the cluster CA (as currently loaded, so rotations and
+/// renewals apply). With `managers_only` (the agent server, whose only legitimate clients are
+/// managers: log proxying, mesh stats for releases, resource updates) a certificate is required
+/// and must name a manager; otherwise (the cluster API, which also serves bearer-token and
+/// loopback callers) one is checked when offered.
 #[derive(Debug)]
-struct CurrentClientVerifier(Arc<TlsIdentity>);
+struct ClusterClientVerifier {
+    identity: Arc<TlsIdentity>,
+    managers_only: bool,
+}
 
-impl ClientCertVerifier for CurrentClientVerifier {
+impl ClientCertVerifier for ClusterClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.managers_only
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -283,15 +296,21 @@ impl ClientCertVerifier for CurrentClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .loaded()
-            .client_verifier
-            .verify_client_cert(end_entity, intermediates, now)?;
-        identity_of(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                Arc::new(e),
-            )))
-        })?;
+        self.identity.loaded().client_verifier.verify_client_cert(
+            end_entity,
+            intermediates,
+            now,
+        )?;
+        let identity = identity_of(end_entity).map_err(other_error)?;
+        if self.managers_only && identity.role != Role::Manager {
+            return Err(other_error(PkiError::BadCertificate {
+                what: "client".into(),
+                reason: format!(
+                    "node {} presents a {} certificate; only managers may call agents",
+                    identity.node_id, identity.role
+                ),
+            }));
+        }
         Ok(ClientCertVerified::assertion())
     }
 
@@ -353,50 +372,6 @@ impl ServerCertVerifier for NodeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         server_identity(&self.0.loaded().roots, end_entity, intermediates, now)?;
         Ok(ServerCertVerified::assertion())
-    }
-
-    handshake_signatures_with_ring!();
-}
-
-/// Requires a client certificate of the cluster naming a manager: the agent server's only
-/// legitimate clients are managers (log proxying, mesh stats for releases, resource updates).
-#[derive(Debug)]
-struct ManagerClientVerifier(Arc<TlsIdentity>);
-
-impl ClientCertVerifier for ManagerClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .loaded()
-            .client_verifier
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let identity = identity_of(end_entity).map_err(other_error)?;
-        if identity.role != Role::Manager {
-            return Err(other_error(PkiError::BadCertificate {
-                what: "client".into(),
-                reason: format!(
-                    "node {} presents a {} certificate; only managers may call agents",
-                    identity.node_id, identity.role
-                ),
-            }));
-        }
-        Ok(ClientCertVerified::assertion())
     }
 
     handshake_signatures_with_ring!();
