@@ -73,8 +73,9 @@ pub struct Agent {
     ports: Arc<PortAllocator>,
     log_listener: tokio::net::TcpListener,
     mesh: Option<Arc<MeshNode>>,
-    /// Container images on this node when the agent started (see `registration`).
-    images: Vec<String>,
+    /// Container images on this node, kept current from the engine's image events and
+    /// re-reported by the heartbeat loop; `None` without a docker engine.
+    images: Option<watch::Receiver<Vec<String>>>,
 }
 
 /// A task this agent is running.
@@ -89,16 +90,18 @@ impl Agent {
         let process: Arc<dyn Driver> =
             Arc::new(ProcessDriver::new(cfg.state_dir.join("process"), exe)?);
         let mut drivers = BTreeMap::from([(DriverKind::Process, process)]);
-        let mut images = Vec::new();
+        let mut images = None;
         let owner = owner_key(&cfg.state_dir)?;
+        let mesh = cfg.mesh.clone().map(MeshNode::new).transpose()?;
         match DockerDriver::detect(&cfg.node_id, &owner).await {
             Ok(Some(docker)) => {
                 tracing::info!("docker engine found; docker driver enabled");
-                // Advertised at registration so the scheduler prefers nodes holding an image.
-                images = docker.images().await.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot list the engine's images");
-                    Vec::new()
-                });
+                // Containers resolve `<service>.flotilla` through the mesh's DNS.
+                if let Some(mesh) = &mesh {
+                    docker.set_container_dns(mesh.clone());
+                }
+                // Advertised so the scheduler prefers nodes holding an image.
+                images = Some(docker.watch_images().await);
                 drivers.insert(DriverKind::Docker, Arc::new(docker) as Arc<dyn Driver>);
             }
             Ok(None) => {}
@@ -113,7 +116,6 @@ impl Agent {
         let log_listener = tokio::net::TcpListener::bind((bind_ip, 0))
             .await
             .map_err(AgentError::Listen)?;
-        let mesh = cfg.mesh.clone().map(MeshNode::new).transpose()?;
         Ok(Agent {
             cfg,
             drivers,
@@ -135,7 +137,11 @@ impl Agent {
             drivers: self.drivers.keys().copied().collect(),
             labels: BTreeMap::new(),
             engine_labels: BTreeMap::new(),
-            images: self.images.clone(),
+            images: self
+                .images
+                .as_ref()
+                .map(|rx| rx.borrow().clone())
+                .unwrap_or_default(),
             agent_addr: self
                 .log_listener
                 .local_addr()
@@ -183,7 +189,8 @@ impl Agent {
             tracing::info!(count = recovered.len(), "recovered tasks from a previous agent");
 
             let conflicts = self.mesh.as_ref().map(|m| m.port_conflicts());
-            let heartbeat = tokio::spawn(heartbeat_loop(client.clone(), reg, conflicts, self.cfg.heartbeat, shutdown.clone()));
+            let reported = Reported { port_conflicts: conflicts, images: self.images.clone() };
+            let heartbeat = tokio::spawn(heartbeat_loop(client.clone(), reg, reported, self.cfg.heartbeat, shutdown.clone()));
             let logs = tokio::spawn(serve_logs(self.log_listener, self.cfg.agent_tls.clone(), self.drivers.clone(), self.mesh.clone(), shutdown.clone()));
             let mesh = self.mesh.clone().map(|m| {
                 tokio::spawn(m.run(client.clone(), self.cfg.node_id.clone(), shutdown.clone()).in_current_span())
@@ -302,28 +309,50 @@ fn node_resources() -> NodeResources {
     }
 }
 
+/// Facts about the node that change while the agent runs and belong in its node record.
+struct Reported {
+    /// Published ports the mesh cannot serve (`node ls`/`inspect`).
+    port_conflicts: Option<watch::Receiver<Vec<String>>>,
+    /// Image tags present on the node (the scheduler's image preference).
+    images: Option<watch::Receiver<Vec<String>>>,
+}
+
+/// Takes `rx`'s value into `field` if it changed since last seen; true if it did.
+fn take_changed(rx: Option<&mut watch::Receiver<Vec<String>>>, field: &mut Vec<String>) -> bool {
+    match rx.filter(|rx| rx.has_changed().unwrap_or(false)) {
+        Some(rx) => {
+            *field = rx.borrow_and_update().clone();
+            true
+        }
+        None => false,
+    }
+}
+
 async fn heartbeat_loop(
     client: Client,
     mut reg: NodeRegistration,
-    mut conflicts: Option<watch::Receiver<Vec<String>>>,
+    mut reported: Reported,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut reregister = false;
     loop {
-        // Published ports the mesh cannot serve go into the node record (`node ls`/`inspect`)
-        // by registering again, which refreshes only what the agent reports.
-        if let Some(rx) = conflicts
-            .as_mut()
-            .filter(|rx| rx.has_changed().unwrap_or(false))
-        {
-            reg.port_conflicts = rx.borrow_and_update().clone();
+        // Changed facts go into the node record by registering again, which refreshes only
+        // what the agent reports (operators' availability and labels are kept).
+        reregister |= take_changed(reported.port_conflicts.as_mut(), &mut reg.port_conflicts);
+        reregister |= take_changed(reported.images.as_mut(), &mut reg.images);
+        if reregister {
             match client.register_node(&reg).await {
                 Ok(_) => {
-                    tracing::info!(conflicts = ?reg.port_conflicts, "reported mesh port conflicts")
+                    reregister = false;
+                    tracing::info!(
+                        conflicts = ?reg.port_conflicts,
+                        images = reg.images.len(),
+                        "reported changed port conflicts or images"
+                    )
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "reporting mesh port conflicts failed; retrying");
-                    rx.mark_changed();
+                    tracing::warn!(error = %e, "reporting changed node facts failed; retrying")
                 }
             }
         }

@@ -81,6 +81,17 @@ pub fn network_name(service: &str) -> String {
     format!("flotilla-{service}")
 }
 
+/// The IPv4 gateway of a network, from its IPAM config.
+fn gateway_of(network: &bollard::models::NetworkInspect) -> Option<std::net::Ipv4Addr> {
+    network
+        .ipam
+        .as_ref()?
+        .config
+        .as_ref()?
+        .iter()
+        .find_map(|c| c.gateway.as_deref()?.parse().ok())
+}
+
 /// Per-task notifications fed by the event stream.
 #[derive(Default)]
 struct Watchers {
@@ -133,6 +144,16 @@ impl Watchers {
     }
 }
 
+/// A DNS server for the containers of one service network, reached at the network's gateway
+/// (an address of this host): the routing mesh's responder, so `<service>.flotilla` resolves
+/// inside containers.
+#[async_trait::async_trait]
+pub trait ContainerDns: Send + Sync {
+    /// Makes sure a DNS server answers on `gateway`; the address to give containers as their
+    /// DNS server, or `None` when there is none (containers keep the engine's default DNS).
+    async fn serve_on(&self, gateway: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr>;
+}
+
 /// Runs tasks as containers on the local Docker Engine.
 pub struct DockerDriver {
     docker: Docker,
@@ -144,6 +165,8 @@ pub struct DockerDriver {
     /// create two networks of the same name for two concurrent starts.
     networks: tokio::sync::Mutex<()>,
     events: JoinHandle<()>,
+    /// Where containers send DNS queries (see [`DockerDriver::set_container_dns`]).
+    container_dns: std::sync::OnceLock<Arc<dyn ContainerDns>>,
 }
 
 impl Drop for DockerDriver {
@@ -199,7 +222,15 @@ impl DockerDriver {
             watchers,
             networks: tokio::sync::Mutex::new(()),
             events,
+            container_dns: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives containers started from now on `dns` as their DNS server (the engine's embedded
+    /// DNS still answers container names and forwards everything else there). Set once;
+    /// later calls are ignored.
+    pub fn set_container_dns(&self, dns: Arc<dyn ContainerDns>) {
+        let _ = self.container_dns.set(dns);
     }
 
     /// The engine client, for callers that need more than the driver offers.
@@ -209,18 +240,21 @@ impl DockerDriver {
 
     /// Tags of the images present on the node (`name:tag`).
     pub async fn images(&self) -> Result<Vec<String>, DriverError> {
-        let images = self
-            .docker
-            .list_images(Some(ListImagesOptionsBuilder::default().build()))
-            .await?;
-        let mut tags: Vec<String> = images
-            .into_iter()
-            .flat_map(|i| i.repo_tags)
-            .filter(|t| t != "<none>:<none>")
-            .collect();
-        tags.sort();
-        tags.dedup();
-        Ok(tags)
+        image_tags(&self.docker).await
+    }
+
+    /// The node's image tags, now and after every image event (pull, import, load, tag,
+    /// untag, delete), so the node record the scheduler's image preference reads stays current
+    /// instead of frozen at registration. The follower stops once every receiver is dropped.
+    pub async fn watch_images(&self) -> watch::Receiver<Vec<String>> {
+        let initial = self.images().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the engine's images");
+            Vec::new()
+        });
+        let (tx, rx) = watch::channel(initial);
+        let span = tracing::info_span!("docker_images", node = %self.node);
+        tokio::spawn(follow_images(self.docker.clone(), tx).instrument(span));
+        rx
     }
 
     /// This agent's containers (running or not) that also carry `label` (`KEY=VALUE`), if given.
@@ -321,12 +355,16 @@ impl DockerDriver {
         }
     }
 
-    /// Creates the service's bridge network unless it exists.
-    async fn ensure_network(&self, service: &str) -> Result<(), DriverError> {
+    /// Creates the service's bridge network unless it exists; returns its IPv4 gateway (the
+    /// host's address on it) when the engine reports one.
+    async fn ensure_network(
+        &self,
+        service: &str,
+    ) -> Result<Option<std::net::Ipv4Addr>, DriverError> {
         let _guard = self.networks.lock().await;
         let name = network_name(service);
         match self.docker.inspect_network(&name, None).await {
-            Ok(_) => return Ok(()),
+            Ok(network) => return Ok(gateway_of(&network)),
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(e.into()),
         }
@@ -343,7 +381,13 @@ impl DockerDriver {
             })
             .await?;
         tracing::info!(network = %name, "created service network");
-        Ok(())
+        // The create response has no addresses; the engine picked the subnet just now.
+        Ok(self
+            .docker
+            .inspect_network(&name, None)
+            .await
+            .ok()
+            .and_then(|network| gateway_of(&network)))
     }
 
     /// Removes the service's network once no container of the service is left on the node.
@@ -754,6 +798,65 @@ fn health_from_engine(status: Option<HealthStatusEnum>) -> Option<Health> {
     }
 }
 
+async fn image_tags(docker: &Docker) -> Result<Vec<String>, DriverError> {
+    let images = docker
+        .list_images(Some(ListImagesOptionsBuilder::default().build()))
+        .await?;
+    let mut tags: Vec<String> = images
+        .into_iter()
+        .flat_map(|i| i.repo_tags)
+        .filter(|t| t != "<none>:<none>")
+        .collect();
+    tags.sort();
+    tags.dedup();
+    Ok(tags)
+}
+
+/// Publishes the image tags on `tx` after every image event until every receiver is gone.
+async fn follow_images(docker: Docker, tx: watch::Sender<Vec<String>>) {
+    let publish = |tags: Vec<String>| {
+        tx.send_if_modified(|current| {
+            let changed = *current != tags;
+            *current = tags;
+            changed
+        })
+    };
+    loop {
+        let filters = HashMap::from([("type", vec!["image".to_string()])]);
+        let mut events = docker.events(Some(
+            EventsOptionsBuilder::default().filters(&filters).build(),
+        ));
+        // Images may have changed while the stream was down.
+        if let Ok(tags) = image_tags(&docker).await {
+            publish(tags);
+        }
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                event = events.next() => match event {
+                    Some(Ok(_)) => match image_tags(&docker).await {
+                        Ok(tags) => {
+                            if publish(tags) {
+                                tracing::debug!("the node's images changed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot list the engine's images"),
+                    },
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "docker image event stream failed; reconnecting");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(EVENTS_RETRY) => {}
+        }
+    }
+}
+
 /// Follows the engine's container events for this agent's containers until aborted.
 async fn follow_events(docker: Docker, owner: String, watchers: Arc<Watchers>) {
     loop {
@@ -827,7 +930,7 @@ impl Driver for DockerDriver {
 
     #[tracing::instrument(skip_all, fields(task = %task.id, service = %task.spec.name, node = %self.node))]
     async fn start(&self, task: &Task, ports: &[PortBinding]) -> Result<RunningTask, DriverError> {
-        let body = self.create_body(task, ports)?;
+        let mut body = self.create_body(task, ports)?;
         match self.find(&task.id).await {
             Ok(_) => return Err(DriverError::AlreadyExists(task.id.clone())),
             Err(DriverError::NotFound(_)) => {}
@@ -836,7 +939,13 @@ impl Driver for DockerDriver {
         let image = body.image.clone().unwrap_or_default();
         self.ensure_image(task, &image, task.spec.container.pull_policy)
             .await?;
-        self.ensure_network(&task.spec.name).await?;
+        let gateway = self.ensure_network(&task.spec.name).await?;
+        if let (Some(dns), Some(gateway)) = (self.container_dns.get(), gateway) {
+            if let Some(server) = dns.serve_on(gateway).await {
+                body.host_config.get_or_insert_with(Default::default).dns =
+                    Some(vec![server.to_string()]);
+            }
+        }
         let name = container_name(task);
         let created = match self
             .docker

@@ -434,3 +434,51 @@ async fn image_healthcheck_is_followed() {
     d.remove(&own.id).await.unwrap();
     cleanup(&d, service).await;
 }
+
+/// The image list a node advertises follows the engine: a new tag appears and a removed one
+/// disappears without the agent re-listing by hand.
+#[tokio::test]
+async fn image_list_follows_engine_events() {
+    let Some(d) = driver().await else { return };
+    let tag = format!("flotilla-test-image-watch-{}", std::process::id());
+    let full = format!("{tag}:latest");
+    let mut images = d.watch_images().await;
+    assert!(images.borrow().iter().any(|t| t == IMAGE));
+    assert!(!images.borrow().contains(&full));
+
+    d.client()
+        .tag_image(
+            IMAGE,
+            Some(
+                bollard::query_parameters::TagImageOptionsBuilder::default()
+                    .repo(&tag)
+                    .tag("latest")
+                    .build(),
+            ),
+        )
+        .await
+        .unwrap();
+    let appeared = tokio::time::timeout(
+        Duration::from_secs(30),
+        images.wait_for(|tags| tags.contains(&full)),
+    )
+    .await
+    .map(|_| ());
+    assert!(appeared.is_ok(), "the new tag never reached the watch");
+
+    d.client()
+        .remove_image(
+            &full,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await
+        .unwrap();
+    let gone = tokio::time::timeout(
+        Duration::from_secs(30),
+        images.wait_for(|tags| !tags.contains(&full)),
+    )
+    .await
+    .map(|_| ());
+    assert!(gone.is_ok(), "the removed tag stayed in the watch");
+}
