@@ -174,65 +174,53 @@ fn route(r: &mut Report, field: &str, node: &Node) -> Option<HttpRoute> {
 /// `{consecutive_failures, min_success_percent, window_requests, open_for}`.
 fn breaker(r: &mut Report, field: &str, node: &Node) -> BreakerSpec {
     let mut spec = BreakerSpec::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return spec;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "consecutive_failures" => {
-                if let Some(n) = r.uint32(&at, value) {
-                    spec.consecutive_failures = n;
-                }
+    r.keys(field, node, |r, key, at, value| match key {
+        "consecutive_failures" => {
+            if let Some(n) = r.uint32(at, value) {
+                spec.consecutive_failures = n;
             }
-            "min_success_percent" => {
-                if let Some(p) = percent(r, &at, value) {
-                    spec.min_success_percent = p;
-                }
-            }
-            "window_requests" => {
-                if let Some(n) = r.uint32(&at, value) {
-                    spec.window_requests = n;
-                }
-            }
-            "open_for" => {
-                if let Some(d) = r.duration(&at, value) {
-                    spec.open_for = d;
-                }
-            }
-            _ => r.error(
-                &at,
-                "unknown key (expected consecutive_failures, min_success_percent, window_requests or open_for)",
-            ),
         }
-    }
+        "min_success_percent" => {
+            if let Some(p) = percent(r, at, value) {
+                spec.min_success_percent = p;
+            }
+        }
+        "window_requests" => {
+            if let Some(n) = r.uint32(at, value) {
+                spec.window_requests = n;
+            }
+        }
+        "open_for" => {
+            if let Some(d) = r.duration(at, value) {
+                spec.open_for = d;
+            }
+        }
+        _ => r.error(
+            at,
+            "unknown key (expected consecutive_failures, min_success_percent, window_requests or open_for)",
+        ),
+    });
     spec
 }
 
 /// `{status: 503, body: "..."}`.
 fn fallback(r: &mut Report, field: &str, node: &Node) -> FallbackSpec {
     let mut spec = FallbackSpec::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return spec;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "status" => {
-                if let Some(status) = r.uint(&at, value) {
-                    match u16::try_from(status) {
-                        Ok(s) => spec.status = s,
-                        Err(_) => r.error(&at, format!("{status} is not an HTTP status")),
-                    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "status" => {
+            if let Some(status) = r.uint(at, value) {
+                match u16::try_from(status) {
+                    Ok(s) => spec.status = s,
+                    Err(_) => r.error(at, format!("{status} is not an HTTP status")),
                 }
             }
-            "body" => {
-                if let Some(body) = r.string(&at, value) {
-                    spec.body = body;
-                }
-            }
-            _ => r.error(&at, "unknown key (expected status or body)"),
         }
-    }
+        "body" => {
+            if let Some(body) = r.string(at, value) {
+                spec.body = body;
+            }
+        }
+        _ => r.error(at, "unknown key (expected status or body)"),
+    });
     spec
 }

@@ -65,6 +65,21 @@ impl Report {
         }
     }
 
+    /// Reads the mapping at `field` one key at a time: `read(report, key, path, value)`, where
+    /// `path` is `field.key`, the name every error about that value carries. `None` (after
+    /// reporting it) when `node` is not a mapping.
+    pub(crate) fn keys(
+        &mut self,
+        field: &str,
+        node: &Node,
+        mut read: impl FnMut(&mut Self, &str, &str, &Node),
+    ) -> Option<()> {
+        for (key, value) in self.mapping(field, node)? {
+            read(self, key, &format!("{field}.{key}"), value);
+        }
+        Some(())
+    }
+
     pub(crate) fn string(&mut self, field: &str, node: &Node) -> Option<String> {
         match node {
             Node::Str(s) => Some(s.clone()),

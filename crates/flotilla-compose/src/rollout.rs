@@ -28,61 +28,55 @@ fn number(r: &mut Report, field: &str, node: &Node) -> Option<f64> {
 /// `update_config` / `rollback_config`: Compose's fields with Swarm's meaning.
 pub(crate) fn update_config(r: &mut Report, field: &str, node: &Node) -> UpdateConfig {
     let mut cfg = UpdateConfig::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return cfg;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "parallelism" => {
-                if let Some(n) = r.uint(&at, value) {
-                    cfg.parallelism = n;
-                }
+    r.keys(field, node, |r, key, at, value| match key {
+        "parallelism" => {
+            if let Some(n) = r.uint(at, value) {
+                cfg.parallelism = n;
             }
-            "delay" => {
-                if let Some(d) = r.duration(&at, value) {
-                    cfg.delay = d;
-                }
-            }
-            "monitor" => {
-                if let Some(d) = r.duration(&at, value) {
-                    cfg.monitor = d;
-                }
-            }
-            "order" => match r.string(&at, value).as_deref() {
-                Some("start-first") => cfg.order = UpdateOrder::StartFirst,
-                Some("stop-first") => cfg.order = UpdateOrder::StopFirst,
-                Some(other) => r.error(
-                    &at,
-                    format!("{other:?} is not an order (expected start-first or stop-first)"),
-                ),
-                None => {}
-            },
-            "max_failure_ratio" => {
-                if let Some(v) = number(r, &at, value) {
-                    if v > 1.0 {
-                        r.error(&at, format!("{v} is outside 0..=1"));
-                    } else if let Some(d) = Decimal::from_f64(v) {
-                        cfg.max_failure_ratio = d;
-                    }
-                }
-            }
-            "failure_action" => match r.string(&at, value).as_deref() {
-                Some("pause") => cfg.failure_action = FailureAction::Pause,
-                Some("continue") => cfg.failure_action = FailureAction::Continue,
-                Some("rollback") => cfg.failure_action = FailureAction::Rollback,
-                Some(other) => r.error(
-                    &at,
-                    format!("{other:?} is not a failure action (expected pause, continue or rollback)"),
-                ),
-                None => {}
-            },
-            _ => r.error(
-                &at,
-                "unknown key (expected parallelism, delay, order, monitor, max_failure_ratio or failure_action)",
-            ),
         }
-    }
+        "delay" => {
+            if let Some(d) = r.duration(at, value) {
+                cfg.delay = d;
+            }
+        }
+        "monitor" => {
+            if let Some(d) = r.duration(at, value) {
+                cfg.monitor = d;
+            }
+        }
+        "order" => match r.string(at, value).as_deref() {
+            Some("start-first") => cfg.order = UpdateOrder::StartFirst,
+            Some("stop-first") => cfg.order = UpdateOrder::StopFirst,
+            Some(other) => r.error(
+                at,
+                format!("{other:?} is not an order (expected start-first or stop-first)"),
+            ),
+            None => {}
+        },
+        "max_failure_ratio" => {
+            if let Some(v) = number(r, at, value) {
+                if v > 1.0 {
+                    r.error(at, format!("{v} is outside 0..=1"));
+                } else if let Some(d) = Decimal::from_f64(v) {
+                    cfg.max_failure_ratio = d;
+                }
+            }
+        }
+        "failure_action" => match r.string(at, value).as_deref() {
+            Some("pause") => cfg.failure_action = FailureAction::Pause,
+            Some("continue") => cfg.failure_action = FailureAction::Continue,
+            Some("rollback") => cfg.failure_action = FailureAction::Rollback,
+            Some(other) => r.error(
+                at,
+                format!("{other:?} is not a failure action (expected pause, continue or rollback)"),
+            ),
+            None => {}
+        },
+        _ => r.error(
+            at,
+            "unknown key (expected parallelism, delay, order, monitor, max_failure_ratio or failure_action)",
+        ),
+    });
     cfg
 }
 
@@ -106,46 +100,34 @@ pub(crate) fn strategy(r: &mut Report, field: &str, node: &Node) -> Option<Strat
 /// `x-flotilla.blue_green: {auto_promote, scale_down_delay}`.
 pub(crate) fn blue_green(r: &mut Report, field: &str, node: &Node) -> BlueGreenSpec {
     let mut spec = BlueGreenSpec::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return spec;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "auto_promote" => {
-                if let Some(b) = r.boolean(&at, value) {
-                    spec.auto_promote = b;
-                }
+    r.keys(field, node, |r, key, at, value| match key {
+        "auto_promote" => {
+            if let Some(b) = r.boolean(at, value) {
+                spec.auto_promote = b;
             }
-            "scale_down_delay" => {
-                if let Some(d) = r.duration(&at, value) {
-                    spec.scale_down_delay = d;
-                }
-            }
-            _ => r.error(
-                &at,
-                "unknown key (expected auto_promote or scale_down_delay)",
-            ),
         }
-    }
+        "scale_down_delay" => {
+            if let Some(d) = r.duration(at, value) {
+                spec.scale_down_delay = d;
+            }
+        }
+        _ => r.error(
+            at,
+            "unknown key (expected auto_promote or scale_down_delay)",
+        ),
+    });
     spec
 }
 
 /// `x-flotilla.canary: {steps: [{weight, pause}], analysis: {success_rate, p99_ms, interval}}`.
 pub(crate) fn canary(r: &mut Report, field: &str, node: &Node) -> CanarySpec {
     let mut spec = CanarySpec::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return spec;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "steps" => spec.steps = steps(r, &at, value),
-            "analysis" => spec.analysis = analysis(r, &at, value),
-            "match" => spec.matching = Some(canary_match(r, &at, value)),
-            _ => r.error(&at, "unknown key (expected steps, analysis or match)"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "steps" => spec.steps = steps(r, at, value),
+        "analysis" => spec.analysis = analysis(r, at, value),
+        "match" => spec.matching = Some(canary_match(r, at, value)),
+        _ => r.error(at, "unknown key (expected steps, analysis or match)"),
+    });
     spec
 }
 
@@ -153,18 +135,12 @@ pub(crate) fn canary(r: &mut Report, field: &str, node: &Node) -> CanarySpec {
 /// `validate_release`.
 fn canary_match(r: &mut Report, field: &str, node: &Node) -> CanaryMatch {
     let mut m = CanaryMatch::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return m;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "header" => m.header = r.string(&at, value),
-            "cookie" => m.cookie = r.string(&at, value),
-            "value" => m.value = r.string(&at, value),
-            _ => r.error(&at, "unknown key (expected header, cookie or value)"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "header" => m.header = r.string(at, value),
+        "cookie" => m.cookie = r.string(at, value),
+        "value" => m.value = r.string(at, value),
+        _ => r.error(at, "unknown key (expected header, cookie or value)"),
+    });
     m
 }
 
@@ -210,52 +186,46 @@ fn steps(r: &mut Report, field: &str, node: &Node) -> Vec<CanaryStep> {
 
 fn analysis(r: &mut Report, field: &str, node: &Node) -> AnalysisSpec {
     let mut spec = AnalysisSpec::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return spec;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "success_rate" => {
-                // A percentage: `99`, `99.5` or `"99%"`.
-                let v = match value {
-                    Node::Str(s) => match s.trim().trim_end_matches('%').trim().parse::<f64>() {
-                        Ok(v) => Some(v),
-                        Err(_) => {
-                            r.error(
-                                &at,
-                                format!("{s:?} is not a percentage like 99 or \"99.5%\""),
-                            );
-                            None
-                        }
-                    },
-                    other => number(r, &at, other),
-                };
-                match v {
-                    Some(v) if (0.0..=100.0).contains(&v) => {
-                        if let Some(d) = Decimal::from_f64(v) {
-                            spec.success_rate = d;
-                        }
+    r.keys(field, node, |r, key, at, value| match key {
+        "success_rate" => {
+            // A percentage: `99`, `99.5` or `"99%"`.
+            let v = match value {
+                Node::Str(s) => match s.trim().trim_end_matches('%').trim().parse::<f64>() {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        r.error(
+                            at,
+                            format!("{s:?} is not a percentage like 99 or \"99.5%\""),
+                        );
+                        None
                     }
-                    Some(v) => r.error(&at, format!("{v}% is outside 0..=100")),
-                    None => {}
+                },
+                other => number(r, at, other),
+            };
+            match v {
+                Some(v) if (0.0..=100.0).contains(&v) => {
+                    if let Some(d) = Decimal::from_f64(v) {
+                        spec.success_rate = d;
+                    }
                 }
-            }
-            "p99_ms" => {
-                if let Some(n) = r.uint(&at, value) {
-                    spec.p99_ms = n;
-                }
-            }
-            "interval" => match r.duration(&at, value) {
-                Some(d) if d.is_zero() => r.error(&at, "must be greater than 0"),
-                Some(d) => spec.interval = d,
+                Some(v) => r.error(at, format!("{v}% is outside 0..=100")),
                 None => {}
-            },
-            _ => r.error(
-                &at,
-                "unknown key (expected success_rate, p99_ms or interval)",
-            ),
+            }
         }
-    }
+        "p99_ms" => {
+            if let Some(n) = r.uint(at, value) {
+                spec.p99_ms = n;
+            }
+        }
+        "interval" => match r.duration(at, value) {
+            Some(d) if d.is_zero() => r.error(at, "must be greater than 0"),
+            Some(d) => spec.interval = d,
+            None => {}
+        },
+        _ => r.error(
+            at,
+            "unknown key (expected success_rate, p99_ms or interval)",
+        ),
+    });
     spec
 }

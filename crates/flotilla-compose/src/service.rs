@@ -562,50 +562,36 @@ struct Deploy {
 
 fn read_deploy(r: &mut Report, field: &str, node: &Node) -> Deploy {
     let mut deploy = Deploy::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return deploy;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "mode" => match r.string(&at, value).as_deref() {
-                Some("replicated") | None => {}
-                Some("global") => deploy.global = true,
-                Some(other) => r.error(
-                    &at,
-                    format!("{other:?} is not a deploy mode (expected replicated or global)"),
-                ),
-            },
-            "replicas" => deploy.replicas = r.uint(&at, value),
-            "resources" => deploy.resources = resources(r, &at, value, &mut deploy.gpus),
-            "restart_policy" => deploy.restart_policy = restart_policy(r, &at, value),
-            "labels" => deploy.labels = r.dict_or_list(&at, value, |_, _, _| Some(String::new())),
-            "placement" => deploy.placement = placement(r, &at, value),
-            "update_config" => deploy.update_config = crate::rollout::update_config(r, &at, value),
-            "rollback_config" => {
-                deploy.rollback_config = crate::rollout::update_config(r, &at, value)
-            }
-            "endpoint_mode" => r.warn(&at, "not supported yet; ignored"),
-            _ => r.error(&at, "unknown key"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "mode" => match r.string(at, value).as_deref() {
+            Some("replicated") | None => {}
+            Some("global") => deploy.global = true,
+            Some(other) => r.error(
+                at,
+                format!("{other:?} is not a deploy mode (expected replicated or global)"),
+            ),
+        },
+        "replicas" => deploy.replicas = r.uint(at, value),
+        "resources" => deploy.resources = resources(r, at, value, &mut deploy.gpus),
+        "restart_policy" => deploy.restart_policy = restart_policy(r, at, value),
+        "labels" => deploy.labels = r.dict_or_list(at, value, |_, _, _| Some(String::new())),
+        "placement" => deploy.placement = placement(r, at, value),
+        "update_config" => deploy.update_config = crate::rollout::update_config(r, at, value),
+        "rollback_config" => deploy.rollback_config = crate::rollout::update_config(r, at, value),
+        "endpoint_mode" => r.warn(at, "not supported yet; ignored"),
+        _ => r.error(at, "unknown key"),
+    });
     deploy
 }
 
 /// `deploy.resources`; GPU device reservations go to `gpus`.
 fn resources(r: &mut Report, field: &str, node: &Node, gpus: &mut Vec<GpuRequest>) -> Resources {
     let mut res = Resources::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return res;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "limits" => res.limits = amounts(r, &at, value, None),
-            "reservations" => res.reservations = amounts(r, &at, value, Some(gpus)),
-            _ => r.error(&at, "unknown key (expected limits or reservations)"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "limits" => res.limits = amounts(r, at, value, None),
+        "reservations" => res.reservations = amounts(r, at, value, Some(gpus)),
+        _ => r.error(at, "unknown key (expected limits or reservations)"),
+    });
     res
 }
 
@@ -617,32 +603,25 @@ fn amounts(
     mut gpus: Option<&mut Vec<GpuRequest>>,
 ) -> ResourceAmounts {
     let mut amounts = ResourceAmounts::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return amounts;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "cpus" => {
-                amounts.cpu_millis =
-                    unit_value(r, &at, value, "a cpu count such as \"0.5\"", parse_cpus)
-            }
-            "memory" => {
-                amounts.memory_bytes =
-                    unit_value(r, &at, value, "a byte size such as \"512m\"", parse_bytes)
-            }
-            "pids" => amounts.pids = r.uint(&at, value),
-            "devices" => match gpus.as_deref_mut() {
-                Some(out) => *out = container::gpu_devices(r, &at, value),
-                None => r.error(
-                    &at,
-                    "devices can only be reserved (deploy.resources.reservations.devices)",
-                ),
-            },
-            "generic_resources" => r.warn(&at, "not supported yet; ignored"),
-            _ => r.error(&at, "unknown key"),
+    r.keys(field, node, |r, key, at, value| match key {
+        "cpus" => {
+            amounts.cpu_millis = unit_value(r, at, value, "a cpu count such as \"0.5\"", parse_cpus)
         }
-    }
+        "memory" => {
+            amounts.memory_bytes =
+                unit_value(r, at, value, "a byte size such as \"512m\"", parse_bytes)
+        }
+        "pids" => amounts.pids = r.uint(at, value),
+        "devices" => match gpus.as_deref_mut() {
+            Some(out) => *out = container::gpu_devices(r, at, value),
+            None => r.error(
+                at,
+                "devices can only be reserved (deploy.resources.reservations.devices)",
+            ),
+        },
+        "generic_resources" => r.warn(at, "not supported yet; ignored"),
+        _ => r.error(at, "unknown key"),
+    });
     amounts
 }
 
@@ -699,19 +678,13 @@ fn restart_policy(r: &mut Report, field: &str, node: &Node) -> Option<RestartPol
 
 fn placement(r: &mut Report, field: &str, node: &Node) -> PlacementSpec {
     let mut placement = PlacementSpec::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return placement;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "constraints" => placement.constraints = r.string_list(&at, value).unwrap_or_default(),
-            "max_replicas_per_node" => placement.max_replicas_per_node = r.uint(&at, value),
-            "preferences" => placement.preferences = preferences(r, &at, value),
-            "platforms" => r.warn(&at, "not supported yet; ignored"),
-            _ => r.error(&at, "unknown key"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "constraints" => placement.constraints = r.string_list(at, value).unwrap_or_default(),
+        "max_replicas_per_node" => placement.max_replicas_per_node = r.uint(at, value),
+        "preferences" => placement.preferences = preferences(r, at, value),
+        "platforms" => r.warn(at, "not supported yet; ignored"),
+        _ => r.error(at, "unknown key"),
+    });
     placement
 }
 
@@ -784,36 +757,30 @@ struct FlotillaPlacement {
 
 fn flotilla_placement(r: &mut Report, field: &str, node: &Node) -> FlotillaPlacement {
     let mut out = FlotillaPlacement::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return out;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "max_per_node" => out.max_per_node = r.uint(&at, value),
-            "strategy" => {
-                out.strategy = match r.string(&at, value).as_deref() {
-                    Some("spread") => Some(PlacementStrategy::Spread),
-                    Some("binpack") => Some(PlacementStrategy::Binpack),
-                    Some(other) => {
-                        r.error(
-                            &at,
-                            format!("unknown strategy {other:?} (expected spread or binpack)"),
-                        );
-                        None
-                    }
-                    None => None,
+    r.keys(field, node, |r, key, at, value| match key {
+        "max_per_node" => out.max_per_node = r.uint(at, value),
+        "strategy" => {
+            out.strategy = match r.string(at, value).as_deref() {
+                Some("spread") => Some(PlacementStrategy::Spread),
+                Some("binpack") => Some(PlacementStrategy::Binpack),
+                Some(other) => {
+                    r.error(
+                        at,
+                        format!("unknown strategy {other:?} (expected spread or binpack)"),
+                    );
+                    None
                 }
+                None => None,
             }
-            "priority" => out.priority = priority(r, &at, value),
-            "spread" => out.spread = r.list_of(&at, value, spread_rule),
-            "affinities" => out.affinities = r.list_of(&at, value, affinity_rule),
-            _ => r.error(
-                &at,
-                "unknown key (expected max_per_node, spread, affinities, strategy or priority)",
-            ),
         }
-    }
+        "priority" => out.priority = priority(r, at, value),
+        "spread" => out.spread = r.list_of(at, value, spread_rule),
+        "affinities" => out.affinities = r.list_of(at, value, affinity_rule),
+        _ => r.error(
+            at,
+            "unknown key (expected max_per_node, spread, affinities, strategy or priority)",
+        ),
+    });
     out
 }
 
@@ -830,17 +797,13 @@ fn priority(r: &mut Report, field: &str, node: &Node) -> Option<u32> {
 }
 
 fn spread_rule(r: &mut Report, field: &str, node: &Node) -> Option<SpreadSpec> {
-    let entries = r.mapping(field, node)?;
     let (mut label, mut hard, mut max_skew) = (None, false, 1);
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "label" => label = r.string(&at, value),
-            "hard" => hard = r.boolean(&at, value).unwrap_or(false),
-            "max_skew" => max_skew = r.uint32(&at, value).unwrap_or(1),
-            _ => r.error(&at, "unknown key (expected label, hard, max_skew)"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "label" => label = r.string(at, value),
+        "hard" => hard = r.boolean(at, value).unwrap_or(false),
+        "max_skew" => max_skew = r.uint32(at, value).unwrap_or(1),
+        _ => r.error(at, "unknown key (expected label, hard, max_skew)"),
+    })?;
     let Some(label) = label else {
         r.error(field, "needs a label, e.g. {label: zone}");
         return None;
@@ -853,24 +816,17 @@ fn spread_rule(r: &mut Report, field: &str, node: &Node) -> Option<SpreadSpec> {
 }
 
 fn affinity_rule(r: &mut Report, field: &str, node: &Node) -> Option<AffinitySpec> {
-    let entries = r.mapping(field, node)?;
     let (mut service, mut weight, mut hard) = (None, 0i32, false);
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "service" => service = r.string(&at, value),
-            "weight" => match value {
-                Node::Int(w) if (-100..=100).contains(w) => weight = *w as i32,
-                Node::Int(w) => r.error(&at, format!("{w} is outside -100..=100")),
-                other => r.error(
-                    &at,
-                    format!("expected a whole number, got {}", other.kind()),
-                ),
-            },
-            "hard" => hard = r.boolean(&at, value).unwrap_or(false),
-            _ => r.error(&at, "unknown key (expected service, weight, hard)"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "service" => service = r.string(at, value),
+        "weight" => match value {
+            Node::Int(w) if (-100..=100).contains(w) => weight = *w as i32,
+            Node::Int(w) => r.error(at, format!("{w} is outside -100..=100")),
+            other => r.error(at, format!("expected a whole number, got {}", other.kind())),
+        },
+        "hard" => hard = r.boolean(at, value).unwrap_or(false),
+        _ => r.error(at, "unknown key (expected service, weight, hard)"),
+    })?;
     let Some(service) = service else {
         r.error(field, "needs the other service's name");
         return None;
@@ -884,55 +840,43 @@ fn affinity_rule(r: &mut Report, field: &str, node: &Node) -> Option<AffinitySpe
 
 fn flotilla_extension(r: &mut Report, field: &str, node: &Node) -> FlotillaExtension {
     let mut ext = FlotillaExtension::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return ext;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "driver" => {
-                ext.driver = match r.string(&at, value).as_deref() {
-                    Some("process") => Some(DriverKind::Process),
-                    Some("docker") => Some(DriverKind::Docker),
-                    Some("sim") => Some(DriverKind::Sim),
-                    Some(other) => {
-                        r.error(
-                            &at,
-                            format!("unknown driver {other:?} (expected process or docker)"),
-                        );
-                        None
-                    }
-                    None => None,
+    r.keys(field, node, |r, key, at, value| match key {
+        "driver" => {
+            ext.driver = match r.string(at, value).as_deref() {
+                Some("process") => Some(DriverKind::Process),
+                Some("docker") => Some(DriverKind::Docker),
+                Some("sim") => Some(DriverKind::Sim),
+                Some(other) => {
+                    r.error(
+                        at,
+                        format!("unknown driver {other:?} (expected process or docker)"),
+                    );
+                    None
                 }
+                None => None,
             }
-            "healthcheck" => ext.healthcheck = flotilla_healthcheck(r, &at, value),
-            "placement" => ext.placement = flotilla_placement(r, &at, value),
-            "runtime" => ext.runtime = r.string(&at, value),
-            "disruption" => ext.disruption = flotilla_disruption(r, &at, value),
-            "strategy" => ext.strategy = crate::rollout::strategy(r, &at, value),
-            "blue_green" => ext.blue_green = crate::rollout::blue_green(r, &at, value),
-            "canary" => ext.canary = crate::rollout::canary(r, &at, value),
-            k if MESH_KEYS.contains(&k) => mesh::read_key(r, &at, k, value, &mut ext.mesh),
-            "priority" => ext.priority = priority(r, &at, value),
-            _ => r.warn(&at, "unknown x-flotilla key; ignored"),
         }
-    }
+        "healthcheck" => ext.healthcheck = flotilla_healthcheck(r, at, value),
+        "placement" => ext.placement = flotilla_placement(r, at, value),
+        "runtime" => ext.runtime = r.string(at, value),
+        "disruption" => ext.disruption = flotilla_disruption(r, at, value),
+        "strategy" => ext.strategy = crate::rollout::strategy(r, at, value),
+        "blue_green" => ext.blue_green = crate::rollout::blue_green(r, at, value),
+        "canary" => ext.canary = crate::rollout::canary(r, at, value),
+        k if MESH_KEYS.contains(&k) => mesh::read_key(r, at, k, value, &mut ext.mesh),
+        "priority" => ext.priority = priority(r, at, value),
+        _ => r.warn(at, "unknown x-flotilla key; ignored"),
+    });
     ext
 }
 
 /// `x-flotilla.disruption`: `{max_unavailable: 2}` or `{max_unavailable: "25%"}`.
 fn flotilla_disruption(r: &mut Report, field: &str, node: &Node) -> DisruptionBudget {
     let mut budget = DisruptionBudget::default();
-    let Some(entries) = r.mapping(field, node) else {
-        return budget;
-    };
-    for (key, value) in entries {
-        let at = format!("{field}.{key}");
-        match key.as_str() {
-            "max_unavailable" => budget.max_unavailable = max_unavailable(r, &at, value),
-            _ => r.error(&at, "unknown key (expected max_unavailable)"),
-        }
-    }
+    r.keys(field, node, |r, key, at, value| match key {
+        "max_unavailable" => budget.max_unavailable = max_unavailable(r, at, value),
+        _ => r.error(at, "unknown key (expected max_unavailable)"),
+    });
     budget
 }
 
