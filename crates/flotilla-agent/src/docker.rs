@@ -1106,12 +1106,7 @@ impl Driver for DockerDriver {
         argv: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, DriverError> {
-        if argv.is_empty() || argv[0].is_empty() {
-            return Err(DriverError::Invalid {
-                field: "argv".into(),
-                reason: "needs a program to run".into(),
-            });
-        }
+        crate::driver::require_program(argv)?;
         let c = self.find(task_id).await?;
         if exit_of(&c).is_some() {
             return Err(DriverError::NotRunning(task_id.to_string()));

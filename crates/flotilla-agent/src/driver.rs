@@ -50,6 +50,17 @@ pub enum DriverError {
     },
 }
 
+/// An exec's argv must name a program; every driver refuses an empty one the same way.
+pub(crate) fn require_program(argv: &[String]) -> Result<(), DriverError> {
+    match argv.first() {
+        Some(program) if !program.is_empty() => Ok(()),
+        _ => Err(DriverError::Invalid {
+            field: "argv".into(),
+            reason: "needs a program to run".into(),
+        }),
+    }
+}
+
 /// A task the driver just started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunningTask {

@@ -661,12 +661,7 @@ impl Driver for ProcessDriver {
         timeout: Duration,
     ) -> Result<ExecOutput, DriverError> {
         let dir = self.existing_task_dir(task_id)?;
-        if argv.is_empty() || argv[0].is_empty() {
-            return Err(DriverError::Invalid {
-                field: "argv".into(),
-                reason: "needs a program to run".into(),
-            });
-        }
+        crate::driver::require_program(argv)?;
         let spec: ShimSpec = read_json(&dir.join(SPEC_FILE))?;
         let (state, _) = self.current_state(&dir).await?;
         if state.exited.is_some() || state.pid.is_none() {
