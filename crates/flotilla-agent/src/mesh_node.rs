@@ -6,11 +6,12 @@
 //! [`RouteTable`] with [`RouteTable::from_cluster`] after each burst of changes and applies it.
 //! So every node answers on every published port, whether or not it runs any of the tasks.
 
+use crate::docker::ContainerDns;
 use flotilla_client::{Client, Mirror};
 use flotilla_mesh::{Mesh, MeshConfig, RouteTable};
 use flotilla_types::{PortProtocol, Service, Task};
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -29,6 +30,8 @@ const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 /// The name containers reach their host by: the docker driver maps it to the engine's bridge
 /// gateway (`host-gateway`), an address of this host.
 pub const CONTAINER_HOST: &str = "host.docker.internal";
+/// This host's resolvers, which containers' other DNS queries are forwarded to.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// Node-level mesh settings (from `flotilla up` / `flotilla agent` flags).
 #[derive(Debug, Clone)]
@@ -66,8 +69,11 @@ pub enum MeshNodeError {
 pub struct MeshNode {
     mesh: Mesh,
     cfg: MeshNodeConfig,
-    /// Published services: name → first published port (what discovery hands out).
-    published: RwLock<BTreeMap<String, u16>>,
+    /// Published services: name → first published port (what discovery hands out). Shared
+    /// with the DNS responders.
+    published: Arc<RwLock<BTreeMap<String, u16>>>,
+    /// Bridge gateways a DNS responder for containers listens on (see [`ContainerDns`]).
+    container_dns: tokio::sync::Mutex<BTreeSet<Ipv4Addr>>,
     /// Turns true once the first cluster snapshot was applied.
     synced: watch::Sender<bool>,
     /// Port problems of the last apply, shown in the stats (`conflicts`) and reported to the
@@ -86,7 +92,8 @@ impl MeshNode {
                 ..MeshConfig::default()
             }),
             cfg,
-            published: RwLock::new(BTreeMap::new()),
+            published: Arc::new(RwLock::new(BTreeMap::new())),
+            container_dns: tokio::sync::Mutex::new(BTreeSet::new()),
             synced: watch::channel(false).0,
             conflicts: watch::channel(Vec::new()).0,
         }))
@@ -134,6 +141,23 @@ impl MeshNode {
             .collect()
     }
 
+    /// Answers DNS on `socket`: published services with `answer_ip`, other names through
+    /// `upstreams`.
+    fn spawn_dns(
+        &self,
+        socket: tokio::net::UdpSocket,
+        answer_ip: Ipv4Addr,
+        upstreams: Vec<SocketAddr>,
+    ) {
+        let published = self.published.clone();
+        let known = move |name: &str| read(&published).contains_key(name);
+        tokio::spawn(async move {
+            if let Err(e) = flotilla_mesh::dns::serve(socket, known, answer_ip, upstreams).await {
+                tracing::error!(error = %e, "mesh DNS responder failed");
+            }
+        });
+    }
+
     /// Follows the cluster until `shutdown`, then closes the mesh's listeners (open connections
     /// get the mesh's shutdown grace).
     pub async fn run(
@@ -145,15 +169,9 @@ impl MeshNode {
         if let Some(addr) = self.cfg.dns_addr {
             match tokio::net::UdpSocket::bind(addr).await {
                 Ok(socket) => {
-                    let me = self.clone();
-                    let ip = self.local_ip();
                     tracing::info!(%addr, "mesh DNS responder listening");
-                    tokio::spawn(async move {
-                        let known = move |name: &str| read(&me.published).contains_key(name);
-                        if let Err(e) = flotilla_mesh::dns::serve(socket, known, ip).await {
-                            tracing::error!(error = %e, "mesh DNS responder failed");
-                        }
-                    });
+                    // Only the mesh's names here: this responder is no general resolver.
+                    self.spawn_dns(socket, self.local_ip(), Vec::new());
                 }
                 Err(source) => {
                     let e = MeshNodeError::DnsBind { addr, source };
@@ -334,6 +352,45 @@ impl MeshNode {
             .route("/mesh/stats", axum::routing::get(stats))
             .route("/metrics", axum::routing::get(metrics))
             .with_state(self.clone())
+    }
+}
+
+/// Containers resolve `<service>.flotilla` through a responder on their network's gateway,
+/// which answers with the mesh address they reach (the gateway itself when the mesh listens on
+/// every interface) and forwards every other name to this host's resolvers. The engine's
+/// embedded DNS stays in front and still answers container names.
+#[async_trait::async_trait]
+impl ContainerDns for MeshNode {
+    async fn serve_on(&self, gateway: Ipv4Addr) -> Option<Ipv4Addr> {
+        let answer_ip = match self.cfg.bind_ip {
+            ip if ip.is_unspecified() => gateway,
+            IpAddr::V4(v4) if !v4.is_loopback() => v4,
+            // Containers cannot reach the mesh (see `container_discovery_env`).
+            _ => return None,
+        };
+        let mut served = self.container_dns.lock().await;
+        if served.contains(&gateway) {
+            return Some(gateway);
+        }
+        let addr = SocketAddr::from((gateway, 53));
+        let socket = match tokio::net::UdpSocket::bind(addr).await {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "no mesh DNS for containers on this network; they keep the engine's DNS");
+                return None;
+            }
+        };
+        let upstreams = match std::fs::read_to_string(RESOLV_CONF) {
+            Ok(text) => flotilla_mesh::dns::nameservers(&text),
+            Err(e) => {
+                tracing::warn!(error = %e, file = RESOLV_CONF, "containers will resolve only mesh names");
+                Vec::new()
+            }
+        };
+        tracing::info!(%addr, ?upstreams, "mesh DNS responder for containers listening");
+        self.spawn_dns(socket, answer_ip, upstreams);
+        served.insert(gateway);
+        Some(gateway)
     }
 }
 

@@ -253,6 +253,11 @@ impl Pool {
         }
     }
 
+    /// How many backends the pool has, whether or not they take traffic now.
+    pub fn len(&self) -> usize {
+        self.backends.len()
+    }
+
     /// The backend of `task_id` if it may take a new request (cookie stickiness).
     pub fn sticky(&self, task_id: &str) -> Option<Attempt> {
         let backend = self
@@ -264,85 +269,83 @@ impl Pool {
     }
 
     /// Chooses a backend not in `tried`, claiming a breaker permit for it. `None` when no
-    /// backend can take traffic.
+    /// backend can take traffic. Allocates nothing unless a breaker refuses its chosen backend
+    /// (it changed since the eligibility check, e.g. its probe was just claimed).
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Attempt> {
-        let mut candidates: Vec<&Arc<BackendState>> = self
-            .backends
-            .iter()
-            .filter(|b| !tried.contains(&b.addr) && self.takes(b))
-            .collect();
-        while !candidates.is_empty() {
-            let idx = match self.kind {
-                BalancerKind::P2c => self.p2c(&candidates),
-                BalancerKind::RoundRobin => self.round_robin(&candidates),
+        let mut refused: Vec<SocketAddr> = Vec::new();
+        loop {
+            let candidate = |b: &BackendState| {
+                !tried.contains(&b.addr) && !refused.contains(&b.addr) && self.takes(b)
             };
-            let chosen = candidates.swap_remove(idx);
-            // The breaker may have changed since the eligibility check (a probe was claimed).
+            let chosen = match self.kind {
+                BalancerKind::P2c => self.p2c(candidate),
+                BalancerKind::RoundRobin => self.round_robin(candidate),
+            }?;
             if let Some(permit) = chosen.breaker.acquire() {
                 return Some(Attempt::new(chosen.clone(), permit));
             }
+            refused.push(chosen.addr);
         }
-        None
     }
 
-    fn round_robin(&self, candidates: &[&Arc<BackendState>]) -> usize {
+    /// Smooth weighted round robin (as nginx's) over the backends `candidate` accepts.
+    fn round_robin(&self, candidate: impl Fn(&BackendState) -> bool) -> Option<&Arc<BackendState>> {
         let Ok(mut scores) = self.round_robin.lock() else {
-            return 0;
+            return self.backends.iter().find(|b| candidate(b));
         };
-        let total: i64 = candidates
-            .iter()
-            .map(|b| i64::from(self.weight_of(b)))
-            .sum();
-        let mut best = 0;
-        let mut best_score = i64::MIN;
-        for (i, candidate) in candidates.iter().enumerate() {
-            let Some(slot) = self.backends.iter().position(|b| b.addr == candidate.addr) else {
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (slot, b) in self.backends.iter().enumerate() {
+            if !candidate(b) {
                 continue;
-            };
-            scores[slot] += i64::from(self.weight_of(candidate));
-            if scores[slot] > best_score {
-                best_score = scores[slot];
-                best = i;
+            }
+            let weight = i64::from(self.weight_of(b));
+            total += weight;
+            scores[slot] += weight;
+            if best.is_none_or(|best| scores[slot] > scores[best]) {
+                best = Some(slot);
             }
         }
-        if let Some(slot) = self
-            .backends
-            .iter()
-            .position(|b| b.addr == candidates[best].addr)
-        {
-            scores[slot] -= total;
-        }
-        best
+        let best = best?;
+        scores[best] -= total;
+        Some(&self.backends[best])
     }
-}
 
-impl Pool {
-    /// Index of a weighted random candidate.
-    fn weighted_index(&self, candidates: &[&Arc<BackendState>], rng: &mut impl Rng) -> usize {
-        let total: u32 = candidates
-            .iter()
-            .map(|b| u32::from(self.weight_of(b)))
-            .sum();
-        let mut ticket = rng.random_range(0..total.max(1));
-        for (i, b) in candidates.iter().enumerate() {
+    /// The backend holding `ticket` (in `0..total weight`) among those `candidate` accepts;
+    /// the last one when eligibility changed since the total was taken.
+    fn by_ticket(
+        &self,
+        candidate: &impl Fn(&BackendState) -> bool,
+        mut ticket: u32,
+    ) -> Option<&Arc<BackendState>> {
+        let mut last = None;
+        for b in self.backends.iter().filter(|b| candidate(b)) {
             let w = u32::from(self.weight_of(b));
             if ticket < w {
-                return i;
+                return Some(b);
             }
             ticket -= w;
+            last = Some(b);
         }
-        0
+        last
     }
 
-    fn p2c(&self, candidates: &[&Arc<BackendState>]) -> usize {
-        if candidates.len() == 1 {
-            return 0;
+    /// Power of two choices: two candidates sampled by weight, the clearly less loaded wins.
+    fn p2c(&self, candidate: impl Fn(&BackendState) -> bool) -> Option<&Arc<BackendState>> {
+        let (mut count, mut total, mut only) = (0usize, 0u32, None);
+        for b in self.backends.iter().filter(|b| candidate(b)) {
+            count += 1;
+            total += u32::from(self.weight_of(b));
+            only = Some(b);
+        }
+        if count <= 1 {
+            return only;
         }
         let mut rng = rand::rng();
-        let a = self.weighted_index(candidates, &mut rng);
-        let b = self.weighted_index(candidates, &mut rng);
-        let (load_a, load_b) = (candidates[a].load(), candidates[b].load());
-        if load_a * LOAD_TIE_RATIO < load_b {
+        let a = self.by_ticket(&candidate, rng.random_range(0..total.max(1)))?;
+        let b = self.by_ticket(&candidate, rng.random_range(0..total.max(1)))?;
+        let (load_a, load_b) = (a.load(), b.load());
+        Some(if load_a * LOAD_TIE_RATIO < load_b {
             a
         } else if load_b * LOAD_TIE_RATIO < load_a {
             b
@@ -350,7 +353,7 @@ impl Pool {
             a
         } else {
             b
-        }
+        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! Measures what the mesh costs: the same keep-alive HTTP load against a local backend, once
-//! directly and once through the mesh, in one run.
+//! directly and once through the mesh, in one run: either as fast as the connections go
+//! (throughput) or at a fixed request rate (latency at a given load, see [`BenchConfig::rate`]).
 
 use crate::metrics::{Histogram, LatencySummary};
 use crate::{Backend, Mesh, MeshConfig, MeshError, RouteTable, ServicePort, ServiceRoutes};
@@ -25,6 +26,13 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// Size of the backend's response body.
     pub response_bytes: usize,
+    /// Requests per second over all connections; `None` sends back to back. At a fixed rate
+    /// each connection sends on its own schedule (requests/s ÷ connections), so the latency
+    /// is that of a given load rather than of saturation; a request due while the previous one
+    /// on its connection is still out waits for it and its latency counts from when it was
+    /// due (no coordinated omission).
+    #[serde(default)]
+    pub rate: Option<u64>,
 }
 
 impl Default for BenchConfig {
@@ -33,6 +41,7 @@ impl Default for BenchConfig {
             connections: 32,
             duration: Duration::from_secs(5),
             response_bytes: 64,
+            rate: None,
         }
     }
 }
@@ -76,13 +85,13 @@ pub enum BenchError {
     Io(#[from] std::io::Error),
     #[error("benchmark mesh: {0}")]
     Mesh(#[from] MeshError),
-    #[error("connections must be at least 1 and duration longer than 0s")]
+    #[error("connections and rate must be at least 1 and duration longer than 0s")]
     BadConfig,
 }
 
 /// Starts a local backend and a mesh in front of it on 127.0.0.1, then measures both.
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
-    if cfg.connections == 0 || cfg.duration.is_zero() {
+    if cfg.connections == 0 || cfg.duration.is_zero() || cfg.rate == Some(0) {
         return Err(BenchError::BadConfig);
     }
     let backend_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
@@ -172,19 +181,40 @@ pub async fn serve_backend(listener: TcpListener, body: Bytes) {
     }
 }
 
-/// `cfg.connections` keep-alive connections sending GETs back to back for `cfg.duration`.
+/// Measures an HTTP server at `target` (another proxy, for comparisons) with `cfg`'s load.
+pub async fn measure(target: SocketAddr, cfg: &BenchConfig) -> Result<LoadReport, BenchError> {
+    if cfg.connections == 0 || cfg.duration.is_zero() || cfg.rate == Some(0) {
+        return Err(BenchError::BadConfig);
+    }
+    Ok(load(target, cfg).await)
+}
+
+/// `cfg.connections` keep-alive connections sending GETs for `cfg.duration`, back to back or
+/// on the fixed-rate schedule.
 async fn load(target: SocketAddr, cfg: &BenchConfig) -> LoadReport {
     let latency = Arc::new(Histogram::default());
     let requests = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + cfg.duration;
+    // Per connection: the time between its requests, and where its schedule starts (spread
+    // evenly so the connections do not fire together).
+    let period = cfg
+        .rate
+        .map(|rate| Duration::from_secs_f64(cfg.connections as f64 / rate as f64));
     let workers: Vec<_> = (0..cfg.connections)
-        .map(|_| {
+        .map(|i| {
             let (latency, requests, errors) = (latency.clone(), requests.clone(), errors.clone());
+            let schedule = period.map(|p| Schedule {
+                next: started + p.mul_f64(i as f64 / cfg.connections as f64),
+                period: p,
+            });
             tokio::spawn(async move {
+                let mut schedule = schedule;
                 while Instant::now() < deadline {
-                    if let Err(e) = drive_connection(target, deadline, &latency, &requests).await {
+                    let driven =
+                        drive_connection(target, deadline, &mut schedule, &latency, &requests);
+                    if let Err(e) = driven.await {
                         tracing::debug!(%target, error = %e, "bench connection failed");
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -207,10 +237,17 @@ async fn load(target: SocketAddr, cfg: &BenchConfig) -> LoadReport {
     }
 }
 
+/// When a fixed-rate connection sends its next request.
+struct Schedule {
+    next: Instant,
+    period: Duration,
+}
+
 /// One connection's requests until the deadline or the first error.
 async fn drive_connection(
     target: SocketAddr,
     deadline: Instant,
+    schedule: &mut Option<Schedule>,
     latency: &Histogram,
     requests: &AtomicU64,
 ) -> Result<(), LoadError> {
@@ -231,7 +268,24 @@ async fn drive_connection(
             .header(hyper::header::HOST, host.as_str())
             .body(Empty::<Bytes>::new());
         let req = req?;
-        let sent = Instant::now();
+        let sent = match schedule {
+            Some(schedule) => {
+                let due = schedule.next;
+                if due >= deadline {
+                    return Ok(());
+                }
+                schedule.next += schedule.period;
+                if Instant::now() >= due {
+                    // Held up by the previous response: the wait is part of the latency.
+                    due
+                } else {
+                    // The timer wakes up to a millisecond late; that is not the server's doing.
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now()
+                }
+            }
+            None => Instant::now(),
+        };
         sender.ready().await?;
         let resp = sender.send_request(req).await?;
         resp.into_body().collect().await?;

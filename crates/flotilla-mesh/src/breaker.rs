@@ -4,6 +4,7 @@
 use crate::metrics::BreakerState;
 use flotilla_types::mesh::BreakerSpec;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,10 @@ pub enum Permit {
 #[derive(Debug)]
 pub struct Breaker {
     inner: Mutex<Inner>,
+    /// Mirrors `phase == Closed` (written under the lock), so checking and admitting a request
+    /// to a closed breaker (nearly every request) takes no lock. A request admitted just as the
+    /// breaker opens is the same as one admitted just before: `record` ignores its outcome.
+    closed: AtomicBool,
 }
 
 impl Breaker {
@@ -57,6 +62,7 @@ impl Breaker {
                 window: VecDeque::new(),
                 reopenings: 0,
             }),
+            closed: AtomicBool::new(true),
         }
     }
 
@@ -82,6 +88,9 @@ impl Breaker {
 
     /// Whether a request could be sent now, without claiming the half-open probe.
     pub fn would_allow(&self) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return true;
+        }
         let inner = self.lock();
         match inner.phase {
             Phase::Closed => true,
@@ -92,6 +101,9 @@ impl Breaker {
 
     /// Claims the right to send one request, or `None` while open.
     pub fn acquire(&self) -> Option<Permit> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Some(Permit::Normal);
+        }
         let mut inner = self.lock();
         match inner.phase {
             Phase::Closed => Some(Permit::Normal),
@@ -111,38 +123,9 @@ impl Breaker {
     /// Records the outcome of a request sent under `permit`.
     pub fn record(&self, permit: Permit, success: bool) {
         let mut inner = self.lock();
-        if permit == Permit::Probe {
-            if success {
-                inner.phase = Phase::Closed;
-                inner.reopenings = 0;
-                inner.consecutive_failures = 0;
-                inner.window.clear();
-            } else {
-                inner.reopenings = inner.reopenings.saturating_add(1);
-                open(&mut inner);
-            }
-            return;
-        }
-        if !matches!(inner.phase, Phase::Closed) {
-            // A request admitted before the breaker opened; the probe decides from here.
-            return;
-        }
-        let window_len = inner.spec.window_requests.max(1) as usize;
-        inner.window.push_back(success);
-        while inner.window.len() > window_len {
-            inner.window.pop_front();
-        }
-        if success {
-            inner.consecutive_failures = 0;
-            return;
-        }
-        inner.consecutive_failures += 1;
-        let successes = inner.window.iter().filter(|ok| **ok).count();
-        let rate_too_low = inner.window.len() == window_len
-            && successes * 100 < usize::from(inner.spec.min_success_percent) * window_len;
-        if inner.consecutive_failures >= inner.spec.consecutive_failures.max(1) || rate_too_low {
-            open(&mut inner);
-        }
+        record_locked(&mut inner, permit, success);
+        self.closed
+            .store(matches!(inner.phase, Phase::Closed), Ordering::Relaxed);
     }
 
     /// Releases a probe permit whose request never reached the backend (so it proved nothing).
@@ -153,6 +136,42 @@ impl Breaker {
                 inner.phase = Phase::HalfOpen { probing: false };
             }
         }
+    }
+}
+
+/// [`Breaker::record`] under its lock.
+fn record_locked(inner: &mut Inner, permit: Permit, success: bool) {
+    if permit == Permit::Probe {
+        if success {
+            inner.phase = Phase::Closed;
+            inner.reopenings = 0;
+            inner.consecutive_failures = 0;
+            inner.window.clear();
+        } else {
+            inner.reopenings = inner.reopenings.saturating_add(1);
+            open(inner);
+        }
+        return;
+    }
+    if !matches!(inner.phase, Phase::Closed) {
+        // A request admitted before the breaker opened; the probe decides from here.
+        return;
+    }
+    let window_len = inner.spec.window_requests.max(1) as usize;
+    inner.window.push_back(success);
+    while inner.window.len() > window_len {
+        inner.window.pop_front();
+    }
+    if success {
+        inner.consecutive_failures = 0;
+        return;
+    }
+    inner.consecutive_failures += 1;
+    let successes = inner.window.iter().filter(|ok| **ok).count();
+    let rate_too_low = inner.window.len() == window_len
+        && successes * 100 < usize::from(inner.spec.min_success_percent) * window_len;
+    if inner.consecutive_failures >= inner.spec.consecutive_failures.max(1) || rate_too_low {
+        open(inner);
     }
 }
 

@@ -31,6 +31,11 @@ impl RetryBudget {
 
     /// Records one original request or connection.
     pub fn deposit(&self) {
+        // A healthy service keeps its budget full; checking first keeps every request on every
+        // core from writing (and so bouncing) this shared counter.
+        if self.balance.load(Ordering::Relaxed) >= MAX_SAVED_RETRIES * UNIT {
+            return;
+        }
         let amount = self.percent.load(Ordering::Relaxed) * UNIT / 100;
         // fetch_update only fails when the closure returns None, which it never does here.
         let _ = self

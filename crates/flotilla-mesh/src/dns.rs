@@ -1,9 +1,14 @@
 //! Service discovery over DNS: `A` queries for `<service>.flotilla` and `<service>.internal`
-//! are answered with the mesh address; anything else is NXDOMAIN.
+//! are answered with the mesh address. Other names are forwarded to upstream resolvers when
+//! some are given (so a container can use the responder as its only DNS server), else
+//! answered NXDOMAIN.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
 
 /// TTL of answers: short, as the set of services changes with deploys.
 const TTL_SECS: u32 = 5;
@@ -11,26 +16,143 @@ const TYPE_A: u16 = 1;
 const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const RCODE_FORMERR: u8 = 1;
+const RCODE_SERVFAIL: u8 = 2;
 const RCODE_NXDOMAIN: u8 = 3;
 const RCODE_NOTIMP: u8 = 4;
 /// Domains the mesh answers for.
 const ZONES: [&str; 2] = ["flotilla", "internal"];
 
+/// How long one upstream resolver gets to answer a forwarded query.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Forwarded queries waiting for an upstream at once; more are dropped (clients retry).
+const MAX_FORWARDS: usize = 256;
+/// Largest reply relayed from an upstream (EDNS clients may ask for more than 512 bytes).
+const MAX_UDP_REPLY: usize = 4096;
+
 /// Answers queries on `socket` until it fails. `known` says whether a service name exists.
+/// Queries for names outside the mesh's zones go to `upstreams` in order (the first answer
+/// wins), but only from clients on this host or its private networks, so the responder is no
+/// open resolver; without upstreams they get NXDOMAIN.
 pub async fn serve(
     socket: UdpSocket,
     known: impl Fn(&str) -> bool + Send + Sync + 'static,
     answer_ip: Ipv4Addr,
+    upstreams: Vec<SocketAddr>,
 ) -> io::Result<()> {
+    let socket = Arc::new(socket);
+    let upstreams: Arc<[SocketAddr]> = upstreams.into();
+    let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
     let mut buf = [0u8; 512];
     loop {
         let (len, from) = socket.recv_from(&mut buf).await?;
-        if let Some(reply) = answer(&buf[..len], &known, answer_ip) {
-            if let Err(e) = socket.send_to(&reply, from).await {
-                tracing::debug!(%from, error = %e, "dns reply not sent");
+        let forward = !upstreams.is_empty() && may_forward_for(from.ip());
+        let reply = match answer(&buf[..len], &known, answer_ip, forward) {
+            Reply::Ignore => continue,
+            Reply::Send(reply) => reply,
+            Reply::Forward => {
+                let Ok(permit) = forwards.clone().try_acquire_owned() else {
+                    tracing::debug!(%from, "too many forwarded dns queries; dropped one");
+                    continue;
+                };
+                let (query, socket, upstreams) =
+                    (buf[..len].to_vec(), socket.clone(), upstreams.clone());
+                tokio::spawn(async move {
+                    let reply = match relay(&query, &upstreams).await {
+                        Some(reply) => reply,
+                        None => failure(&query, RCODE_SERVFAIL),
+                    };
+                    if let Err(e) = socket.send_to(&reply, from).await {
+                        tracing::debug!(%from, error = %e, "dns reply not sent");
+                    }
+                    drop(permit);
+                });
+                continue;
             }
+        };
+        if let Err(e) = socket.send_to(&reply, from).await {
+            tracing::debug!(%from, error = %e, "dns reply not sent");
         }
     }
+}
+
+/// Clients whose other queries are forwarded: this host and private networks (containers on
+/// bridge networks).
+fn may_forward_for(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
+                || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
+        }
+    }
+}
+
+/// Sends `query` to each upstream in turn until one answers it.
+async fn relay(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for upstream in upstreams {
+        let local: SocketAddr = match upstream {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let exchange = async {
+            let socket = UdpSocket::bind(local).await?;
+            socket.connect(upstream).await?;
+            socket.send(query).await?;
+            let mut buf = vec![0u8; MAX_UDP_REPLY];
+            loop {
+                let n = socket.recv(&mut buf).await?;
+                // Only the reply to this query (same id) counts.
+                if n >= 12 && buf[..2] == query[..2] {
+                    buf.truncate(n);
+                    return Ok::<_, io::Error>(buf);
+                }
+            }
+        };
+        match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+            Ok(Ok(reply)) => return Some(reply),
+            Ok(Err(e)) => tracing::debug!(%upstream, error = %e, "upstream dns failed"),
+            Err(_) => tracing::debug!(%upstream, "upstream dns did not answer"),
+        }
+    }
+    None
+}
+
+/// The nameservers of a `resolv.conf` text, on port 53.
+pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            // A scoped IPv6 address (`fe80::1%eth0`) is left out: its scope means nothing here.
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+/// What to do with one datagram.
+enum Reply {
+    /// Not a query: answering it could start a loop.
+    Ignore,
+    Send(Vec<u8>),
+    /// A name outside the mesh's zones, for an upstream resolver.
+    Forward,
+}
+
+/// An empty reply to `query` with `rcode` (or nothing when it is too short to have an id).
+fn failure(query: &[u8], rcode: u8) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(12);
+    reply.extend_from_slice(query.get(..2).unwrap_or(&[0, 0]));
+    let flags = query
+        .get(2..4)
+        .map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
+    let opcode = (flags >> 11) & 0xF;
+    let reply_flags = 0x8000 | (opcode << 11) | (flags & 0x0100) | 0x0080 | u16::from(rcode);
+    reply.extend_from_slice(&reply_flags.to_be_bytes());
+    reply.extend_from_slice(&[0; 8]);
+    reply
 }
 
 struct Question {
@@ -69,12 +191,14 @@ fn parse_question(msg: &[u8]) -> Option<Question> {
     })
 }
 
-/// The reply to one query, or `None` for input that is not a query at all.
-fn answer(query: &[u8], known: &impl Fn(&str) -> bool, ip: Ipv4Addr) -> Option<Vec<u8>> {
-    let header = query.get(..12)?;
+/// The reply to one query; names outside the mesh's zones are forwarded when `forward` is set.
+fn answer(query: &[u8], known: &impl Fn(&str) -> bool, ip: Ipv4Addr, forward: bool) -> Reply {
+    let Some(header) = query.get(..12) else {
+        return Reply::Ignore;
+    };
     let flags = u16::from_be_bytes([header[2], header[3]]);
     if flags & 0x8000 != 0 {
-        return None; // a response; answering it could start a loop
+        return Reply::Ignore; // a response; answering it could start a loop
     }
     let opcode = (flags >> 11) & 0xF;
     let qdcount = u16::from_be_bytes([header[4], header[5]]);
@@ -95,12 +219,19 @@ fn answer(query: &[u8], known: &impl Fn(&str) -> bool, ip: Ipv4Addr) -> Option<V
         };
         reply.extend_from_slice(&(reply_flags | u16::from(rcode)).to_be_bytes());
         reply.extend_from_slice(&[0; 8]);
-        return Some(reply);
+        return Reply::Send(reply);
     };
-    let service = ZONES
+    let in_zone = ZONES
         .iter()
-        .find_map(|zone| q.name.strip_suffix(zone)?.strip_suffix('.'))
-        .filter(|s| !s.is_empty() && !s.contains('.') && known(s));
+        .find_map(|zone| match q.name.strip_suffix(zone) {
+            Some("") => Some(""),
+            Some(rest) => rest.strip_suffix('.'),
+            None => None,
+        });
+    if in_zone.is_none() && forward {
+        return Reply::Forward;
+    }
+    let service = in_zone.filter(|s| !s.is_empty() && !s.contains('.') && known(s));
     let answers = service.is_some() && q.qclass == CLASS_IN && matches!(q.qtype, TYPE_A | TYPE_ANY);
     let rcode = if service.is_some() { 0 } else { RCODE_NXDOMAIN };
     reply.extend_from_slice(&(reply_flags | u16::from(rcode)).to_be_bytes());
@@ -116,7 +247,7 @@ fn answer(query: &[u8], known: &impl Fn(&str) -> bool, ip: Ipv4Addr) -> Option<V
         reply.extend_from_slice(&4u16.to_be_bytes());
         reply.extend_from_slice(&ip.octets());
     }
-    Some(reply)
+    Reply::Send(reply)
 }
 
 #[cfg(test)]
@@ -147,7 +278,7 @@ mod tests {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
         let ip = Ipv4Addr::new(10, 9, 8, 7);
-        let task = tokio::spawn(serve(server, |name| name == "web", ip));
+        let task = tokio::spawn(serve(server, |name| name == "web", ip, Vec::new()));
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.connect(addr).await.unwrap();
         let mut buf = [0u8; 512];
@@ -184,5 +315,78 @@ mod tests {
         let n = client.recv(&mut buf).await.unwrap();
         assert_eq!(rcode(&buf[..n]), 0);
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn other_names_go_to_the_upstream_resolver() {
+        // A fake upstream that answers every query with its id and rcode 0.
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        let fake = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, from) = upstream.recv_from(&mut buf).await.unwrap();
+                let mut reply = buf[..n].to_vec();
+                reply[2] |= 0x80;
+                reply.extend_from_slice(b"upstream");
+                upstream.send_to(&reply, from).await.unwrap();
+            }
+        });
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let ip = Ipv4Addr::new(10, 9, 8, 7);
+        // The second upstream is never asked: the first answers.
+        let dead: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let task = tokio::spawn(serve(
+            server,
+            |name| name == "web",
+            ip,
+            vec![upstream_addr, dead],
+        ));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(addr).await.unwrap();
+        let mut buf = [0u8; 512];
+        client
+            .send(&query(0x4242, "example.com", TYPE_A))
+            .await
+            .unwrap();
+        let n = client.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[..2], &[0x42, 0x42]);
+        assert!(buf[..n].ends_with(b"upstream"), "relayed as is");
+        // The mesh's own zones are still answered here, unknown services included.
+        client
+            .send(&query(1, "web.flotilla", TYPE_A))
+            .await
+            .unwrap();
+        let n = client.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[n - 4..n], &ip.octets());
+        client.send(&query(2, "db.internal", TYPE_A)).await.unwrap();
+        let n = client.recv(&mut buf).await.unwrap();
+        assert_eq!(rcode(&buf[..n]), RCODE_NXDOMAIN);
+        task.abort();
+        fake.abort();
+    }
+
+    #[test]
+    fn forwarding_only_for_local_and_private_clients() {
+        for ip in ["127.0.0.1", "172.18.0.5", "10.1.2.3", "::1", "fd00::5"] {
+            assert!(may_forward_for(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "2001:db8::1"] {
+            assert!(!may_forward_for(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let conf = "# generated\nsearch example.com\nnameserver 10.0.0.2\nnameserver ::1\n\
+                    nameserver fe80::1%eth0\noptions ndots:0\n";
+        assert_eq!(
+            nameservers(conf),
+            [
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
     }
 }

@@ -18,6 +18,7 @@ mod metrics;
 mod routes;
 mod runtime;
 mod tcp_proxy;
+mod workers;
 
 pub use metrics::{BreakerState, ErrorCounts, LatencySummary, MeshStats, ServiceStats, TaskStats};
 pub use routes::{Backend, RouteTable, ServicePort, ServiceRoutes};
@@ -26,6 +27,7 @@ use listener::Listener;
 use runtime::{Registry, Routing};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +54,8 @@ pub struct MeshConfig {
     pub pool_idle_timeout: Duration,
     /// How long [`Mesh::shutdown`] lets open connections finish before cutting them.
     pub shutdown_grace: Duration,
+    /// Threads that run connections, each with its own event loop (0: one per core).
+    pub workers: usize,
 }
 
 impl Default for MeshConfig {
@@ -65,6 +69,7 @@ impl Default for MeshConfig {
             max_replay_body_bytes: 64 * 1024,
             pool_idle_timeout: Duration::from_secs(90),
             shutdown_grace: Duration::from_secs(30),
+            workers: 0,
         }
     }
 }
@@ -140,15 +145,35 @@ fn join_errors(errors: &[MeshError]) -> String {
 pub(crate) struct Shared {
     pub cfg: MeshConfig,
     routing: RwLock<Arc<Routing>>,
+    /// Bumped after every swap of `routing`, so a connection can keep its snapshot and check
+    /// one atomic per request instead of taking the lock (whose reader count every connection
+    /// on every core would otherwise write to).
+    routing_generation: AtomicU64,
     registry: Mutex<Registry>,
     /// Cancelled on shutdown: HTTP connections finish their current request and close.
     pub drain: CancellationToken,
     /// Cancelled when the shutdown grace is over: every connection is cut.
     pub kill: CancellationToken,
     pub connections: TaskTracker,
+    pub workers: workers::Workers,
 }
 
 impl Shared {
+    /// The current snapshot's generation (see [`Shared::refresh_routing`]).
+    pub fn routing_generation(&self) -> u64 {
+        self.routing_generation.load(Ordering::Acquire)
+    }
+
+    /// Refreshes a cached snapshot if a newer one was swapped in since `cached.0`.
+    pub fn refresh_routing(&self, cached: &mut (u64, Arc<Routing>)) {
+        let generation = self.routing_generation();
+        if cached.0 != generation {
+            // Read the generation before the snapshot: a swap in between only makes the next
+            // request refresh once more.
+            *cached = (generation, self.routing());
+        }
+    }
+
     /// The current routing snapshot.
     pub fn routing(&self) -> Arc<Routing> {
         // The lock only guards an Arc swap, so a poisoned lock still holds a whole snapshot.
@@ -176,12 +201,14 @@ impl Mesh {
         cfg.max_header_bytes = cfg.max_header_bytes.max(MIN_HEADER_BYTES);
         Mesh {
             shared: Arc::new(Shared {
-                cfg,
                 routing: RwLock::new(Arc::new(Routing::default())),
+                routing_generation: AtomicU64::new(0),
                 registry: Mutex::new(Registry::default()),
                 drain: CancellationToken::new(),
                 kill: CancellationToken::new(),
                 connections: TaskTracker::new(),
+                workers: workers::Workers::start(cfg.workers),
+                cfg,
             }),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
         }
@@ -201,6 +228,9 @@ impl Mesh {
             .routing
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
+        self.shared
+            .routing_generation
+            .fetch_add(1, Ordering::Release);
         let removed: Vec<u16> = listeners
             .keys()
             .filter(|p| !wanted.contains(p))

@@ -89,14 +89,44 @@ async fn accept_loop(
             None => continue,
         };
         let span = tracing::debug_span!("mesh_conn", port, %peer);
-        if is_http {
-            shared.connections.spawn(
-                http_proxy::serve_connection(shared.clone(), stream, peer, port).instrument(span),
-            );
-        } else {
-            shared.connections.spawn(
-                tcp_proxy::serve_connection(shared.clone(), stream, peer, port).instrument(span),
-            );
-        }
+        let Some(worker) = shared.workers.next() else {
+            shared
+                .connections
+                .spawn(serve(shared.clone(), stream, peer, port, is_http).instrument(span));
+            continue;
+        };
+        // The socket moves to the worker's own event loop.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, %peer, "connection not handed to a worker");
+                continue;
+            }
+        };
+        let conn_shared = shared.clone();
+        shared.connections.spawn_on(
+            async move {
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => serve(conn_shared, stream, peer, port, is_http).await,
+                    Err(e) => tracing::debug!(error = %e, "connection not registered"),
+                }
+            }
+            .instrument(span),
+            worker,
+        );
+    }
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    is_http: bool,
+) {
+    if is_http {
+        http_proxy::serve_connection(shared, stream, peer, port).await;
+    } else {
+        tcp_proxy::serve_connection(shared, stream, peer, port).await;
     }
 }

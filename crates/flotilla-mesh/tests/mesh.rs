@@ -534,6 +534,7 @@ async fn bench_measures_direct_and_mesh() {
         connections: 4,
         duration: Duration::from_millis(500),
         response_bytes: 16,
+        rate: None,
     })
     .await
     .unwrap();
@@ -547,4 +548,96 @@ async fn bench_measures_direct_and_mesh() {
         "{report:?}"
     );
     assert!(report.throughput_ratio > 0.0);
+}
+
+/// At a fixed rate the load sends about rate × duration requests, whatever the server's speed.
+#[tokio::test]
+async fn bench_at_a_fixed_rate_sends_on_schedule() {
+    let report = flotilla_mesh::bench::run(&flotilla_mesh::bench::BenchConfig {
+        connections: 4,
+        duration: Duration::from_secs(1),
+        response_bytes: 16,
+        rate: Some(200),
+    })
+    .await
+    .unwrap();
+    for r in [&report.direct, &report.mesh] {
+        // 200 are due; a loaded machine may finish a few late ones past the deadline or miss
+        // the last few.
+        assert!((150..=210).contains(&r.requests), "{report:?}");
+        assert_eq!(r.errors, 0, "{report:?}");
+    }
+}
+
+/// A large request body (above the replay limit, so streamed) goes up and a large chunked
+/// response streams back through the backend connection the client connection drives, and
+/// that connection carries the client's next requests, an empty-bodied HEAD included.
+#[tokio::test]
+async fn large_bodies_stream_both_ways_and_the_backend_connection_is_reused() {
+    use http_body_util::{BodyExt, Full};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Echoes the request body, streamed (chunked: no length is known up front).
+                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let body: hyper::body::Incoming = req.into_body();
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let port = free_port();
+    let mesh = mesh();
+    mesh.apply(http_table(
+        "echo",
+        port,
+        vec![flotilla_mesh::Backend {
+            task_id: "echo".into(),
+            addr: backend_addr,
+            weight: 100,
+            healthy: true,
+        }],
+    ))
+    .await
+    .unwrap();
+
+    let stream = TcpStream::connect(local(port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    for round in 0..3 {
+        let req = hyper::Request::post("/")
+            .header("host", "test.local")
+            .body(Full::new(bytes::Bytes::from(payload.clone())))
+            .unwrap();
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "round {round}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body == payload, "round {round}: {} bytes back", body.len());
+        let head = hyper::Request::head("/")
+            .header("host", "test.local")
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(head).await.unwrap();
+        assert_eq!(resp.status(), 200, "round {round}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one backend connection for all six requests"
+    );
+    mesh.shutdown().await;
 }

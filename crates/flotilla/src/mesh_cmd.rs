@@ -153,6 +153,35 @@ pub struct BenchMeshArgs {
     /// Where the mesh listens with --serve.
     #[arg(long, requires = "serve")]
     pub listen: Option<SocketAddr>,
+    /// Send this many requests per second (over all connections) instead of as many as they
+    /// can: latency at a given load rather than at saturation.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
+    /// Measure these HTTP servers (NAME=IP:PORT, e.g. `nginx=127.0.0.1:8081`) one after the
+    /// other with the same load, instead of the built-in backend and mesh.
+    #[arg(long = "target", value_parser = parse_target, conflicts_with = "serve")]
+    pub targets: Vec<(String, SocketAddr)>,
+}
+
+fn parse_target(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=IP:PORT, e.g. nginx=127.0.0.1:8081"))?;
+    let addr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((name.to_string(), addr))
+}
+
+fn print_load_table(rows: &[(&str, &flotilla_mesh::bench::LoadReport)]) {
+    println!(
+        "{:<8} {:>12} {:>10} {:>10} {:>8}",
+        "target", "req/s", "p50 ms", "p99 ms", "errors"
+    );
+    for (name, r) in rows {
+        println!(
+            "{:<8} {:>12.0} {:>10.3} {:>10.3} {:>8}",
+            name, r.requests_per_sec, r.p50_ms, r.p99_ms, r.errors
+        );
+    }
 }
 
 pub async fn bench(args: &BenchMeshArgs) -> anyhow::Result<ExitCode> {
@@ -169,26 +198,38 @@ pub async fn bench(args: &BenchMeshArgs) -> anyhow::Result<ExitCode> {
     if args.duration.is_zero() {
         bail!("--duration must be longer than 0s");
     }
-    let report = flotilla_mesh::bench::run(&flotilla_mesh::bench::BenchConfig {
+    let cfg = flotilla_mesh::bench::BenchConfig {
         connections: args.connections,
         duration: args.duration,
+        rate: args.rate,
         ..flotilla_mesh::bench::BenchConfig::default()
-    })
-    .await?;
+    };
+    let pace = match cfg.rate {
+        Some(rate) => format!("{rate} requests/s"),
+        None => "back to back".to_string(),
+    };
+    if !args.targets.is_empty() {
+        println!(
+            "{} connections, {pace}, {:?} each",
+            cfg.connections, cfg.duration
+        );
+        let mut reports = Vec::new();
+        for (name, addr) in &args.targets {
+            let report = flotilla_mesh::bench::measure(*addr, &cfg)
+                .await
+                .with_context(|| format!("measuring {name} at {addr}"))?;
+            reports.push((name.as_str(), report));
+        }
+        let rows: Vec<_> = reports.iter().map(|(n, r)| (*n, r)).collect();
+        print_load_table(&rows);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = flotilla_mesh::bench::run(&cfg).await?;
     println!(
-        "{} connections, {:?} each, {}-byte responses",
+        "{} connections, {pace}, {:?} each, {}-byte responses",
         report.config.connections, report.config.duration, report.config.response_bytes
     );
-    println!(
-        "{:<8} {:>12} {:>10} {:>10} {:>8}",
-        "target", "req/s", "p50 ms", "p99 ms", "errors"
-    );
-    for (name, r) in [("direct", &report.direct), ("mesh", &report.mesh)] {
-        println!(
-            "{:<8} {:>12.0} {:>10.3} {:>10.3} {:>8}",
-            name, r.requests_per_sec, r.p50_ms, r.p99_ms, r.errors
-        );
-    }
+    print_load_table(&[("direct", &report.direct), ("mesh", &report.mesh)]);
     println!(
         "mesh/direct throughput: {:.2}x, added p99: {:.3} ms",
         report.throughput_ratio, report.added_p99_ms
@@ -246,5 +287,16 @@ mod tests {
             .unwrap_err()
             .contains("TASK=WEIGHT"));
         assert!(parse_task_weight("=5").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn bench_targets() {
+        assert_eq!(
+            parse_target("nginx=127.0.0.1:8081"),
+            Ok(("nginx".into(), "127.0.0.1:8081".parse().unwrap()))
+        );
+        assert!(parse_target("127.0.0.1:8081")
+            .unwrap_err()
+            .contains("NAME="));
     }
 }

@@ -948,3 +948,103 @@ fn containers_reach_the_mesh_through_the_bridge_gateway() {
         "{report}"
     );
 }
+
+/// Containers resolve `<service>.flotilla` through the mesh's DNS responder on their network's
+/// gateway (their DNS server), get the gateway back, and reach the service by that name through
+/// the mesh; unknown mesh names fail to resolve.
+#[test]
+fn containers_resolve_services_by_name_through_the_mesh_dns() {
+    if !docker_available() {
+        return;
+    }
+    let _leftovers = DockerLeftovers(&["dnsclient"]);
+    // The mesh on every interface (the default), so the bridge gateway reaches it.
+    let c = Cluster::start_with(&["--node-name", "n1"]);
+    let port = free_port();
+    let yaml = format!(
+        r#"services:
+  dnsweb:
+    command: ["flotilla", "demo-app", "--version", "dnsweb"]
+    ports: ["{port}:8080"]
+    x-flotilla:
+      driver: process
+  dnsclient:
+    image: flotilla-demo:latest
+    command: ["demo-app", "--version", "client"]
+    depends_on: [dnsweb]
+"#
+    );
+    deploy_ok(&c, "d.yaml", &yaml);
+    wait_served(port, "127.0.0.1");
+    // A container that went away meanwhile (the engine is shared) is replaced; try its successor.
+    let found = wait_for(
+        "a lookup and a request by name inside the client",
+        Duration::from_secs(60),
+        || {
+            let client = c.wait_ready("dnsclient", 1);
+            let container = client[0]["status"]["container_id"].as_str()?.to_string();
+            let dns = sh(&format!(
+                "docker inspect --format '{{{{range .HostConfig.Dns}}}}{{{{.}}}}{{{{end}}}}' {container}"
+            ));
+            let server = stdout(&dns).trim().to_string();
+            let lookup = sh(&format!(
+                "docker exec {container} nslookup -type=a dnsweb.flotilla"
+            ));
+            if !lookup.status.success() {
+                eprintln!(
+                    "nslookup in {container}: {}{}",
+                    stdout(&lookup),
+                    stderr(&lookup)
+                );
+                return None;
+            }
+            let get = sh(&format!(
+                "docker exec {container} wget -qO- http://dnsweb.flotilla:{port}/"
+            ));
+            if !get.status.success() {
+                eprintln!("wget in {container}: {}", stderr(&get));
+                return None;
+            }
+            let missing = sh(&format!(
+                "docker exec {container} nslookup -type=a nothing.flotilla"
+            ));
+            assert!(
+                !missing.status.success(),
+                "an unknown service resolved: {}",
+                stdout(&missing)
+            );
+            Some((container, server, stdout(&lookup), stdout(&get)))
+        },
+    );
+    let (container, server, lookup, body) = found;
+    // Other names still resolve, relayed to this host's resolvers (checked when the host
+    // itself resolves this one; test machines may have no outside DNS).
+    let outside = "deb.debian.org";
+    let on_host = sh(&format!("timeout 5 getent hosts {outside}"));
+    if let Some(ip) = stdout(&on_host).split_whitespace().next() {
+        let inside = sh(&format!(
+            "docker exec {container} nslookup -type=a {outside}"
+        ));
+        assert!(
+            inside.status.success() && stdout(&inside).contains(ip),
+            "{outside} resolves in the container as on the host ({ip}): {}{}",
+            stdout(&inside),
+            stderr(&inside)
+        );
+    } else {
+        eprintln!("the host does not resolve {outside}; outside names not checked");
+    }
+    let gateway: std::net::Ipv4Addr = server
+        .parse()
+        .unwrap_or_else(|_| panic!("the container's DNS server is one gateway IP: {server:?}"));
+    let gateway = gateway.to_string();
+    assert!(
+        lookup
+            .lines()
+            .skip_while(|l| !l.contains("dnsweb.flotilla"))
+            .any(|l| l.starts_with("Address") && l.split_whitespace().last() == Some(&gateway)),
+        "dnsweb.flotilla resolves to the gateway {gateway}: {lookup}"
+    );
+    let v: Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(v["version"], "dnsweb", "{body}");
+}
