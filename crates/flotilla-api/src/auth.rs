@@ -31,6 +31,9 @@ fn worker_may_call(method: &Method, path: &str) -> bool {
         (&Method::PUT, ["v1", "tasks", "status"]) => true,
         (&Method::PUT, ["v1", "tasks", _, "status"]) => true,
         (&Method::POST, ["v1", "cluster", "renew"]) => true,
+        // Carrying out its own promotion or `flotilla leave` (the handlers check it is asked).
+        (&Method::POST, ["v1", "cluster", "promote-self" | "leave"]) => true,
+        (&Method::POST, ["v1", "cluster", "leave", "complete"]) => true,
         _ => false,
     }
 }

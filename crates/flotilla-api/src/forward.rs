@@ -91,9 +91,12 @@ pub async fn forward_writes(State(app): State<AppState>, req: Request, next: Nex
     let (mut leader, mut leader_addr) = (leader, leader_addr);
     let sent = loop {
         match build(&leader_addr).send().await {
-            // The request never reached the leader (it crashed or is cut off): the write was
-            // not made. Wait for raft to elect another leader and send it there, so the client
-            // sees one slower success instead of an error it must retry itself.
+            // The request never reached the leader (it crashed or is cut off; a dead host
+            // takes the whole FORWARD_CONNECT_TIMEOUT): the write was not made, so sending it
+            // again is safe. Send it to whoever raft names leader next: another manager once
+            // one is elected, so the client sees one slower success instead of an error it
+            // must retry itself; the same one again after a pause if it is merely slow to
+            // accept connections.
             Err(e) if e.is_connect() && tokio::time::Instant::now() < deadline => {
                 match next_leader(&app, leader, deadline).await {
                     Some((id, _)) if id == app.store.node_id() => {
@@ -107,7 +110,11 @@ pub async fn forward_writes(State(app): State<AppState>, req: Request, next: Nex
                         return next.run(req).await;
                     }
                     Some((id, addr)) => {
-                        tracing::info!(failed = %leader_addr, leader = %addr, "leader changed; forwarding the write to the new leader");
+                        if Some(id) != leader {
+                            tracing::info!(failed = %leader_addr, leader = %addr, "leader changed; forwarding the write to the new leader");
+                        } else {
+                            tracing::debug!(leader = %addr, error = %e, "the leader did not accept a connection; trying again");
+                        }
                         (leader, leader_addr) = (Some(id), addr);
                     }
                     None => break Err(e),
@@ -142,20 +149,40 @@ pub async fn forward_writes(State(app): State<AppState>, req: Request, next: Nex
 
 /// How long a forwarded write that could not reach the leader waits for a new one.
 const LEADER_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long forwarding waits for a connection (TCP and TLS) to the leader. A killed leader's
+/// host answers nothing, so every attempt to reach it costs this much: short enough that a
+/// write waiting on it moves to the newly elected leader soon after the election (~1.3 s after
+/// the leader died), long enough for a busy leader's TLS handshake (milliseconds; connections
+/// are kept alive, so this is rare). A failed attempt is retried, so a slow one only costs time.
+pub(crate) const FORWARD_CONNECT_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_millis(400);
+/// After a failed connection to a leader raft still names, the pause before trying it again
+/// (unless raft names another one first).
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(150);
 
-/// Waits until raft knows a leader other than `old` (with its address), or `deadline`.
+/// The leader to send to after a connection to `old` failed: a newly elected one as soon as
+/// raft knows it (with its address), else `old` again after [`RECONNECT_PAUSE`]; `None` at
+/// `deadline` or when no leader is known.
 async fn next_leader(
     app: &AppState,
     old: Option<u64>,
     deadline: tokio::time::Instant,
 ) -> Option<(u64, String)> {
+    let retry_old_at = tokio::time::Instant::now() + RECONNECT_PAUSE;
     loop {
-        if let Some(id) = app.store.current_leader().filter(|l| Some(*l) != old) {
+        let now = tokio::time::Instant::now();
+        let leader = app.store.current_leader();
+        let wanted = match leader {
+            Some(id) if Some(id) != old => Some(id),
+            Some(id) if now >= retry_old_at => Some(id),
+            _ => None,
+        };
+        if let Some(id) = wanted {
             if let Some(m) = app.store.members().into_iter().find(|m| m.raft_id == id) {
                 return Some((id, m.addr));
             }
         }
-        if tokio::time::Instant::now() >= deadline {
+        if now >= deadline {
             return None;
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;

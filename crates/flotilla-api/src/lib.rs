@@ -77,7 +77,7 @@ impl AppState {
         self.leader_http = Some(
             reqwest::Client::builder()
                 .use_preconfigured_tls(tls)
-                .connect_timeout(std::time::Duration::from_secs(2))
+                .connect_timeout(forward::FORWARD_CONNECT_TIMEOUT)
                 .build()
                 .map_err(|e| {
                     flotilla_pki::PkiError::BadKey(format!("building the TLS client: {e}"))
@@ -132,6 +132,8 @@ pub fn router(state: AppState) -> Router {
                 .delete(cluster::remove_node),
         )
         .route("/nodes/{id}/heartbeat", post(nodes::heartbeat))
+        .route("/nodes/{id}/promote", post(cluster::promote_node))
+        .route("/nodes/{id}/demote", post(cluster::demote_node))
         .route("/events", get(streams::events))
         .route("/watch", get(streams::watch))
         .nest("/cluster", cluster::routes());

@@ -28,6 +28,9 @@ pub async fn serve_tls(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let app = router(state);
     tokio::pin!(shutdown);
+    // Dropped when this returns, which ends every open connection too: a manager demoted in
+    // place must not keep serving long-lived watch streams from its stopped store.
+    let (_open, closed) = tokio::sync::watch::channel(());
     loop {
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -43,6 +46,7 @@ pub async fn serve_tls(
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let mut closed = closed.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
@@ -73,11 +77,13 @@ pub async fn serve_tls(
                     app.clone().oneshot(req.map(axum::body::Body::new))
                 },
             );
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::select! {
+                result = connection => if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                },
+                _ = closed.changed() => tracing::debug!(%peer, "server stopped; connection closed"),
             }
         });
     }

@@ -26,12 +26,30 @@ pub const TOKEN_ENV: &str = "FLOTILLA_TOKEN";
 /// Where a local manager listens by default.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7450";
 
+/// Longest wait for a manager's answer to a read (or for a stream to start): reads are served
+/// from the manager's memory in milliseconds, so a manager this slow, even on a loaded machine
+/// with a large answer, has stopped answering; the read moves to the next manager.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a manager's answer to a write. Above the store's own 10 s bound on a write
+/// (plus forwarding to a new leader) so a live manager always answers first, with its reason.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(16);
+/// Longest silence on a watch stream: three of the manager's 5 s heartbeats missed.
+const WATCH_SILENCE: Duration = Duration::from_secs(15);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("invalid API address {addr:?}: {reason}")]
     InvalidAddr { addr: String, reason: String },
     #[error("cannot reach the Flotilla API at {addr}: {reason} (is `flotilla up` running? set --addr or FLOTILLA_ADDR)")]
     Connect { addr: String, reason: String },
+    /// The manager accepted the request but did not answer in time (it hangs, or is cut off
+    /// mid-request). A write may or may not have been applied.
+    #[error("no answer from the Flotilla API at {addr} within {after:?}{}", if *.write { "; the write may or may not have been applied" } else { "" })]
+    Timeout {
+        addr: String,
+        after: Duration,
+        write: bool,
+    },
     #[error("{}", format_api_error(.status, .body))]
     Api { status: u16, body: ApiErrorBody },
     #[error("unexpected response from {url}: {reason}")]
@@ -64,6 +82,8 @@ pub struct Client {
     endpoints: Arc<Mutex<Endpoints>>,
     http: reqwest::Client,
     token: Option<String>,
+    /// How long a read and a write wait for an answer ([`READ_TIMEOUT`], [`WRITE_TIMEOUT`]).
+    timeouts: (Duration, Duration),
 }
 
 #[derive(Debug)]
@@ -124,7 +144,15 @@ impl Client {
             })),
             http,
             token,
+            timeouts: (READ_TIMEOUT, WRITE_TIMEOUT),
         }
+    }
+
+    /// Overrides how long a read and a write wait for a manager's answer before it is
+    /// considered hung (defaults: 10 s and 16 s).
+    pub fn with_request_timeouts(mut self, read: Duration, write: Duration) -> Self {
+        self.timeouts = (read, write);
+        self
     }
 
     fn endpoints(&self) -> MutexGuard<'_, Endpoints> {
@@ -173,8 +201,8 @@ impl Client {
             .collect()
     }
 
-    /// `failed` could not be reached: move to the next manager, unless another request moved
-    /// on already.
+    /// `failed` could not be reached or stopped answering: move to the next manager, unless
+    /// another request moved on already.
     fn fail_over(&self, failed: &str) {
         let mut ep = self.endpoints();
         if ep.all.len() > 1 && ep.all[ep.current] == failed {
@@ -216,16 +244,70 @@ impl Client {
         req
     }
 
+    /// Sends `req` and waits for the answer's head (a stream's body may then take as long as
+    /// it likes). A manager that cannot be reached, or does not answer in time, is left for the
+    /// next one (for this client's later requests too). The request itself moves to the next
+    /// manager when that is safe: it never got through (connection failed), or it is a read.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
         // The request was built against the current manager just before this call.
-        let used = self.base();
-        let resp = req.send().await.map_err(|e| {
-            self.fail_over(&used);
-            ClientError::Connect {
-                addr: used.clone(),
-                reason: error_chain(&e),
-            }
+        let mut used = self.base();
+        let mut request = req.build().map_err(|e| ClientError::InvalidAddr {
+            addr: used.clone(),
+            reason: error_chain(&e),
         })?;
+        let read = request.method() == reqwest::Method::GET;
+        let limit = if read {
+            self.timeouts.0
+        } else {
+            self.timeouts.1
+        };
+        let mut attempts_left = self.endpoints().all.len();
+        let resp = loop {
+            attempts_left -= 1;
+            let again = if attempts_left > 0 {
+                request.try_clone()
+            } else {
+                None
+            };
+            let failed = match tokio::time::timeout(limit, self.http.execute(request)).await {
+                Ok(Ok(resp)) => break resp,
+                Ok(Err(e)) => {
+                    let retry = e.is_connect();
+                    let err = ClientError::Connect {
+                        addr: used.clone(),
+                        reason: error_chain(&e),
+                    };
+                    (err, retry)
+                }
+                Err(_) => {
+                    tracing::warn!(manager = %used, after = ?limit, "no answer; trying another manager");
+                    let err = ClientError::Timeout {
+                        addr: used.clone(),
+                        after: limit,
+                        write: !read,
+                    };
+                    (err, read)
+                }
+            };
+            self.fail_over(&used);
+            let (err, retry) = failed;
+            let next = self.base();
+            match again {
+                Some(mut again) if retry && next != used => {
+                    let rest = again.url().as_str().strip_prefix(used.as_str());
+                    let Some(url) =
+                        rest.and_then(|r| reqwest::Url::parse(&format!("{next}{r}")).ok())
+                    else {
+                        return Err(err);
+                    };
+                    tracing::debug!(failed = %used, next = %next, error = %err, "retrying on another manager");
+                    *again.url_mut() = url;
+                    request = again;
+                    used = next;
+                }
+                _ => return Err(err),
+            }
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -246,10 +328,19 @@ impl Client {
     ) -> Result<T, ClientError> {
         let resp = self.send(req).await?;
         let url = resp.url().to_string();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Connect {
-            addr: self.base(),
-            reason: error_chain(&e),
-        })?;
+        let addr = url.clone();
+        let limit = self.timeouts.0;
+        let bytes = tokio::time::timeout(limit, resp.bytes())
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr: addr.clone(),
+                after: limit,
+                write: false,
+            })?
+            .map_err(|e| ClientError::Connect {
+                addr,
+                reason: error_chain(&e),
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
             url,
             reason: e.to_string(),
@@ -518,7 +609,7 @@ impl Client {
         since: u64,
         follow: bool,
     ) -> Result<BoxStream<'static, Result<Event, ClientError>>, ClientError> {
-        self.ndjson(&format!("/v1/events?since={since}&follow={follow}"))
+        self.ndjson(&format!("/v1/events?since={since}&follow={follow}"), None)
             .await
     }
 
@@ -536,22 +627,33 @@ impl Client {
         if let Some(n) = node {
             query.push(format!("node={}", encode(n)));
         }
-        self.ndjson(&format!("/v1/watch?{}", query.join("&"))).await
+        // The manager sends a heartbeat after 5 s without changes: a longer silence means it
+        // stopped answering, and the stream ends so the caller can watch another one.
+        self.ndjson(
+            &format!("/v1/watch?{}", query.join("&")),
+            Some(WATCH_SILENCE),
+        )
+        .await
     }
 
+    /// Streams the NDJSON answer to `GET path`. With `idle`, a silence that long ends the
+    /// stream with [`ClientError::Timeout`] and moves this client to the next manager.
     async fn ndjson<T: DeserializeOwned + Send + 'static>(
         &self,
         path: &str,
+        idle: Option<Duration>,
     ) -> Result<BoxStream<'static, Result<T, ClientError>>, ClientError> {
         let resp = self.send(self.request(reqwest::Method::GET, path)).await?;
         let url = resp.url().to_string();
         let addr = self.base();
         let bytes = resp.bytes_stream();
+        let client = self.clone();
         let lines = futures::stream::unfold(
             (bytes, Vec::<u8>::new(), false),
             move |(mut bytes, mut buf, done)| {
                 let url = url.clone();
                 let addr = addr.clone();
+                let client = client.clone();
                 async move {
                     if done {
                         return None;
@@ -571,7 +673,22 @@ impl Client {
                             });
                             return Some((item, (bytes, buf, false)));
                         }
-                        match bytes.next().await {
+                        let next = match idle {
+                            Some(idle) => match tokio::time::timeout(idle, bytes.next()).await {
+                                Ok(next) => next,
+                                Err(_) => {
+                                    client.fail_over(&addr);
+                                    let err = ClientError::Timeout {
+                                        addr: addr.clone(),
+                                        after: idle,
+                                        write: false,
+                                    };
+                                    return Some((Err(err), (bytes, buf, true)));
+                                }
+                            },
+                            None => bytes.next().await,
+                        };
+                        match next {
                             Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
                             Some(Err(e)) => {
                                 let err = ClientError::Connect {
@@ -662,6 +779,110 @@ mod tests {
     fn encoding() {
         assert_eq!(encode("web.1"), "web.1");
         assert_eq!(encode("a b/c"), "a%20b%2Fc");
+    }
+
+    /// A manager that accepts connections and reads requests but never answers.
+    async fn hung_manager() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        (addr, task)
+    }
+
+    /// A manager answering every request with `body` (JSON); counts the requests.
+    async fn answering_manager(
+        body: &'static str,
+    ) -> (
+        String,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, served, task)
+    }
+
+    #[tokio::test]
+    async fn a_hung_manager_is_left_for_the_next_one() {
+        let (hung, hung_task) = hung_manager().await;
+        let (good, served, good_task) = answering_manager("[]").await;
+        let short = Duration::from_millis(300);
+        let client_of = |managers: &[String]| {
+            let c = Client::new(&managers[0], None)
+                .unwrap()
+                .with_request_timeouts(short, short);
+            c.set_managers(managers).unwrap();
+            c
+        };
+        let managers = [hung.clone(), good.clone()];
+
+        // A read is retried on the next manager at once.
+        let client = client_of(&managers);
+        assert!(client.nodes().await.unwrap().is_empty());
+        assert_eq!(client.base(), format!("http://{good}"));
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // A write is not (it may have been applied), but the next request goes elsewhere.
+        let client = client_of(&managers);
+        let err = client
+            .heartbeat("n1", &Heartbeat { at: 0 })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Timeout { write: true, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("may or may not have been applied"),
+            "{err}"
+        );
+        assert_eq!(client.base(), format!("http://{good}"));
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+        hung_task.abort();
+        good_task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_connect_moves_to_the_next_manager() {
+        // A port nothing listens on: the connection is refused, so the write never left.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let (good, served, good_task) = answering_manager("{\"store_revision\":1}").await;
+        let client = Client::new(&dead, None).unwrap();
+        client.set_managers(&[dead, good.clone()]).unwrap();
+        client.heartbeat("n1", &Heartbeat { at: 0 }).await.unwrap();
+        assert_eq!(client.base(), format!("http://{good}"));
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+        good_task.abort();
     }
 }
 

@@ -348,10 +348,24 @@ impl CaBundle {
     /// Starts a root rotation: a new root signs from now on, the old one stays trusted so
     /// certificates it issued keep working until their nodes renew.
     pub fn rotate(&mut self, cluster_name: &str) -> Result<(), PkiError> {
-        let new = CaSigner::generate(cluster_name)?;
-        let old = std::mem::replace(&mut self.signer, new);
-        self.previous_roots.insert(0, old.cert_pem);
+        self.rotate_to(CaSigner::generate(cluster_name)?);
         Ok(())
+    }
+
+    /// Trusts `next`'s root without signing with it yet: the first step of a rotation in a
+    /// running cluster, so every node trusts the new root before anyone presents a
+    /// certificate it signed.
+    pub fn trust_next(&mut self, next: &CaSigner) {
+        if !self.previous_roots.iter().any(|r| r == next.cert_pem()) {
+            self.previous_roots.insert(0, next.cert_pem().to_string());
+        }
+    }
+
+    /// Makes `next` the signing root; the old one stays trusted ([`CaBundle::rotate`]).
+    pub fn rotate_to(&mut self, next: CaSigner) {
+        self.previous_roots.retain(|r| r != next.cert_pem());
+        let old = std::mem::replace(&mut self.signer, next);
+        self.previous_roots.insert(0, old.cert_pem);
     }
 
     /// Ends a rotation: only the signing root stays trusted. Call once every node has renewed.
@@ -405,6 +419,25 @@ impl CaBundle {
 
     pub fn exists(dir: &Path) -> bool {
         dir.join(CA_KEY_FILE).exists()
+    }
+
+    /// Deletes what [`CaBundle::save`] wrote: a demoted manager must not keep the CA key.
+    pub fn remove(dir: &Path) -> Result<(), PkiError> {
+        for file in [CA_KEY_FILE, CA_CERT_FILE, CA_PREVIOUS_FILE] {
+            remove_file(&dir.join(file))?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes `path`; a file already gone is fine.
+pub fn remove_file(path: &Path) -> Result<(), PkiError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PkiError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -22,8 +22,8 @@ mod token;
 pub mod wire;
 
 pub use ca::{
-    identity_of, issued_at_of, CaBundle, CaSigner, NodeCredentials, NodeIdentity, NodeKey, Role,
-    CA_VALIDITY, NODE_CERT_VALIDITY,
+    identity_of, issued_at_of, remove_file, CaBundle, CaSigner, NodeCredentials, NodeIdentity,
+    NodeKey, Role, CA_VALIDITY, NODE_CERT_VALIDITY,
 };
 pub use tls::{bootstrap_client_config, fetched_ca_matches, pinned_client_config, TlsIdentity};
 pub use token::{JoinSecrets, JoinToken, TOKEN_PREFIX};

@@ -15,6 +15,7 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
     SignatureScheme,
 };
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 fn provider() -> Arc<CryptoProvider> {
@@ -137,6 +138,9 @@ impl Loaded {
 pub struct TlsIdentity {
     identity: NodeIdentity,
     current: RwLock<Arc<Loaded>>,
+    /// Removed nodes: node id → last second (epoch) of revoked certificates. Client
+    /// certificates of these are refused in the handshake ([`TlsIdentity::set_revocations`]).
+    revoked: RwLock<Arc<BTreeMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -153,6 +157,7 @@ impl TlsIdentity {
         Ok(Arc::new(TlsIdentity {
             identity,
             current: RwLock::new(Arc::new(Loaded::new(creds)?)),
+            revoked: RwLock::default(),
         }))
     }
 
@@ -190,6 +195,35 @@ impl TlsIdentity {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = loaded;
         Ok(())
+    }
+
+    /// Replaces the revocation list (removed nodes and the last second of their revoked
+    /// certificates): agent servers have no store, so nodes keep this up to date from the
+    /// managers and it applies from the next handshake.
+    pub fn set_revocations(&self, revoked: BTreeMap<String, u64>) {
+        *self
+            .revoked
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(revoked);
+    }
+
+    /// Refuses a certificate of a removed node issued at or before its removal.
+    fn check_revoked(&self, identity: &NodeIdentity, cert_der: &[u8]) -> Result<(), PkiError> {
+        let revoked = self
+            .revoked
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match revoked.get(&identity.node_id) {
+            Some(at) if crate::issued_at_of(cert_der)? <= *at => Err(PkiError::BadCertificate {
+                what: "client".into(),
+                reason: format!(
+                    "the certificate of node {} was revoked (the node was removed)",
+                    identity.node_id
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Server side: presents our certificate; verifies client certificates when offered.
@@ -302,6 +336,13 @@ impl ClientCertVerifier for ClusterClientVerifier {
             now,
         )?;
         let identity = identity_of(end_entity).map_err(other_error)?;
+        // Agent servers only: the cluster API refuses revoked certificates itself, from the
+        // store, with a 403 that says why.
+        if self.managers_only {
+            self.identity
+                .check_revoked(&identity, end_entity)
+                .map_err(other_error)?;
+        }
         if self.managers_only && identity.role != Role::Manager {
             return Err(other_error(PkiError::BadCertificate {
                 what: "client".into(),

@@ -18,7 +18,7 @@ mod store;
 mod tests;
 
 pub use error::StoreError;
-pub use membership::Member;
+pub use membership::{ForcedCluster, Member};
 pub use ops::*;
 pub use store::{Store, StoreConfig};
 

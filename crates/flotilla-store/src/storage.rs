@@ -12,9 +12,9 @@ use crate::TypeConfig;
 use flotilla_types::{Event, Node, Revision, Rollout, Service, Task};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState,
-    OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    AnyError, BasicNode, CommittedLeaderId, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId,
+    LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
 };
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -359,7 +359,14 @@ impl Shared {
         let mut results = Vec::with_capacity(entries.len());
         let mut pending = Overlay::default();
         let mut batches = Vec::new();
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        // Not fsynced: every entry applied here is already in the raft log, fsynced on a
+        // majority before it was committed, and openraft re-applies committed entries above
+        // the state machine's last_applied on startup (`bootstrap_single` waits for that). The
+        // next durable commit (a log append, at the latest) persists this one; a snapshot's
+        // commit is durable, so the log is never purged beyond what is on disk here. This saves
+        // one fsync per write on the leader's critical path.
+        txn.set_durability(Durability::None)?;
         {
             let mut tables = SmTables::open(&txn)?;
             // Only this (serialised) apply path changes `live`, so the view read here is still
@@ -741,6 +748,102 @@ impl<'txn> SmTables<'txn> {
         }
         Ok(())
     }
+}
+
+/// What [`force_single_voter`] appended.
+pub(crate) struct ForcedVoter {
+    /// The voters (and learners) of the membership it replaced.
+    pub(crate) previous_members: Vec<u64>,
+    /// The new membership entry: one past everything kept, in a term above any seen.
+    pub(crate) entry: LogIdOf,
+}
+
+/// Makes `node_id` (at `addr`) the only voter of the store at `path`, keeping everything else:
+/// appends a membership entry naming only it, one index past the last log entry (or the last
+/// applied one, whichever is newer) and one term above any this node has seen, and records a
+/// vote in that term so its next election is newer still. openraft takes the last membership
+/// entry in the log as effective on startup, so the node elects itself alone and, as leader,
+/// commits every entry it holds. Run while raft is stopped (the redb file is opened here).
+/// `None` when this node is already the only member.
+pub(crate) fn force_single_voter(
+    path: &Path,
+    node_id: u64,
+    addr: &str,
+) -> Result<Option<ForcedVoter>, DbError> {
+    let db = Database::open(path)?;
+    let read = db.begin_read()?;
+    let meta = read.open_table(RAFT_META)?;
+    let vote: Option<Vote<u64>> = get_json(&meta, VOTE, "vote")?;
+    let last_purged: Option<LogIdOf> = get_json(&meta, LAST_PURGED, "last purged log id")?;
+    let sm_meta = read.open_table(SM_META)?;
+    let last_applied: Option<LogIdOf> = get_json(&sm_meta, LAST_APPLIED, "last applied log id")?;
+    let mut membership = get_json::<Membership>(&sm_meta, LAST_MEMBERSHIP, "last membership")?
+        .unwrap_or_default()
+        .membership()
+        .clone();
+    let log = read.open_table(LOG)?;
+    let mut last_log = last_purged;
+    // The effective membership is the newest one in the log, else the applied one.
+    for item in log.iter()? {
+        let (_, value) = item?;
+        let entry: Entry<TypeConfig> = decode("log entry", value.value())?;
+        if let EntryPayload::Membership(m) = entry.payload {
+            membership = m;
+        }
+        last_log = Some(entry.log_id);
+    }
+    drop((log, sm_meta, meta, read));
+
+    let members: Vec<u64> = membership.nodes().map(|(id, _)| *id).collect();
+    if members == [node_id]
+        && membership.voter_ids().eq([node_id])
+        && membership
+            .get_node(&node_id)
+            .is_some_and(|n| n.addr == addr)
+    {
+        return Ok(None);
+    }
+    let term = [
+        vote.map(|v| v.leader_id().term),
+        last_log.map(|l| l.leader_id.term),
+        last_applied.map(|l| l.leader_id.term),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(0)
+        + 1;
+    let txn = db.begin_write()?;
+    let entry_id = {
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(RAFT_META)?;
+        // A state machine ahead of the log (a snapshot installed, its log not yet purged):
+        // purge up to it as openraft would on startup, or the new entry would leave a hole.
+        if let Some(applied) = last_applied.filter(|a| last_log < Some(*a)) {
+            log.retain_in(..=applied.index, |_, _| false)?;
+            meta.insert(
+                LAST_PURGED,
+                encode("last purged log id", &applied)?.as_slice(),
+            )?;
+            last_log = Some(applied);
+        }
+        let index = last_log.map_or(0, |l| l.index + 1);
+        let entry: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, node_id), index),
+            payload: EntryPayload::Membership(openraft::Membership::new(
+                vec![[node_id].into()],
+                BTreeMap::from([(node_id, BasicNode::new(addr))]),
+            )),
+        };
+        log.insert(index, encode("log entry", &entry)?.as_slice())?;
+        meta.insert(VOTE, encode("vote", &Vote::new(term, node_id))?.as_slice())?;
+        entry.log_id
+    };
+    txn.commit()?;
+    Ok(Some(ForcedVoter {
+        previous_members: members,
+        entry: entry_id,
+    }))
 }
 
 /// openraft's log half: entries, vote and commit/purge markers.

@@ -669,14 +669,15 @@ fn acknowledged_writes_survive_dropping_without_shutdown() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let store = Store::open(config(dir.path())).await.expect("reopen");
-        // The applied state is loaded from disk before raft even elects a leader.
+        // The state machine is not fsynced on its own: what it lacks is replayed from the
+        // (durable) log once this node leads again, before `bootstrap_single` returns.
+        store.bootstrap_single().await.expect("leader again");
         assert!(store.revision() >= acked[19]);
         for (i, rev) in acked.iter().enumerate() {
             let name = format!("s{i}");
             let version = store.read(|s| s.services.get(&name).map(|svc| svc.meta.version));
             assert_eq!(version, Some(*rev), "service {name}");
         }
-        store.bootstrap_single().await.expect("leader again");
         applied(put_service(&store, "after", 1, Expect::Absent).await);
         store.shutdown().await.expect("shutdown");
     });
@@ -759,6 +760,7 @@ fn acknowledged_writes_survive_sigkill() {
         let store = Store::open(config(dir.path()))
             .await
             .expect("reopen after kill");
+        store.bootstrap_single().await.expect("leader after crash");
         let last = acked.last().expect("acks").1;
         assert!(
             store.revision() >= last,
@@ -770,7 +772,6 @@ fn acknowledged_writes_survive_sigkill() {
                 store.read(|s| s.services.get(&format!("s{i}")).map(|svc| svc.meta.version));
             assert_eq!(version, Some(*rev), "acked write s{i}");
         }
-        store.bootstrap_single().await.expect("leader after crash");
         store.shutdown().await.expect("shutdown");
     });
 }
@@ -1028,6 +1029,33 @@ async fn wait_for_revision(store: &Store, revision: u64) {
     }
 }
 
+/// Builds a snapshot on `leader` covering at least `rev` and purges the log up to it, so a new
+/// member can only catch up through the snapshot. Returns the snapshot's index.
+async fn snapshot_and_purge(leader: &Store, rev: u64) -> u64 {
+    let raft = leader.raft();
+    raft.trigger().snapshot().await.expect("trigger snapshot");
+    raft.wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| m.snapshot.map(|l| l.index) >= Some(rev),
+            "snapshot built",
+        )
+        .await
+        .expect("snapshot built");
+    let snapshot_index = raft.metrics().borrow().snapshot.map_or(0, |l| l.index);
+    raft.trigger()
+        .purge_log(snapshot_index)
+        .await
+        .expect("purge");
+    raft.wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| m.purged.map(|l| l.index) >= Some(snapshot_index),
+            "log purged",
+        )
+        .await
+        .expect("log purged");
+    snapshot_index
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicates_over_http_and_sends_snapshots_to_new_members() {
     let dir = TempDir::new().expect("tempdir");
@@ -1061,42 +1089,7 @@ async fn replicates_over_http_and_sends_snapshots_to_new_members() {
     }
 
     // Compact the leader's log so a new member can only catch up through a snapshot.
-    leader
-        .raft()
-        .trigger()
-        .snapshot()
-        .await
-        .expect("trigger snapshot");
-    leader
-        .raft()
-        .wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.snapshot.map(|l| l.index) >= Some(rev),
-            "snapshot built",
-        )
-        .await
-        .expect("snapshot built");
-    let snapshot_index = leader
-        .raft()
-        .metrics()
-        .borrow()
-        .snapshot
-        .map_or(0, |l| l.index);
-    leader
-        .raft()
-        .trigger()
-        .purge_log(snapshot_index)
-        .await
-        .expect("purge");
-    leader
-        .raft()
-        .wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.purged.map(|l| l.index) >= Some(snapshot_index),
-            "log purged",
-        )
-        .await
-        .expect("log purged");
+    let snapshot_index = snapshot_and_purge(&leader, rev).await;
 
     let (learner, learner_addr, learner_server) = open_served(dir.path(), 3).await;
     leader
@@ -1185,5 +1178,92 @@ async fn availability_and_label_changes_produce_events_with_the_reason() {
             ),
         ]
     );
+    store.shutdown().await.expect("shutdown");
+}
+
+/// [`Store::force_new_cluster`] once the dropped store's raft tasks have let go of the file
+/// (in a process of its own, as `flotilla init` runs it, it is free at once).
+async fn force_once_released(cfg: &StoreConfig) -> Option<ForcedCluster> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::force_new_cluster(cfg).await {
+            Ok(forced) => return forced,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the store file is still open; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("forcing a new cluster: {e}"),
+        }
+    }
+}
+
+/// `flotilla init --force-new-cluster` at the store level: a follower that caught up through a
+/// snapshot is the only survivor of three; rewritten as a one-voter cluster it keeps every
+/// write, elects itself and takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_new_cluster_keeps_the_state_of_the_last_survivor() {
+    let dir = TempDir::new().expect("tempdir");
+    let (leader, _, leader_server) = open_served(dir.path(), 1).await;
+    let (second, second_addr, second_server) = open_served(dir.path(), 2).await;
+    leader.bootstrap_single().await.expect("bootstrap");
+    leader
+        .add_manager(2, &second_addr)
+        .await
+        .expect("add manager 2");
+    let rev = applied(put_service(&leader, "before-snapshot", 1, Expect::Absent).await);
+    snapshot_and_purge(&leader, rev).await;
+    // The survivor joins after the purge, so it starts from an installed snapshot.
+    let (third, third_addr, third_server) = open_served(dir.path(), 3).await;
+    leader
+        .add_manager(3, &third_addr)
+        .await
+        .expect("add manager 3");
+    let rev = applied(put_service(&leader, "after-snapshot", 2, Expect::Absent).await);
+    wait_for_revision(&third, rev).await;
+    let services = third.read(|s| s.services.clone());
+    assert_eq!(services.len(), 2);
+
+    // Managers 1 and 2 are gone for good; 3 alone has no quorum.
+    for (store, server) in [(leader, leader_server), (second, second_server)] {
+        store.shutdown().await.expect("shutdown");
+        server.abort();
+    }
+    third.shutdown().await.expect("shutdown");
+    third_server.abort();
+    drop(third);
+
+    let cfg = StoreConfig {
+        data_dir: dir.path().join("node3"),
+        node_id: 3,
+        advertise_addr: "127.0.0.1:3".to_string(),
+    };
+    let forced = force_once_released(&cfg)
+        .await
+        .expect("the membership changed");
+    assert_eq!(forced.previous_members, vec![1, 2, 3]);
+    assert!(
+        forced.index > rev,
+        "{forced:?} keeps everything up to {rev}"
+    );
+    let store = Store::open(cfg.clone()).await.expect("reopen");
+    store.bootstrap_single().await.expect("elected alone");
+    assert_eq!(
+        store.members(),
+        vec![Member {
+            raft_id: 3,
+            addr: "127.0.0.1:3".into(),
+            voter: true
+        }]
+    );
+    assert_eq!(store.read(|s| s.services.clone()), services);
+    applied(put_service(&store, "recovered", 1, Expect::Absent).await);
+    store.shutdown().await.expect("shutdown");
+    drop(store);
+
+    // Run again (e.g. the recovery command repeated): nothing left to change.
+    assert_eq!(force_once_released(&cfg).await, None);
+    let store = Store::open(cfg).await.expect("reopen");
+    store.bootstrap_single().await.expect("elected alone again");
+    assert_eq!(store.read(|s| s.services.len()), 3);
     store.shutdown().await.expect("shutdown");
 }

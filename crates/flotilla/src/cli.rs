@@ -38,9 +38,15 @@ pub enum Command {
     Init(cluster_cmd::InitArgs),
     /// Join a cluster as a worker or manager, depending on the token.
     Join(cluster_cmd::JoinArgs),
+    /// Take the node running on this machine out of its cluster: drain, demote a manager
+    /// first, then remove it (its certificate is revoked) and stop it.
+    Leave(cluster_cmd::LeaveArgs),
     /// Show or rotate the join tokens.
     #[command(subcommand)]
     Token(cluster_cmd::TokenCommand),
+    /// The cluster CA: rotate its root, or show a rotation's progress.
+    #[command(subcommand)]
+    Ca(cluster_cmd::CaCommand),
     /// Run a worker node: only the agent, following a manager (--manager URL).
     Agent(agent_cmd::AgentArgs),
     /// Deploy a Compose file and wait until it has converged.
@@ -138,6 +144,10 @@ pub enum NodeCommand {
     Maintain(nodes_cmd::MaintainArgs),
     /// Remove a node from the cluster and revoke its certificate (a manager also leaves raft).
     Rm(cluster_cmd::RmArgs),
+    /// Make workers managers, in place (they join raft; use 1, 3, 5 or 7 managers).
+    Promote(cluster_cmd::RoleChangeArgs),
+    /// Make managers workers, in place (they leave raft and keep their tasks).
+    Demote(cluster_cmd::RoleChangeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,7 +269,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(args) => agent_cmd::run(args, cli.token.clone()).await,
         Command::Init(args) => cluster_cmd::init(args).await,
         Command::Join(args) => cluster_cmd::join(args).await,
+        Command::Leave(args) => cluster_cmd::leave(&client(&cli)?, args).await,
         Command::Token(cmd) => cluster_cmd::token(&client(&cli)?, cmd).await,
+        Command::Ca(cmd) => cluster_cmd::ca(&client(&cli)?, cmd).await,
         Command::Deploy(args) => deploy::run(&cli, args).await,
         Command::Service(ServiceCommand::Ls(out)) => {
             listing::service_ls(&client(&cli)?, *out).await
@@ -310,6 +322,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             nodes_cmd::maintain(&client(&cli)?, args).await
         }
         Command::Node(NodeCommand::Rm(args)) => cluster_cmd::node_rm(&client(&cli)?, args).await,
+        Command::Node(NodeCommand::Promote(args)) => {
+            cluster_cmd::node_role(&client(&cli)?, args, flotilla_pki::Role::Manager).await
+        }
+        Command::Node(NodeCommand::Demote(args)) => {
+            cluster_cmd::node_role(&client(&cli)?, args, flotilla_pki::Role::Worker).await
+        }
         Command::DemoApp(args) => demo_app(args).await,
         Command::DemoImage(args) => docker_cmd::demo_image(args).await,
         Command::Top(args) => docker_cmd::top(&client(&cli)?, args).await,

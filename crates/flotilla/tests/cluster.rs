@@ -290,23 +290,46 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// The join token for `role` (`manager` or `worker`), once manager `m` serves it.
+fn join_token(m: &Member, role: &str) -> String {
+    wait_for(
+        &format!("{} to serve its join tokens", m.name),
+        LONG,
+        || {
+            let out = m.cli(&["token", "show", role]);
+            out.status
+                .success()
+                .then(|| stdout(&out).trim().to_string())
+        },
+    )
+}
+
+/// Deploys `service`: `replicas` tasks running `sleep MARKER`, through manager `m`. Returns
+/// the marker (unique to this test process), which finds the tasks' processes.
+fn deploy_sleepers(fleet: &Fleet, m: &str, service: &str, replicas: u32, base: u32) -> String {
+    let marker = format!("{}", base + std::process::id() % 10000);
+    let compose = write(
+        fleet.dir.path(),
+        &format!("{service}.yaml"),
+        &format!(
+            "services:\n  {service}:\n    command: [\"sleep\", \"{marker}\"]\n    deploy:\n      \
+             replicas: {replicas}\n"
+        ),
+    );
+    fleet
+        .get(m)
+        .ok(&["deploy", "-f", &compose, "--timeout", "60s"]);
+    marker
+}
+
 #[test]
 fn membership_security_quorum_and_removal() {
     let mut fleet = Fleet::new();
     // Short-lived certificates: every node must renew its own during the test (item 6).
     fleet.add("m1", &["init", "--cert-validity", "60s"], true);
     let m1_listen = fleet.get("m1").listen.clone();
-    let manager_token = wait_for("m1 to serve its join tokens", LONG, || {
-        let out = fleet.get("m1").cli(&["token", "show", "manager"]);
-        out.status
-            .success()
-            .then(|| stdout(&out).trim().to_string())
-    });
-    let worker_token = fleet
-        .get("m1")
-        .ok(&["token", "show", "worker"])
-        .trim()
-        .to_string();
+    let manager_token = join_token(fleet.get("m1"), "manager");
+    let worker_token = join_token(fleet.get("m1"), "worker");
 
     // m2 joins through the leader; m3 through m2, a follower: its join and its request to
     // become a voter are forwarded to the leader.
@@ -407,18 +430,7 @@ fn membership_security_quorum_and_removal() {
     wait_ready_nodes(fleet.get("m2"), &[("w2", "worker")]);
 
     // A service whose tasks must survive the loss of quorum.
-    let marker = format!("{}", 80000 + std::process::id() % 10000);
-    let compose = write(
-        fleet.dir.path(),
-        "keep.yaml",
-        &format!(
-            "services:\n  keep:\n    command: [\"sleep\", \"{marker}\"]\n    deploy:\n      \
-             replicas: 3\n"
-        ),
-    );
-    fleet
-        .get("m1")
-        .ok(&["deploy", "-f", &compose, "--timeout", "60s"]);
+    let marker = deploy_sleepers(&fleet, "m1", "keep", 3, 80000);
     let pattern = format!("^sleep {marker}$");
     wait_for("3 keep tasks running", LONG, || {
         (processes_matching(&pattern) == 3).then_some(())
@@ -428,15 +440,7 @@ fn membership_security_quorum_and_removal() {
     // are reachable; running tasks keep running.
     fleet.get_mut("m2").kill();
     fleet.get_mut("m3").kill();
-    let message = wait_for("m1 to report lost quorum", LONG, || {
-        let out = fleet.get("m1").cli(&["scale", "keep=2"]);
-        let text = stderr(&out);
-        (!out.status.success() && text.contains("quorum lost")).then_some(text)
-    });
-    assert!(
-        message.contains("quorum lost: 1 of 3 managers reachable, 2 needed"),
-        "{message}"
-    );
+    assert_quorum_lost(fleet.get("m1"), &["scale", "keep=2"]);
     // All three, including those whose agents died with m2 and m3 (shims outlive agents).
     assert_eq!(
         processes_matching(&pattern),
@@ -810,27 +814,8 @@ fn killing_the_leader_mid_blue_green_leaves_a_version_serving() {
 #[test]
 fn worker_fails_over_when_its_manager_dies() {
     let mut fleet = Fleet::new();
-    fleet.add("m1", &["init"], true);
-    let m1_listen = fleet.get("m1").listen.clone();
-    let manager_token = wait_for("m1 to serve its join tokens", LONG, || {
-        let out = fleet.get("m1").cli(&["token", "show", "manager"]);
-        out.status
-            .success()
-            .then(|| stdout(&out).trim().to_string())
-    });
-    let worker_token = fleet
-        .get("m1")
-        .ok(&["token", "show", "worker"])
-        .trim()
-        .to_string();
-    fleet.add("m2", &["join", "--token", &manager_token, &m1_listen], true);
-    wait_for("m2 to vote", LONG, || {
-        (voters(fleet.get("m1")) == 2).then_some(())
-    });
-    fleet.add("m3", &["join", "--token", &manager_token, &m1_listen], true);
-    wait_for("3 voting managers", LONG, || {
-        (voters(fleet.get("m1")) == 3).then_some(())
-    });
+    three_managers(&mut fleet);
+    let worker_token = join_token(fleet.get("m1"), "worker");
     let m2_listen = fleet.get("m2").listen.clone();
     fleet.add("w1", &["join", "--token", &worker_token, &m2_listen], false);
     wait_ready_nodes(fleet.get("m1"), &[("w1", "worker")]);
@@ -894,4 +879,433 @@ fn worker_fails_over_when_its_manager_dies() {
     wait_for("the pinned task to stop", LONG, || {
         (processes_matching(&pattern) == 0).then_some(())
     });
+}
+
+/// Starts m1 (`init`), then m2 and m3 joining through it, and waits until all three vote.
+fn three_managers(fleet: &mut Fleet) {
+    fleet.add("m1", &["init"], true);
+    let m1_listen = fleet.get("m1").listen.clone();
+    let manager_token = join_token(fleet.get("m1"), "manager");
+    fleet.add("m2", &["join", "--token", &manager_token, &m1_listen], true);
+    wait_for("m2 to vote", LONG, || {
+        (voters(fleet.get("m1")) == 2).then_some(())
+    });
+    fleet.add("m3", &["join", "--token", &manager_token, &m1_listen], true);
+    wait_for("3 voting managers", LONG, || {
+        (voters(fleet.get("m1")) == 3).then_some(())
+    });
+}
+
+/// Waits until manager `m`, the only one of three left, refuses the write `args` because the
+/// quorum is lost, and checks that the error says how many managers it reaches.
+fn assert_quorum_lost(m: &Member, args: &[&str]) {
+    let message = wait_for(&format!("{} to report lost quorum", m.name), LONG, || {
+        let out = m.cli(args);
+        let text = stderr(&out);
+        (!out.status.success() && text.contains("quorum lost")).then_some(text)
+    });
+    assert!(
+        message.contains("quorum lost: 1 of 3 managers reachable, 2 needed"),
+        "{message}"
+    );
+}
+
+/// `flotilla init --force-new-cluster`: two of three managers are lost for good (`kill -9`),
+/// so quorum can never come back. The survivor, a follower, restarts from its data dir as a
+/// one-manager cluster with every acknowledged write; a lost manager started again with its
+/// old data is refused rather than rejoining; a new manager joins as usual.
+#[test]
+fn force_new_cluster_recovers_from_the_last_manager() {
+    let marker = format!("{}", 60000 + std::process::id() % 10000);
+    let _workloads = KillMatching(format!("sleep {marker}"));
+    let mut fleet = Fleet::new();
+    three_managers(&mut fleet);
+
+    // Acknowledged writes, made through every manager (the followers forward them).
+    let mut acknowledged = Vec::new();
+    for (i, via) in ["m1", "m2", "m3", "m1", "m2", "m3"].iter().enumerate() {
+        let name = format!("s{i}");
+        let compose = write(
+            fleet.dir.path(),
+            &format!("{name}.yaml"),
+            &format!("services:\n  {name}:\n    command: [\"sleep\", \"{marker}\"]\n"),
+        );
+        fleet.get(via).ok(&["deploy", "-d", "-f", &compose]);
+        acknowledged.push(name);
+    }
+    let service_names = |m: &Member| -> Vec<String> {
+        let mut names: Vec<String> = m
+            .json(&["service", "ls"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    };
+    wait_for("m3 to have applied every write", LONG, || {
+        (service_names(fleet.get("m3")) == acknowledged).then_some(())
+    });
+
+    // m1 and m2 are lost for good; m3 alone has no quorum and says so.
+    fleet.get_mut("m1").kill();
+    fleet.get_mut("m2").kill();
+    assert_quorum_lost(fleet.get("m3"), &["scale", "s0=2"]);
+
+    // Recovery: m3 restarts from its data dir as the only manager.
+    let m3 = fleet.get_mut("m3");
+    m3.kill();
+    // `join --token T ADDR` becomes `init --force-new-cluster`; the node options stay.
+    m3.args.splice(
+        0..4,
+        ["init".to_string(), "--force-new-cluster".to_string()],
+    );
+    m3.spawn();
+    wait_for("m3 to serve the recovered state", LONG, || {
+        let out = fleet.get("m3").cli(&["service", "ls", "-o", "json"]);
+        out.status.success().then_some(())
+    });
+    let log = fleet.get("m3").log();
+    assert!(log.contains("forced a new cluster"), "{}", tail(&log, 20));
+    assert!(
+        log.contains("removed the lost managers m1, m2"),
+        "{}",
+        tail(&log, 20)
+    );
+    assert_eq!(service_names(fleet.get("m3")), acknowledged);
+    assert_eq!(voters(fleet.get("m3")), 1);
+    fleet.get("m3").ok(&["scale", "s0=2"]);
+    wait_for("the lost managers to leave node ls", LONG, || {
+        let roles = node_roles(fleet.get("m3"));
+        (!roles.iter().any(|(n, _, _)| n == "m1" || n == "m2")).then_some(())
+    });
+
+    // m1 comes back with its old data: it is not let back in (its certificate is revoked),
+    // and the one-manager cluster carries on.
+    fleet.get_mut("m1").spawn();
+    let (code, body) = fleet
+        .get("m1")
+        .curl_as(fleet.get("m3"), "POST", "/raft/vote", "{}");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("was revoked"), "{body}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(voters(fleet.get("m3")), 1);
+    fleet.get("m3").ok(&["scale", "s1=2"]);
+    fleet.get_mut("m1").kill();
+
+    // A new manager joins the recovered cluster and gets all of its state.
+    let m3_listen = fleet.get("m3").listen.clone();
+    let token = fleet
+        .get("m3")
+        .ok(&["token", "show", "manager"])
+        .trim()
+        .to_string();
+    fleet.add("m4", &["join", "--token", &token, &m3_listen], true);
+    wait_for("m4 to vote", LONG, || {
+        (voters(fleet.get("m3")) == 2).then_some(())
+    });
+    wait_for("m4 to have the recovered services", LONG, || {
+        (service_names(fleet.get("m4")) == acknowledged).then_some(())
+    });
+    // A write through m4 is forwarded to m3 and needs both: the cluster is whole again.
+    fleet.get("m4").ok(&["scale", "s2=2"]);
+    let scaled = fleet.get("m3").json(&["service", "inspect", "s2"]);
+    assert!(scaled.to_string().contains("\"replicas\":2"), "{scaled}");
+}
+
+/// The running task of `service` on `node`: (task id, pid).
+fn task_on(m: &Member, service: &str, node: &str) -> Option<(String, u64)> {
+    m.json(&["ps", service])
+        .as_array()?
+        .iter()
+        .find(|t| t["node"] == node && t["status"]["state"] == "running")
+        .and_then(|t| Some((t["id"].as_str()?.to_string(), t["status"]["pid"].as_u64()?)))
+}
+
+/// A copy of `name`'s current certificate and key, as a [`Member`] that runs nothing (to
+/// present that certificate after the node has left).
+fn keep_certificate(fleet: &Fleet, name: &str) -> Member {
+    let dir = fleet.dir.path().join(format!("{name}-old-{}", free_port()));
+    std::fs::create_dir_all(dir.join("pki")).expect("mkdir");
+    for f in ["node.crt", "node.key"] {
+        std::fs::copy(fleet.get(name).pki(f), dir.join("pki").join(f)).expect("copy cert");
+    }
+    Member {
+        name: format!("{name}-old"),
+        log: dir.join("log"),
+        data_dir: dir,
+        listen: String::new(),
+        api: None,
+        args: Vec::new(),
+        child: None,
+    }
+}
+
+/// `flotilla leave` for the node running on `m`'s data dir (a manager's goes through its
+/// loopback API).
+fn leave(m: &Member, extra: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    if let Some(api) = &m.api {
+        cmd.args(["--addr", &format!("http://{api}")]);
+    }
+    cmd.arg("leave")
+        .arg("--data-dir")
+        .arg(&m.data_dir)
+        .args(["--timeout", "60s"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run flotilla leave")
+}
+
+fn exited(m: &mut Member) -> bool {
+    m.child
+        .as_mut()
+        .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+}
+
+/// `flotilla node promote|demote` and `flotilla leave`, in place as in Swarm: a worker becomes
+/// a manager (learner, then voter) and back without restarting its tasks; the leader can be
+/// demoted; unsafe demotions are refused with the reason; `leave` drains the node first, then
+/// removes it and stops its process, a manager being demoted first; the old certificate of a
+/// node that left is refused.
+#[test]
+fn promote_demote_and_leave_in_place() {
+    let mut fleet = Fleet::new();
+    fleet.add("m1", &["init"], true);
+    let m1_listen = fleet.get("m1").listen.clone();
+    let worker_token = join_token(fleet.get("m1"), "worker");
+    // Workers get a loopback API address too: they serve it once promoted.
+    for w in ["w1", "w2", "w3"] {
+        fleet.add(w, &["join", "--token", &worker_token, &m1_listen], true);
+    }
+    wait_ready_nodes(
+        fleet.get("m1"),
+        &[("w1", "worker"), ("w2", "worker"), ("w3", "worker")],
+    );
+    deploy_sleepers(&fleet, "m1", "spread", 4, 50000);
+    let w1_task = wait_for("a spread task on w1", LONG, || {
+        task_on(fleet.get("m1"), "spread", "w1")
+    });
+
+    // Promotion: w1 gets a manager certificate, starts its manager and votes; 2 managers is
+    // allowed with a warning. Its task keeps running (same task, same process).
+    let out = fleet.get("m1").cli(&["node", "promote", "w1"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("w1 is a manager now"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains("even number"), "{}", stderr(&out));
+    assert_eq!(voters(fleet.get("m1")), 2);
+    assert!(fleet.get("w1").pki("ca.key").exists());
+    wait_ready_nodes(fleet.get("w1"), &[("w1", "manager"), ("m1", "manager")]);
+    assert_eq!(
+        task_on(fleet.get("w1"), "spread", "w1"),
+        Some(w1_task.clone())
+    );
+    let out = fleet.get("m1").cli(&["node", "promote", "w2"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+    assert_eq!(voters(fleet.get("w1")), 3);
+    let out = fleet.get("m1").cli(&["node", "promote", "w2"]);
+    assert!(
+        stdout(&out).contains("already a manager"),
+        "{}",
+        stdout(&out)
+    );
+
+    // With w2 down, demoting m1 would leave {w1, w2} with one reachable: refused.
+    fleet.get_mut("w2").kill();
+    wait_for("w2 down", LONG, || {
+        node_roles(fleet.get("m1"))
+            .iter()
+            .any(|(n, _, s)| n == "w2" && s == "down")
+            .then_some(())
+    });
+    let out = fleet.get("m1").cli(&["node", "demote", "m1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("would not have a quorum"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(voters(fleet.get("m1")), 3);
+    fleet.get_mut("w2").spawn();
+    wait_ready_nodes(fleet.get("m1"), &[("w2", "manager")]);
+
+    // Demotion of a follower: w1 leaves raft and runs on as a worker, task untouched, with no
+    // CA key or raft state left on it.
+    // (Once raft reaches the restarted w2 again, the leader counts it.)
+    let out = wait_for("w2 reachable in raft: w1 demoted", LONG, || {
+        let out = fleet.get("m1").cli(&["node", "demote", "w1"]);
+        (out.status.success() || !stderr(&out).contains("would not have a quorum")).then_some(out)
+    });
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("w1 is a worker now"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(voters(fleet.get("m1")), 2);
+    assert!(!fleet.get("w1").pki("ca.key").exists());
+    assert!(!fleet.get("w1").data_dir.join("store").exists());
+    assert_eq!(task_on(fleet.get("m1"), "spread", "w1"), Some(w1_task));
+
+    // Demotion of the leader (m1, asked on w2): raft elects w2; the last manager cannot go.
+    let out = fleet.get("w2").cli(&["node", "demote", "m1"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    wait_ready_nodes(fleet.get("w2"), &[("m1", "worker"), ("w2", "manager")]);
+    assert_eq!(voters(fleet.get("w2")), 1);
+    let out = fleet.get("w2").cli(&["node", "demote", "w2"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("last manager"), "{}", stderr(&out));
+    // Writes still work with the new single manager.
+    fleet.get("w2").ok(&["scale", "spread=3"]);
+
+    // A worker leaves: drained (its task moves first), removed, its process exits, and its
+    // old certificate is refused.
+    let ghost = keep_certificate(&fleet, "w3");
+    let out = leave(fleet.get("w3"), &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("w3 left the cluster"),
+        "{}",
+        stdout(&out)
+    );
+    wait_for("w3's process to exit", LONG, || {
+        exited(fleet.get_mut("w3")).then_some(())
+    });
+    assert!(!node_roles(fleet.get("w2"))
+        .iter()
+        .any(|(n, _, _)| n == "w3"));
+    let (code, body) = ghost.curl_as(fleet.get("w2"), "GET", "/v1/nodes", "");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("was revoked"), "{body}");
+    let again = leave(fleet.get("w3"), &[]);
+    assert!(!again.status.success());
+
+    // A manager leaves: m1 is promoted again, then `leave` demotes it, drains it and stops it.
+    // The last manager may not leave without --force.
+    fleet.get("w2").ok(&["node", "promote", "m1"]);
+    assert_eq!(voters(fleet.get("w2")), 2);
+    fleet.get("w2").ok(&["scale", "spread=2"]);
+    let m1_manager_cert = keep_certificate(&fleet, "m1");
+    let out = leave(fleet.get("m1"), &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("demoted"), "{}", stdout(&out));
+    wait_for("m1's process to exit", LONG, || {
+        exited(fleet.get_mut("m1")).then_some(())
+    });
+    assert_eq!(voters(fleet.get("w2")), 1);
+    assert!(!node_roles(fleet.get("w2"))
+        .iter()
+        .any(|(n, _, _)| n == "m1"));
+    let out = leave(fleet.get("w2"), &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("last manager"), "{}", stderr(&out));
+    // Agent servers refuse the removed manager's certificate too (in the handshake), while a
+    // live manager's is admitted.
+    let w1_agent = fleet.get("w2").json(&["node", "inspect", "w1"])["agent_addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(w1_agent.starts_with("https://"), "w1 agent at {w1_agent:?}");
+    let probe = format!("{w1_agent}/tasks/nosuch/stats");
+    let (code, body) = curl(Some(fleet.get("w2")), &[], &probe);
+    assert_eq!(code, 404, "a manager certificate was not admitted: {body}");
+    wait_for(
+        "w1's agent server to refuse m1's revoked certificate",
+        LONG,
+        || {
+            let (code, _) = curl(Some(&m1_manager_cert), &[], &probe);
+            (code == 0).then_some(())
+        },
+    );
+    // CA root rotation: every node renews onto the new root, the old one is dropped, the
+    // cluster keeps working, and a node joins with the new token (the old one names the old
+    // root and is refused).
+    let old_root = std::fs::read_to_string(fleet.get("w2").pki("ca.crt")).expect("ca.crt");
+    let rotated = fleet.get("w2").ok(&["ca", "rotate", "--timeout", "60s"]);
+    assert!(rotated.contains("rotation completed"), "{rotated}");
+    let new_token = rotated
+        .lines()
+        .find_map(|l| l.strip_prefix("new worker join token:"))
+        .expect("new worker token")
+        .trim()
+        .to_string();
+    let new_root = std::fs::read_to_string(fleet.get("w2").pki("ca.crt")).expect("ca.crt");
+    assert_ne!(old_root, new_root);
+    for node in ["w1", "w2"] {
+        wait_for(&format!("{node} to trust only the new root"), LONG, || {
+            let trust = std::fs::read_to_string(fleet.get(node).pki("trust.pem")).ok()?;
+            (trust.trim() == new_root.trim()).then_some(())
+        });
+    }
+    assert!(fleet
+        .get("w2")
+        .ok(&["ca", "status"])
+        .contains("no rotation under way"));
+    let w2_listen = fleet.get("w2").listen.clone();
+    let stale = Command::new(BIN)
+        .args([
+            "join",
+            "--token",
+            &worker_token,
+            &w2_listen,
+            "--node-name",
+            "w5",
+        ])
+        .arg("--data-dir")
+        .arg(fleet.dir.path().join("w5-refused"))
+        .args(["--listen-addr", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run join");
+    assert!(
+        !stale.status.success(),
+        "a token naming the old root was accepted"
+    );
+    fleet.add("w4", &["join", "--token", &new_token, &w2_listen], true);
+    wait_ready_nodes(
+        fleet.get("w2"),
+        &[("w1", "worker"), ("w4", "worker"), ("w2", "manager")],
+    );
+    fleet.get("w2").ok(&["scale", "spread=3"]);
+    // Nothing was lost on the way: every replica runs.
+    wait_for("3 spread tasks running", LONG, || {
+        let running = fleet
+            .get("w2")
+            .json(&["ps", "spread"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|t| t["status"]["state"] == "running" && t["desired_state"] == "running")
+            .count();
+        (running == 3).then_some(())
+    });
+    fleet.get("w2").ok(&["service", "rm", "spread"]);
+
+    // The last manager leaves only with --force, which dissolves the cluster: its tasks stop,
+    // its process exits, its store is kept aside and its credentials are gone.
+    let out = leave(fleet.get("w2"), &["--force"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    wait_for("w2's process to exit", LONG, || {
+        exited(fleet.get_mut("w2")).then_some(())
+    });
+    let w2 = fleet.get("w2");
+    assert!(!w2.pki("node.crt").exists());
+    let kept = std::fs::read_dir(&w2.data_dir)
+        .expect("w2 data dir")
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("store.dissolved-")
+        });
+    assert!(kept, "the dissolved cluster's store was not kept");
 }
