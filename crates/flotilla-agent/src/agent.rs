@@ -335,6 +335,10 @@ async fn heartbeat_loop(
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // A manager that accepts the connection but never answers must not hold heartbeats past
+    // the node's grace period (the node would be marked down and its tasks replaced): give up
+    // on it after two intervals, which also moves the shared client to the next manager.
+    let client = client.with_request_timeouts(every * 2, every * 2);
     let mut reregister = false;
     loop {
         // Changed facts go into the node record by registering again, which refreshes only
