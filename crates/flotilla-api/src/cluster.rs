@@ -438,7 +438,9 @@ async fn join(
             if let Some((host, _)) = addr.rsplit_once(':') {
                 addresses.push(host.to_string());
             }
-            // Raft ids only grow, so a removed manager's id is never reused.
+            // One above the highest current member. A removed manager's id can come back
+            // (when it was the highest); its certificate is revoked, so its old process
+            // cannot speak raft under that id again.
             let members = app.store.members();
             if let Some(existing) = members.iter().find(|m| m.addr == addr) {
                 return Err(ApiError::Conflict(format!(
