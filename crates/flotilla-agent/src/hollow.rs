@@ -17,10 +17,16 @@ use tokio::sync::{mpsc, watch};
 
 /// Zones the generated nodes are spread over.
 const ZONES: usize = 8;
-/// Most reports gathered into one batch cycle.
-const BATCH: usize = 20_000;
+/// Most reports gathered into one batch cycle. Each node's reports in a cycle go out as one
+/// request (one raft command): with 20,000, a 10,000-node fleet sent every node's ten reports
+/// over five cycles, 50,000 commands for 100,000 tasks.
+const BATCH: usize = 200_000;
 /// Concurrent requests to the manager.
 const CONCURRENCY: usize = 64;
+/// How long a report round waits for more reports after the first: every request is one raft
+/// command (an fsync of its own when commands trickle in), so a node's reports should go
+/// together rather than one or two at a time.
+const GATHER: Duration = Duration::from_millis(20);
 
 /// Simulated nodes and their agent. Not for production use.
 pub struct HollowFleet {
@@ -88,7 +94,11 @@ impl HollowFleet {
     ) -> Result<(), ClientError> {
         let ours: HashSet<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
         let (report_tx, report_rx) = mpsc::unbounded_channel::<(String, TaskStatusUpdate)>();
-        let reporter = tokio::spawn(report_loop(self.client.clone(), report_rx));
+        let reporter = tokio::spawn(report_loop(
+            self.client.clone(),
+            report_rx,
+            shutdown.clone(),
+        ));
         let mut stream = self.client.watch(Some("task"), None).await?;
         let mut mirror = Mirror::default();
         // Tasks started here and whether their `running` report went out.
@@ -197,9 +207,16 @@ impl HollowFleet {
     }
 }
 
-/// Gathers reports for a moment and sends one bulk request per node, many at once.
-async fn report_loop(client: Client, mut rx: mpsc::UnboundedReceiver<(String, TaskStatusUpdate)>) {
+/// Gathers reports for a moment and sends one bulk request per node, many at once. A report
+/// that fails (a busy manager times writes out) is retried until it is taken or the fleet
+/// stops: the fleet reports a task once, so a dropped `running` would leave it assigned forever.
+async fn report_loop(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<(String, TaskStatusUpdate)>,
+    shutdown: watch::Receiver<bool>,
+) {
     while let Some(first) = rx.recv().await {
+        tokio::time::sleep(GATHER).await;
         let mut by_node: HashMap<String, Vec<TaskStatusUpdate>> = HashMap::new();
         by_node.entry(first.0).or_default().push(first.1);
         let mut n = 1;
@@ -214,14 +231,20 @@ async fn report_loop(client: Client, mut rx: mpsc::UnboundedReceiver<(String, Ta
         }
         let requests = by_node.into_iter().map(|(node, reports)| {
             let client = client.clone();
+            let shutdown = shutdown.clone();
             async move {
                 let bulk = BulkStatusReport { node, reports };
-                for attempt in 0..5u32 {
+                for attempt in 0u32.. {
                     match client.report_statuses(&bulk).await {
                         Ok(_) => return,
+                        Err(e) if *shutdown.borrow() => {
+                            tracing::debug!(error = %e, "hollow status report dropped at shutdown");
+                            return;
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, attempt, "hollow status report failed");
-                            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                            let backoff = 50u64 << attempt.min(5);
+                            tokio::time::sleep(Duration::from_millis(backoff)).await;
                         }
                     }
                 }

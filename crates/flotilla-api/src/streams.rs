@@ -12,7 +12,7 @@ use bytes::Bytes;
 use flotilla_store::{Change, ClusterState};
 use flotilla_types::api::{WatchChange, WatchMessage};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
@@ -224,7 +224,9 @@ pub async fn watch(
     };
     let mut sub = app.store.subscribe();
     let first = app.store.read(|s| filter.snapshot(s));
-    let (tx, rx) = mpsc::channel::<Bytes>(1024);
+    // Small on purpose: once the watcher stops reading, changes wait in `Pending`, where a newer
+    // version of an object replaces the older one, rather than as serialised lines.
+    let (tx, rx) = mpsc::channel::<Bytes>(WATCH_BUFFER);
     let store = app.store.clone();
     tokio::spawn(async move {
         let mut last = match &first {
@@ -235,24 +237,42 @@ pub async fn watch(
         if tx.send(l).await.is_err() {
             return;
         }
+        let mut pending = Pending::default();
         loop {
+            // Keep receiving while the watcher is busy: a watcher that lets the store's
+            // broadcast run more than its capacity ahead must be sent a whole new snapshot,
+            // and at 100k tasks it falls behind again while reading that one.
             let msg = tokio::select! {
                 r = sub.recv() => match r {
                     Ok(batch) if batch.revision > last => {
                         last = batch.revision;
-                        let changes: Vec<WatchChange> = batch.changes.iter().filter_map(|c| filter.change(c)).collect();
-                        if changes.is_empty() { continue; }
-                        WatchMessage::Change { revision: batch.revision, changes }
+                        for c in &batch.changes {
+                            if let Some(change) = filter.change(c) {
+                                pending.push(batch.revision, change);
+                            }
+                        }
+                        continue;
                     }
                     Ok(_) => continue,
                     Err(RecvError::Lagged(_)) => {
+                        // The snapshot holds everything pending, and more.
+                        pending = Pending::default();
                         let snap = store.read(|s| filter.snapshot(s));
                         if let WatchMessage::Snapshot { revision, .. } = &snap { last = *revision; }
                         snap
                     }
                     Err(RecvError::Closed) => return,
                 },
-                _ = tokio::time::sleep(WATCH_HEARTBEAT) => WatchMessage::Heartbeat { revision: last },
+                permit = tx.reserve(), if !pending.is_empty() => {
+                    let Ok(permit) = permit else { return };
+                    if let Some(l) = line(&pending.take()) {
+                        permit.send(l);
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep(WATCH_HEARTBEAT), if pending.is_empty() => {
+                    WatchMessage::Heartbeat { revision: last }
+                }
             };
             let Some(l) = line(&msg) else { continue };
             if tx.send(l).await.is_err() {
@@ -261,4 +281,51 @@ pub async fn watch(
         }
     });
     ndjson_response(rx)
+}
+
+/// Serialised watch lines buffered per watcher.
+const WATCH_BUFFER: usize = 16;
+
+/// Changes not yet sent to a watcher, at most one per object (the newest), in the order objects
+/// were first touched. Watchers mirror objects, so skipping versions they never saw loses
+/// nothing, and a slow watcher's backlog is bounded by the number of objects, not of changes.
+#[derive(Default)]
+struct Pending {
+    revision: u64,
+    changes: Vec<WatchChange>,
+    index: HashMap<(u8, String, u64), usize>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    fn push(&mut self, revision: u64, change: WatchChange) {
+        self.revision = revision;
+        let key = match &change {
+            WatchChange::Task { id, .. } => (0, id.clone(), 0),
+            WatchChange::Service { name, .. } => (1, name.clone(), 0),
+            WatchChange::Node { id, .. } => (2, id.clone(), 0),
+            WatchChange::Revision {
+                service, number, ..
+            } => (3, service.clone(), *number),
+            WatchChange::Rollout { service, .. } => (4, service.clone(), 0),
+        };
+        match self.index.get(&key) {
+            Some(&i) => self.changes[i] = change,
+            None => {
+                self.index.insert(key, self.changes.len());
+                self.changes.push(change);
+            }
+        }
+    }
+
+    fn take(&mut self) -> WatchMessage {
+        let taken = std::mem::take(self);
+        WatchMessage::Change {
+            revision: taken.revision,
+            changes: taken.changes,
+        }
+    }
 }

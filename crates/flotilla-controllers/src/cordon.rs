@@ -4,6 +4,7 @@
 
 use flotilla_store::{ClusterState, Expect, Op};
 use flotilla_types::{Availability, Node, NodeState, Task, TaskState, Timestamp};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Failures older than this do not count.
@@ -25,9 +26,10 @@ pub fn is_start_failure(t: &Task) -> bool {
 
 /// Pauses every ready, active node with too many recent start failures, as long as another
 /// ready, active node remains (cordoning the last one would only stop healthy services from
-/// being replaced). `nodes` is the pass's view of the nodes (down nodes already marked); the
-/// paused ones are updated in place so this pass places nothing on them.
-pub fn cordon_pass(state: &ClusterState, nodes: &mut [Node], now: Timestamp) -> Vec<Op> {
+/// being replaced). `nodes` is the pass's view of the nodes (down nodes already marked),
+/// borrowed from the state where unchanged; the paused ones are updated in place (copied) so
+/// this pass places nothing on them.
+pub fn cordon_pass(state: &ClusterState, nodes: &mut [Cow<'_, Node>], now: Timestamp) -> Vec<Op> {
     let usable = |n: &Node| n.state == NodeState::Ready && n.availability == Availability::Active;
     let mut remaining = nodes.iter().filter(|n| usable(n)).count();
     let mut ops = Vec::new();
@@ -67,7 +69,7 @@ pub fn cordon_pass(state: &ClusterState, nodes: &mut [Node], now: Timestamp) -> 
             START_FAILURE_WINDOW_MS / 1000,
         );
         tracing::warn!(node = %node.id, reason = %paused.message, "pausing a node that keeps failing to start tasks");
-        node.availability = Availability::Pause;
+        node.to_mut().availability = Availability::Pause;
         remaining -= 1;
         ops.push(Op::PutNode {
             node: paused,
@@ -139,6 +141,11 @@ mod tests {
         t
     }
 
+    /// The pass's view of `nodes`.
+    fn view(nodes: &[Node]) -> Vec<Cow<'_, Node>> {
+        nodes.iter().map(Cow::Borrowed).collect()
+    }
+
     fn state(tasks: Vec<Task>, nodes: &[Node]) -> ClusterState {
         ClusterState {
             tasks: tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
@@ -163,8 +170,9 @@ mod tests {
 
     #[test]
     fn repeated_failures_across_services_pause_the_node_with_a_reason() {
-        let mut nodes = vec![node("a"), node("b")];
-        let s = state(failures(5, &["api", "web"], "b", NOW - 1000), &nodes);
+        let stored = vec![node("a"), node("b")];
+        let s = state(failures(5, &["api", "web"], "b", NOW - 1000), &stored);
+        let mut nodes = view(&stored);
         let ops = cordon_pass(&s, &mut nodes, NOW);
         assert_eq!(ops.len(), 1);
         let Op::PutNode { node, expect } = &ops[0] else {
@@ -215,23 +223,23 @@ mod tests {
             ),
         ];
         for (what, tasks) in cases {
-            let mut nodes = vec![node("a"), node("b")];
+            let nodes = vec![node("a"), node("b")];
             let s = state(tasks, &nodes);
-            assert!(cordon_pass(&s, &mut nodes, NOW).is_empty(), "{what}");
+            assert!(cordon_pass(&s, &mut view(&nodes), NOW).is_empty(), "{what}");
         }
     }
 
     #[test]
     fn the_last_usable_node_is_never_paused() {
-        let mut nodes = vec![node("a"), node("b")];
+        let nodes = vec![node("a"), node("b")];
         let mut tasks = failures(5, &["api", "web"], "a", NOW - 1000);
         tasks.extend(failures(5, &["api", "web"], "b", NOW - 1000));
         let s = state(tasks, &nodes);
-        assert_eq!(cordon_pass(&s, &mut nodes, NOW).len(), 1);
+        assert_eq!(cordon_pass(&s, &mut view(&nodes), NOW).len(), 1);
 
-        let mut alone = vec![node("b")];
+        let alone = vec![node("b")];
         let s = state(failures(9, &["api", "web"], "b", NOW - 1000), &alone);
-        assert!(cordon_pass(&s, &mut alone, NOW).is_empty());
+        assert!(cordon_pass(&s, &mut view(&alone), NOW).is_empty());
     }
 
     #[test]
@@ -240,10 +248,10 @@ mod tests {
         paused.availability = Availability::Pause;
         let mut down = node("c");
         down.state = NodeState::Down;
-        let mut nodes = vec![node("a"), paused, down];
+        let nodes = vec![node("a"), paused, down];
         let mut tasks = failures(5, &["api", "web"], "b", NOW - 1000);
         tasks.extend(failures(5, &["api", "web"], "c", NOW - 1000));
         let s = state(tasks, &nodes);
-        assert!(cordon_pass(&s, &mut nodes, NOW).is_empty());
+        assert!(cordon_pass(&s, &mut view(&nodes), NOW).is_empty());
     }
 }

@@ -7,6 +7,7 @@ use flotilla_store::{Command, CommandResult, Store};
 use flotilla_types::api::ServiceTraffic;
 use flotilla_types::now_ms;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -16,8 +17,15 @@ use tokio::sync::watch;
 const RESYNC: Duration = Duration::from_secs(1);
 /// Changes arriving within this long after the first are handled in one pass.
 const DEBOUNCE: Duration = Duration::from_millis(5);
-/// Longest wait for changes to settle before the next pass.
-const MAX_SETTLE: Duration = Duration::from_millis(250);
+/// Longest wait for changes to settle before the next pass. A pass over 100,000 tasks holds
+/// the state's read lock for its whole length (a second or more on a loaded 2-core machine);
+/// waiting as long again keeps applies (which need the write lock) from stalling behind
+/// back-to-back passes.
+const MAX_SETTLE: Duration = Duration::from_secs(2);
+/// Batches proposed at once. Each write waits for the ones ahead of it to commit and apply, so
+/// proposing a 100-service deploy's 100 batches all at once made the last ones time out (10 s)
+/// although raft applied them later, after the controller had been told they failed.
+const WRITE_CONCURRENCY: usize = 8;
 
 /// Where releases read what the meshes see (`GET /v1/services/{name}/traffic`, summed over
 /// every node). `None` when it cannot be had right now.
@@ -94,8 +102,12 @@ impl ControllerRunner {
                     let store = self.store.clone();
                     async move { store.write(Command::new(batch)).await }
                 });
+                let results: Vec<_> = futures::stream::iter(writes)
+                    .buffer_unordered(WRITE_CONCURRENCY)
+                    .collect()
+                    .await;
                 let mut conflicted = false;
-                for result in futures::future::join_all(writes).await {
+                for result in results {
                     match result {
                         Ok(CommandResult::Applied { .. }) => {}
                         Ok(CommandResult::Conflict { reason, .. })

@@ -495,7 +495,7 @@ fn decide(
                 Box::new(positions.iter().copied())
             }
             Err(_) => {
-                if let Err(r) = static_check(&snap.nodes[idx].node, c) {
+                if let Err(r) = static_check(snap.nodes[idx].node, c) {
                     note(&mut counts, r, 1);
                 }
                 return Err((total, counts));
@@ -598,8 +598,8 @@ fn preempt(snap: &ClusterSnapshot, c: &CompiledPlacement, blocked: &[usize]) -> 
                 break;
             }
             let res = &e.residents[r];
-            let n = taken.entry(res.service.as_str()).or_insert(0);
-            if *n >= snap.budget(&res.service) {
+            let n = taken.entry(res.service).or_insert(0);
+            if *n >= snap.budget(res.service) {
                 continue;
             }
             *n += 1;

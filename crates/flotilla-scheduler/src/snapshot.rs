@@ -67,33 +67,35 @@ impl Amounts {
     }
 }
 
-/// A task already holding resources on a node, as far as preemption cares.
+/// A task already holding resources on a node, as far as preemption cares. Borrowed from the
+/// task: a snapshot is built on every controller pass, over every placed task.
 #[derive(Debug, Clone)]
-pub(crate) struct Resident {
-    pub id: String,
-    pub service: String,
-    pub image: Option<String>,
+pub(crate) struct Resident<'n> {
+    pub id: &'n str,
+    pub service: &'n str,
+    pub image: Option<&'n str>,
     pub priority: u32,
     pub demand: Demand,
     pub host_ports: Vec<(u16, PortProtocol)>,
 }
 
-/// One node and what it holds.
+/// One node and what it holds. The node is borrowed: copying every node on every controller
+/// pass made registering 10,000 nodes quadratic (docs/BENCHMARKS.md).
 #[derive(Debug, Clone)]
-pub(crate) struct NodeEntry {
-    pub node: Node,
+pub(crate) struct NodeEntry<'n> {
+    pub node: &'n Node,
     /// Capacity after applying the overcommit ratios.
     pub capacity: Amounts,
     pub used: Amounts,
     /// Tasks per image (including tasks placed during this pass).
     pub images: FastMap<String, u32>,
     /// Tasks present when the snapshot was built; the only ones preemption may evict.
-    pub residents: Vec<Resident>,
+    pub residents: Vec<Resident<'n>>,
     /// Host-mode ports held by live tasks (a multiset; almost always empty or tiny).
     pub host_ports: Vec<(u16, PortProtocol)>,
 }
 
-impl NodeEntry {
+impl NodeEntry<'_> {
     fn add(&mut self, image: Option<&str>, demand: &Demand) {
         self.used.add_demand(demand);
         if let Some(i) = image {
@@ -277,12 +279,13 @@ impl Penalty {
     }
 }
 
-/// Everything placement needs to know, built once per scheduling pass.
+/// Everything placement needs to know, built once per scheduling pass. It borrows the nodes
+/// and the tasks it was built from (`'n`).
 #[derive(Debug, Clone)]
-pub struct ClusterSnapshot {
-    pub(crate) nodes: Vec<NodeEntry>,
+pub struct ClusterSnapshot<'n> {
+    pub(crate) nodes: Vec<NodeEntry<'n>>,
     /// Node index by id, and by hostname where that does not shadow an id.
-    by_name: HashMap<String, usize>,
+    by_name: FastMap<&'n str, usize>,
     pub(crate) now: Timestamp,
     ratios: OvercommitRatios,
     /// Start-failure penalties: service → node index → penalty.
@@ -296,19 +299,19 @@ pub struct ClusterSnapshot {
     pub(crate) placements_made: u64,
 }
 
-impl ClusterSnapshot {
+impl<'n> ClusterSnapshot<'n> {
     /// `tasks`: all tasks that hold resources (non-terminal, assigned to a node). Terminal or
     /// unassigned tasks, and tasks on nodes not in `nodes`, are skipped.
-    pub fn new<'t>(
-        nodes: &[Node],
-        tasks: impl IntoIterator<Item = &'t Task>,
+    pub fn new(
+        nodes: impl IntoIterator<Item = &'n Node>,
+        tasks: impl IntoIterator<Item = &'n Task>,
         now: Timestamp,
     ) -> Self {
         let ratios = OvercommitRatios::default();
-        let mut entries: Vec<NodeEntry> = nodes
-            .iter()
+        let mut entries: Vec<NodeEntry<'n>> = nodes
+            .into_iter()
             .map(|n| NodeEntry {
-                node: n.clone(),
+                node: n,
                 capacity: capacity_of(n, ratios),
                 used: Amounts::default(),
                 images: FastMap::default(),
@@ -316,12 +319,13 @@ impl ClusterSnapshot {
                 host_ports: Vec::new(),
             })
             .collect();
-        let mut by_name = HashMap::with_capacity(nodes.len() * 2);
-        for (i, n) in nodes.iter().enumerate() {
-            by_name.entry(n.hostname.clone()).or_insert(i);
+        let mut by_name = FastMap::default();
+        by_name.reserve(entries.len() * 2);
+        for (i, e) in entries.iter().enumerate() {
+            by_name.entry(e.node.hostname.as_str()).or_insert(i);
         }
-        for (i, n) in nodes.iter().enumerate() {
-            by_name.insert(n.id.clone(), i);
+        for (i, e) in entries.iter().enumerate() {
+            by_name.insert(e.node.id.as_str(), i);
         }
         let mut usage = FastMap::default();
         for task in tasks {
@@ -342,9 +346,9 @@ impl ClusterSnapshot {
             let host_ports = host_ports_of(&task.spec);
             entry.host_ports.extend_from_slice(&host_ports);
             entry.residents.push(Resident {
-                id: task.id.clone(),
-                service: task.service.clone(),
-                image: task.spec.image.clone(),
+                id: &task.id,
+                service: &task.service,
+                image: task.spec.image.as_deref(),
                 priority: task.spec.placement.priority,
                 demand,
                 host_ports,
@@ -414,7 +418,7 @@ impl ClusterSnapshot {
         }
         self.ratios = ratios;
         for e in &mut self.nodes {
-            e.capacity = capacity_of(&e.node, ratios);
+            e.capacity = capacity_of(e.node, ratios);
         }
         Ok(())
     }
@@ -478,7 +482,7 @@ impl ClusterSnapshot {
         let mut soft_hits = Vec::new();
         let mut static_rejections = BTreeMap::new();
         for (i, e) in self.nodes.iter().enumerate() {
-            match static_check(&e.node, &compiled) {
+            match static_check(e.node, &compiled) {
                 Ok(hits) => {
                     eligible.push(i);
                     soft_hits.push(hits);
@@ -525,7 +529,7 @@ impl ClusterSnapshot {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let value = attr.domain(&e.node)?;
+                let value = attr.domain(e.node)?;
                 let next = names.len() as u32;
                 let d = *names.entry(value).or_insert(next);
                 if d as usize == counts.len() {
@@ -575,18 +579,18 @@ impl ClusterSnapshot {
     /// Evicts resident `r` of node `idx`, returning its task id.
     pub(crate) fn evict(&mut self, idx: usize, r: usize) -> String {
         let resident = self.nodes[idx].residents.remove(r);
-        self.nodes[idx].remove(resident.image.as_deref(), &resident.demand);
+        self.nodes[idx].remove(resident.image, &resident.demand);
         self.release_host_ports(idx, &resident.host_ports);
-        bump_usage(&mut self.usage, &resident.service, idx, -1);
-        if let Some(cache) = self.caches.get_mut(&resident.service) {
+        bump_usage(&mut self.usage, resident.service, idx, -1);
+        if let Some(cache) = self.caches.get_mut(resident.service) {
             cache.topologies.iter_mut().for_each(|t| t.adjust(idx, -1));
         }
         let budget = self
             .budgets
-            .entry(resident.service)
+            .entry(resident.service.to_string())
             .or_insert(DEFAULT_DISRUPTION_BUDGET);
         *budget = budget.saturating_sub(1);
-        resident.id
+        resident.id.to_string()
     }
 }
 

@@ -1069,7 +1069,8 @@ fn host_ports_follow_stopping_finished_and_evicted_tasks() {
     );
     let mut urgent = reserve(spec("urgent"), 2000, GIB);
     urgent.placement.priority = 500;
-    let mut snap = ClusterSnapshot::new(&nodes, [&task("b1", &batch, "n1")], 0);
+    let resident = task("b1", &batch, "n1");
+    let mut snap = ClusterSnapshot::new(&nodes, [&resident], 0);
     let placed = schedule(&mut snap, &PlacementRequest::new(&urgent, 1)).unwrap();
     assert_eq!(placed[0].evictions, vec!["b1".to_string()]);
     let small = host_port(spec("small"), 9090, PortProtocol::Tcp, PortMode::Host);

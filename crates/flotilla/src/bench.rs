@@ -162,7 +162,7 @@ pub async fn control_plane(args: &BenchControlPlaneArgs) -> anyhow::Result<ExitC
         if t1.elapsed() > args.timeout {
             bail!("not all running within {:?}: {p:?}", args.timeout);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let fmt =
         |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
