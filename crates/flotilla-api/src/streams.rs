@@ -238,6 +238,10 @@ pub async fn watch(
             return;
         }
         let mut pending = Pending::default();
+        // A deadline, not a per-iteration sleep: a stream of changes this watcher filters out
+        // would otherwise restart the timer forever, and the watcher, hearing nothing, would
+        // take the manager for dead.
+        let mut heartbeat_due = tokio::time::Instant::now() + WATCH_HEARTBEAT;
         loop {
             // Keep receiving while the watcher is busy: a watcher that lets the store's
             // broadcast run more than its capacity ahead must be sent a whole new snapshot,
@@ -267,10 +271,11 @@ pub async fn watch(
                     let Ok(permit) = permit else { return };
                     if let Some(l) = line(&pending.take()) {
                         permit.send(l);
+                        heartbeat_due = tokio::time::Instant::now() + WATCH_HEARTBEAT;
                     }
                     continue;
                 }
-                _ = tokio::time::sleep(WATCH_HEARTBEAT), if pending.is_empty() => {
+                _ = tokio::time::sleep_until(heartbeat_due), if pending.is_empty() => {
                     WatchMessage::Heartbeat { revision: last }
                 }
             };
@@ -278,6 +283,7 @@ pub async fn watch(
             if tx.send(l).await.is_err() {
                 return;
             }
+            heartbeat_due = tokio::time::Instant::now() + WATCH_HEARTBEAT;
         }
     });
     ndjson_response(rx)

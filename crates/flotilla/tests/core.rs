@@ -629,3 +629,21 @@ fn higher_priority_service_preempts_lower_priority_tasks() {
     assert!(events.contains(&format!("pending: {expected}")), "{events}");
     assert_eq!(urgent_task["node"], nodes[0]["id"]);
 }
+
+/// A watch stream's heartbeat keeps its schedule while changes the watcher filters out keep
+/// arriving (here the node's own heartbeats, several a second, on a `kind=service` watch):
+/// without it the agent's client takes a silent stream for a dead manager.
+#[test]
+fn watch_heartbeats_arrive_between_filtered_out_changes() {
+    let c = Cluster::start();
+    let out = sh(&format!(
+        "curl -sN --max-time 12 'http://127.0.0.1:{}/v1/watch?kind=service'",
+        c.api_port
+    ));
+    let body = stdout(&out);
+    assert!(
+        body.lines().any(|l| l.contains("\"heartbeat\"")),
+        "no heartbeat in 12 s of a service watch:\n{}",
+        tail(&body, 5)
+    );
+}
