@@ -1098,12 +1098,17 @@ async fn replicates_over_http_and_sends_snapshots_to_new_members() {
         .await
         .expect("add learner from snapshot");
     wait_for_revision(&learner, snapshot_index).await;
-    let installed = learner.raft().metrics().borrow().snapshot.map(|l| l.index);
-    assert_eq!(
-        installed,
-        Some(snapshot_index),
-        "the learner caught up from a snapshot"
-    );
+    // The state is installed before openraft publishes the snapshot in the metrics; wait for
+    // those too (a learner that caught up some other way never gets there).
+    learner
+        .raft()
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| m.snapshot.map(|l| l.index) == Some(snapshot_index),
+            "the learner caught up from a snapshot",
+        )
+        .await
+        .expect("the learner caught up from a snapshot");
     assert_eq!(
         learner.read(|s| s.services.clone()),
         leader.read(|s| s.services.clone())
