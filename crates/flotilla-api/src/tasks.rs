@@ -84,7 +84,7 @@ pub async fn report_status(
 ) -> Result<Json<WriteResponse>, ApiError> {
     let result = app
         .store
-        .write(Command::new(vec![Op::SetTaskStatus {
+        .write_coalesced(Command::new(vec![Op::SetTaskStatus {
             id,
             node: report.node,
             status: report.status,
@@ -134,7 +134,9 @@ pub async fn report_bulk_status(
                 rejected,
             }));
         }
-        match check_applied(app.store.write(Command::new(ops)).await?) {
+        // Every agent reports on its own; coalesced, many nodes' reports share one raft entry
+        // (one fsync) instead of one each.
+        match check_applied(app.store.write_coalesced(Command::new(ops)).await?) {
             Ok(store_revision) => {
                 return Ok(Json(BulkStatusResponse {
                     store_revision,

@@ -1,7 +1,7 @@
 //! Errors the store reports to its callers.
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A write reached a manager that is not the raft leader; retry on the leader.
     #[error("this manager is not the leader (leader: {})", describe_leader(.leader_id, .leader_addr))]

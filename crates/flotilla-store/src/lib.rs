@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod coalesce;
 mod error;
 mod log_writer;
 mod membership;

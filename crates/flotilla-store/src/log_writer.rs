@@ -6,6 +6,11 @@
 //! and queues them for one writer thread, which commits everything queued so far in a single
 //! fsync'd redb transaction and only then reports each batch flushed. Truncate and purge go
 //! through the same queue, so every log mutation reaches disk in the order openraft issued it.
+//!
+//! openraft 0.9.25 also waits for the flushed callback (`RaftCore::append_to_log`) before it
+//! takes the next client write, so on the leader this still writes one client entry per fsync:
+//! concurrent small writers share entries through [`crate::coalesce`] instead. The queue still
+//! keeps the fsync off openraft's core task and folds in a truncate or purge issued meanwhile.
 
 use crate::storage::{encode, DbError, LogIdOf, LAST_PURGED, LOG, RAFT_META};
 use crate::TypeConfig;
@@ -177,7 +182,13 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>, overlay: &Mutex<Overlay>)
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = commit(db, &batch);
+        tracing::debug!(
+            jobs = batch.len(),
+            took_us = started.elapsed().as_micros() as u64,
+            "raft log batch committed"
+        );
         let mut flushed_rows = Vec::new();
         for job in batch {
             match job {

@@ -356,6 +356,8 @@ impl Shared {
         entries: Vec<Entry<TypeConfig>>,
         applied: &mut Applied,
     ) -> Result<Vec<CommandResult>, DbError> {
+        let started = std::time::Instant::now();
+        let count = entries.len();
         let mut results = Vec::with_capacity(entries.len());
         let mut pending = Overlay::default();
         let mut batches = Vec::new();
@@ -420,6 +422,12 @@ impl Shared {
             // No receivers is fine: nobody is watching.
             let _ = live.changes.send(batch);
         }
+        drop(live);
+        tracing::debug!(
+            entries = count,
+            took_us = started.elapsed().as_micros() as u64,
+            "entries applied"
+        );
         Ok(results)
     }
 

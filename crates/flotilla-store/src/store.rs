@@ -63,6 +63,17 @@ struct Inner {
     advertise_addr: String,
     /// Which peers answered raft RPCs lately ([`Store::check_quorum`] reports them).
     contacts: crate::network::Contacts,
+    /// Writes waiting to share a raft entry ([`Store::write_coalesced`]).
+    coalesce: crate::coalesce::Queue,
+}
+
+/// A [`Store`] that does not keep it open (held by the store's own background tasks).
+pub(crate) struct WeakStore(std::sync::Weak<Inner>);
+
+impl WeakStore {
+    pub(crate) fn upgrade(&self) -> Option<Store> {
+        self.0.upgrade().map(|inner| Store { inner })
+    }
 }
 
 impl Store {
@@ -139,12 +150,13 @@ impl Store {
         .await
         .map_err(|e| StoreError::Unavailable(format!("raft failed to start: {e}")))?;
         Ok(Store {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak| Inner {
                 raft,
                 shared,
                 node_id: cfg.node_id,
                 advertise_addr: cfg.advertise_addr,
                 contacts: network.contacts(),
+                coalesce: crate::coalesce::start(WeakStore(weak.clone())),
             }),
         })
     }
@@ -227,6 +239,22 @@ impl Store {
                 Err(StoreError::Unavailable(format!("raft stopped: {e}")))
             }
         }
+    }
+
+    /// Like [`Store::write`], but the command may share one raft entry with other concurrent
+    /// `write_coalesced` calls (see [`crate::coalesce`]): for many small independent writers,
+    /// such as agents' status reports, whose commands rarely conflict. The command still applies
+    /// atomically, and its result is the one it would have had alone.
+    pub async fn write_coalesced(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        self.check_quorum()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .coalesce
+            .send((cmd, reply))
+            .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?
     }
 
     /// Run `f` against the current applied state (in-memory, kept in step with redb).

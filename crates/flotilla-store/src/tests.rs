@@ -208,6 +208,43 @@ async fn failed_preconditions_leave_state_unchanged() {
     store.shutdown().await.expect("shutdown");
 }
 
+/// Concurrent coalesced writes may share a raft entry, but each keeps its own result: one
+/// refused command does not refuse the others, and competing creates still admit exactly one.
+#[tokio::test]
+async fn coalesced_writes_keep_their_own_results() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open_leader(dir.path()).await;
+    let mut writes = Vec::new();
+    for i in 0..40 {
+        // Every fourth write competes to create "shared"; the rest create their own service.
+        let name = if i % 4 == 0 {
+            "shared".to_string()
+        } else {
+            format!("own-{i}")
+        };
+        let store = store.clone();
+        writes.push(tokio::spawn(async move {
+            let cmd = Command::new(vec![Op::PutService {
+                service: service(&name, 1, 1),
+                expect: Expect::Absent,
+            }]);
+            (name, store.write_coalesced(cmd).await.expect("write"))
+        }));
+    }
+    let mut shared_created = 0;
+    for w in writes {
+        match w.await.expect("join") {
+            (name, CommandResult::Applied { .. }) if name == "shared" => shared_created += 1,
+            (_, CommandResult::Applied { .. }) => {}
+            (name, CommandResult::Conflict { op_index: 0, .. }) if name == "shared" => {}
+            (name, other) => panic!("write for {name}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(shared_created, 1);
+    assert_eq!(store.read(|s| s.services.len()), 31);
+    store.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn commands_apply_all_or_nothing_and_see_their_own_writes() {
     let dir = TempDir::new().expect("tempdir");
