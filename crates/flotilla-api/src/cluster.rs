@@ -438,18 +438,7 @@ async fn join(
             if let Some((host, _)) = addr.rsplit_once(':') {
                 addresses.push(host.to_string());
             }
-            // One above the highest current member. A removed manager's id can come back
-            // (when it was the highest); its certificate is revoked, so its old process
-            // cannot speak raft under that id again.
-            let members = app.store.members();
-            if let Some(existing) = members.iter().find(|m| m.addr == addr) {
-                return Err(ApiError::Conflict(format!(
-                    "a manager (raft id {}) already serves at {addr}; remove it first with \
-                     `flotilla node rm`",
-                    existing.raft_id
-                )));
-            }
-            Some(members.iter().map(|m| m.raft_id).max().unwrap_or(0) + 1)
+            Some(new_manager_raft_id(&app.store, &addr)?)
         }
         Role::Worker => None,
     };
@@ -926,6 +915,21 @@ async fn membership(
     }))
 }
 
+/// The raft id for a manager about to serve at `addr` (joining or promoted): one above the
+/// highest current member. A removed manager's id can come back (when it was the highest); its
+/// certificate is revoked, so its old process cannot speak raft under that id again.
+fn new_manager_raft_id(store: &Store, addr: &str) -> Result<u64, ApiError> {
+    let members = store.members();
+    if let Some(existing) = members.iter().find(|m| m.addr == addr) {
+        return Err(ApiError::Conflict(format!(
+            "a manager (raft id {}) already serves at {addr}; remove it first with \
+             `flotilla node rm`",
+            existing.raft_id
+        )));
+    }
+    Ok(members.iter().map(|m| m.raft_id).max().unwrap_or(0) + 1)
+}
+
 /// `POST /v1/cluster/promote-self`: a worker whose promotion is pending gets its manager
 /// certificate, a raft id and the manager secrets (as a manager joining with a token would).
 #[tracing::instrument(skip_all)]
@@ -956,14 +960,7 @@ async fn promote_self(
                 )],
             )
         })?;
-    let members = app.store.members();
-    if let Some(existing) = members.iter().find(|m| m.addr == addr.to_string()) {
-        return Err(ApiError::Conflict(format!(
-            "a manager (raft id {}) already serves at {addr}",
-            existing.raft_id
-        )));
-    }
-    let raft_id = members.iter().map(|m| m.raft_id).max().unwrap_or(0) + 1;
+    let raft_id = new_manager_raft_id(&app.store, &addr.to_string())?;
     let identity = NodeIdentity {
         node_id: me.node_id.clone(),
         role: Role::Manager,

@@ -1067,6 +1067,13 @@ mod tests {
         state
     }
 
+    /// [`full_node`] whose `batch` may lose two tasks at once.
+    fn full_node_budget_two() -> ClusterState {
+        let mut batch = spec("batch", 4, 500, 100);
+        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
+        full_node(&batch)
+    }
+
     fn add_service(state: &mut ClusterState, s: &ServiceSpec) {
         state.services.insert(
             s.name.clone(),
@@ -1150,11 +1157,8 @@ mod tests {
 
     #[test]
     fn preemption_stops_victims_and_places_once_they_exit() {
-        let mut batch = spec("batch", 4, 500, 100);
-        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
-        let mut state = full_node(&batch);
-        let urgent = spec("urgent", 1, 1000, 900);
-        add_service(&mut state, &urgent);
+        let mut state = full_node_budget_two();
+        add_service(&mut state, &spec("urgent", 1, 1000, 900));
 
         // Pass 1: two batch tasks are told to stop, with the reason; urgent waits for them.
         pass(&mut state, NOW);
@@ -1249,9 +1253,7 @@ mod tests {
 
         // A budget of 2 with one replica already unavailable leaves room for one eviction
         // only: still not enough.
-        let mut batch = spec("batch", 4, 500, 100);
-        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
-        let mut state = full_node(&batch);
+        let mut state = full_node_budget_two();
         state.tasks.get_mut("b4").unwrap().status.state = TaskState::Starting;
         add_service(&mut state, &spec("urgent", 1, 1000, 900));
         pass(&mut state, NOW);
@@ -1270,11 +1272,8 @@ mod tests {
 
     #[test]
     fn a_nomination_whose_node_filled_up_is_placed_afresh() {
-        let mut batch = spec("batch", 4, 500, 100);
-        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
-        let mut state = full_node(&batch);
-        let urgent = spec("urgent", 1, 1000, 900);
-        add_service(&mut state, &urgent);
+        let mut state = full_node_budget_two();
+        add_service(&mut state, &spec("urgent", 1, 1000, 900));
         pass(&mut state, NOW);
         // The node goes away while the victims stop; a new, empty node joins.
         state.nodes.remove("n1");

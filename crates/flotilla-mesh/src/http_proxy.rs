@@ -662,10 +662,23 @@ fn request_host(parts: &Parts) -> Option<&str> {
     (!raw.is_empty()).then_some(raw)
 }
 
-/// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
+/// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1), plus the
+/// legacy ones proxies still meet.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes [`HOP_BY_HOP`] headers and those the `Connection` header lists.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Nearly no message has any: one look at each name is cheaper than hashing eight of them.
-    if !headers.keys().any(is_hop_by_hop) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
     let listed: Vec<HeaderName> = headers
@@ -675,34 +688,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in listed {
+    for name in listed.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-    ]
-    .contains(name)
-        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// `X-Forwarded-For` and `Forwarded` (RFC 7239) with the client appended, and
