@@ -48,6 +48,9 @@ pub struct Backend {
     /// 0..=100; 0 takes no new connections or requests (draining).
     pub weight: u8,
     pub healthy: bool,
+    /// Runs the service's current template (a rollout's new side). Weights are shares per
+    /// version: the balancer moves load only between tasks of one version and weight.
+    pub current: bool,
 }
 
 impl RouteTable {
@@ -112,6 +115,7 @@ impl RouteTable {
                                 addr: SocketAddr::new(ip, host_port),
                                 weight: task.weight.unwrap_or(100).min(100),
                                 healthy: node_up && task.is_ready(),
+                                current: task.spec.task_template_eq(&service.spec),
                             })
                         })
                         .collect(),
