@@ -231,3 +231,41 @@ fn bad_container_specs_fail_clearly() {
         stderr(&out)
     );
 }
+
+/// #21 item 9: a second `demo-image` with the same binary leaves the image as it is: same id,
+/// and no untagged image of the same recipe left behind.
+#[test]
+fn demo_image_builds_only_when_the_binary_changed() {
+    if !docker_available() {
+        return;
+    }
+    let tag = format!("flotilla-demo-idempotence:{}", std::process::id());
+    struct RemoveImage(String);
+    impl Drop for RemoveImage {
+        fn drop(&mut self) {
+            sh(&format!("docker rmi {} >/dev/null 2>&1", self.0));
+        }
+    }
+    let _cleanup = RemoveImage(tag.clone());
+    let build = || {
+        let out = std::process::Command::new(BIN)
+            .args(["demo-image", "--tag", &tag])
+            .output()
+            .expect("run flotilla demo-image");
+        assert!(out.status.success(), "demo-image: {}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), tag);
+        inspect(&tag, "{{.Id}}")
+    };
+    let first = build();
+    let digest = inspect(
+        &tag,
+        "{{index .Config.Labels \"io.flotilla.recipe-sha256\"}}",
+    );
+    assert_eq!(digest.len(), 64, "label {digest:?}");
+    let second = build();
+    assert_eq!(first, second, "the second call rebuilt the image");
+    let dangling = sh(&format!(
+        "docker images -q --no-trunc --filter dangling=true --filter label=io.flotilla.recipe-sha256={digest}"
+    ));
+    assert_eq!(stdout(&dangling).trim(), "", "untagged images left behind");
+}
