@@ -1,4 +1,6 @@
 //! Splitting a `command:` string into argv the way a POSIX shell would, without running one.
+//! Not `shlex`/`shell-words`: both drop a word-initial `#` as a comment, which Compose (Go's
+//! go-shellwords) passes on as an argument, and neither says which quote was left open.
 
 /// Splits `input` on unquoted whitespace. Single quotes keep everything literally; double quotes
 /// allow `\"`, `\\`, `\$` and `` \` `` escapes; a backslash outside quotes escapes the next

@@ -3,7 +3,7 @@
 //! the failure otherwise.
 
 use crate::constraint::{AffinityTarget, CompiledPlacement, Demand};
-use crate::fasthash::FastMap;
+use rustc_hash::FxHashMap as FastMap;
 use crate::snapshot::{static_check, ClusterSnapshot, NodeEntry, Rejection, ServiceCache};
 use flotilla_types::{FieldError, PlacementStrategy, PortSpec, ServiceSpec};
 use serde::Serialize;
