@@ -163,7 +163,7 @@ pub(crate) fn read_service(
         DriverKind::Process
     });
 
-    spec.healthcheck = match (compose_health, flotilla.healthcheck) {
+    spec.healthcheck = match (compose_health, flotilla.healthcheck.take()) {
         (Some(_), Some(_)) => {
             r.error(
                 &format!("{path}.x-flotilla.healthcheck"),
@@ -175,6 +175,21 @@ pub(crate) fn read_service(
         (None, ext) => ext,
     };
 
+    apply_deploy(r, &path, &mut spec, deploy, flotilla, restart);
+    spec
+}
+
+/// Fills `spec` from the service's `deploy`, `restart` and `x-flotilla` sections (read by then):
+/// mode, resources, placement, rollout, mesh and restart policy. Contradictions between them
+/// are reported at `path`.
+fn apply_deploy(
+    r: &mut Report,
+    path: &str,
+    spec: &mut ServiceSpec,
+    deploy: Deploy,
+    mut flotilla: FlotillaExtension,
+    restart: Option<RestartPolicy>,
+) {
     spec.mode = match (deploy.global, deploy.replicas) {
         (true, Some(_)) => {
             r.error(
@@ -225,7 +240,6 @@ pub(crate) fn read_service(
         (Some(policy), None) | (None, Some(policy)) => policy,
         (None, None) => RestartPolicy::default(),
     };
-    spec
 }
 
 /// A bare `environment` entry takes its value from this process's environment, as Compose does

@@ -72,7 +72,7 @@ mod tests {
 
     #[test]
     fn splits_like_a_shell() {
-        let cases: [(&str, &[&str]); 6] = [
+        let cases: [(&str, &[&str]); 7] = [
             ("echo hello  world", &["echo", "hello", "world"]),
             (
                 r#"sh -c "echo \"hi there\"""#,
@@ -82,6 +82,8 @@ mod tests {
             (r"a\ b c", &["a b", "c"]),
             ("x '' y", &["x", "", "y"]),
             ("   ", &[]),
+            // As Compose: `#` starts no comment.
+            ("echo a#b #c", &["echo", "a#b", "#c"]),
         ];
         for (input, want) in cases {
             assert_eq!(split(input).unwrap(), want, "{input}");
