@@ -19,6 +19,9 @@
 # each load is stopped (SIGTERM; it then reports) two seconds after its release returned.
 # Needs a Docker Engine that is not part of a swarm: the script runs `docker swarm init` and
 # always `docker swarm leave --force` when it ends, so it refuses to touch an existing swarm.
+# Everything it creates on the engine carries this run's id (services, containers, networks:
+# `bench-web-<pid>`, `bench-net-<pid>`, `bench-load-<pid>`, Flotilla's service `bench-<pid>`), and
+# the cleanup removes only those, so other users of the engine keep theirs.
 set -euo pipefail
 
 FLOTILLA=${FLOTILLA:-flotilla}
@@ -28,6 +31,11 @@ SWARM_PORT=${SWARM_PORT:-19080}
 FLOTILLA_PORT=${FLOTILLA_PORT:-19081}
 API_PORT=${API_PORT:-19450}
 export FLOTILLA_ADDR="http://127.0.0.1:$API_PORT"
+run=$$
+swarm_service="bench-web-$run"
+swarm_network="bench-net-$run"
+load_container="bench-load-$run"
+flotilla_service="bench-$run"
 
 docker info >/dev/null
 "$FLOTILLA" demo-image >/dev/null
@@ -42,17 +50,18 @@ fi
 swarm_initialised=""
 gwbridge_existed=$(docker network ls -q --filter name='^docker_gwbridge$')
 cleanup() {
-    docker service rm bench-web >/dev/null 2>&1 || true
+    docker service rm "$swarm_service" >/dev/null 2>&1 || true
     if [ -n "$up_pid" ]; then
-        "$FLOTILLA" service rm web >/dev/null 2>&1 || true
+        "$FLOTILLA" service rm "$flotilla_service" >/dev/null 2>&1 || true
         sleep 3
         kill "$up_pid" 2>/dev/null || true
         wait "$up_pid" 2>/dev/null || true
     fi
-    docker ps -aq --filter label=io.flotilla.service=web | xargs -r docker rm -f >/dev/null 2>&1 || true
-    docker network rm flotilla-web >/dev/null 2>&1 || true
-    docker rm -f bench-load >/dev/null 2>&1 || true
-    docker network rm bench-net >/dev/null 2>&1 || true
+    # Whatever this run's Flotilla left behind (its service name is unique to the run).
+    docker ps -aq --filter "label=io.flotilla.service=$flotilla_service" | xargs -r docker rm -f >/dev/null 2>&1 || true
+    docker network rm "flotilla-$flotilla_service" >/dev/null 2>&1 || true
+    docker rm -f "$load_container" >/dev/null 2>&1 || true
+    docker network rm "$swarm_network" >/dev/null 2>&1 || true
     if [ -n "$swarm_initialised" ]; then docker swarm leave --force >/dev/null 2>&1 || true; fi
     # `swarm init` creates docker_gwbridge; leave the engine's networks as they were.
     if [ -z "$gwbridge_existed" ]; then docker network rm docker_gwbridge >/dev/null 2>&1 || true; fi
@@ -66,9 +75,9 @@ if [ -e /proc/net/ip_vs ]; then
     swarm_url="http://127.0.0.1:$SWARM_PORT/"
     swarm_net=(-p "$SWARM_PORT:8080")
 else
-    swarm_load=(docker run --rm --name bench-load --network bench-net flotilla-demo:latest)
-    swarm_url="http://bench-web:8080/"
-    swarm_net=(--network bench-net --endpoint-mode dnsrr)
+    swarm_load=(docker run --rm --name "$load_container" --network "$swarm_network" flotilla-demo:latest)
+    swarm_url="http://$swarm_service:8080/"
+    swarm_net=(--network "$swarm_network" --endpoint-mode dnsrr)
 fi
 
 # One measured release: load in the background, the release command in the foreground.
@@ -87,7 +96,7 @@ measure() { # name url load-command... -- release-command...
     sleep 2
     # `docker run` does not pass SIGTERM on without a TTY; stop the container itself.
     if [ "${loader[0]}" = docker ]; then
-        docker kill --signal TERM bench-load >/dev/null 2>&1 || true
+        docker kill --signal TERM "$load_container" >/dev/null 2>&1 || true
     else
         kill -TERM "$load" 2>/dev/null || true
     fi
@@ -109,15 +118,15 @@ echo "|---|---:|---:|---|---:|"
 # Swarm.
 swarm_initialised=1
 docker swarm init --advertise-addr 127.0.0.1 >/dev/null
-[ -e /proc/net/ip_vs ] || docker network create -d overlay --attachable bench-net >/dev/null
+[ -e /proc/net/ip_vs ] || docker network create -d overlay --attachable "$swarm_network" >/dev/null
 # The image's entrypoint is /flotilla, so the arguments start at the subcommand.
-docker service create --detach=false --name bench-web --replicas 4 "${swarm_net[@]}" \
+docker service create --detach=false --name "$swarm_service" --replicas 4 "${swarm_net[@]}" \
     --health-cmd "wget -qO- http://127.0.0.1:8080/health || exit 1" --health-interval 1s \
     flotilla-demo:latest demo-app --version v1 >/dev/null
 sleep 5
 measure swarm-start-first "$swarm_url" "${swarm_load[@]}" -- docker service update --detach=false --update-order start-first \
-    --args "demo-app --version v2" bench-web
-docker service rm bench-web >/dev/null
+    --args "demo-app --version v2" "$swarm_service"
+docker service rm "$swarm_service" >/dev/null
 
 # Flotilla.
 "$FLOTILLA" up --data-dir "$workdir/flotilla" --api-addr "127.0.0.1:$API_PORT" --mesh-bind 127.0.0.1 >"$workdir/up.log" 2>&1 &
@@ -126,7 +135,7 @@ for _ in $(seq 60); do "$FLOTILLA" node ls >/dev/null 2>&1 && break; sleep 1; do
 compose() { # version strategy
     cat >"$workdir/web.yaml" <<YAML
 services:
-  web:
+  $flotilla_service:
     image: flotilla-demo:latest
     command: ["demo-app", "--version", "$1"]
     ports: ["$FLOTILLA_PORT:8080"]

@@ -4,16 +4,25 @@
 //!
 //! `flotilla demo-image` uses it to make `flotilla-demo:latest`, whose entrypoint is `/flotilla`,
 //! so a Compose service with `command: ["demo-app", "--version", "v1"]` runs the demo app.
+//!
+//! Images carry the SHA-256 of everything they are built from ([`RECIPE_LABEL`]): building a
+//! tag that already holds the same content does nothing, and an image a rebuild leaves without
+//! any tag is removed.
 
 use bollard::query_parameters::CreateImageOptionsBuilder;
 use bollard::Docker;
 use futures::StreamExt;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use thiserror::Error;
 
 /// The image `flotilla demo-image` builds.
 pub const DEMO_IMAGE: &str = "flotilla-demo:latest";
+
+/// The image label holding the SHA-256 (hex) of the recipe: its files' bytes and settings.
+pub const RECIPE_LABEL: &str = "io.flotilla.recipe-sha256";
 
 #[derive(Debug, Error)]
 pub enum ImageError {
@@ -148,17 +157,102 @@ fn copy_into(root: &Path, host_path: &Path, inside: &Path) -> Result<(), ImageEr
     Ok(())
 }
 
+/// The executables of an image: (host path, path inside).
+fn binaries(recipe: &ImageRecipe, busybox: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let mut binaries = vec![(busybox.to_path_buf(), PathBuf::from("/bin/busybox"))];
+    if let Some(exe) = &recipe.flotilla {
+        binaries.push((exe.clone(), PathBuf::from("/flotilla")));
+    }
+    binaries
+}
+
+/// Feeds a file's bytes to `digest`.
+fn hash_file(digest: &mut ring::digest::Context, path: &Path) -> Result<(), ImageError> {
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            return Ok(());
+        }
+        digest.update(&buf[..n]);
+    }
+}
+
+/// SHA-256 (hex) of what the image of `recipe` holds: every file copied in (binaries and their
+/// shared libraries, with the paths they get) and the image settings.
+fn recipe_digest(recipe: &ImageRecipe, busybox: &Path) -> Result<String, ImageError> {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for change in image_changes(recipe) {
+        digest.update(change.as_bytes());
+        digest.update(b"\0");
+    }
+    for (host, inside) in binaries(recipe, busybox) {
+        digest.update(inside.as_os_str().as_bytes());
+        hash_file(&mut digest, &host)?;
+        for lib in shared_libraries(&host)? {
+            digest.update(lib.as_os_str().as_bytes());
+            hash_file(&mut digest, &lib)?;
+        }
+    }
+    Ok(digest
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The id and recipe label of the image `reference` names, `None` when there is none.
+async fn existing_image(
+    docker: &Docker,
+    reference: &str,
+) -> Result<Option<(String, Option<String>)>, ImageError> {
+    match docker.inspect_image(reference).await {
+        Ok(image) => Ok(Some((
+            image.id.unwrap_or_default(),
+            image
+                .config
+                .and_then(|c| c.labels)
+                .and_then(|mut labels| labels.remove(RECIPE_LABEL)),
+        ))),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes the image `id` if a rebuild left it without any tag; one still in use by a
+/// container stays (logged).
+async fn remove_if_untagged(docker: &Docker, id: &str) {
+    let untagged = match docker.inspect_image(id).await {
+        Ok(image) => image.repo_tags.unwrap_or_default().is_empty(),
+        Err(_) => false,
+    };
+    if !untagged {
+        return;
+    }
+    match docker
+        .remove_image(
+            id,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(image = %id, "removed the image this build replaced"),
+        Err(e) => tracing::warn!(image = %id, error = %e, "cannot remove the replaced image"),
+    }
+}
+
 /// Lays out the root filesystem of `recipe` in `root`.
 fn build_rootfs(root: &Path, recipe: &ImageRecipe, busybox: &Path) -> Result<(), ImageError> {
     for dir in ["bin", "tmp", "etc", "proc", "sys", "dev", "root", "var/tmp"] {
         let d = root.join(dir);
         std::fs::create_dir_all(&d).map_err(io_err(&d))?;
     }
-    let mut binaries = vec![(busybox.to_path_buf(), PathBuf::from("/bin/busybox"))];
-    if let Some(exe) = &recipe.flotilla {
-        binaries.push((exe.clone(), PathBuf::from("/flotilla")));
-    }
-    for (host, inside) in &binaries {
+    for (host, inside) in &binaries(recipe, busybox) {
         copy_into(root, host, inside)?;
         for lib in shared_libraries(host)? {
             copy_into(root, &lib, &lib)?;
@@ -201,7 +295,8 @@ fn image_changes(recipe: &ImageRecipe) -> Vec<String> {
     changes
 }
 
-/// Builds the image and returns its tag. Replaces an older image of the same tag.
+/// Builds the image and returns its tag. Does nothing when the tag already holds an image of the
+/// same recipe digest; otherwise replaces it, removing the old image if that leaves it untagged.
 pub async fn build_image(docker: &Docker, recipe: &ImageRecipe) -> Result<String, ImageError> {
     let (repo, tag) = match recipe.tag.rsplit_once(':') {
         Some((r, t)) if !t.contains('/') => (r, t),
@@ -211,6 +306,17 @@ pub async fn build_image(docker: &Docker, recipe: &ImageRecipe) -> Result<String
         return Err(ImageError::BadTag(recipe.tag.clone()));
     }
     let busybox = find_or_install_busybox()?;
+    let reference = format!("{repo}:{tag}");
+    let digest = recipe_digest(recipe, &busybox)?;
+    let previous = existing_image(docker, &reference).await?;
+    if let Some((id, Some(label))) = &previous {
+        if *label == digest {
+            tracing::info!(image = %reference, %id, "image is up to date");
+            return Ok(reference);
+        }
+    }
+    let mut changes = image_changes(recipe);
+    changes.push(format!("LABEL {RECIPE_LABEL}={digest}"));
     let dir = std::env::temp_dir().join(format!("flotilla-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -235,7 +341,7 @@ pub async fn build_image(docker: &Docker, recipe: &ImageRecipe) -> Result<String
             .from_src("-")
             .repo(repo)
             .tag(tag)
-            .changes(image_changes(recipe))
+            .changes(changes)
             .build();
         let mut progress = docker.create_image(
             Some(options),
@@ -245,11 +351,14 @@ pub async fn build_image(docker: &Docker, recipe: &ImageRecipe) -> Result<String
         while let Some(step) = progress.next().await {
             step?;
         }
-        Ok(format!("{repo}:{tag}"))
+        Ok(reference)
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     let built = result?;
+    if let Some((id, _)) = previous {
+        remove_if_untagged(docker, &id).await;
+    }
     tracing::info!(image = %built, "image built");
     Ok(built)
 }

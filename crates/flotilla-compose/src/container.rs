@@ -44,10 +44,7 @@ pub(crate) fn ulimits(r: &mut Report, field: &str, node: &Node) -> BTreeMap<Stri
                 }
             }
             other => {
-                r.error(
-                    &at,
-                    format!("expected a number or {{soft, hard}}, got {}", other.kind()),
-                );
+                r.wrong_type(&at, "a number or {soft, hard}", other);
                 None
             }
         };
@@ -71,10 +68,7 @@ fn limit_value(r: &mut Report, field: &str, node: &Node) -> Option<i64> {
             }
         },
         other => {
-            r.error(
-                field,
-                format!("expected a whole number, got {}", other.kind()),
-            );
+            r.wrong_type(field, "a whole number", other);
             None
         }
     }
@@ -117,30 +111,14 @@ pub(crate) fn volumes(
     field: &str,
     node: &Node,
 ) -> Vec<VolumeMount> {
-    let Node::List(items) = node else {
-        r.error(field, format!("expected a list, got {}", node.kind()));
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let mount = match item {
-            Node::Str(s) => short_volume(r, base_dir, &at, s),
-            Node::Map(_) => long_volume(r, base_dir, &at, item),
-            other => {
-                r.error(
-                    &at,
-                    format!(
-                        "expected \"SOURCE:TARGET[:ro]\" or a mapping, got {}",
-                        other.kind()
-                    ),
-                );
-                None
-            }
-        };
-        out.extend(mount);
-    }
-    out
+    r.list_of(field, node, |r, at, item| match item {
+        Node::Str(s) => short_volume(r, base_dir, at, s),
+        Node::Map(_) => long_volume(r, base_dir, at, item),
+        other => {
+            r.wrong_type(at, "\"SOURCE:TARGET[:ro]\" or a mapping", other);
+            None
+        }
+    })
 }
 
 /// A host path as written (`./data`, `~/x`, `/srv`), or `None` when `source` names a volume.
@@ -262,66 +240,57 @@ fn long_volume(r: &mut Report, base_dir: &Path, field: &str, node: &Node) -> Opt
 
 /// `deploy.resources.reservations.devices`: each entry must ask for `capabilities: [gpu]`.
 pub(crate) fn gpu_devices(r: &mut Report, field: &str, node: &Node) -> Vec<GpuRequest> {
-    let Node::List(items) = node else {
-        r.error(field, format!("expected a list, got {}", node.kind()));
-        return Vec::new();
+    r.list_of_mappings(field, node, "a list", gpu_request)
+}
+
+/// One entry of `devices`.
+fn gpu_request(r: &mut Report, at: &str, entries: &[(String, Node)]) -> Option<GpuRequest> {
+    let mut request = GpuRequest {
+        driver: None,
+        count: None,
+        device_ids: Vec::new(),
+        capabilities: Vec::new(),
     };
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let Some(entries) = r.mapping(&at, item) else {
-            continue;
-        };
-        let mut request = GpuRequest {
-            driver: None,
-            count: None,
-            device_ids: Vec::new(),
-            capabilities: Vec::new(),
-        };
-        for (key, value) in entries {
-            let key_at = format!("{at}.{key}");
-            match key.as_str() {
-                "capabilities" => {
-                    request.capabilities = r.string_list(&key_at, value).unwrap_or_default()
-                }
-                "driver" => request.driver = r.string(&key_at, value),
-                "device_ids" => {
-                    request.device_ids = r.string_list(&key_at, value).unwrap_or_default()
-                }
-                "count" => {
-                    request.count = match value {
-                        Node::Str(s) if s == "all" => Some(GpuCount::All),
-                        Node::Int(n) if *n >= 1 => u64::try_from(*n).ok().map(GpuCount::Count),
-                        other => {
-                            r.error(
-                                &key_at,
-                                format!(
-                                    "expected a positive number or \"all\", got {}",
-                                    other
-                                        .scalar_text()
-                                        .unwrap_or_else(|| other.kind().to_string())
-                                ),
-                            );
-                            None
-                        }
+    for (key, value) in entries {
+        let key_at = format!("{at}.{key}");
+        match key.as_str() {
+            "capabilities" => {
+                request.capabilities = r.string_list(&key_at, value).unwrap_or_default()
+            }
+            "driver" => request.driver = r.string(&key_at, value),
+            "device_ids" => request.device_ids = r.string_list(&key_at, value).unwrap_or_default(),
+            "count" => {
+                request.count = match value {
+                    Node::Str(s) if s == "all" => Some(GpuCount::All),
+                    Node::Int(n) if *n >= 1 => u64::try_from(*n).ok().map(GpuCount::Count),
+                    other => {
+                        r.error(
+                            &key_at,
+                            format!(
+                                "expected a positive number or \"all\", got {}",
+                                other
+                                    .scalar_text()
+                                    .unwrap_or_else(|| other.kind().to_string())
+                            ),
+                        );
+                        None
                     }
                 }
-                "options" => r.warn(&key_at, "not supported yet; ignored"),
-                _ => r.error(&key_at, "unknown key"),
             }
+            "options" => r.warn(&key_at, "not supported yet; ignored"),
+            _ => r.error(&key_at, "unknown key"),
         }
-        if !request.capabilities.iter().any(|c| c == "gpu") {
-            r.error(
-                &format!("{at}.capabilities"),
-                "only GPU devices (capabilities: [gpu]) are supported",
-            );
-            continue;
-        }
-        if request.count.is_some() && !request.device_ids.is_empty() {
-            r.error(&at, "count and device_ids are mutually exclusive");
-            continue;
-        }
-        out.push(request);
     }
-    out
+    if !request.capabilities.iter().any(|c| c == "gpu") {
+        r.error(
+            &format!("{at}.capabilities"),
+            "only GPU devices (capabilities: [gpu]) are supported",
+        );
+        return None;
+    }
+    if request.count.is_some() && !request.device_ids.is_empty() {
+        r.error(at, "count and device_ids are mutually exclusive");
+        return None;
+    }
+    Some(request)
 }

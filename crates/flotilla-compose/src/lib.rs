@@ -143,13 +143,7 @@ pub fn parse_str(text: &str, file: &str, base_dir: &Path) -> Result<ComposeFile,
             DOCUMENT_FIELD,
             "the document is empty; expected a mapping with a `services` key",
         ),
-        other => r.error(
-            DOCUMENT_FIELD,
-            format!(
-                "expected a mapping with a `services` key, got {}",
-                other.kind()
-            ),
-        ),
+        other => r.wrong_type(DOCUMENT_FIELD, "a mapping with a `services` key", other),
     }
 
     if let Err(stack_errors) = validate_stack(&services) {

@@ -7,10 +7,7 @@ use flotilla_types::{PortMode, PortProtocol, PortSpec};
 /// Reads the `ports` list. Entries with errors are left out after being reported.
 pub(crate) fn read_ports(r: &mut Report, field: &str, node: &Node) -> Vec<PortSpec> {
     let Node::List(items) = node else {
-        r.error(
-            field,
-            format!("expected a list of ports, got {}", node.kind()),
-        );
+        r.wrong_type(field, "a list of ports", node);
         return Vec::new();
     };
     items
@@ -32,13 +29,7 @@ pub(crate) fn read_ports(r: &mut Report, field: &str, node: &Node) -> Vec<PortSp
                 Node::Str(s) => short_syntax(r, &at, s),
                 Node::Map(entries) => long_syntax(r, &at, entries),
                 other => {
-                    r.error(
-                        &at,
-                        format!(
-                            "expected \"[published:]target[/protocol]\" or a mapping, got {}",
-                            other.kind()
-                        ),
-                    );
+                    r.wrong_type(&at, "\"[published:]target[/protocol]\" or a mapping", other);
                     None
                 }
             }
@@ -144,10 +135,7 @@ fn port_value(r: &mut Report, field: &str, node: &Node) -> Option<u16> {
             port_number(r, field, &node.scalar_text().unwrap_or_default())
         }
         other => {
-            r.error(
-                field,
-                format!("expected a port number, got {}", other.kind()),
-            );
+            r.wrong_type(field, "a port number", other);
             None
         }
     }

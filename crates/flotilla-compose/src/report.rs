@@ -29,7 +29,8 @@ impl Report {
         });
     }
 
-    fn wrong_type(&mut self, field: &str, expected: &str, got: &Node) {
+    /// Reports that `field` holds the wrong kind of value: `expected X, got Y`.
+    pub(crate) fn wrong_type(&mut self, field: &str, expected: &str, got: &Node) {
         self.error(field, format!("expected {expected}, got {}", got.kind()));
     }
 
@@ -40,8 +41,35 @@ impl Report {
         node: &Node,
         entry: impl Fn(&mut Report, &str, &Node) -> Option<T>,
     ) -> Vec<T> {
+        self.list_described(field, node, "a list", entry)
+    }
+
+    /// A list of mappings, each read by `entry(report, path, entries)`; entries that are no
+    /// mapping or that `entry` rejects are reported and left out. `expected` describes the
+    /// list when `node` is none.
+    pub(crate) fn list_of_mappings<T>(
+        &mut self,
+        field: &str,
+        node: &Node,
+        expected: &str,
+        entry: impl Fn(&mut Report, &str, &[(String, Node)]) -> Option<T>,
+    ) -> Vec<T> {
+        self.list_described(field, node, expected, |r, at, item| {
+            let entries = r.mapping(at, item)?;
+            entry(r, at, entries)
+        })
+    }
+
+    /// [`Report::list_of`], saying what the list should hold when `node` is none.
+    fn list_described<T>(
+        &mut self,
+        field: &str,
+        node: &Node,
+        expected: &str,
+        entry: impl Fn(&mut Report, &str, &Node) -> Option<T>,
+    ) -> Vec<T> {
         let Node::List(items) = node else {
-            self.error(field, format!("expected a list, got {}", node.kind()));
+            self.wrong_type(field, expected, node);
             return Vec::new();
         };
         items

@@ -14,7 +14,7 @@ fn number(r: &mut Report, field: &str, node: &Node) -> Option<f64> {
         Node::Int(i) => *i as f64,
         Node::Float(f) => *f,
         other => {
-            r.error(field, format!("expected a number, got {}", other.kind()));
+            r.wrong_type(field, "a number", other);
             return None;
         }
     };
@@ -145,43 +145,35 @@ fn canary_match(r: &mut Report, field: &str, node: &Node) -> CanaryMatch {
 }
 
 fn steps(r: &mut Report, field: &str, node: &Node) -> Vec<CanaryStep> {
-    let Node::List(items) = node else {
-        r.error(
-            field,
-            format!("expected a list of steps, got {}", node.kind()),
-        );
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let Some(entries) = r.mapping(&at, item) else {
-            continue;
-        };
-        let mut weight = None;
-        let mut pause = None;
-        for (key, value) in entries {
-            let key_at = format!("{at}.{key}");
-            match key.as_str() {
-                "weight" => match r.uint(&key_at, value) {
-                    Some(w @ 1..=100) => weight = u8::try_from(w).ok(),
-                    Some(w) => r.error(&key_at, format!("{w} is outside 1..=100")),
-                    None => {}
-                },
-                "pause" => pause = r.duration(&key_at, value),
-                _ => r.error(&key_at, "unknown key (expected weight or pause)"),
-            }
-        }
-        match weight {
-            Some(weight) => out.push(CanaryStep { weight, pause }),
-            None if entries.iter().all(|(k, _)| k != "weight") => r.error(
-                &format!("{at}.weight"),
-                "every step needs a weight (1..=100)",
-            ),
-            None => {}
+    r.list_of_mappings(field, node, "a list of steps", step)
+}
+
+/// One canary step: `{weight, pause}`.
+fn step(r: &mut Report, at: &str, entries: &[(String, Node)]) -> Option<CanaryStep> {
+    let mut weight = None;
+    let mut pause = None;
+    for (key, value) in entries {
+        let key_at = format!("{at}.{key}");
+        match key.as_str() {
+            "weight" => match r.uint(&key_at, value) {
+                Some(w @ 1..=100) => weight = u8::try_from(w).ok(),
+                Some(w) => r.error(&key_at, format!("{w} is outside 1..=100")),
+                None => {}
+            },
+            "pause" => pause = r.duration(&key_at, value),
+            _ => r.error(&key_at, "unknown key (expected weight or pause)"),
         }
     }
-    out
+    if weight.is_none() && entries.iter().all(|(k, _)| k != "weight") {
+        r.error(
+            &format!("{at}.weight"),
+            "every step needs a weight (1..=100)",
+        );
+    }
+    Some(CanaryStep {
+        weight: weight?,
+        pause,
+    })
 }
 
 fn analysis(r: &mut Report, field: &str, node: &Node) -> AnalysisSpec {

@@ -163,7 +163,7 @@ pub(crate) fn read_service(
         DriverKind::Process
     });
 
-    spec.healthcheck = match (compose_health, flotilla.healthcheck) {
+    spec.healthcheck = match (compose_health, flotilla.healthcheck.take()) {
         (Some(_), Some(_)) => {
             r.error(
                 &format!("{path}.x-flotilla.healthcheck"),
@@ -175,6 +175,21 @@ pub(crate) fn read_service(
         (None, ext) => ext,
     };
 
+    apply_deploy(r, &path, &mut spec, deploy, flotilla, restart);
+    spec
+}
+
+/// Fills `spec` from the service's `deploy`, `restart` and `x-flotilla` sections (read by then):
+/// mode, resources, placement, rollout, mesh and restart policy. Contradictions between them
+/// are reported at `path`.
+fn apply_deploy(
+    r: &mut Report,
+    path: &str,
+    spec: &mut ServiceSpec,
+    deploy: Deploy,
+    mut flotilla: FlotillaExtension,
+    restart: Option<RestartPolicy>,
+) {
     spec.mode = match (deploy.global, deploy.replicas) {
         (true, Some(_)) => {
             r.error(
@@ -225,7 +240,6 @@ pub(crate) fn read_service(
         (Some(policy), None) | (None, Some(policy)) => policy,
         (None, None) => RestartPolicy::default(),
     };
-    spec
 }
 
 /// A bare `environment` entry takes its value from this process's environment, as Compose does
@@ -249,13 +263,7 @@ fn command(r: &mut Report, field: &str, node: &Node) -> Option<Vec<String>> {
             .ok(),
         Node::List(_) => r.string_list(field, node),
         other => {
-            r.error(
-                field,
-                format!(
-                    "expected a string or a list of strings, got {}",
-                    other.kind()
-                ),
-            );
+            r.wrong_type(field, "a string or a list of strings", other);
             None
         }
     }
@@ -303,13 +311,7 @@ fn env_files(
                 }
             }
             other => {
-                r.error(
-                    &at,
-                    format!(
-                        "expected a path or a mapping with `path`, got {}",
-                        other.kind()
-                    ),
-                );
+                r.wrong_type(&at, "a path or a mapping with `path`", other);
                 continue;
             }
         };
@@ -436,13 +438,7 @@ fn health_test(r: &mut Report, field: &str, node: &Node) -> Option<Option<Health
             }
         }
         other => {
-            r.error(
-                field,
-                format!(
-                    "expected a string or a list of strings, got {}",
-                    other.kind()
-                ),
-            );
+            r.wrong_type(field, "a string or a list of strings", other);
             None
         }
     }
@@ -498,13 +494,7 @@ fn depends_on(r: &mut Report, field: &str, node: &Node) -> BTreeMap<String, Depe
                 }
             }
         }
-        other => r.error(
-            field,
-            format!(
-                "expected a list of service names or a mapping, got {}",
-                other.kind()
-            ),
-        ),
+        other => r.wrong_type(field, "a list of service names or a mapping", other),
     }
     deps
 }
@@ -639,7 +629,7 @@ fn unit_value<E: std::fmt::Display>(
             parse(&text).map_err(|e| r.error(field, e.to_string())).ok()
         }
         other => {
-            r.error(field, format!("expected {expected}, got {}", other.kind()));
+            r.wrong_type(field, expected, other);
             None
         }
     }
@@ -690,40 +680,34 @@ fn placement(r: &mut Report, field: &str, node: &Node) -> PlacementSpec {
 
 /// `placement.preferences`: `[{spread: node.labels.K}]`, kept as `spread=node.labels.K`.
 fn preferences(r: &mut Report, field: &str, node: &Node) -> Vec<String> {
-    let Node::List(items) = node else {
-        r.error(
-            field,
-            format!(
-                "expected a list of {{spread: node.labels.KEY}}, got {}",
-                node.kind()
-            ),
-        );
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let Some(entries) = r.mapping(&at, item) else {
+    r.list_of_mappings(
+        field,
+        node,
+        "a list of {spread: node.labels.KEY}",
+        preference,
+    )
+}
+
+/// One preference, `{spread: node.labels.K}`.
+fn preference(r: &mut Report, at: &str, entries: &[(String, Node)]) -> Option<String> {
+    let mut out = None;
+    for (key, value) in entries {
+        let key_at = format!("{at}.{key}");
+        if key != "spread" {
+            r.error(&key_at, "unknown key (the only preference is spread)");
             continue;
-        };
-        for (key, value) in entries {
-            let key_at = format!("{at}.{key}");
-            if key != "spread" {
-                r.error(&key_at, "unknown key (the only preference is spread)");
-                continue;
+        }
+        match r.string(&key_at, value) {
+            Some(label)
+                if label.starts_with("node.labels.") && label.len() > "node.labels.".len() =>
+            {
+                out = Some(format!("spread={label}"))
             }
-            match r.string(&key_at, value) {
-                Some(label)
-                    if label.starts_with("node.labels.") && label.len() > "node.labels.".len() =>
-                {
-                    out.push(format!("spread={label}"))
-                }
-                Some(label) => r.error(
-                    &key_at,
-                    format!("{label:?} must name a node label, e.g. node.labels.zone"),
-                ),
-                None => {}
-            }
+            Some(label) => r.error(
+                &key_at,
+                format!("{label:?} must name a node label, e.g. node.labels.zone"),
+            ),
+            None => {}
         }
     }
     out
@@ -822,7 +806,7 @@ fn affinity_rule(r: &mut Report, field: &str, node: &Node) -> Option<AffinitySpe
         "weight" => match value {
             Node::Int(w) if (-100..=100).contains(w) => weight = *w as i32,
             Node::Int(w) => r.error(at, format!("{w} is outside -100..=100")),
-            other => r.error(at, format!("expected a whole number, got {}", other.kind())),
+            other => r.wrong_type(at, "a whole number", other),
         },
         "hard" => hard = r.boolean(at, value).unwrap_or(false),
         _ => r.error(at, "unknown key (expected service, weight, hard)"),

@@ -1,4 +1,6 @@
 //! Splitting a `command:` string into argv the way a POSIX shell would, without running one.
+//! Not `shlex`/`shell-words`: both drop a word-initial `#` as a comment, which Compose (Go's
+//! go-shellwords) passes on as an argument, and neither says which quote was left open.
 
 /// Splits `input` on unquoted whitespace. Single quotes keep everything literally; double quotes
 /// allow `\"`, `\\`, `\$` and `` \` `` escapes; a backslash outside quotes escapes the next
@@ -70,7 +72,7 @@ mod tests {
 
     #[test]
     fn splits_like_a_shell() {
-        let cases: [(&str, &[&str]); 6] = [
+        let cases: [(&str, &[&str]); 7] = [
             ("echo hello  world", &["echo", "hello", "world"]),
             (
                 r#"sh -c "echo \"hi there\"""#,
@@ -80,6 +82,8 @@ mod tests {
             (r"a\ b c", &["a b", "c"]),
             ("x '' y", &["x", "", "y"]),
             ("   ", &[]),
+            // As Compose: `#` starts no comment.
+            ("echo a#b #c", &["echo", "a#b", "#c"]),
         ];
         for (input, want) in cases {
             assert_eq!(split(input).unwrap(), want, "{input}");

@@ -2,9 +2,12 @@
 //! with `load::PeakEwma`), or smooth weighted round robin.
 //!
 //! Only backends that are healthy, have a weight above 0 and whose breaker lets traffic through
-//! are candidates. Both candidates of P2C are sampled in proportion to their weight, and the
-//! clearly less loaded one wins; with (nearly) equal load each backend's share is its weight's
-//! share.
+//! are candidates. Weights are shares of traffic under both balancers. Round robin meets them
+//! exactly. P2C splits the choice in two: the first candidate is drawn by weight from a
+//! low-discrepancy sequence, so every class (the backends of one version sharing one weight,
+//! e.g. a canary's tasks at a step) gets exactly its share; the second is a random backend of
+//! the same class, and the clearly less loaded of the two wins. Load only moves traffic within
+//! a class, never between a canary and the old version.
 
 use crate::breaker::{Breaker, Permit};
 use crate::metrics::{Counters, TaskStats};
@@ -15,23 +18,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// RTT assumed for a backend with no samples yet: pessimistic, so a new task is not flooded
-/// before it has shown how fast it is (linkerd uses the same default).
-const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast old latency samples stop mattering.
 const DECAY: Duration = Duration::from_secs(10);
 /// Loads closer than this ratio count as equal and the choice between the two candidates is a
-/// coin flip. Without it, latency jitter between identical tasks would decide every pick and
-/// bend the split away from the weights (a weight-10 canary that happens to be a little faster
-/// would get almost 20% of the traffic); with it, weights hold while clearly slower or busier
-/// tasks still lose.
+/// coin flip, so latency jitter between identical tasks does not decide every pick; clearly
+/// slower or busier tasks still lose.
 const LOAD_TIE_RATIO: f64 = 1.25;
+/// 2^64 divided by the golden ratio: `k * GOLDEN` (wrapping) is the Weyl sequence `k / phi mod
+/// 1` scaled to 64 bits, which spreads any prefix of picks over `0..total` almost evenly.
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 #[derive(Debug)]
 struct PeakEwma {
-    /// Estimated round trip, in nanoseconds.
+    /// Estimated round trip, in nanoseconds; meaningful once `sampled`.
     estimate_ns: f64,
     stamp: Instant,
+    sampled: bool,
 }
 
 impl PeakEwma {
@@ -47,7 +49,8 @@ impl PeakEwma {
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_nanos() as f64;
         let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
-        if rtt_ns > self.estimate_ns {
+        if !self.sampled || rtt_ns > self.estimate_ns {
+            self.sampled = true;
             // Peak sensitivity: a slow response raises the estimate at once.
             self.estimate_ns = rtt_ns;
         } else {
@@ -69,6 +72,8 @@ pub struct BackendState {
     pub authority: hyper::http::uri::Authority,
     weight: AtomicU8,
     healthy: AtomicBool,
+    /// Runs the service's current template: with the weight, the backend's balancing class.
+    current: AtomicBool,
     in_flight: AtomicU64,
     ewma: Mutex<PeakEwma>,
     pub breaker: Breaker,
@@ -87,10 +92,12 @@ impl BackendState {
             authority,
             weight: AtomicU8::new(100),
             healthy: AtomicBool::new(false),
+            current: AtomicBool::new(true),
             in_flight: AtomicU64::new(0),
             ewma: Mutex::new(PeakEwma {
-                estimate_ns: DEFAULT_RTT.as_nanos() as f64,
+                estimate_ns: 0.0,
                 stamp: Instant::now(),
+                sampled: false,
             }),
             breaker: Breaker::new(breaker.clone()),
             counters: Counters::default(),
@@ -100,6 +107,10 @@ impl BackendState {
     pub fn set(&self, weight: u8, healthy: bool) {
         self.weight.store(weight.min(100), Ordering::Relaxed);
         self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    pub fn set_current(&self, current: bool) {
+        self.current.store(current, Ordering::Relaxed);
     }
 
     pub fn weight(&self) -> u8 {
@@ -120,14 +131,11 @@ impl BackendState {
         self.healthy.load(Ordering::Relaxed) && self.breaker.would_allow()
     }
 
-    fn load(&self) -> f64 {
+    /// The decayed round-trip estimate, `None` before the first sample.
+    fn rtt_estimate(&self) -> Option<f64> {
         let now = Instant::now();
-        let estimate = self
-            .ewma
-            .lock()
-            .map(|mut e| e.decayed(now))
-            .unwrap_or(DEFAULT_RTT.as_nanos() as f64);
-        estimate * (self.in_flight() + 1) as f64
+        let mut ewma = self.ewma.lock().ok()?;
+        ewma.sampled.then(|| ewma.decayed(now))
     }
 
     /// Records a round trip (time to response headers, or to connect for TCP).
@@ -216,6 +224,8 @@ pub struct Pool {
     unweighted: bool,
     /// Smooth weighted round robin's running scores, one per backend.
     round_robin: Mutex<Vec<i64>>,
+    /// How many first P2C candidates were drawn (the index into the Weyl sequence).
+    draws: AtomicU64,
 }
 
 impl Pool {
@@ -226,6 +236,7 @@ impl Pool {
             kind,
             unweighted: false,
             round_robin: Mutex::new(scores),
+            draws: AtomicU64::new(0),
         }
     }
 
@@ -251,6 +262,11 @@ impl Pool {
         } else {
             b.weight()
         }
+    }
+
+    /// Backends of one class share traffic by load; classes share it by weight.
+    fn class_of(&self, b: &BackendState) -> (u8, bool) {
+        (self.weight_of(b), b.current.load(Ordering::Relaxed))
     }
 
     /// How many backends the pool has, whether or not they take traffic now.
@@ -330,30 +346,58 @@ impl Pool {
         last
     }
 
-    /// Power of two choices: two candidates sampled by weight, the clearly less loaded wins.
+    /// Power of two choices: the first candidate drawn by weight, the second a random one of its
+    /// class (same version and weight), the clearly less loaded wins.
     fn p2c(&self, candidate: impl Fn(&BackendState) -> bool) -> Option<&Arc<BackendState>> {
-        let (mut count, mut total, mut only) = (0usize, 0u32, None);
-        for b in self.backends.iter().filter(|b| candidate(b)) {
-            count += 1;
-            total += u32::from(self.weight_of(b));
-            only = Some(b);
-        }
-        if count <= 1 {
-            return only;
+        let total: u32 = self
+            .backends
+            .iter()
+            .filter(|b| candidate(b))
+            .map(|b| u32::from(self.weight_of(b)))
+            .sum();
+        let first = self.by_ticket(&candidate, self.next_ticket(total))?;
+        let class = self.class_of(first);
+        let peer = |b: &BackendState| candidate(b) && self.class_of(b) == class;
+        let peers = self.backends.iter().filter(|b| peer(b)).count();
+        if peers <= 1 {
+            return Some(first);
         }
         let mut rng = rand::rng();
-        let a = self.by_ticket(&candidate, rng.random_range(0..total.max(1)))?;
-        let b = self.by_ticket(&candidate, rng.random_range(0..total.max(1)))?;
-        let (load_a, load_b) = (a.load(), b.load());
-        Some(if load_a * LOAD_TIE_RATIO < load_b {
-            a
-        } else if load_b * LOAD_TIE_RATIO < load_a {
-            b
+        let nth = rng.random_range(0..peers);
+        let second = self.backends.iter().filter(|b| peer(b)).nth(nth)?;
+        let (cost_first, cost_second) = costs(first, second);
+        Some(if cost_first * LOAD_TIE_RATIO < cost_second {
+            first
+        } else if cost_second * LOAD_TIE_RATIO < cost_first {
+            second
         } else if rng.random_bool(0.5) {
-            a
+            first
         } else {
-            b
+            second
         })
+    }
+
+    /// The next ticket in `0..total` from the golden-ratio Weyl sequence: over any run of
+    /// picks each weight's share of tickets is its share of `total`, off by a handful of picks
+    /// at most, without a lock.
+    fn next_ticket(&self, total: u32) -> u32 {
+        let draw = self
+            .draws
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(GOLDEN);
+        // The high 64 bits of a 64x32-bit product are below `total`.
+        ((u128::from(draw) * u128::from(total)) >> 64) as u32
+    }
+}
+
+/// The loads of two backends, comparable with each other: round-trip estimate times requests
+/// in flight (plus the new one), or only the latter while either has no round trip measured
+/// yet, so a just-started task is neither flooded nor starved behind a default estimate.
+fn costs(a: &BackendState, b: &BackendState) -> (f64, f64) {
+    let pending = |x: &BackendState| (x.in_flight() + 1) as f64;
+    match (a.rtt_estimate(), b.rtt_estimate()) {
+        (Some(rtt_a), Some(rtt_b)) => (rtt_a * pending(a), rtt_b * pending(b)),
+        _ => (pending(a), pending(b)),
     }
 }
 
@@ -398,6 +442,60 @@ mod tests {
             );
         }
         assert_eq!(shares(BalancerKind::RoundRobin, &[50, 50], 10), [5, 5]);
+    }
+
+    /// Picks `picks` times; how many landed on a backend `current` accepts, in percent.
+    fn share_of(pool: &Pool, picks: usize, current: impl Fn(&BackendState) -> bool) -> f64 {
+        let hits = (0..picks)
+            .filter(|_| current(&pool.pick(&[]).unwrap().backend))
+            .count();
+        hits as f64 * 100.0 / picks as f64
+    }
+
+    /// Equal-latency tasks under concurrency: each has requests in flight in proportion to its
+    /// weight; the old ones have measured round trips, the canary's are fresh.
+    #[test]
+    fn p2c_gives_a_canary_its_weight_whatever_the_load_of_either_version() {
+        for weight in [10u8, 25, 50, 90] {
+            let old: Vec<_> = (1..=2).map(|port| backend(port, 100 - weight)).collect();
+            for b in &old {
+                b.set_current(false);
+                b.observe(Duration::from_millis(1));
+            }
+            let new: Vec<_> = (3..=4).map(|port| backend(port, weight)).collect();
+            let all = [old, new].concat();
+            let _busy: Vec<_> = all
+                .iter()
+                .flat_map(|b| (0..b.weight() / 10).map(|_| InFlight::new(b.clone())))
+                .collect();
+            let pool = Pool::new(all, BalancerKind::P2c);
+            let share = share_of(&pool, 10_000, |b| b.current.load(Ordering::Relaxed));
+            assert!(
+                (share - f64::from(weight)).abs() <= 1.0,
+                "weight {weight}: {share:.2}%"
+            );
+        }
+    }
+
+    #[test]
+    fn load_moves_traffic_within_a_version_but_not_across_versions() {
+        let slow = backend(1, 75);
+        let fast = backend(2, 75);
+        for b in [&slow, &fast] {
+            b.set_current(false);
+        }
+        slow.observe(Duration::from_millis(500));
+        fast.observe(Duration::from_millis(1));
+        let _busy: Vec<_> = (0..5).map(|_| InFlight::new(slow.clone())).collect();
+        let canary = backend(3, 25);
+        canary.observe(Duration::from_millis(900));
+        let pool = Pool::new(vec![slow.clone(), fast, canary], BalancerKind::P2c);
+        let share = share_of(&pool, 10_000, |b| b.current.load(Ordering::Relaxed));
+        // 25 of 25 + 75 + 75, however slow or busy either side is.
+        assert!((share - 100.0 / 7.0).abs() <= 1.0, "{share:.2}%");
+        // The slow one wins only when both candidates are it: a quarter of the old side's 6/7.
+        let slow_share = share_of(&pool, 10_000, |b| b.addr == slow.addr);
+        assert!(slow_share < 30.0, "{slow_share:.2}%");
     }
 
     #[test]

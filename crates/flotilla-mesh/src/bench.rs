@@ -155,6 +155,7 @@ async fn start_mesh(backend: SocketAddr, listen: SocketAddr) -> Result<Mesh, Ben
                     addr: backend,
                     weight: 100,
                     healthy: true,
+                    current: true,
                 }],
             }],
             canary: None,

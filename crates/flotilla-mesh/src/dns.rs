@@ -3,6 +3,10 @@
 //! some are given (so a container can use the responder as its only DNS server), else
 //! answered NXDOMAIN.
 
+use hickory_proto::op::{Header, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -12,13 +16,6 @@ use tokio::sync::Semaphore;
 
 /// TTL of answers: short, as the set of services changes with deploys.
 const TTL_SECS: u32 = 5;
-const TYPE_A: u16 = 1;
-const TYPE_ANY: u16 = 255;
-const CLASS_IN: u16 = 1;
-const RCODE_FORMERR: u8 = 1;
-const RCODE_SERVFAIL: u8 = 2;
-const RCODE_NXDOMAIN: u8 = 3;
-const RCODE_NOTIMP: u8 = 4;
 /// Domains the mesh answers for.
 const ZONES: [&str; 2] = ["flotilla", "internal"];
 
@@ -49,7 +46,7 @@ pub async fn serve(
         let reply = match answer(&buf[..len], &known, answer_ip, forward) {
             Reply::Ignore => continue,
             Reply::Send(reply) => reply,
-            Reply::Forward => {
+            Reply::Forward(header) => {
                 let Ok(permit) = forwards.clone().try_acquire_owned() else {
                     tracing::debug!(%from, "too many forwarded dns queries; dropped one");
                     continue;
@@ -59,7 +56,7 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let reply = match relay(&query, &upstreams).await {
                         Some(reply) => reply,
-                        None => failure(&query, RCODE_SERVFAIL),
+                        None => failure(&header, ResponseCode::ServFail),
                     };
                     if let Err(e) = socket.send_to(&reply, from).await {
                         tracing::debug!(%from, error = %e, "dns reply not sent");
@@ -137,122 +134,89 @@ enum Reply {
     /// Not a query: answering it could start a loop.
     Ignore,
     Send(Vec<u8>),
-    /// A name outside the mesh's zones, for an upstream resolver.
-    Forward,
+    /// A name outside the mesh's zones, for an upstream resolver; the header answers with
+    /// SERVFAIL when none does.
+    Forward(Header),
 }
 
-/// An empty reply to `query` with `rcode` (or nothing when it is too short to have an id).
-fn failure(query: &[u8], rcode: u8) -> Vec<u8> {
-    let mut reply = Vec::with_capacity(12);
-    reply.extend_from_slice(query.get(..2).unwrap_or(&[0, 0]));
-    let flags = query
-        .get(2..4)
-        .map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
-    let opcode = (flags >> 11) & 0xF;
-    let reply_flags = 0x8000 | (opcode << 11) | (flags & 0x0100) | 0x0080 | u16::from(rcode);
-    reply.extend_from_slice(&reply_flags.to_be_bytes());
-    reply.extend_from_slice(&[0; 8]);
-    reply
+/// The reply to `query` (its header) with `rcode` and nothing else.
+fn failure(query: &Header, rcode: ResponseCode) -> Vec<u8> {
+    let mut header = Header::response_from_request(query);
+    header.set_recursion_available(true);
+    header.set_response_code(rcode);
+    encode(Message::new().set_header(header))
 }
 
-struct Question {
-    /// Labels joined by '.', lowercase.
-    name: String,
-    qtype: u16,
-    qclass: u16,
-    /// Where the question section ends in the query.
-    end: usize,
-}
-
-/// Reads the single question of a query; `None` when it is malformed.
-fn parse_question(msg: &[u8]) -> Option<Question> {
-    let mut pos = 12;
-    let mut labels = Vec::new();
-    loop {
-        let len = usize::from(*msg.get(pos)?);
-        pos += 1;
-        if len == 0 {
-            break;
-        }
-        // Compression pointers and extended label types have no place in a question.
-        if len > 63 {
-            return None;
-        }
-        let label = msg.get(pos..pos + len)?;
-        labels.push(std::str::from_utf8(label).ok()?.to_ascii_lowercase());
-        pos += len;
-    }
-    let fixed = msg.get(pos..pos + 4)?;
-    Some(Question {
-        name: labels.join("."),
-        qtype: u16::from_be_bytes([fixed[0], fixed[1]]),
-        qclass: u16::from_be_bytes([fixed[2], fixed[3]]),
-        end: pos + 4,
+/// The wire form of `message`; a message this module builds always encodes, the fallback is
+/// an empty (ignored) reply.
+fn encode(message: &Message) -> Vec<u8> {
+    message.to_vec().unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "dns reply not encoded");
+        Vec::new()
     })
+}
+
+/// The lowercase service name of a name in one of the mesh's zones (`""` for a zone itself),
+/// `None` for a name outside them.
+fn in_zone(name: &Name) -> Option<String> {
+    let mut labels: Vec<String> = name
+        .iter()
+        .map(|label| String::from_utf8_lossy(label).to_ascii_lowercase())
+        .collect();
+    let zone = labels.pop()?;
+    ZONES.contains(&zone.as_str()).then(|| labels.join("."))
 }
 
 /// The reply to one query; names outside the mesh's zones are forwarded when `forward` is set.
 fn answer(query: &[u8], known: &impl Fn(&str) -> bool, ip: Ipv4Addr, forward: bool) -> Reply {
-    let Some(header) = query.get(..12) else {
+    let Ok(header) = Header::read(&mut BinDecoder::new(query)) else {
         return Reply::Ignore;
     };
-    let flags = u16::from_be_bytes([header[2], header[3]]);
-    if flags & 0x8000 != 0 {
-        return Reply::Ignore; // a response; answering it could start a loop
+    if header.message_type() == MessageType::Response {
+        return Reply::Ignore; // answering it could start a loop
     }
-    let opcode = (flags >> 11) & 0xF;
-    let qdcount = u16::from_be_bytes([header[4], header[5]]);
-    let question = if qdcount == 1 {
-        parse_question(query)
-    } else {
-        None
-    };
-    let mut reply = Vec::with_capacity(64);
-    reply.extend_from_slice(&header[..2]);
-    // QR, the query's opcode and RD; AA because the mesh is the authority for its zones.
-    let reply_flags = 0x8000 | (opcode << 11) | 0x0400 | (flags & 0x0100);
-    let Some(q) = question.filter(|_| opcode == 0) else {
-        let rcode = if opcode == 0 {
-            RCODE_FORMERR
-        } else {
-            RCODE_NOTIMP
-        };
-        reply.extend_from_slice(&(reply_flags | u16::from(rcode)).to_be_bytes());
-        reply.extend_from_slice(&[0; 8]);
-        return Reply::Send(reply);
-    };
-    let in_zone = ZONES
-        .iter()
-        .find_map(|zone| match q.name.strip_suffix(zone) {
-            Some("") => Some(""),
-            Some(rest) => rest.strip_suffix('.'),
-            None => None,
-        });
-    if in_zone.is_none() && forward {
-        return Reply::Forward;
+    if header.op_code() != OpCode::Query {
+        return Reply::Send(failure(&header, ResponseCode::NotImp));
     }
-    let service = in_zone.filter(|s| !s.is_empty() && !s.contains('.') && known(s));
-    let answers = service.is_some() && q.qclass == CLASS_IN && matches!(q.qtype, TYPE_A | TYPE_ANY);
-    let rcode = if service.is_some() { 0 } else { RCODE_NXDOMAIN };
-    reply.extend_from_slice(&(reply_flags | u16::from(rcode)).to_be_bytes());
-    reply.extend_from_slice(&1u16.to_be_bytes()); // QDCOUNT
-    reply.extend_from_slice(&u16::from(answers).to_be_bytes()); // ANCOUNT
-    reply.extend_from_slice(&[0; 4]); // NSCOUNT, ARCOUNT
-    reply.extend_from_slice(&query[12..q.end]);
+    let question = Message::from_vec(query)
+        .ok()
+        .and_then(|m| (m.queries().len() == 1).then(|| m.queries()[0].clone()));
+    let Some(question) = question else {
+        return Reply::Send(failure(&header, ResponseCode::FormErr));
+    };
+    let zone_name = in_zone(question.name());
+    if zone_name.is_none() && forward {
+        return Reply::Forward(header);
+    }
+    let service = zone_name.filter(|s| !s.is_empty() && !s.contains('.') && known(s));
+    let mut reply = Header::response_from_request(&header);
+    // The mesh is the authority for its zones.
+    reply.set_authoritative(true);
+    reply.set_response_code(match service {
+        Some(_) => ResponseCode::NoError,
+        None => ResponseCode::NXDomain,
+    });
+    let mut message = Message::new();
+    message.set_header(reply);
+    let answers = service.is_some()
+        && question.query_class() == DNSClass::IN
+        && matches!(question.query_type(), RecordType::A | RecordType::ANY);
     if answers {
-        reply.extend_from_slice(&[0xC0, 12]); // name: pointer to the question
-        reply.extend_from_slice(&TYPE_A.to_be_bytes());
-        reply.extend_from_slice(&CLASS_IN.to_be_bytes());
-        reply.extend_from_slice(&TTL_SECS.to_be_bytes());
-        reply.extend_from_slice(&4u16.to_be_bytes());
-        reply.extend_from_slice(&ip.octets());
+        let name = question.name().clone();
+        message.add_answer(Record::from_rdata(name, TTL_SECS, RData::A(A(ip))));
     }
-    Reply::Send(reply)
+    message.add_query(question);
+    Reply::Send(encode(&message))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TYPE_A: u16 = 1;
+    const CLASS_IN: u16 = 1;
+    const RCODE_FORMERR: u8 = 1;
+    const RCODE_NXDOMAIN: u8 = 3;
 
     fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
         let mut q = Vec::new();

@@ -6,7 +6,7 @@
 //! driven by the request future and the response body rather than by tasks of their own, so a
 //! request costs no wake-ups of other tasks (hyper's pooled client would add two or three).
 
-use crate::balancer::{InFlight, Pool};
+use crate::balancer::{BackendState, InFlight, Pool};
 use crate::metrics::ErrorClass;
 use crate::routes::{match_route, PortPlan};
 use crate::runtime::{Routing, ServiceEntry};
@@ -432,13 +432,14 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// The request line and headers of one attempt. The headers are moved into the last attempt
+/// The request of one attempt, carrying `body`. The headers are moved into the last attempt
 /// that can be made and copied only while a later one is still possible.
-fn upstream_head(
+fn upstream_request<B>(
     parts: &mut Parts,
     keep: bool,
     backend_authority: &hyper::http::uri::Authority,
-) -> Result<(Method, Uri, HeaderMap), ()> {
+    body: B,
+) -> Result<Request<B>, ()> {
     // Origin form on the wire; the client's Host is kept (or the backend's when it sent none).
     let uri = if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
         parts.uri.clone()
@@ -465,7 +466,30 @@ fn upstream_head(
             headers.insert(header::HOST, host);
         }
     }
-    Ok((parts.method.clone(), uri, headers))
+    let mut upstream = Request::new(body);
+    *upstream.method_mut() = parts.method.clone();
+    *upstream.uri_mut() = uri;
+    *upstream.headers_mut() = headers;
+    Ok(upstream)
+}
+
+/// The answer when no backend could take a request: the service's fallback.
+fn no_backend(service: &ServiceEntry) -> Response<ProxyBody> {
+    service.counters.error(ErrorClass::BreakerOpen);
+    let fallback = &service.spec.fallback;
+    let status = StatusCode::from_u16(fallback.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    local(status, fallback.body.clone())
+}
+
+/// The `Set-Cookie` value pinning the client to `backend`, unless it already is.
+fn sticky_cookie(
+    service: &ServiceEntry,
+    sticky_task: Option<&str>,
+    backend: &BackendState,
+) -> Option<String> {
+    let name = service.spec.sticky_cookie.as_deref()?;
+    (sticky_task != Some(backend.task_id.as_str()))
+        .then(|| format!("{name}={}; Path=/; HttpOnly", backend.task_id))
 }
 
 async fn proxy(
@@ -527,15 +551,10 @@ async fn proxy(
         // might take it; only then are the headers copied rather than moved.
         let others = pool.len() + canary_pool.map_or(0, Pool::len) > tried.len() + 1;
         let keep_headers = replayable && others;
-        let (method, uri, headers) =
-            match upstream_head(&mut parts, keep_headers, &backend.authority) {
-                Ok(head) => head,
-                Err(()) => return local(StatusCode::BAD_REQUEST, "request target is not valid\n"),
-            };
-        let mut upstream = Request::new(body);
-        *upstream.method_mut() = method;
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = headers;
+        let Ok(upstream) = upstream_request(&mut parts, keep_headers, &backend.authority, body)
+        else {
+            return local(StatusCode::BAD_REQUEST, "request target is not valid\n");
+        };
         backend.counters.requests.fetch_add(1, Ordering::Relaxed);
         let in_flight = InFlight::new(backend.clone());
         let started = Instant::now();
@@ -555,12 +574,7 @@ async fn proxy(
                     backend.counters.error(ErrorClass::Status5xx);
                     service.counters.error(ErrorClass::Status5xx);
                 }
-                let set_cookie = service
-                    .spec
-                    .sticky_cookie
-                    .as_deref()
-                    .filter(|_| sticky_task.as_deref() != Some(backend.task_id.as_str()))
-                    .map(|name| format!("{name}={}; Path=/; HttpOnly", backend.task_id));
+                let set_cookie = sticky_cookie(service, sticky_task.as_deref(), &backend);
                 return relay(resp, up, client, in_flight, set_cookie);
             }
             // Nothing reached the backend, so any request may go elsewhere.
@@ -589,11 +603,7 @@ async fn proxy(
         }
     }
     if !attempted {
-        service.counters.error(ErrorClass::BreakerOpen);
-        let fallback = &service.spec.fallback;
-        let status =
-            StatusCode::from_u16(fallback.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return local(status, fallback.body.clone());
+        return no_backend(service);
     }
     local(failure, "upstream request failed\n")
 }

@@ -1,4 +1,6 @@
 //! Lock-free counters and latency histograms, and their serialisable snapshots.
+//! Not `prometheus-client`: it has no summary type (our latency quantiles) and writes only
+//! OpenMetrics, while `/metrics` serves the Prometheus 0.0.4 text read from these atomics.
 //!
 //! Every request touches these on the hot path, so they are plain atomics: a log-linear
 //! histogram (16 sub-buckets per power of two, about 6% relative error) needs no lock to record.

@@ -48,6 +48,9 @@ pub struct Backend {
     /// 0..=100; 0 takes no new connections or requests (draining).
     pub weight: u8,
     pub healthy: bool,
+    /// Runs the service's current template (a rollout's new side). Weights are shares per
+    /// version: the balancer moves load only between tasks of one version and weight.
+    pub current: bool,
 }
 
 impl RouteTable {
@@ -112,6 +115,7 @@ impl RouteTable {
                                 addr: SocketAddr::new(ip, host_port),
                                 weight: task.weight.unwrap_or(100).min(100),
                                 healthy: node_up && task.is_ready(),
+                                current: task.spec.task_template_eq(&service.spec),
                             })
                         })
                         .collect(),
@@ -356,7 +360,7 @@ mod tests {
     #[test]
     fn from_cluster_takes_ready_tasks_with_host_ports() {
         use flotilla_types::{
-            HealthCheck, HealthTest, Meta, NodeResources, NodeRole, PortBinding, PortSpec,
+            Health, HealthCheck, HealthTest, Meta, NodeResources, NodeRole, PortBinding, PortSpec,
             ServiceSpec, TaskStatus,
         };
         let mut spec = ServiceSpec::process("web", vec!["serve".into()]);
@@ -373,9 +377,10 @@ mod tests {
             revision: 1,
             meta: Meta::default(),
         };
-        let task = |id: &str, node: &str, health, desired, host_port, weight| {
+        // Running, healthy, weight unset; the table below changes what each case needs.
+        let task = |id: &str, node: &str, host_port| {
             let mut status = TaskStatus::new(TaskState::Running, 0, "");
-            status.health = health;
+            status.health = Health::Healthy;
             status.ports = vec![PortBinding {
                 target: 80,
                 host_port,
@@ -387,12 +392,12 @@ mod tests {
                 revision: 1,
                 spec: spec.clone(),
                 node: Some(node.into()),
-                desired_state: desired,
+                desired_state: DesiredState::Running,
                 status,
                 history: Vec::new(),
                 attempt: 0,
                 not_before: None,
-                weight,
+                weight: None,
                 meta: Meta::default(),
             }
         };
@@ -415,49 +420,16 @@ mod tests {
             message: String::new(),
             meta: Meta::default(),
         };
-        use flotilla_types::Health;
-        let tasks = [
-            task(
-                "local",
-                "n1",
-                Health::Healthy,
-                DesiredState::Running,
-                30001,
-                None,
-            ),
-            task(
-                "remote",
-                "n2",
-                Health::Healthy,
-                DesiredState::Running,
-                30002,
-                Some(40),
-            ),
-            task(
-                "sick",
-                "n2",
-                Health::Unhealthy,
-                DesiredState::Running,
-                30003,
-                None,
-            ),
-            task(
-                "stopping",
-                "n2",
-                Health::Healthy,
-                DesiredState::Shutdown,
-                30004,
-                None,
-            ),
-            task(
-                "nowhere",
-                "n3",
-                Health::Healthy,
-                DesiredState::Running,
-                30005,
-                None,
-            ),
+        let mut tasks = [
+            task("local", "n1", 30001),
+            task("remote", "n2", 30002),
+            task("sick", "n2", 30003),
+            task("stopping", "n2", 30004),
+            task("nowhere", "n3", 30005),
         ];
+        tasks[1].weight = Some(40);
+        tasks[2].status.health = Health::Unhealthy;
+        tasks[3].desired_state = DesiredState::Shutdown;
         let nodes = [
             node("n1", "10.0.0.1:7000"),
             // The advertised IP wins over the agent's (loopback-bound) address.

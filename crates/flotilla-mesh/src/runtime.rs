@@ -90,6 +90,7 @@ impl Registry {
                         })
                         .clone();
                     state.set(b.weight, b.healthy);
+                    state.set_current(b.current);
                     state.breaker.set_spec(&routes.spec.breaker);
                     if !backends
                         .iter()

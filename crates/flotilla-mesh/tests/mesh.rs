@@ -204,6 +204,7 @@ async fn connect_failures_are_retried_and_open_the_breaker() {
             addr: dead_addr,
             weight: 100,
             healthy: true,
+            current: true,
         });
     }
     mesh.apply(table).await.unwrap();
@@ -379,6 +380,7 @@ fn tcp_service(port: u16, proxy_protocol: bool, backend: SocketAddr) -> ServiceR
                 addr: backend,
                 weight: 100,
                 healthy: true,
+                current: true,
             }],
         }],
         canary: None,
@@ -604,6 +606,7 @@ async fn large_bodies_stream_both_ways_and_the_backend_connection_is_reused() {
             addr: backend_addr,
             weight: 100,
             healthy: true,
+            current: true,
         }],
     ))
     .await
@@ -640,4 +643,63 @@ async fn large_bodies_stream_both_ways_and_the_backend_connection_is_reused() {
         "one backend connection for all six requests"
     );
     mesh.shutdown().await;
+}
+
+/// Sends `requests` GETs to `port` over `clients` concurrent keep-alive connections.
+async fn load(port: u16, clients: u64, requests: u64) {
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = Client::connect(local(port)).await;
+                for _ in 0..requests / clients {
+                    assert_eq!(client.get("/", &[]).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+}
+
+/// #21 item 6: under the default balancer (P2C over peak-EWMA) a canary step's weight is the
+/// new version's share of requests, also when the old tasks are warm and the new ones fresh.
+#[tokio::test]
+async fn a_canary_weight_is_its_share_of_requests_under_p2c() {
+    for weight in [10u8, 25, 50, 90] {
+        let old = [
+            TestBackend::start("old-1").await,
+            TestBackend::start("old-2").await,
+        ];
+        let new = [
+            TestBackend::start("new-1").await,
+            TestBackend::start("new-2").await,
+        ];
+        let port = free_port();
+        let mesh = mesh();
+        let all = |old_weight: u8, new_weight: u8| {
+            let mut backends: Vec<_> = old
+                .iter()
+                .map(|b| flotilla_mesh::Backend {
+                    current: false,
+                    ..b.backend(old_weight)
+                })
+                .collect();
+            backends.extend(new.iter().map(|b| b.backend(new_weight)));
+            http_table("web", port, backends)
+        };
+        // The old version has served for a while; the canary's tasks have just started.
+        mesh.apply(all(100, 0)).await.unwrap();
+        load(port, 4, 400).await;
+        mesh.apply(all(100 - weight, weight)).await.unwrap();
+        let requests = 4000;
+        load(port, 4, requests).await;
+        let canary: u64 = new.iter().map(TestBackend::hits).sum();
+        let share = canary as f64 * 100.0 / requests as f64;
+        assert!(
+            (share - f64::from(weight)).abs() <= 2.0,
+            "weight {weight}: the canary got {share:.1}% ({canary} of {requests})"
+        );
+        mesh.shutdown().await;
+    }
 }

@@ -7,8 +7,8 @@
 //! `/regex/` (unanchored, as classic Swarm matched them).
 
 use flotilla_types::{
-    DriverKind, FieldError, Node, NodeRole, PlacementStrategy, PortProtocol, PortSpec,
-    ResourceAmounts, ServiceSpec,
+    AffinitySpec, DriverKind, FieldError, Node, NodeRole, PlacementStrategy, PortProtocol,
+    PortSpec, ResourceAmounts, ServiceSpec, SpreadSpec,
 };
 
 /// Highest `x-flotilla.placement.priority`.
@@ -517,76 +517,9 @@ pub fn compile(spec: &ServiceSpec) -> Result<CompiledPlacement, Vec<FieldError>>
         }
     }
 
-    for (i, pref) in p.preferences.iter().enumerate() {
-        let path = format!("deploy.placement.preferences[{i}]");
-        match pref.strip_prefix("spread=").map(str::trim) {
-            Some(key) => match swarm_attr(key) {
-                Ok(attr) => b.out.spreads.push(SpreadRule {
-                    attr,
-                    hard: false,
-                    max_skew: 1,
-                    expr: pref.clone(),
-                }),
-                Err(reason) => b.fail(&path, reason),
-            },
-            None => b.fail(
-                &path,
-                format!("{pref:?} is not a preference (expected spread=node.labels.KEY)"),
-            ),
-        }
-    }
-    for (i, s) in p.spread.iter().enumerate() {
-        let label = s.label.trim();
-        if label.is_empty() {
-            b.fail(
-                &format!("x-flotilla.placement.spread[{i}].label"),
-                "must name a node label (or zone)".to_string(),
-            );
-            continue;
-        }
-        if s.max_skew == 0 {
-            b.fail(
-                &format!("x-flotilla.placement.spread[{i}].max_skew"),
-                "must be at least 1".to_string(),
-            );
-            continue;
-        }
-        let attr = label_attr(label.strip_prefix("node.labels.").unwrap_or(label));
-        b.out.spreads.push(SpreadRule {
-            attr,
-            hard: s.hard,
-            max_skew: s.max_skew,
-            expr: format!("spread over {label} (max_skew {})", s.max_skew),
-        });
-    }
-    for (i, a) in p.affinities.iter().enumerate() {
-        let path = format!("x-flotilla.placement.affinities[{i}]");
-        if a.weight == 0 || a.weight.abs() > MAX_AFFINITY_WEIGHT {
-            b.fail(
-                &format!("{path}.weight"),
-                format!(
-                    "{} must be non-zero and within ±{MAX_AFFINITY_WEIGHT} (positive attracts, negative repels)",
-                    a.weight
-                ),
-            );
-            continue;
-        }
-        match ValueMatcher::parse(a.service.trim()) {
-            Ok(m) => {
-                let attract = a.weight > 0;
-                let op = if attract { "==" } else { "!=" };
-                let soft = if a.hard { "" } else { "~" };
-                b.out.affinities.push(Affinity {
-                    target: AffinityTarget::Service(m),
-                    attract,
-                    hard: a.hard,
-                    weight: a.weight.unsigned_abs(),
-                    expr: format!("affinity:service{op}{soft}{}", a.service.trim()),
-                });
-            }
-            Err(reason) => b.fail(&format!("{path}.service"), reason),
-        }
-    }
+    b.preferences(&p.preferences);
+    b.spreads(&p.spread);
+    b.affinities(&p.affinities);
 
     // Docker treats max_replicas_per_node 0 as "no limit"; our own field has no such legacy.
     let swarm_max = p.max_replicas_per_node.filter(|n| *n > 0);
@@ -611,5 +544,89 @@ pub fn compile(spec: &ServiceSpec) -> Result<CompiledPlacement, Vec<FieldError>>
         Ok(b.out)
     } else {
         Err(b.errors)
+    }
+}
+
+impl Builder<'_> {
+    /// Swarm `spread=node.labels.KEY` preferences: soft spreads.
+    fn preferences(&mut self, preferences: &[String]) {
+        for (i, pref) in preferences.iter().enumerate() {
+            let path = format!("deploy.placement.preferences[{i}]");
+            match pref.strip_prefix("spread=").map(str::trim) {
+                Some(key) => match swarm_attr(key) {
+                    Ok(attr) => self.out.spreads.push(SpreadRule {
+                        attr,
+                        hard: false,
+                        max_skew: 1,
+                        expr: pref.clone(),
+                    }),
+                    Err(reason) => self.fail(&path, reason),
+                },
+                None => self.fail(
+                    &path,
+                    format!("{pref:?} is not a preference (expected spread=node.labels.KEY)"),
+                ),
+            }
+        }
+    }
+
+    /// `x-flotilla.placement.spread`: soft or hard spreads with a skew.
+    fn spreads(&mut self, spread: &[SpreadSpec]) {
+        for (i, s) in spread.iter().enumerate() {
+            let label = s.label.trim();
+            if label.is_empty() {
+                self.fail(
+                    &format!("x-flotilla.placement.spread[{i}].label"),
+                    "must name a node label (or zone)".to_string(),
+                );
+                continue;
+            }
+            if s.max_skew == 0 {
+                self.fail(
+                    &format!("x-flotilla.placement.spread[{i}].max_skew"),
+                    "must be at least 1".to_string(),
+                );
+                continue;
+            }
+            let attr = label_attr(label.strip_prefix("node.labels.").unwrap_or(label));
+            self.out.spreads.push(SpreadRule {
+                attr,
+                hard: s.hard,
+                max_skew: s.max_skew,
+                expr: format!("spread over {label} (max_skew {})", s.max_skew),
+            });
+        }
+    }
+
+    /// `x-flotilla.placement.affinities`: weighted service (anti-)affinities.
+    fn affinities(&mut self, affinities: &[AffinitySpec]) {
+        for (i, a) in affinities.iter().enumerate() {
+            let path = format!("x-flotilla.placement.affinities[{i}]");
+            if a.weight == 0 || a.weight.abs() > MAX_AFFINITY_WEIGHT {
+                self.fail(
+                    &format!("{path}.weight"),
+                    format!(
+                        "{} must be non-zero and within ±{MAX_AFFINITY_WEIGHT} (positive attracts, negative repels)",
+                        a.weight
+                    ),
+                );
+                continue;
+            }
+            match ValueMatcher::parse(a.service.trim()) {
+                Ok(m) => {
+                    let attract = a.weight > 0;
+                    let op = if attract { "==" } else { "!=" };
+                    let soft = if a.hard { "" } else { "~" };
+                    self.out.affinities.push(Affinity {
+                        target: AffinityTarget::Service(m),
+                        attract,
+                        hard: a.hard,
+                        weight: a.weight.unsigned_abs(),
+                        expr: format!("affinity:service{op}{soft}{}", a.service.trim()),
+                    });
+                }
+                Err(reason) => self.fail(&format!("{path}.service"), reason),
+            }
+        }
     }
 }

@@ -38,7 +38,6 @@
 
 pub mod bench;
 mod constraint;
-mod fasthash;
 mod schedule;
 mod snapshot;
 

@@ -3,9 +3,9 @@
 //! the failure otherwise.
 
 use crate::constraint::{AffinityTarget, CompiledPlacement, Demand};
-use crate::fasthash::FastMap;
 use crate::snapshot::{static_check, ClusterSnapshot, NodeEntry, Rejection, ServiceCache};
 use flotilla_types::{FieldError, PlacementStrategy, PortSpec, ServiceSpec};
+use rustc_hash::FxHashMap as FastMap;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
@@ -192,7 +192,35 @@ struct PassView<'s> {
     affinity_usage: Vec<Vec<&'s NodeCounts>>,
 }
 
-impl PassView<'_> {
+impl<'s> PassView<'s> {
+    /// What one placement pass of `cache`'s service reads from the snapshot.
+    fn of(snap: &'s ClusterSnapshot, cache: &ServiceCache) -> Self {
+        let c = &cache.compiled;
+        PassView {
+            mins: cache.topologies.iter().map(|t| t.min_eligible()).collect(),
+            zones_used: cache
+                .zone_topology
+                .map_or(0, |ti| cache.topologies[ti].domains_used()),
+            own: snap.usage.get(&c.service),
+            affinity_usage: c
+                .affinities
+                .iter()
+                .map(|a| match &a.target {
+                    AffinityTarget::Service(m) => match m.exact() {
+                        Some(s) => snap.usage.get(s).into_iter().collect(),
+                        None => snap
+                            .usage
+                            .iter()
+                            .filter(|(k, _)| m.matches(k))
+                            .map(|(_, v)| v)
+                            .collect(),
+                    },
+                    AffinityTarget::Image(_) => Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
     fn own_count(&self, idx: usize) -> u32 {
         self.own.and_then(|m| m.get(&idx)).copied().unwrap_or(0)
     }
@@ -457,29 +485,7 @@ fn decide(
     pin: Option<usize>,
 ) -> Result<Decision, Explained> {
     let c = &cache.compiled;
-    let view = PassView {
-        mins: cache.topologies.iter().map(|t| t.min_eligible()).collect(),
-        zones_used: cache
-            .zone_topology
-            .map_or(0, |ti| cache.topologies[ti].domains_used()),
-        own: snap.usage.get(&c.service),
-        affinity_usage: c
-            .affinities
-            .iter()
-            .map(|a| match &a.target {
-                AffinityTarget::Service(m) => match m.exact() {
-                    Some(s) => snap.usage.get(s).into_iter().collect(),
-                    None => snap
-                        .usage
-                        .iter()
-                        .filter(|(k, _)| m.matches(k))
-                        .map(|(_, v)| v)
-                        .collect(),
-                },
-                AffinityTarget::Image(_) => Vec::new(),
-            })
-            .collect(),
-    };
+    let view = PassView::of(snap, cache);
     let total = if pin.is_some() { 1 } else { snap.nodes.len() };
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let note = |counts: &mut BTreeMap<String, usize>, r: Rejection, n: usize| {

@@ -3,10 +3,13 @@
 //! during a pass.
 
 use crate::constraint::{compile, CompiledPlacement, Demand, NodeAttr};
-use crate::fasthash::FastMap;
 use flotilla_types::{
     Availability, FieldError, Node, NodeState, PortProtocol, PortSpec, ServiceSpec, Task, Timestamp,
 };
+// FxHash, not std's SipHash: placement does several map lookups per candidate node and SipHash
+// dominated the profile; the keys are node indices and names from our own store, not attacker
+// input.
+use rustc_hash::FxHashMap as FastMap;
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 

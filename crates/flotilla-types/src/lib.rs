@@ -8,10 +8,12 @@
 
 pub mod api;
 pub mod container;
+pub mod field_error;
 pub mod mesh;
 pub mod release;
 pub mod rollout;
 pub mod spec;
+mod spec_validate;
 pub mod state;
 pub mod units;
 

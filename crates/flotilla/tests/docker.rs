@@ -231,3 +231,65 @@ fn bad_container_specs_fail_clearly() {
         stderr(&out)
     );
 }
+
+/// #21 item 9: a second `demo-image` with the same binary leaves the image as it is: same id,
+/// and no untagged image of the same recipe left behind.
+#[test]
+fn demo_image_builds_only_when_the_binary_changed() {
+    if !docker_available() {
+        return;
+    }
+    let tag = format!("flotilla-demo-idempotence:{}", std::process::id());
+    struct RemoveImage(String);
+    impl Drop for RemoveImage {
+        fn drop(&mut self) {
+            sh(&format!("docker rmi {} >/dev/null 2>&1", self.0));
+        }
+    }
+    let _cleanup = RemoveImage(tag.clone());
+    let build = || {
+        let out = std::process::Command::new(BIN)
+            .args(["demo-image", "--tag", &tag])
+            .output()
+            .expect("run flotilla demo-image");
+        assert!(out.status.success(), "demo-image: {}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), tag);
+        inspect(&tag, "{{.Id}}")
+    };
+    let first = build();
+    let digest = inspect(
+        &tag,
+        "{{index .Config.Labels \"io.flotilla.recipe-sha256\"}}",
+    );
+    assert_eq!(digest.len(), 64, "label {digest:?}");
+    // Untagged images of this very recipe (another user of the engine may have left some,
+    // e.g. by retagging flotilla-demo:latest): the second call must add none.
+    let dangling = || {
+        let out = sh(&format!(
+            "docker images -q --no-trunc --filter dangling=true --filter label=io.flotilla.recipe-sha256={digest}"
+        ));
+        stdout(&out)
+    };
+    let before = dangling();
+    let second = build();
+    assert_eq!(first, second, "the second call rebuilt the image");
+    assert_eq!(dangling(), before, "the second call left an untagged image");
+
+    // Another image under the tag (no recipe label): rebuilt, and the image it replaced, now
+    // untagged, is removed.
+    let other = sh(&format!(
+        "tar -cf - --files-from /dev/null | docker import - {tag}"
+    ));
+    assert!(other.status.success(), "docker import: {}", stderr(&other));
+    // The import untagged this test's first image: remove it, as nobody else will.
+    sh(&format!("docker rmi {first} >/dev/null 2>&1"));
+    let replaced = inspect(&tag, "{{.Id}}");
+    assert_ne!(replaced, first);
+    let rebuilt = build();
+    assert_ne!(
+        rebuilt, replaced,
+        "an image without the recipe label was kept"
+    );
+    let gone = sh(&format!("docker image inspect {replaced}"));
+    assert!(!gone.status.success(), "the replaced image is still there");
+}

@@ -131,6 +131,7 @@ impl TestBackend {
             addr: self.addr,
             weight,
             healthy: true,
+            current: true,
         }
     }
 }
