@@ -9,7 +9,7 @@ use crate::AppState;
 use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use flotilla_pki::wire::{
+use flotilla_types::cluster::{
     AddManagerRequest, CaResponse, CaRotationStatus, JoinRequest, JoinResponse, LeaveRequest,
     LeaveResponse, ManagerInfo, ManagerSecrets, MembershipStatus, RemoveNodeResponse, RenewRequest,
     RenewResponse, RoleChangeRequest, RoleChangeResponse, TokensResponse,
@@ -59,7 +59,7 @@ fn manager_key(node: &str) -> String {
 /// `flotilla node rm` or `flotilla leave` removed `node`: certificates the CA signed for it up
 /// to and including `revoked_at` (epoch seconds) are refused. A node that joins again later
 /// gets a newer one.
-pub use flotilla_pki::wire::RevokedNode as Revocation;
+pub use flotilla_types::cluster::RevokedNode as Revocation;
 
 /// Store record key of a pending role change ([`DesiredRole`]).
 fn desired_role_key(node: &str) -> String {

@@ -5,6 +5,8 @@
 //! server closes the connection.
 #![forbid(unsafe_code)]
 
+mod cluster;
+
 use bytes::Bytes;
 use flotilla_types::api::TaskStats;
 use flotilla_types::api::{
@@ -208,26 +210,6 @@ impl Client {
         if ep.all.len() > 1 && ep.all[ep.current] == failed {
             ep.current = (ep.current + 1) % ep.all.len();
         }
-    }
-
-    /// POSTs `body` as JSON to `path` and decodes the JSON answer: for routes without a typed
-    /// method here (the cluster membership routes, whose bodies live in `flotilla-pki`).
-    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T, ClientError> {
-        self.post(path, body).await
-    }
-
-    /// DELETEs `path` and decodes the JSON answer (see [`Client::post_json`]).
-    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.json(self.request(reqwest::Method::DELETE, path)).await
-    }
-
-    /// GETs `path` and decodes the JSON answer (see [`Client::post_json`]).
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.get(path).await
     }
 
     /// The manager requests go to now.

@@ -19,7 +19,6 @@
 mod ca;
 mod tls;
 mod token;
-pub mod wire;
 
 pub use ca::{
     identity_of, issued_at_of, remove_file, CaBundle, CaSigner, NodeCredentials, NodeIdentity,

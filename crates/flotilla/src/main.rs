@@ -9,13 +9,15 @@
 mod agent_cmd;
 mod bench;
 mod cli;
-mod cluster_cmd;
+mod cluster_admin;
+mod cluster_args;
 mod deploy;
 mod docker_cmd;
 mod listing;
 mod load;
 mod manager;
 mod mesh_cmd;
+mod node_daemon;
 mod node_dir;
 mod nodes_cmd;
 mod output;

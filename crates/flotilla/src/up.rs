@@ -1,6 +1,6 @@
 //! `flotilla up`: one process running a manager (store, API, controllers) and an agent.
 
-use crate::manager::Manager;
+use crate::manager::{Manager, ManagerConfig};
 use crate::node_dir;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// Range host ports for task ports are taken from (START-END, end exclusive).
     #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
     pub task_ports: std::ops::Range<u16>,
+    /// Finished tasks kept per replica slot for `flotilla ps -a` (like Swarm's
+    /// `--task-history-limit`); older ones are deleted.
+    #[arg(long, default_value_t = 5, value_parser = crate::manager::parse_task_history)]
+    pub task_history: usize,
     #[command(flatten)]
     pub mesh: crate::mesh_cmd::MeshArgs,
 }
@@ -54,16 +58,21 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--api-addr {}: cannot listen", args.api_addr))?;
     let api_addr = listener.local_addr()?;
 
-    let manager = Manager::start(
-        &args.data_dir,
-        listener,
-        Some(token),
-        ControllerConfig {
+    let manager = Manager::start(ManagerConfig {
+        data_dir: args.data_dir.clone(),
+        raft_id: 1,
+        advertise: api_addr.to_string(),
+        local_api: listener,
+        token: Some(token),
+        bootstrap: true,
+        controllers: ControllerConfig {
             node_grace: args.node_grace,
+            task_history_per_slot: args.task_history,
             ..ControllerConfig::default()
         },
-        Some(node_name.clone()),
-    )
+        local_node: Some(node_name.clone()),
+        cluster: None,
+    })
     .await?;
     let stop_rx = manager.stopping();
     let api_url = format!("http://{api_addr}");
