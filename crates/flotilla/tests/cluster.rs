@@ -1309,3 +1309,150 @@ fn promote_demote_and_leave_in_place() {
         });
     assert!(kept, "the dissolved cluster's store was not kept");
 }
+
+/// Issue 12: an `init` manager serves its own node's mesh metrics at `/metrics`, as `up` does
+/// (the manager knows the node whose agent runs in its process).
+#[test]
+fn an_init_manager_serves_its_mesh_metrics() {
+    let mut fleet = Fleet::new();
+    fleet.add("m1", &["init", "--mesh-bind", "127.0.0.1"], true);
+    join_token(fleet.get("m1"), "worker");
+    wait_ready_nodes(fleet.get("m1"), &[("m1", "manager")]);
+    let api = fleet.get("m1").api.clone().expect("a manager");
+    let (host, port) = api.rsplit_once(':').expect("IP:PORT");
+    let port: u16 = port.parse().expect("a port");
+    let metrics = wait_for("the manager's /metrics", LONG, || {
+        let (status, body) = common::http_get_from(host, port, "/metrics", &[])?;
+        assert_ne!(status, 404, "GET /metrics on an init manager: {body}");
+        (status == 200).then_some(body)
+    });
+    assert!(
+        metrics.contains("# TYPE flotilla_mesh_requests_total counter"),
+        "{metrics}"
+    );
+}
+
+/// A demo-app service `web` at `version` published on `port` through the meshes, released
+/// with `release` (the `x-flotilla` strategy lines).
+fn demo_web(port: u16, version: &str, app_args: &str, release: &str) -> String {
+    format!(
+        r#"services:
+  web:
+    command: ["sh", "-c", "exec flotilla demo-app --version {version} {app_args}"]
+    x-flotilla:
+      driver: process
+      ports: [{{published: {port}, protocol: http}}]
+      healthcheck:
+        http: /health
+        interval: 300ms
+        timeout: 2s
+        retries: 3
+{release}    ports: ["{port}:8080"]
+    deploy:
+      replicas: 3
+      update_config:
+        monitor: 1s
+        failure_action: rollback
+"#
+    )
+}
+
+/// Issue 12: releases that observe the meshes work on an `init` + `join` cluster, not only on
+/// `up`: the managers' controllers read every node's mesh traffic. An erroring canary is
+/// aborted by its analysis at the first step (without the traffic it would pass on its pauses
+/// alone), then a blue-green release moves every mesh to green with no failed request.
+#[test]
+fn canary_analysis_and_blue_green_on_an_init_and_join_cluster() {
+    let tag = format!("cr{}x{}", std::process::id(), free_port());
+    let _workloads = KillMatching(tag.clone());
+    let mut fleet = Fleet::new();
+    fleet.add("m1", &["init", "--mesh-bind", "127.0.0.1"], true);
+    let m1_listen = fleet.get("m1").listen.clone();
+    let token = join_token(fleet.get("m1"), "worker");
+    fleet.add(
+        "w2",
+        &[
+            "join",
+            "--token",
+            &token,
+            &m1_listen,
+            "--mesh-bind",
+            "127.0.0.2",
+        ],
+        false,
+    );
+    wait_ready_nodes(fleet.get("m1"), &[("m1", "manager"), ("w2", "worker")]);
+    let m1 = fleet.get("m1");
+    let port = free_port();
+    let meshes = ["127.0.0.1", "127.0.0.2"];
+    let serves = |version: &str| {
+        meshes
+            .iter()
+            .all(|ip| (0..5).all(|_| version_via(ip, port).as_deref() == Some(version)))
+    };
+    let canary =
+        "      strategy: canary\n      canary:\n        steps: [{weight: 10, pause: 20s}, \
+                  {weight: 50, pause: 20s}]\n        analysis: {interval: 2s}\n";
+    let (v1, v2, v3) = (
+        format!("v1-{tag}"),
+        format!("v2-{tag}"),
+        format!("v3-{tag}"),
+    );
+    let v1_file = write(
+        fleet.dir.path(),
+        "v1.yaml",
+        &demo_web(port, &v1, "", canary),
+    );
+    m1.ok(&["deploy", "-f", &v1_file, "--timeout", "60s"]);
+    wait_for("both meshes to serve v1", LONG, || {
+        serves(&v1).then_some(())
+    });
+
+    // The erroring canary, under load through the worker's mesh.
+    let url = format!("http://127.0.0.2:{port}/");
+    let v2_file = write(
+        fleet.dir.path(),
+        "v2.yaml",
+        &demo_web(port, &v2, "--error-rate 0.2", canary),
+    );
+    let load = start_load(&url);
+    std::thread::sleep(Duration::from_secs(1));
+    let out = m1.cli(&["deploy", "-f", &v2_file, "--timeout", "120s"]);
+    let report = load_report(load);
+    let status = m1.json(&["rollout", "status", "web"]);
+    assert!(
+        !out.status.success(),
+        "the erroring canary should fail: {}\n{status:#}\n{report:#}",
+        stdout(&out)
+    );
+    let reason = status["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("canary analysis failed at step 1"),
+        "{status:#}"
+    );
+    wait_for("both meshes to serve v1 again", LONG, || {
+        serves(&v1).then_some(())
+    });
+
+    // Blue-green under load: the release returns once every node's mesh routes green.
+    let bg = "      strategy: blue-green\n      blue_green:\n        scale_down_delay: 1s\n";
+    let v3_file = write(fleet.dir.path(), "v3.yaml", &demo_web(port, &v3, "", bg));
+    let load = start_load(&url);
+    std::thread::sleep(Duration::from_secs(1));
+    m1.ok(&["deploy", "-f", &v3_file, "--timeout", "120s"]);
+    for ip in meshes {
+        for i in 0..20 {
+            assert_eq!(
+                version_via(ip, port).as_deref(),
+                Some(v3.as_str()),
+                "request {i} through the mesh on {ip} after the blue-green returned"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let report = load_report(load);
+    assert!(report["sent"].as_u64().unwrap_or(0) >= 200, "{report:#}");
+    assert_eq!(report["failed"], 0, "failed requests: {report:#}");
+    assert_eq!(m1.json(&["rollout", "status", "web"])["phase"], "succeeded");
+    m1.ok(&["service", "rm", "web"]);
+}
