@@ -7,8 +7,8 @@ use clap::Args;
 use flotilla_agent::agent::{Agent, AgentConfig};
 use flotilla_client::Client;
 use flotilla_controllers::ControllerConfig;
-use flotilla_types::api::DeployRequest;
-use std::net::SocketAddr;
+use flotilla_types::api::{DeployRequest, ServiceDetail};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -95,7 +95,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         args.data_dir.display()
     );
     if args.demo {
-        if let Err(e) = deploy_demo(&api_url).await {
+        if let Err(e) = deploy_demo(&api_url, args.mesh.config().map(|m| m.bind_ip)).await {
             eprintln!("demo deploy failed: {e:#}");
         }
     }
@@ -122,7 +122,10 @@ pub(crate) async fn wait_for_signal() {
     }
 }
 
-async fn deploy_demo(api_url: &str) -> anyhow::Result<()> {
+/// Deploys the demo (unless it exists), waits for its replicas, then prints where it answers:
+/// the published URL through this node's mesh first (`mesh`: its bind address, `None` with
+/// `--no-mesh`), then each replica's private host port.
+async fn deploy_demo(api_url: &str, mesh: Option<IpAddr>) -> anyhow::Result<()> {
     let compose =
         flotilla_compose::parse_str(DEMO_COMPOSE, "examples/demo/compose.yaml", Path::new("."))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -137,20 +140,11 @@ async fn deploy_demo(api_url: &str) -> anyhow::Result<()> {
             })
             .await?;
     }
-    // Wait for the replicas to be ready, then say where they answer.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let detail = client.service("demo").await?;
         if detail.summary.ready >= detail.summary.desired && detail.summary.desired > 0 {
-            println!("demo is ready ({} replicas):", detail.summary.ready);
-            for t in detail.tasks.iter().filter(|t| {
-                t.is_ready() && t.desired_state == flotilla_types::DesiredState::Running
-            }) {
-                for p in &t.status.ports {
-                    println!("  {}  http://127.0.0.1:{}/", t.name(), p.host_port);
-                }
-            }
-            println!("try: flotilla ps demo   |   flotilla scale demo=5");
+            print_demo(&detail, mesh);
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
@@ -158,4 +152,45 @@ async fn deploy_demo(api_url: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+fn print_demo(detail: &ServiceDetail, mesh: Option<IpAddr>) {
+    println!("demo is ready ({} replicas):", detail.summary.ready);
+    let published = detail
+        .service
+        .spec
+        .ports
+        .iter()
+        .filter(|p| p.mode.is_ingress())
+        .filter_map(|p| p.published);
+    match mesh {
+        Some(ip) => {
+            // A wildcard mesh answers on loopback too.
+            let ip = if ip.is_unspecified() {
+                IpAddr::from([127, 0, 0, 1])
+            } else {
+                ip
+            };
+            for port in published {
+                println!(
+                    "  http://{}/   (the mesh balances over every replica)",
+                    SocketAddr::new(ip, port)
+                );
+            }
+        }
+        None => {
+            println!("  (no mesh on this node, --no-mesh: the published port is not served here)")
+        }
+    }
+    println!("  each replica on its own host port:");
+    for t in detail
+        .tasks
+        .iter()
+        .filter(|t| t.is_ready() && t.desired_state == flotilla_types::DesiredState::Running)
+    {
+        for p in &t.status.ports {
+            println!("    {}  http://127.0.0.1:{}/", t.name(), p.host_port);
+        }
+    }
+    println!("try: flotilla ps demo   |   flotilla scale demo=5");
 }
