@@ -1430,6 +1430,20 @@ fn canary_analysis_and_blue_green_on_an_init_and_join_cluster() {
         reason.contains("canary analysis failed at step 1"),
         "{status:#}"
     );
+    // The rollback has ended once only the three v1 tasks are left.
+    wait_for("the rollback to v1 to end", LONG, || {
+        let phase = m1.json(&["rollout", "status", "web"])["phase"].clone();
+        let tasks = m1
+            .json(&["ps", "web"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let v1_only = tasks.len() == 3
+            && tasks.iter().all(|t| {
+                t["status"]["state"] == "running" && t["spec"].to_string().contains(v1.as_str())
+            });
+        (matches!(phase.as_str(), Some("succeeded" | "rolled_back")) && v1_only).then_some(())
+    });
     wait_for("both meshes to serve v1 again", LONG, || {
         serves(&v1).then_some(())
     });
@@ -1455,4 +1469,46 @@ fn canary_analysis_and_blue_green_on_an_init_and_join_cluster() {
     assert_eq!(report["failed"], 0, "failed requests: {report:#}");
     assert_eq!(m1.json(&["rollout", "status", "web"])["phase"], "succeeded");
     m1.ok(&["service", "rm", "web"]);
+}
+
+/// Issue 12 item 5: `up --demo` prints the published URL (through the node's mesh) first,
+/// before the replicas' private host ports.
+#[test]
+fn up_demo_prints_the_published_url_first() {
+    let c = common::Cluster::start_with(&["--demo", "--mesh-bind", "127.0.0.9"]);
+    let printed = wait_for("up --demo to say where the demo answers", LONG, || {
+        let log = c.up_log();
+        let (_, after) = log.split_once("demo is ready")?;
+        after.contains("try:").then(|| after.to_string())
+    });
+    let urls: Vec<&str> = printed
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+        .collect();
+    assert_eq!(
+        urls.first().copied(),
+        Some("http://127.0.0.9:8080/"),
+        "{printed}"
+    );
+    assert_eq!(
+        urls.len(),
+        4,
+        "the published URL, then 3 replicas: {printed}"
+    );
+    c.ok(&["service", "rm", "demo"]);
+}
+
+/// Issue 21 item 8: a standalone `flotilla agent` following an `up` manager registers without a
+/// certificate and is a worker; only the node whose agent runs in the manager's process is a
+/// manager.
+#[test]
+fn a_standalone_agent_is_a_worker() {
+    let mut c = common::Cluster::start_with(&["--no-mesh", "--node-name", "main"]);
+    c.add_agent_with("side", &["--no-mesh"]);
+    let side = c.wait_node("side", "ready");
+    assert_eq!(side["role"], "worker", "{side:#}");
+    let main = c.wait_node("main", "ready");
+    assert_eq!(main["role"], "manager", "{main:#}");
+    let inspect = c.ok(&["node", "inspect", "side"]);
+    assert!(inspect.contains("Role:          Worker"), "{inspect}");
 }
