@@ -1,8 +1,10 @@
-//! Typed HTTP client for the Flotilla manager API, used by the CLI and by agents.
+//! Typed HTTP client for the Flotilla manager API, used by the CLI, agents and cluster nodes:
+//! one method per route, so no caller builds a path or decodes a body itself.
 //!
-//! Routes and bodies are defined once in [`flotilla_types::api`]; this crate only turns them into
-//! calls. Streaming endpoints (`events`, `watch`, `logs`) return `Stream`s that end when the
-//! server closes the connection.
+//! Bodies are defined once in [`flotilla_types::api`] and, for the cluster membership routes
+//! (`cluster.rs` here), [`flotilla_types::cluster`]; this crate only turns them into calls.
+//! Streaming endpoints (`events`, `watch`, `logs`) return `Stream`s that end when the server
+//! closes the connection.
 #![forbid(unsafe_code)]
 
 mod cluster;

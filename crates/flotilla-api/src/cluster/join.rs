@@ -2,7 +2,7 @@
 //! renewal, and the join tokens.
 
 use super::records::{
-    desired_role_key, manager_key, now_secs, record_issued, record_manager, record_of,
+    desired_role_key, issue_certificate, manager_key, now_secs, record_manager, record_of,
     revocation_key, ManagerRecord, Revocation,
 };
 use super::security::{pki_error, security};
@@ -98,16 +98,9 @@ pub(super) async fn join(
         node_id: req.node_name.clone(),
         role,
     };
-    let cert_pem = sec
-        .ca()
-        .signer
-        .issue(&req.csr_pem, &identity, &addresses, sec.cert_validity())
-        .map_err(pki_error)?;
+    let (cert_pem, trust_pem) =
+        issue_certificate(&app.store, sec, &req.csr_pem, &identity, &addresses).await?;
     tracing::info!(%role, ?raft_id, "node admitted; certificate issued");
-    // Bound first: a lock guard in a struct literal would live until `manager_secrets` locks
-    // the CA again, deadlocking this thread.
-    let trust_pem = sec.ca().trust_pem();
-    record_issued(&app.store, sec, &req.node_name, &trust_pem).await?;
     Ok(Json(JoinResponse {
         role: role.to_string(),
         cert_pem,
@@ -183,14 +176,9 @@ pub(super) async fn renew(
             .and_then(|(m, _)| m.addr.rsplit_once(':').map(|(host, _)| host.to_string()))
             .into_iter()
             .collect();
-    let cert_pem = sec
-        .ca()
-        .signer
-        .issue(&req.csr_pem, &identity, &addresses, sec.cert_validity())
-        .map_err(pki_error)?;
+    let (cert_pem, trust_pem) =
+        issue_certificate(&app.store, sec, &req.csr_pem, &identity, &addresses).await?;
     tracing::info!(node = %identity.node_id, "certificate renewed");
-    let trust_pem = sec.ca().trust_pem();
-    record_issued(&app.store, sec, &identity.node_id, &trust_pem).await?;
     Ok(Json(RenewResponse {
         cert_pem,
         trust_pem,

@@ -4,6 +4,7 @@
 use super::security::{pki_error, ClusterSecurity};
 use super::PeerCert;
 use crate::error::{check_applied, ApiError};
+use flotilla_pki::NodeIdentity;
 use flotilla_store::{Command, Expect, Op, Record, Store};
 use flotilla_types::now_ms;
 use serde::{Deserialize, Serialize};
@@ -168,4 +169,24 @@ pub(super) async fn record_issued(
     let op = put_record(&issued_key(node), &issued, Expect::Any)?;
     check_applied(store.write(Command::new(vec![op])).await?)?;
     Ok(())
+}
+
+/// Signs `csr_pem` for `identity` (IP SANs `addresses`) for the cluster's certificate validity
+/// and records what signed it; answers the certificate and the trusted roots to send with it.
+pub(super) async fn issue_certificate(
+    store: &Store,
+    sec: &ClusterSecurity,
+    csr_pem: &str,
+    identity: &NodeIdentity,
+    addresses: &[String],
+) -> Result<(String, String), ApiError> {
+    let cert_pem = sec
+        .ca()
+        .signer
+        .issue(csr_pem, identity, addresses, sec.cert_validity())
+        .map_err(pki_error)?;
+    // Bound first: a lock guard held across the call below would deadlock on the CA lock.
+    let trust_pem = sec.ca().trust_pem();
+    record_issued(store, sec, &identity.node_id, &trust_pem).await?;
+    Ok((cert_pem, trust_pem))
 }

@@ -3,10 +3,10 @@
 
 use super::join::new_manager_raft_id;
 use super::records::{
-    desired_role_key, leaving_key, manager_key, put_record, record_issued, record_of, revocations,
-    DesiredRole, ManagerRecord,
+    desired_role_key, issue_certificate, leaving_key, manager_key, put_record, record_of,
+    revocations, DesiredRole, ManagerRecord,
 };
-use super::security::{pki_error, security};
+use super::security::security;
 use super::{caller, PeerIdentity};
 use crate::body::JsonBody;
 use crate::error::{check_applied, ApiError};
@@ -255,19 +255,15 @@ pub(super) async fn promote_self(
         node_id: me.node_id.clone(),
         role: Role::Manager,
     };
-    let cert_pem = sec
-        .ca()
-        .signer
-        .issue(
-            &req.csr_pem,
-            &identity,
-            &[addr.ip().to_string()],
-            sec.cert_validity(),
-        )
-        .map_err(pki_error)?;
+    let (cert_pem, trust_pem) = issue_certificate(
+        &app.store,
+        sec,
+        &req.csr_pem,
+        &identity,
+        &[addr.ip().to_string()],
+    )
+    .await?;
     tracing::info!(node = %me.node_id, raft_id, "promoted; manager certificate issued");
-    let trust_pem = sec.ca().trust_pem();
-    record_issued(&app.store, sec, &me.node_id, &trust_pem).await?;
     Ok(Json(JoinResponse {
         role: Role::Manager.to_string(),
         cert_pem,
@@ -313,14 +309,9 @@ pub(super) async fn demote_self(
         node_id: me.node_id.clone(),
         role: Role::Worker,
     };
-    let cert_pem = sec
-        .ca()
-        .signer
-        .issue(&req.csr_pem, &identity, &[], sec.cert_validity())
-        .map_err(pki_error)?;
+    let (cert_pem, trust_pem) =
+        issue_certificate(&app.store, sec, &req.csr_pem, &identity, &[]).await?;
     tracing::info!(node = %me.node_id, "demoted; worker certificate issued");
-    let trust_pem = sec.ca().trust_pem();
-    record_issued(&app.store, sec, &me.node_id, &trust_pem).await?;
     Ok(Json(RenewResponse {
         cert_pem,
         trust_pem,
