@@ -664,31 +664,8 @@ fn killing_the_leader_mid_blue_green_leaves_a_version_serving() {
 
     let port = free_port();
     let (v1, v2) = (format!("v1-{tag}"), format!("v2-{tag}"));
-    let web = |version: &str| {
-        format!(
-            r#"services:
-  web:
-    command: ["sh", "-c", "exec flotilla demo-app --version {version}"]
-    x-flotilla:
-      driver: process
-      ports: [{{published: {port}, protocol: http}}]
-      healthcheck:
-        http: /health
-        interval: 300ms
-        timeout: 2s
-        retries: 3
-      strategy: blue-green
-      blue_green:
-        scale_down_delay: 3s
-    ports: ["{port}:8080"]
-    deploy:
-      replicas: 3
-      update_config:
-        monitor: 1s
-        failure_action: rollback
-"#
-        )
-    };
+    let bg = "      strategy: blue-green\n      blue_green:\n        scale_down_delay: 3s\n";
+    let web = |version: &str| demo_web(port, version, "", bg);
     let v1_file = write(fleet.dir.path(), "v1.yaml", &web(&v1));
     let v2_file = write(fleet.dir.path(), "v2.yaml", &web(&v2));
     fleet
