@@ -1489,3 +1489,31 @@ fn a_standalone_agent_is_a_worker() {
     let inspect = c.ok(&["node", "inspect", "side"]);
     assert!(inspect.contains("Role:          Worker"), "{inspect}");
 }
+
+/// Issue 12 item 4: `--task-history N` reaches the controllers through the manager builder:
+/// with 1, a crash-looping slot keeps one finished task beside its current one (the default
+/// keeps 5).
+#[test]
+fn task_history_flag_bounds_the_finished_tasks_kept() {
+    let c = common::Cluster::start_with(&["--no-mesh", "--task-history", "1"]);
+    let file = c.write_file(
+        "crash.yaml",
+        "services:\n  crash:\n    command: [\"sh\", \"-c\", \"sleep 0.1; exit 3\"]\n    deploy:\n      \
+         restart_policy: {condition: any, delay: 100ms}\n",
+    );
+    c.ok(&["deploy", "-f", file.to_str().expect("utf8"), "--detach"]);
+    let tasks = wait_for("the slot's sixth attempt", LONG, || {
+        let tasks = c.all_tasks("crash");
+        tasks
+            .iter()
+            .any(|t| t["attempt"].as_u64().unwrap_or(0) >= 5)
+            .then_some(tasks)
+    });
+    // One finished task and the current one; a third while a replacement is being recorded.
+    assert!(
+        tasks.len() <= 3,
+        "{} tasks kept for one slot: {tasks:#?}",
+        tasks.len()
+    );
+    c.ok(&["service", "rm", "crash"]);
+}
