@@ -3,15 +3,17 @@
 //! agent runs alongside. `flotilla up`, `init`, `join`, a promoted worker and the control-plane
 //! benchmark all start their manager here, so every one of them gets the same parts.
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use flotilla_api::cluster::ClusterSecurity;
 use flotilla_api::AppState;
 use flotilla_controllers::{ControllerConfig, ControllerRunner};
+use flotilla_pki::{NodeCredentials, Role, TlsIdentity};
 use flotilla_store::network::HttpNetwork;
 use flotilla_store::{Store, StoreConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -38,10 +40,35 @@ impl flotilla_controllers::runner::TrafficSource for ApiTraffic {
     }
 }
 
-/// The mutual-TLS side of a cluster manager (`init`/`join`): its listener and the cluster PKI.
+/// The mutual-TLS side of a cluster manager (`init`/`join`): its listener and the cluster PKI
+/// (whose `tls` is this node's own certificate, renewed in place).
 pub struct ClusterServing {
     pub listener: TcpListener,
     pub security: Arc<ClusterSecurity>,
+}
+
+impl ClusterServing {
+    /// Loads this node's manager certificate and its share of the cluster PKI from `pki_dir`.
+    /// `cert_validity`: set by a fresh `init`; otherwise the cluster's (store) value applies.
+    pub fn load(
+        pki_dir: PathBuf,
+        listener: TcpListener,
+        cert_validity: Option<Duration>,
+    ) -> anyhow::Result<ClusterServing> {
+        let tls = TlsIdentity::new(NodeCredentials::load(&pki_dir)?)?;
+        if tls.identity().role != Role::Manager {
+            bail!(
+                "{} holds a worker certificate; run `flotilla join` with a worker's options \
+                 instead",
+                pki_dir.display()
+            );
+        }
+        let security = Arc::new(ClusterSecurity::load(pki_dir, tls)?);
+        if let Some(validity) = cert_validity {
+            security.set_cert_validity(validity);
+        }
+        Ok(ClusterServing { listener, security })
+    }
 }
 
 /// Everything a manager is made of; [`Manager::open`] and [`OpenManager::serve`] build it.

@@ -604,6 +604,13 @@ impl Drop for KillMatching {
     }
 }
 
+/// Tests that put load on their cluster take turns, so two never compete for the cores.
+static LOAD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn load_turn() -> std::sync::MutexGuard<'static, ()> {
+    LOAD_TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `flotilla bench load` at 200 requests/s against `url`, until stopped by [`load_report`].
 fn start_load(url: &str) -> Child {
     Command::new(BIN)
@@ -634,6 +641,7 @@ fn version_via(ip: &str, port: u16) -> Option<String> {
 #[test]
 fn killing_the_leader_mid_blue_green_leaves_a_version_serving() {
     // Every demo app's command line carries `tag` (its version string).
+    let _turn = load_turn();
     let tag = format!("lk{}x{}", std::process::id(), free_port());
     let _workloads = KillMatching(tag.clone());
     let mut fleet = Fleet::new();
@@ -1340,6 +1348,7 @@ fn demo_web(port: u16, version: &str, app_args: &str, release: &str) -> String {
 /// alone), then a blue-green release moves every mesh to green with no failed request.
 #[test]
 fn canary_analysis_and_blue_green_on_an_init_and_join_cluster() {
+    let _turn = load_turn();
     let tag = format!("cr{}x{}", std::process::id(), free_port());
     let _workloads = KillMatching(tag.clone());
     let mut fleet = Fleet::new();

@@ -91,22 +91,17 @@ async fn start_manager(
     name: &str,
     start: &ManagerStart,
 ) -> anyhow::Result<RunningManager> {
-    let dir = node_dir::pki_dir(&node.data_dir);
-    let tls = TlsIdentity::new(NodeCredentials::load(&dir)?)?;
-    if tls.identity().role != Role::Manager {
-        bail!(
-            "{} holds a worker certificate; run `flotilla join` with a worker's options instead",
-            dir.display()
-        );
-    }
-    let security = Arc::new(ClusterSecurity::load(dir.clone(), tls.clone())?);
-    if let Some(validity) = start.cert_validity {
-        security.set_cert_validity(validity);
-    }
-    let raft_id = node_dir::read_raft_id(&node.data_dir)?;
     let cluster_listener = tokio::net::TcpListener::bind(node.listen_addr)
         .await
         .with_context(|| format!("--listen-addr {}: cannot listen", node.listen_addr))?;
+    let cluster = ClusterServing::load(
+        node_dir::pki_dir(&node.data_dir),
+        cluster_listener,
+        start.cert_validity,
+    )?;
+    let security = cluster.security.clone();
+    let tls = security.tls.clone();
+    let raft_id = node_dir::read_raft_id(&node.data_dir)?;
     if !node.api_addr.ip().is_loopback() {
         bail!("--api-addr {} must be a loopback address", node.api_addr);
     }
@@ -127,10 +122,7 @@ async fn start_manager(
             ..ControllerConfig::default()
         },
         local_node: Some(name.to_string()),
-        cluster: Some(ClusterServing {
-            listener: cluster_listener,
-            security: security.clone(),
-        }),
+        cluster: Some(cluster),
     })
     .await?;
     if start.forced {
