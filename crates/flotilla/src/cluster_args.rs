@@ -23,19 +23,11 @@ pub struct NodeArgs {
     /// Plain-HTTP API for the local CLI, loopback only (managers only).
     #[arg(long, default_value = "127.0.0.1:7450")]
     pub api_addr: SocketAddr,
-    /// This node's name (default: the host name; remembered in DATA_DIR/node-id).
-    #[arg(long)]
-    pub node_name: Option<String>,
     /// A node silent for this long is marked down and its tasks replaced.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
-    /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
-    pub task_ports: std::ops::Range<u16>,
-    /// Finished tasks kept per replica slot for `flotilla ps -a` while this node is a manager
-    /// (like Swarm's `--task-history-limit`); older ones are deleted.
-    #[arg(long, default_value_t = 5, value_parser = crate::manager::parse_task_history)]
-    pub task_history: usize,
+    #[command(flatten)]
+    pub common: crate::node_flags::NodeFlags,
     #[command(flatten)]
     pub mesh: crate::mesh_cmd::MeshArgs,
 }

@@ -19,6 +19,7 @@ mod manager;
 mod mesh_cmd;
 mod node_daemon;
 mod node_dir;
+mod node_flags;
 mod nodes_cmd;
 mod output;
 mod rollout_cmd;

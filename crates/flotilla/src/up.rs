@@ -27,20 +27,12 @@ pub struct UpArgs {
     /// Deploy the demo app (3 replicas of `flotilla demo-app`) and print where to reach it.
     #[arg(long)]
     pub demo: bool,
-    /// This node's name (default: the host name; remembered in DATA_DIR/node-id).
-    #[arg(long)]
-    pub node_name: Option<String>,
     /// A node silent for this long is marked down and its tasks replaced. 3s keeps the time
     /// from a worker's death to healthy replacements under 5s (docs/BENCHMARKS.md).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
-    /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
-    pub task_ports: std::ops::Range<u16>,
-    /// Finished tasks kept per replica slot for `flotilla ps -a` (like Swarm's
-    /// `--task-history-limit`); older ones are deleted.
-    #[arg(long, default_value_t = 5, value_parser = crate::manager::parse_task_history)]
-    pub task_history: usize,
+    #[command(flatten)]
+    pub common: crate::node_flags::NodeFlags,
     #[command(flatten)]
     pub mesh: crate::mesh_cmd::MeshArgs,
 }
@@ -48,7 +40,7 @@ pub struct UpArgs {
 pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     // One `up` per data dir: a second one would fight over the store and the tasks.
     let _lock = node_dir::lock(&args.data_dir)?;
-    let node_name = node_dir::node_name(args.node_name.as_deref(), &args.data_dir)?;
+    let node_name = node_dir::node_name(args.common.node_name.as_deref(), &args.data_dir)?;
     let token = node_dir::load_or_create(&args.data_dir.join("api-token"), || {
         format!("{:032x}", rand::random::<u128>())
     })?;
@@ -67,7 +59,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         bootstrap: true,
         controllers: ControllerConfig {
             node_grace: args.node_grace,
-            task_history_per_slot: args.task_history,
+            task_history_per_slot: args.common.task_history,
             ..ControllerConfig::default()
         },
         local_node: Some(node_name.clone()),
@@ -81,7 +73,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         api: Client::new(&api_url, None)?,
         state_dir: args.data_dir.join("agent"),
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
-        task_ports: args.task_ports.clone(),
+        task_ports: args.common.task_ports.clone(),
         mesh: args.mesh.config(),
         advertise_ip: args.mesh.advertise_ip,
         agent_tls: None,

@@ -118,7 +118,7 @@ async fn start_manager(
         bootstrap: start.join_via.is_none() && (raft_id == 1 || start.forced),
         controllers: ControllerConfig {
             node_grace: node.node_grace,
-            task_history_per_slot: node.task_history,
+            task_history_per_slot: node.common.task_history,
             ..ControllerConfig::default()
         },
         local_node: Some(name.to_string()),
@@ -194,7 +194,7 @@ fn start_beside(
             node_name: name.to_string(),
             data_dir: node.data_dir.clone(),
             api: own_api()?,
-            task_ports: node.task_ports.clone(),
+            task_ports: node.common.task_ports.clone(),
             heartbeat: (node.node_grace / 4).max(Duration::from_millis(250)),
             mesh: node.mesh.config(),
             advertise_ip: Some(node.mesh.advertise_ip.unwrap_or(advertise.ip())),

@@ -50,7 +50,7 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let _lock = node_dir::lock(&node.data_dir)?;
-    let name = node_dir::node_name(node.node_name.as_deref(), &node.data_dir)?;
+    let name = node_dir::node_name(node.common.node_name.as_deref(), &node.data_dir)?;
     let advertise = advertise(node)?;
     let dir = node_dir::pki_dir(&node.data_dir);
     let fresh = !NodeCredentials::exists(&dir);
@@ -79,7 +79,7 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
 pub async fn join(args: &JoinArgs) -> anyhow::Result<ExitCode> {
     let node = &args.node;
     let _lock = node_dir::lock(&node.data_dir)?;
-    let name = node_dir::node_name(node.node_name.as_deref(), &node.data_dir)?;
+    let name = node_dir::node_name(node.common.node_name.as_deref(), &node.data_dir)?;
     let dir = node_dir::pki_dir(&node.data_dir);
     let joined_now = !NodeCredentials::exists(&dir);
     if joined_now {

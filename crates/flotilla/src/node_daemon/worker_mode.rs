@@ -47,7 +47,7 @@ pub(super) async fn run_joined_worker(
             node_name: name.to_string(),
             data_dir: node.data_dir.clone(),
             api: api.clone(),
-            task_ports: node.task_ports.clone(),
+            task_ports: node.common.task_ports.clone(),
             heartbeat: (node.node_grace / 4).max(Duration::from_millis(250)),
             mesh: node.mesh.config(),
             // Other nodes reach this worker's tasks where they would reach the worker.
