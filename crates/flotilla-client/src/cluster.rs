@@ -5,8 +5,8 @@
 use crate::{encode, Client, ClientError};
 use flotilla_types::cluster::{
     AddManagerRequest, CaResponse, CaRotationStatus, JoinRequest, JoinResponse, LeaveRequest,
-    LeaveResponse, ManagerInfo, MembershipStatus, RemoveNodeResponse, RenewRequest,
-    RenewResponse, RoleChangeRequest, RoleChangeResponse, TokensResponse,
+    LeaveResponse, ManagerInfo, MembershipStatus, RemoveNodeResponse, RenewRequest, RenewResponse,
+    RoleChangeRequest, RoleChangeResponse, TokensResponse,
 };
 
 impl Client {
