@@ -1,6 +1,7 @@
-//! The manager's HTTP API (axum): JSON resources with typed errors and resource versions, plus
-//! NDJSON watch and event streams so agents, the CLI and controllers follow changes without
-//! polling.
+//! The manager's HTTP API (axum), and only that: JSON resources with typed errors and resource
+//! versions, NDJSON watch and event streams so agents, the CLI and controllers follow changes
+//! without polling, and the cluster membership routes (`cluster/`). Assembling a manager around
+//! it (store, controllers, agent) is the `flotilla` binary's `manager.rs`.
 //!
 //! Routes are listed in [`flotilla_types::api`]. Reads come from the local store's applied
 //! state; writes go through raft ([`flotilla_store::Store::write`]). Requests from loopback are

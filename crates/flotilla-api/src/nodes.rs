@@ -86,25 +86,28 @@ pub async fn register(
 ) -> Result<Json<Node>, ApiError> {
     validate_registration(&reg)?;
     // In a cluster the certificate says who the node is and what it may do: a node registers
-    // only itself, and its role is the one the CA signed. Without a certificate (`flotilla
-    // up`'s loopback agent) the node runs next to the manager.
+    // only itself, and its role is the one the CA signed. Without a certificate, only the
+    // agent running in the manager's own process (`flotilla up`) is a manager; a standalone
+    // `flotilla agent` following it is a worker.
     let certified = crate::cluster::peer_of(peer);
     if let Some(id) = &certified {
         own_node_only(id, &reg.id)?;
     }
-    let certified_role = certified.map(|id| match id.role {
-        flotilla_pki::Role::Manager => NodeRole::Manager,
-        flotilla_pki::Role::Worker => NodeRole::Worker,
-    });
+    let role = match certified {
+        Some(id) => match id.role {
+            flotilla_pki::Role::Manager => NodeRole::Manager,
+            flotilla_pki::Role::Worker => NodeRole::Worker,
+        },
+        None if app.local_node.as_deref() == Some(reg.id.as_str()) => NodeRole::Manager,
+        None => NodeRole::Worker,
+    };
     for _ in 0..5 {
         let now = now_ms();
         let existing = app.store.read(|s| s.nodes.get(&reg.id).cloned());
         let node = Node {
             id: reg.id.clone(),
             hostname: reg.hostname.clone(),
-            role: certified_role
-                .or(existing.as_ref().map(|n| n.role))
-                .unwrap_or(NodeRole::Manager),
+            role,
             availability: existing
                 .as_ref()
                 .map(|n| n.availability)

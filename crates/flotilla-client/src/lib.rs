@@ -1,9 +1,13 @@
-//! Typed HTTP client for the Flotilla manager API, used by the CLI and by agents.
+//! Typed HTTP client for the Flotilla manager API, used by the CLI, agents and cluster nodes:
+//! one method per route, so no caller builds a path or decodes a body itself.
 //!
-//! Routes and bodies are defined once in [`flotilla_types::api`]; this crate only turns them into
-//! calls. Streaming endpoints (`events`, `watch`, `logs`) return `Stream`s that end when the
-//! server closes the connection.
+//! Bodies are defined once in [`flotilla_types::api`] and, for the cluster membership routes
+//! (`cluster.rs` here), [`flotilla_types::cluster`]; this crate only turns them into calls.
+//! Streaming endpoints (`events`, `watch`, `logs`) return `Stream`s that end when the server
+//! closes the connection.
 #![forbid(unsafe_code)]
+
+mod cluster;
 
 use bytes::Bytes;
 use flotilla_types::api::TaskStats;
@@ -208,26 +212,6 @@ impl Client {
         if ep.all.len() > 1 && ep.all[ep.current] == failed {
             ep.current = (ep.current + 1) % ep.all.len();
         }
-    }
-
-    /// POSTs `body` as JSON to `path` and decodes the JSON answer: for routes without a typed
-    /// method here (the cluster membership routes, whose bodies live in `flotilla-pki`).
-    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T, ClientError> {
-        self.post(path, body).await
-    }
-
-    /// DELETEs `path` and decodes the JSON answer (see [`Client::post_json`]).
-    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.json(self.request(reqwest::Method::DELETE, path)).await
-    }
-
-    /// GETs `path` and decodes the JSON answer (see [`Client::post_json`]).
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.get(path).await
     }
 
     /// The manager requests go to now.

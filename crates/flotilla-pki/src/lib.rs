@@ -1,6 +1,7 @@
-//! The cluster's public-key infrastructure: a built-in certificate authority that issues every
-//! node a certificate naming its id and role, the rustls configurations for mutual TLS between
-//! nodes, and the join tokens that let a new node obtain its first certificate.
+//! The cluster's public-key infrastructure, and only that: a built-in certificate authority that
+//! issues every node a certificate naming its id and role, the rustls configurations for mutual
+//! TLS between nodes, and the join tokens that let a new node obtain its first certificate. The
+//! membership API's request and response bodies are in `flotilla_types::cluster`.
 //!
 //! **Identity in certificates.** A node certificate carries exactly one SAN URI of the form
 //! `flotilla://<role>/<node-id>` (role `manager` or `worker`); the subject's CN (node id) and OU
@@ -19,7 +20,6 @@
 mod ca;
 mod tls;
 mod token;
-pub mod wire;
 
 pub use ca::{
     identity_of, issued_at_of, remove_file, CaBundle, CaSigner, NodeCredentials, NodeIdentity,

@@ -1,7 +1,7 @@
 //! `flotilla bench …`: the shipped benchmarks. The control-plane run uses hollow nodes (the
 //! `sim` driver), which exist only for benchmarks and scale tests.
 
-use crate::manager::Manager;
+use crate::manager::{Manager, ManagerConfig};
 use anyhow::{bail, Context};
 use clap::Args;
 use flotilla_agent::hollow::{FleetProgress, HollowFleet};
@@ -86,17 +86,21 @@ pub async fn control_plane(args: &BenchControlPlaneArgs) -> anyhow::Result<ExitC
     }
     let dir = tempfile_dir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let manager = Manager::start(
-        &dir,
-        listener,
-        None,
-        ControllerConfig {
+    let manager = Manager::start(ManagerConfig {
+        data_dir: dir.clone(),
+        raft_id: 1,
+        advertise: listener.local_addr()?.to_string(),
+        local_api: listener,
+        token: None,
+        bootstrap: true,
+        controllers: ControllerConfig {
             // Hollow nodes heartbeat rarely; the bench is about placement and status, not liveness.
             node_grace: Duration::from_secs(3600),
             ..ControllerConfig::default()
         },
-        None,
-    )
+        local_node: None,
+        cluster: None,
+    })
     .await?;
     let client = Client::new(&format!("http://{}", manager.api_addr), None)?;
     let fleet = HollowFleet::new(client.clone(), args.nodes);

@@ -2,8 +2,8 @@
 
 use crate::output::Format;
 use crate::{
-    agent_cmd, bench, cluster_cmd, deploy, docker_cmd, listing, load, mesh_cmd, nodes_cmd,
-    rollout_cmd, up,
+    agent_cmd, bench, cluster_admin, cluster_args, deploy, docker_cmd, listing, load, mesh_cmd,
+    node_daemon, nodes_cmd, rollout_cmd, up,
 };
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -35,18 +35,18 @@ pub enum Command {
     /// Run a single-node cluster (manager + agent) in the foreground.
     Up(up::UpArgs),
     /// Start a secure cluster: this node becomes its first manager (mTLS on --listen-addr).
-    Init(cluster_cmd::InitArgs),
+    Init(cluster_args::InitArgs),
     /// Join a cluster as a worker or manager, depending on the token.
-    Join(cluster_cmd::JoinArgs),
+    Join(cluster_args::JoinArgs),
     /// Take the node running on this machine out of its cluster: drain, demote a manager
     /// first, then remove it (its certificate is revoked) and stop it.
-    Leave(cluster_cmd::LeaveArgs),
+    Leave(cluster_args::LeaveArgs),
     /// Show or rotate the join tokens.
     #[command(subcommand)]
-    Token(cluster_cmd::TokenCommand),
+    Token(cluster_args::TokenCommand),
     /// The cluster CA: rotate its root, or show a rotation's progress.
     #[command(subcommand)]
-    Ca(cluster_cmd::CaCommand),
+    Ca(cluster_args::CaCommand),
     /// Run a worker node: only the agent, following a manager (--manager URL).
     Agent(agent_cmd::AgentArgs),
     /// Deploy a Compose file and wait until it has converged.
@@ -143,11 +143,11 @@ pub enum NodeCommand {
     /// Drain a node, wait until it runs nothing, let it be upgraded, then re-activate it.
     Maintain(nodes_cmd::MaintainArgs),
     /// Remove a node from the cluster and revoke its certificate (a manager also leaves raft).
-    Rm(cluster_cmd::RmArgs),
+    Rm(cluster_args::RmArgs),
     /// Make workers managers, in place (they join raft; use 1, 3, 5 or 7 managers).
-    Promote(cluster_cmd::RoleChangeArgs),
+    Promote(cluster_args::RoleChangeArgs),
     /// Make managers workers, in place (they leave raft and keep their tasks).
-    Demote(cluster_cmd::RoleChangeArgs),
+    Demote(cluster_args::RoleChangeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,11 +267,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Agent(args) => agent_cmd::run(args, cli.token.clone()).await,
-        Command::Init(args) => cluster_cmd::init(args).await,
-        Command::Join(args) => cluster_cmd::join(args).await,
-        Command::Leave(args) => cluster_cmd::leave(&client(&cli)?, args).await,
-        Command::Token(cmd) => cluster_cmd::token(&client(&cli)?, cmd).await,
-        Command::Ca(cmd) => cluster_cmd::ca(&client(&cli)?, cmd).await,
+        Command::Init(args) => node_daemon::init(args).await,
+        Command::Join(args) => node_daemon::join(args).await,
+        Command::Leave(args) => cluster_admin::leave(&client(&cli)?, args).await,
+        Command::Token(cmd) => cluster_admin::token(&client(&cli)?, cmd).await,
+        Command::Ca(cmd) => cluster_admin::ca(&client(&cli)?, cmd).await,
         Command::Deploy(args) => deploy::run(&cli, args).await,
         Command::Service(ServiceCommand::Ls(out)) => {
             listing::service_ls(&client(&cli)?, *out).await
@@ -321,12 +321,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(NodeCommand::Maintain(args)) => {
             nodes_cmd::maintain(&client(&cli)?, args).await
         }
-        Command::Node(NodeCommand::Rm(args)) => cluster_cmd::node_rm(&client(&cli)?, args).await,
+        Command::Node(NodeCommand::Rm(args)) => cluster_admin::node_rm(&client(&cli)?, args).await,
         Command::Node(NodeCommand::Promote(args)) => {
-            cluster_cmd::node_role(&client(&cli)?, args, flotilla_pki::Role::Manager).await
+            cluster_admin::node_role(&client(&cli)?, args, flotilla_pki::Role::Manager).await
         }
         Command::Node(NodeCommand::Demote(args)) => {
-            cluster_cmd::node_role(&client(&cli)?, args, flotilla_pki::Role::Worker).await
+            cluster_admin::node_role(&client(&cli)?, args, flotilla_pki::Role::Worker).await
         }
         Command::DemoApp(args) => demo_app(args).await,
         Command::DemoImage(args) => docker_cmd::demo_image(args).await,

@@ -1,7 +1,8 @@
 //! A node's data directory: where it is, the lock that keeps two processes from sharing it, and
-//! the small identity files in it. Shared by `flotilla up` and `flotilla agent`.
+//! the small files in it (identity, cluster certificates' folder, raft id, known managers).
+//! Shared by `flotilla up`, `flotilla agent` and the cluster node daemon.
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -104,4 +105,88 @@ fn sanitize_node_name(raw: &str) -> String {
     } else {
         s
     }
+}
+
+/// A manager's raft id (absent on workers).
+pub const RAFT_ID_FILE: &str = "raft-id";
+
+pub fn pki_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("pki")
+}
+
+pub fn write_raft_id(data_dir: &Path, id: u64) -> anyhow::Result<()> {
+    std::fs::write(data_dir.join(RAFT_ID_FILE), format!("{id}\n"))
+        .with_context(|| format!("writing {}", data_dir.join(RAFT_ID_FILE).display()))
+}
+
+pub fn read_raft_id(data_dir: &Path) -> anyhow::Result<u64> {
+    let path = data_dir.join(RAFT_ID_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (is this a manager's data dir?)", path.display()))?;
+    text.trim()
+        .parse()
+        .map_err(|_| anyhow!("{}: {:?} is not a raft id", path.display(), text.trim()))
+}
+
+/// Removes a former manager's raft id and store. `keep_as`: rename the store to
+/// `store.KEEP_AS-SECONDS` instead (returned), for a dissolved cluster's last state.
+pub fn remove_raft_state(
+    data_dir: &Path,
+    keep_as: Option<&str>,
+) -> anyhow::Result<Option<PathBuf>> {
+    flotilla_pki::remove_file(&data_dir.join(RAFT_ID_FILE))?;
+    let store = data_dir.join("store");
+    if !store.exists() {
+        return Ok(None);
+    }
+    match keep_as {
+        Some(suffix) => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let kept = data_dir.join(format!("store.{suffix}-{secs}"));
+            std::fs::rename(&store, &kept)
+                .with_context(|| format!("moving {} aside", store.display()))?;
+            Ok(Some(kept))
+        }
+        None => {
+            std::fs::remove_dir_all(&store)
+                .with_context(|| format!("removing {}", store.display()))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Deletes a node's credentials and manager list once it has left: the next `flotilla join`
+/// on this data dir joins afresh with a token (the old certificate is revoked anyway).
+pub fn forget_cluster(data_dir: &Path) -> anyhow::Result<()> {
+    let dir = pki_dir(data_dir);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    flotilla_pki::remove_file(&data_dir.join(MANAGERS_FILE))?;
+    Ok(())
+}
+
+/// A worker's list of manager addresses, one per line, rewritten as the cluster changes.
+pub const MANAGERS_FILE: &str = "managers";
+
+pub fn read_known_managers(data_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(data_dir.join(MANAGERS_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Writes the managers file whole and renames it into place: a crash never leaves half a list.
+pub fn save_known_managers(data_dir: &Path, addrs: &[String]) -> anyhow::Result<()> {
+    let path = data_dir.join(MANAGERS_FILE);
+    let tmp = data_dir.join(format!("{MANAGERS_FILE}.tmp"));
+    std::fs::write(&tmp, addrs.join("\n") + "\n")
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -1,14 +1,14 @@
 //! `flotilla up`: one process running a manager (store, API, controllers) and an agent.
 
-use crate::manager::Manager;
+use crate::manager::{Manager, ManagerConfig};
 use crate::node_dir;
 use anyhow::{bail, Context};
 use clap::Args;
 use flotilla_agent::agent::{Agent, AgentConfig};
 use flotilla_client::Client;
 use flotilla_controllers::ControllerConfig;
-use flotilla_types::api::DeployRequest;
-use std::net::SocketAddr;
+use flotilla_types::api::{DeployRequest, ServiceDetail};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,16 +27,12 @@ pub struct UpArgs {
     /// Deploy the demo app (3 replicas of `flotilla demo-app`) and print where to reach it.
     #[arg(long)]
     pub demo: bool,
-    /// This node's name (default: the host name; remembered in DATA_DIR/node-id).
-    #[arg(long)]
-    pub node_name: Option<String>,
     /// A node silent for this long is marked down and its tasks replaced. 3s keeps the time
     /// from a worker's death to healthy replacements under 5s (docs/BENCHMARKS.md).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
-    /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
-    pub task_ports: std::ops::Range<u16>,
+    #[command(flatten)]
+    pub common: crate::node_flags::NodeFlags,
     #[command(flatten)]
     pub mesh: crate::mesh_cmd::MeshArgs,
 }
@@ -44,7 +40,7 @@ pub struct UpArgs {
 pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     // One `up` per data dir: a second one would fight over the store and the tasks.
     let _lock = node_dir::lock(&args.data_dir)?;
-    let node_name = node_dir::node_name(args.node_name.as_deref(), &args.data_dir)?;
+    let node_name = node_dir::node_name(args.common.node_name.as_deref(), &args.data_dir)?;
     let token = node_dir::load_or_create(&args.data_dir.join("api-token"), || {
         format!("{:032x}", rand::random::<u128>())
     })?;
@@ -54,16 +50,21 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--api-addr {}: cannot listen", args.api_addr))?;
     let api_addr = listener.local_addr()?;
 
-    let manager = Manager::start(
-        &args.data_dir,
-        listener,
-        Some(token),
-        ControllerConfig {
+    let manager = Manager::start(ManagerConfig {
+        data_dir: args.data_dir.clone(),
+        raft_id: 1,
+        advertise: api_addr.to_string(),
+        local_api: listener,
+        token: Some(token),
+        bootstrap: true,
+        controllers: ControllerConfig {
             node_grace: args.node_grace,
+            task_history_per_slot: args.common.task_history,
             ..ControllerConfig::default()
         },
-        Some(node_name.clone()),
-    )
+        local_node: Some(node_name.clone()),
+        cluster: None,
+    })
     .await?;
     let stop_rx = manager.stopping();
     let api_url = format!("http://{api_addr}");
@@ -72,7 +73,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         api: Client::new(&api_url, None)?,
         state_dir: args.data_dir.join("agent"),
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
-        task_ports: args.task_ports.clone(),
+        task_ports: args.common.task_ports.clone(),
         mesh: args.mesh.config(),
         advertise_ip: args.mesh.advertise_ip,
         agent_tls: None,
@@ -86,7 +87,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         args.data_dir.display()
     );
     if args.demo {
-        if let Err(e) = deploy_demo(&api_url).await {
+        if let Err(e) = deploy_demo(&api_url, args.mesh.config().map(|m| m.bind_ip)).await {
             eprintln!("demo deploy failed: {e:#}");
         }
     }
@@ -113,7 +114,10 @@ pub(crate) async fn wait_for_signal() {
     }
 }
 
-async fn deploy_demo(api_url: &str) -> anyhow::Result<()> {
+/// Deploys the demo (unless it exists), waits for its replicas, then prints where it answers:
+/// the published URL through this node's mesh first (`mesh`: its bind address, `None` with
+/// `--no-mesh`), then each replica's private host port.
+async fn deploy_demo(api_url: &str, mesh: Option<IpAddr>) -> anyhow::Result<()> {
     let compose =
         flotilla_compose::parse_str(DEMO_COMPOSE, "examples/demo/compose.yaml", Path::new("."))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -128,20 +132,11 @@ async fn deploy_demo(api_url: &str) -> anyhow::Result<()> {
             })
             .await?;
     }
-    // Wait for the replicas to be ready, then say where they answer.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let detail = client.service("demo").await?;
         if detail.summary.ready >= detail.summary.desired && detail.summary.desired > 0 {
-            println!("demo is ready ({} replicas):", detail.summary.ready);
-            for t in detail.tasks.iter().filter(|t| {
-                t.is_ready() && t.desired_state == flotilla_types::DesiredState::Running
-            }) {
-                for p in &t.status.ports {
-                    println!("  {}  http://127.0.0.1:{}/", t.name(), p.host_port);
-                }
-            }
-            println!("try: flotilla ps demo   |   flotilla scale demo=5");
+            print_demo(&detail, mesh);
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
@@ -149,4 +144,45 @@ async fn deploy_demo(api_url: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+fn print_demo(detail: &ServiceDetail, mesh: Option<IpAddr>) {
+    println!("demo is ready ({} replicas):", detail.summary.ready);
+    let published = detail
+        .service
+        .spec
+        .ports
+        .iter()
+        .filter(|p| p.mode.is_ingress())
+        .filter_map(|p| p.published);
+    match mesh {
+        Some(ip) => {
+            // A wildcard mesh answers on loopback too.
+            let ip = if ip.is_unspecified() {
+                IpAddr::from([127, 0, 0, 1])
+            } else {
+                ip
+            };
+            for port in published {
+                println!(
+                    "  http://{}/   (the mesh balances over every replica)",
+                    SocketAddr::new(ip, port)
+                );
+            }
+        }
+        None => {
+            println!("  (no mesh on this node, --no-mesh: the published port is not served here)")
+        }
+    }
+    println!("  each replica on its own host port:");
+    for t in detail
+        .tasks
+        .iter()
+        .filter(|t| t.is_ready() && t.desired_state == flotilla_types::DesiredState::Running)
+    {
+        for p in &t.status.ports {
+            println!("    {}  http://127.0.0.1:{}/", t.name(), p.host_port);
+        }
+    }
+    println!("try: flotilla ps demo   |   flotilla scale demo=5");
 }

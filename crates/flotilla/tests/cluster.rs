@@ -604,6 +604,13 @@ impl Drop for KillMatching {
     }
 }
 
+/// Tests that put load on their cluster take turns, so two never compete for the cores.
+static LOAD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn load_turn() -> std::sync::MutexGuard<'static, ()> {
+    LOAD_TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `flotilla bench load` at 200 requests/s against `url`, until stopped by [`load_report`].
 fn start_load(url: &str) -> Child {
     Command::new(BIN)
@@ -634,6 +641,7 @@ fn version_via(ip: &str, port: u16) -> Option<String> {
 #[test]
 fn killing_the_leader_mid_blue_green_leaves_a_version_serving() {
     // Every demo app's command line carries `tag` (its version string).
+    let _turn = load_turn();
     let tag = format!("lk{}x{}", std::process::id(), free_port());
     let _workloads = KillMatching(tag.clone());
     let mut fleet = Fleet::new();
@@ -664,31 +672,8 @@ fn killing_the_leader_mid_blue_green_leaves_a_version_serving() {
 
     let port = free_port();
     let (v1, v2) = (format!("v1-{tag}"), format!("v2-{tag}"));
-    let web = |version: &str| {
-        format!(
-            r#"services:
-  web:
-    command: ["sh", "-c", "exec flotilla demo-app --version {version}"]
-    x-flotilla:
-      driver: process
-      ports: [{{published: {port}, protocol: http}}]
-      healthcheck:
-        http: /health
-        interval: 300ms
-        timeout: 2s
-        retries: 3
-      strategy: blue-green
-      blue_green:
-        scale_down_delay: 3s
-    ports: ["{port}:8080"]
-    deploy:
-      replicas: 3
-      update_config:
-        monitor: 1s
-        failure_action: rollback
-"#
-        )
-    };
+    let bg = "      strategy: blue-green\n      blue_green:\n        scale_down_delay: 3s\n";
+    let web = |version: &str| demo_web(port, version, "", bg);
     let v1_file = write(fleet.dir.path(), "v1.yaml", &web(&v1));
     let v2_file = write(fleet.dir.path(), "v2.yaml", &web(&v2));
     fleet
@@ -1308,4 +1293,236 @@ fn promote_demote_and_leave_in_place() {
                 .starts_with("store.dissolved-")
         });
     assert!(kept, "the dissolved cluster's store was not kept");
+}
+
+/// Issue 12: an `init` manager serves its own node's mesh metrics at `/metrics`, as `up` does
+/// (the manager knows the node whose agent runs in its process).
+#[test]
+fn an_init_manager_serves_its_mesh_metrics() {
+    let mut fleet = Fleet::new();
+    fleet.add("m1", &["init", "--mesh-bind", "127.0.0.1"], true);
+    join_token(fleet.get("m1"), "worker");
+    wait_ready_nodes(fleet.get("m1"), &[("m1", "manager")]);
+    let api = fleet.get("m1").api.clone().expect("a manager");
+    let (host, port) = api.rsplit_once(':').expect("IP:PORT");
+    let port: u16 = port.parse().expect("a port");
+    let metrics = wait_for("the manager's /metrics", LONG, || {
+        let (status, body) = common::http_get_from(host, port, "/metrics", &[])?;
+        assert_ne!(status, 404, "GET /metrics on an init manager: {body}");
+        (status == 200).then_some(body)
+    });
+    assert!(
+        metrics.contains("# TYPE flotilla_mesh_requests_total counter"),
+        "{metrics}"
+    );
+}
+
+/// A demo-app service `web` at `version` published on `port` through the meshes, released
+/// with `release` (the `x-flotilla` strategy lines).
+fn demo_web(port: u16, version: &str, app_args: &str, release: &str) -> String {
+    format!(
+        r#"services:
+  web:
+    command: ["sh", "-c", "exec flotilla demo-app --version {version} {app_args}"]
+    x-flotilla:
+      driver: process
+      ports: [{{published: {port}, protocol: http}}]
+      healthcheck:
+        http: /health
+        interval: 300ms
+        timeout: 2s
+        retries: 3
+{release}    ports: ["{port}:8080"]
+    deploy:
+      replicas: 3
+      update_config:
+        monitor: 1s
+        failure_action: rollback
+"#
+    )
+}
+
+/// Issue 12: releases that observe the meshes work on an `init` + `join` cluster, not only on
+/// `up`: the managers' controllers read every node's mesh traffic. An erroring canary is
+/// aborted by its analysis at the first step (without the traffic it would pass on its pauses
+/// alone), then a blue-green release moves every mesh to green with no failed request.
+#[test]
+fn canary_analysis_and_blue_green_on_an_init_and_join_cluster() {
+    let _turn = load_turn();
+    let tag = format!("cr{}x{}", std::process::id(), free_port());
+    let _workloads = KillMatching(tag.clone());
+    let mut fleet = Fleet::new();
+    fleet.add("m1", &["init", "--mesh-bind", "127.0.0.1"], true);
+    let m1_listen = fleet.get("m1").listen.clone();
+    let token = join_token(fleet.get("m1"), "worker");
+    fleet.add(
+        "w2",
+        &[
+            "join",
+            "--token",
+            &token,
+            &m1_listen,
+            "--mesh-bind",
+            "127.0.0.2",
+        ],
+        false,
+    );
+    wait_ready_nodes(fleet.get("m1"), &[("m1", "manager"), ("w2", "worker")]);
+    let m1 = fleet.get("m1");
+    let port = free_port();
+    let meshes = ["127.0.0.1", "127.0.0.2"];
+    let serves = |version: &str| {
+        meshes
+            .iter()
+            .all(|ip| (0..5).all(|_| version_via(ip, port).as_deref() == Some(version)))
+    };
+    let canary =
+        "      strategy: canary\n      canary:\n        steps: [{weight: 10, pause: 20s}, \
+                  {weight: 50, pause: 20s}]\n        analysis: {interval: 2s}\n";
+    let (v1, v2, v3) = (
+        format!("v1-{tag}"),
+        format!("v2-{tag}"),
+        format!("v3-{tag}"),
+    );
+    let v1_file = write(
+        fleet.dir.path(),
+        "v1.yaml",
+        &demo_web(port, &v1, "", canary),
+    );
+    m1.ok(&["deploy", "-f", &v1_file, "--timeout", "60s"]);
+    wait_for("both meshes to serve v1", LONG, || {
+        serves(&v1).then_some(())
+    });
+
+    // The erroring canary, under load through the worker's mesh.
+    let url = format!("http://127.0.0.2:{port}/");
+    let v2_file = write(
+        fleet.dir.path(),
+        "v2.yaml",
+        &demo_web(port, &v2, "--error-rate 0.2", canary),
+    );
+    let load = start_load(&url);
+    std::thread::sleep(Duration::from_secs(1));
+    let out = m1.cli(&["deploy", "-f", &v2_file, "--timeout", "120s"]);
+    let report = load_report(load);
+    let status = m1.json(&["rollout", "status", "web"]);
+    assert!(
+        !out.status.success(),
+        "the erroring canary should fail: {}\n{status:#}\n{report:#}",
+        stdout(&out)
+    );
+    let reason = status["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("canary analysis failed at step 1"),
+        "{status:#}"
+    );
+    // The rollback has ended once only the three v1 tasks are left.
+    wait_for("the rollback to v1 to end", LONG, || {
+        let phase = m1.json(&["rollout", "status", "web"])["phase"].clone();
+        let tasks = m1
+            .json(&["ps", "web"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let v1_only = tasks.len() == 3
+            && tasks.iter().all(|t| {
+                t["status"]["state"] == "running" && t["spec"].to_string().contains(v1.as_str())
+            });
+        (matches!(phase.as_str(), Some("succeeded" | "rolled_back")) && v1_only).then_some(())
+    });
+    wait_for("both meshes to serve v1 again", LONG, || {
+        serves(&v1).then_some(())
+    });
+
+    // Blue-green under load: the release returns once every node's mesh routes green.
+    let bg = "      strategy: blue-green\n      blue_green:\n        scale_down_delay: 1s\n";
+    let v3_file = write(fleet.dir.path(), "v3.yaml", &demo_web(port, &v3, "", bg));
+    let load = start_load(&url);
+    std::thread::sleep(Duration::from_secs(1));
+    m1.ok(&["deploy", "-f", &v3_file, "--timeout", "120s"]);
+    for ip in meshes {
+        for i in 0..20 {
+            assert_eq!(
+                version_via(ip, port).as_deref(),
+                Some(v3.as_str()),
+                "request {i} through the mesh on {ip} after the blue-green returned"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let report = load_report(load);
+    assert!(report["sent"].as_u64().unwrap_or(0) >= 200, "{report:#}");
+    assert_eq!(report["failed"], 0, "failed requests: {report:#}");
+    assert_eq!(m1.json(&["rollout", "status", "web"])["phase"], "succeeded");
+    m1.ok(&["service", "rm", "web"]);
+}
+
+/// Issue 12 item 5: `up --demo` prints the published URL (through the node's mesh) first,
+/// before the replicas' private host ports.
+#[test]
+fn up_demo_prints_the_published_url_first() {
+    let c = common::Cluster::start_with(&["--demo", "--mesh-bind", "127.0.0.9"]);
+    let printed = wait_for("up --demo to say where the demo answers", LONG, || {
+        let log = c.up_log();
+        let (_, after) = log.split_once("demo is ready")?;
+        after.contains("try:").then(|| after.to_string())
+    });
+    let urls: Vec<&str> = printed
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+        .collect();
+    assert_eq!(
+        urls.first().copied(),
+        Some("http://127.0.0.9:8080/"),
+        "{printed}"
+    );
+    assert_eq!(
+        urls.len(),
+        4,
+        "the published URL, then 3 replicas: {printed}"
+    );
+    c.ok(&["service", "rm", "demo"]);
+}
+
+/// Issue 21 item 8: a standalone `flotilla agent` following an `up` manager registers without a
+/// certificate and is a worker; only the node whose agent runs in the manager's process is a
+/// manager.
+#[test]
+fn a_standalone_agent_is_a_worker() {
+    let mut c = common::Cluster::start_with(&["--no-mesh", "--node-name", "main"]);
+    c.add_agent_with("side", &["--no-mesh"]);
+    let side = c.wait_node("side", "ready");
+    assert_eq!(side["role"], "worker", "{side:#}");
+    let main = c.wait_node("main", "ready");
+    assert_eq!(main["role"], "manager", "{main:#}");
+    let inspect = c.ok(&["node", "inspect", "side"]);
+    assert!(inspect.contains("Role:          Worker"), "{inspect}");
+}
+
+/// Issue 12 item 4: `--task-history N` reaches the controllers through the manager builder:
+/// with 1, a crash-looping slot keeps one finished task beside its current one (the default
+/// keeps 5).
+#[test]
+fn task_history_flag_bounds_the_finished_tasks_kept() {
+    let c = common::Cluster::start_with(&["--no-mesh", "--task-history", "1"]);
+    let file = c.write_file(
+        "crash.yaml",
+        "services:\n  crash:\n    command: [\"sh\", \"-c\", \"sleep 0.1; exit 3\"]\n    deploy:\n      \
+         restart_policy: {condition: any, delay: 100ms}\n",
+    );
+    c.ok(&["deploy", "-f", file.to_str().expect("utf8"), "--detach"]);
+    let tasks = wait_for("the slot's sixth attempt", LONG, || {
+        let tasks = c.all_tasks("crash");
+        tasks
+            .iter()
+            .any(|t| t["attempt"].as_u64().unwrap_or(0) >= 5)
+            .then_some(tasks)
+    });
+    // One finished task and the current one; a third while a replacement is being recorded.
+    assert!(
+        tasks.len() <= 3,
+        "{} tasks kept for one slot: {tasks:#?}",
+        tasks.len()
+    );
+    c.ok(&["service", "rm", "crash"]);
 }

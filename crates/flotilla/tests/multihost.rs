@@ -674,7 +674,7 @@ fn workers_restart_fail_and_rejoin_and_strangers_are_refused() {
                 &m1,
                 flotilla_pki::bootstrap_client_config().expect("tls config"),
             )?;
-            c.get_json::<Value>("/v1/services").await
+            c.services().await
         })
         .expect_err("an unauthenticated remote call is refused");
     let msg = err.to_string();

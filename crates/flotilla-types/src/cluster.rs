@@ -45,10 +45,10 @@ pub struct ManagerSecrets {
     pub ca_key_pem: String,
     /// Roots from before a rotation, still trusted.
     pub previous_roots_pem: String,
-    /// [`crate::JoinSecrets::to_file_contents`].
+    /// `flotilla_pki::JoinSecrets::to_file_contents`.
     pub join_secrets: String,
     /// How long node certificates are valid (`flotilla init --cert-validity`); absent:
-    /// [`crate::NODE_CERT_VALIDITY`].
+    /// `flotilla_pki::NODE_CERT_VALIDITY`.
     #[serde(default)]
     pub node_cert_validity_secs: Option<u64>,
 }

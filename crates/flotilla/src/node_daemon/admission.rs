@@ -1,0 +1,134 @@
+//! Admission into a cluster: `init` creating its PKI, and the join handshake (pin the CA from
+//! the token, send a CSR with the token, save what comes back).
+
+use crate::cluster_args::{JoinArgs, NodeArgs};
+use crate::node_dir;
+use anyhow::{anyhow, Context};
+use flotilla_api::cluster::ClusterSecurity;
+use flotilla_client::Client;
+use flotilla_pki::{
+    bootstrap_client_config, fetched_ca_matches, pinned_client_config, CaBundle, JoinSecrets,
+    JoinToken, NodeCredentials, NodeIdentity, NodeKey, Role,
+};
+use flotilla_types::cluster::{JoinRequest, JoinResponse, TokensResponse};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// A fresh `init`: the cluster CA and join secrets, this first manager's certificate and
+/// raft id 1, all under `DATA_DIR`.
+pub(super) fn create_cluster(
+    node: &NodeArgs,
+    name: &str,
+    advertise: SocketAddr,
+    cert_validity: Duration,
+) -> anyhow::Result<()> {
+    let dir = node_dir::pki_dir(&node.data_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = CaBundle::generate(name)?;
+    let secrets = JoinSecrets::generate();
+    let key = NodeKey::generate()?;
+    let identity = NodeIdentity {
+        node_id: name.to_string(),
+        role: Role::Manager,
+    };
+    let cert_pem = ca.signer.issue(
+        &key.csr_pem(name)?,
+        &identity,
+        &[advertise.ip().to_string()],
+        cert_validity,
+    )?;
+    ClusterSecurity::save(&dir, &ca, &secrets)?;
+    NodeCredentials {
+        cert_pem,
+        key_pem: key.key_pem(),
+        trust_pem: ca.trust_pem(),
+    }
+    .save(&dir)?;
+    node_dir::write_raft_id(&node.data_dir, 1)?;
+    println!(
+        "initialised a new cluster; CA and certificates in {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+pub(super) fn print_join_commands(tokens: &TokensResponse, advertise: SocketAddr) {
+    println!(
+        "to add a worker:  flotilla join --token {} {advertise}",
+        tokens.worker
+    );
+    println!(
+        "to add a manager: flotilla join --token {} {advertise} --advertise-addr IP:PORT",
+        tokens.manager
+    );
+}
+
+/// The join handshake: pin the CA from the token, send a CSR with the token, save what comes
+/// back.
+pub(super) async fn obtain_credentials(
+    args: &JoinArgs,
+    name: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let token: JoinToken = args.token.parse().context("--token")?;
+    let bootstrap = Client::with_tls(&args.manager, bootstrap_client_config()?)?;
+    let ca = bootstrap
+        .cluster_ca()
+        .await
+        .context("fetching the cluster CA")?;
+    fetched_ca_matches(&ca.trust_pem, &token.ca_digest)?;
+    let pinned = Client::with_tls(&args.manager, pinned_client_config(&ca.trust_pem)?)?;
+    let key = NodeKey::generate()?;
+    let advertise = args
+        .node
+        .advertise_addr
+        .or((!args.node.listen_addr.ip().is_unspecified()).then_some(args.node.listen_addr));
+    let response = pinned
+        .join_cluster(&JoinRequest {
+            token: args.token.trim().to_string(),
+            node_name: name.to_string(),
+            advertise_addr: advertise.map(|a| a.to_string()),
+            csr_pem: key.csr_pem(name)?,
+        })
+        .await
+        .context("join refused")?;
+    let role = response.role.clone();
+    save_admission(&args.node.data_dir, dir, response, &key)?;
+    println!("joined as {role} {name}");
+    Ok(())
+}
+
+/// Saves what a manager answered to a join or a promotion: the certificate for `key`, and for
+/// a manager the CA, join secrets and raft id.
+pub(super) fn save_admission(
+    data_dir: &Path,
+    dir: &Path,
+    response: JoinResponse,
+    key: &NodeKey,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(secrets) = &response.manager_secrets {
+        let raft_id = response.raft_id.ok_or_else(|| {
+            anyhow!("the manager admitted this node as a manager without a raft id")
+        })?;
+        let ca = CaBundle::from_pem(
+            &secrets.ca_cert_pem,
+            &secrets.ca_key_pem,
+            &secrets.previous_roots_pem,
+        )?;
+        ClusterSecurity::save(
+            dir,
+            &ca,
+            &JoinSecrets::from_file_contents(&secrets.join_secrets)?,
+        )?;
+        node_dir::write_raft_id(data_dir, raft_id)?;
+    }
+    NodeCredentials {
+        cert_pem: response.cert_pem,
+        key_pem: key.key_pem(),
+        trust_pem: response.trust_pem,
+    }
+    .save(dir)?;
+    Ok(())
+}
