@@ -144,6 +144,9 @@ impl WatchFilter {
             } else {
                 Vec::new()
             },
+            // Not yet stored.
+            namespaces: Vec::new(),
+            configs: Vec::new(),
         }
     }
 
@@ -317,6 +320,8 @@ impl Pending {
                 service, number, ..
             } => (3, service.clone(), *number),
             WatchChange::Rollout { service, .. } => (4, service.clone(), 0),
+            WatchChange::Namespace { name, .. } => (5, name.clone(), 0),
+            WatchChange::Config { name, .. } => (6, name.clone(), 0),
         };
         match self.index.get(&key) {
             Some(&i) => self.changes[i] = change,
