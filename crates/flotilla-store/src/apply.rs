@@ -5,11 +5,9 @@
 //! [`ClusterState`] is only updated once that transaction commits. So a command sees the state
 //! through two [`Overlay`]s: the writes of earlier commands in the batch, then its own earlier ops.
 
+use crate::events::{self, Events};
 use crate::ops::{Change, ClusterState, Command, CommandResult, Expect, Op, Record};
-use flotilla_types::{
-    Availability, Event, EventLevel, Health, Node, NodeState, Revision, Rollout, Service, Task,
-    TaskState, Timestamp,
-};
+use flotilla_types::{Event, Node, NodeState, Revision, Rollout, Service, Task, Timestamp};
 use std::collections::BTreeMap;
 
 /// Pending writes not yet in the [`ClusterState`]; `None` marks a deletion.
@@ -130,7 +128,7 @@ pub(crate) fn apply_command(
         batch,
         own: Overlay::default(),
         touched: Vec::new(),
-        events: Vec::new(),
+        events: Events::new(index, cmd.at),
         index,
         at: cmd.at,
     };
@@ -152,7 +150,7 @@ pub(crate) fn apply_command(
         applied: Some(AppliedCommand {
             writes: exec.own,
             changes,
-            events: exec.events,
+            events: exec.events.into_vec(),
         }),
     }
 }
@@ -186,7 +184,7 @@ struct Exec<'a> {
     batch: &'a Overlay,
     own: Overlay,
     touched: Vec<Touched>,
-    events: Vec<Event>,
+    events: Events,
     index: u64,
     at: Timestamp,
 }
@@ -295,25 +293,6 @@ impl Exec<'_> {
         self.own.nodes.insert(id, value);
     }
 
-    fn event(
-        &mut self,
-        level: EventLevel,
-        kind: &str,
-        object: &str,
-        action: &str,
-        message: String,
-    ) {
-        self.events.push(Event {
-            revision: self.index,
-            at: self.at,
-            level,
-            kind: kind.to_string(),
-            object: object.to_string(),
-            action: action.to_string(),
-            message,
-        });
-    }
-
     fn op(&mut self, op: &Op) -> Result<(), Refusal> {
         match op {
             Op::PutService { service, expect } => {
@@ -322,21 +301,14 @@ impl Exec<'_> {
                 check(*expect, old.as_ref().map(|s| s.meta.version), &what)?;
                 let mut new = service.clone();
                 new.meta = self.meta(old.as_ref().map(|s| s.meta.created_at));
-                self.service_events(old.as_ref(), &new);
+                events::service(&mut self.events, old.as_ref(), Some(&new));
                 self.put_service(new.name.clone(), Some(new));
             }
             Op::DeleteService { name, expect } => {
                 let what = format!("service {name:?}");
-                let version = self.service(name).map(|s| s.meta.version);
-                let version = version.ok_or_else(|| missing(&what))?;
-                check(*expect, Some(version), &what)?;
-                self.event(
-                    EventLevel::Info,
-                    "service",
-                    name,
-                    "removed",
-                    format!("service {name} removed"),
-                );
+                let old = self.service(name).cloned().ok_or_else(|| missing(&what))?;
+                check(*expect, Some(old.meta.version), &what)?;
+                events::service(&mut self.events, Some(&old), None);
                 self.put_service(name.clone(), None);
             }
             Op::PutRevision { revision } => {
@@ -354,10 +326,7 @@ impl Exec<'_> {
                 check(*expect, old.as_ref().map(|t| t.meta.version), &what)?;
                 let mut new = task.clone();
                 new.meta = self.meta(old.as_ref().map(|t| t.meta.created_at));
-                match &old {
-                    Some(old) => self.task_events(old, &new),
-                    None => self.task_created_event(&new),
-                }
+                events::task(&mut self.events, old.as_ref(), Some(&new));
                 self.put_task(new.id.clone(), Some(new));
             }
             Op::SetTaskStatus { id, node, status } => {
@@ -376,7 +345,7 @@ impl Exec<'_> {
                 let mut new = old.clone();
                 new.record_status(status.clone());
                 new.meta = self.meta(Some(old.meta.created_at));
-                self.task_events(&old, &new);
+                events::task(&mut self.events, Some(&old), Some(&new));
                 self.put_task(id.clone(), Some(new));
             }
             Op::SetTaskDesired {
@@ -404,58 +373,27 @@ impl Exec<'_> {
                 check(*expect, old.as_ref().map(|n| n.meta.version), &what)?;
                 let mut new = node.clone();
                 new.meta = self.meta(old.as_ref().map(|n| n.meta.created_at));
-                match &old {
-                    None => self.event(
-                        EventLevel::Info,
-                        "node",
-                        &new.id,
-                        "created",
-                        format!("node {} ({}) registered", new.id, new.hostname),
-                    ),
-                    Some(old) => {
-                        if old.state != new.state {
-                            self.node_state_event(&new);
-                        }
-                        if old.availability != new.availability {
-                            self.node_availability_event(&new);
-                        }
-                        if old.labels != new.labels {
-                            self.event(
-                                EventLevel::Info,
-                                "node",
-                                &new.id,
-                                "labels",
-                                format!("node {} labels: {}", new.id, format_labels(&new.labels)),
-                            );
-                        }
-                    }
-                }
+                events::node(&mut self.events, old.as_ref(), Some(&new));
                 self.put_node(new.id.clone(), Some(new));
             }
             Op::NodeHeartbeat { id, at } => {
                 let what = format!("node {id:?}");
-                let old = self.node(id).ok_or_else(|| missing(&what))?;
+                let old = self.node(id).cloned().ok_or_else(|| missing(&what))?;
                 let mut new = old.clone();
                 new.last_heartbeat = *at;
                 new.meta = self.meta(Some(old.meta.created_at));
                 if new.state == NodeState::Down {
                     new.state = NodeState::Ready;
                     new.message.clear();
-                    self.node_state_event(&new);
                 }
+                events::node(&mut self.events, Some(&old), Some(&new));
                 self.put_node(id.clone(), Some(new));
             }
             Op::DeleteNode { id, expect } => {
                 let what = format!("node {id:?}");
-                let version = self.node(id).map(|n| n.meta.version);
-                check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
-                self.event(
-                    EventLevel::Info,
-                    "node",
-                    id,
-                    "removed",
-                    format!("node {id} removed"),
-                );
+                let old = self.node(id).cloned().ok_or_else(|| missing(&what))?;
+                check(*expect, Some(old.meta.version), &what)?;
+                events::node(&mut self.events, Some(&old), None);
                 self.put_node(id.clone(), None);
             }
             Op::PutRollout { rollout, expect } => {
@@ -464,7 +402,7 @@ impl Exec<'_> {
                 check(*expect, old.as_ref().map(|r| r.meta.version), &what)?;
                 let mut new = rollout.clone();
                 new.meta = self.meta(old.as_ref().map(|r| r.meta.created_at));
-                self.rollout_events(old.as_ref(), &new);
+                events::rollout(&mut self.events, old.as_ref(), Some(&new));
                 self.put_rollout(new.service.clone(), Some(new));
             }
             Op::DeleteRollout { service, expect } => {
@@ -489,232 +427,6 @@ impl Exec<'_> {
             }
         }
         Ok(())
-    }
-
-    fn service_events(&mut self, old: Option<&Service>, new: &Service) {
-        let name = new.name.as_str();
-        let Some(old) = old else {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "created",
-                format!("service {name} created (revision {})", new.revision),
-            );
-            return;
-        };
-        let (old_replicas, new_replicas) = (old.spec.mode.replicas(), new.spec.mode.replicas());
-        if old.revision != new.revision {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "updated",
-                format!("service {name} updated to revision {}", new.revision),
-            );
-        } else if let (Some(from), Some(to), true) =
-            (old_replicas, new_replicas, old_replicas != new_replicas)
-        {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "scaled",
-                format!("service {name} scaled from {from} to {to} replicas"),
-            );
-        } else if old.spec != new.spec {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "updated",
-                format!("service {name} updated"),
-            );
-        }
-    }
-
-    fn task_created_event(&mut self, task: &Task) {
-        let status = &task.status;
-        let (level, message) = match (status.state, task.node.as_deref()) {
-            (TaskState::Pending, None) if !status.message.is_empty() => (
-                EventLevel::Warning,
-                format!("{} pending: {}", task.name(), status.message),
-            ),
-            (_, Some(node)) => (
-                EventLevel::Info,
-                format!(
-                    "{} created on {node} (revision {})",
-                    task.name(),
-                    task.revision
-                ),
-            ),
-            (_, None) => (
-                EventLevel::Info,
-                format!("{} created (revision {})", task.name(), task.revision),
-            ),
-        };
-        self.event(level, "task", &task.id, "created", message);
-    }
-
-    fn task_events(&mut self, old: &Task, new: &Task) {
-        let status = &new.status;
-        let detail = if status.message.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", status.message)
-        };
-        if status.state == TaskState::Pending
-            && old.status.state == TaskState::Pending
-            && old.status.message != status.message
-            && !status.message.is_empty()
-        {
-            // Why a task cannot be placed, each time the reason changes.
-            let message = format!("{} pending: {}", new.name(), status.message);
-            self.event(EventLevel::Warning, "task", &new.id, "unplaced", message);
-        }
-        if old.status.state != status.state {
-            let level = match status.state {
-                TaskState::Failed | TaskState::Rejected | TaskState::Lost => EventLevel::Warning,
-                _ => EventLevel::Info,
-            };
-            let message = format!("{} {}{detail}", new.name(), status.state);
-            self.event(level, "task", &new.id, "state", message);
-        }
-        if old.status.health != status.health {
-            let (level, detail) = match status.health {
-                Health::Unhealthy => (EventLevel::Warning, detail.as_str()),
-                _ => (EventLevel::Info, ""),
-            };
-            let message = format!("{} {}{detail}", new.name(), status.health.as_str());
-            self.event(level, "task", &new.id, "health", message);
-        }
-    }
-
-    fn node_state_event(&mut self, node: &Node) {
-        let (level, message) = match node.state {
-            NodeState::Ready => (EventLevel::Info, format!("node {} ready", node.id)),
-            NodeState::Down if node.message.is_empty() => {
-                (EventLevel::Warning, format!("node {} down", node.id))
-            }
-            NodeState::Down => (
-                EventLevel::Warning,
-                format!("node {} down: {}", node.id, node.message),
-            ),
-        };
-        self.event(level, "node", &node.id, "state", message);
-    }
-
-    /// One event per change a human follows: start, phase, pause/resume, canary step, end.
-    fn rollout_events(&mut self, old: Option<&Rollout>, new: &Rollout) {
-        let name = new.service.as_str();
-        let same_rollout = old.is_some_and(|o| {
-            o.to_revision == new.to_revision && o.kind == new.kind && o.started_at == new.started_at
-        });
-        let detail = if new.reason.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", new.reason)
-        };
-        if !same_rollout {
-            let what = match new.kind {
-                flotilla_types::RolloutKind::Update => "rollout",
-                flotilla_types::RolloutKind::Restart => "restart",
-                flotilla_types::RolloutKind::AutoRollback => "automatic rollback",
-            };
-            let message = format!(
-                "{name}: {} {what} from revision {} to {} started{detail}",
-                new.strategy.as_str(),
-                new.from_revision,
-                new.to_revision
-            );
-            let level = match new.kind {
-                flotilla_types::RolloutKind::AutoRollback => EventLevel::Warning,
-                _ => EventLevel::Info,
-            };
-            self.event(level, "rollout", name, "started", message);
-            return;
-        }
-        let Some(old) = old else { return };
-        if old.paused != new.paused {
-            let (level, action) = if new.paused {
-                (EventLevel::Warning, "paused")
-            } else {
-                (EventLevel::Info, "resumed")
-            };
-            let message = format!("{name}: rollout {action}{detail}");
-            self.event(level, "rollout", name, action, message);
-        }
-        if old.phase != new.phase || old.step != new.step {
-            let level = match new.phase {
-                flotilla_types::RolloutPhase::RolledBack => EventLevel::Warning,
-                _ => EventLevel::Info,
-            };
-            let step = if new.phase == flotilla_types::RolloutPhase::CanaryStep {
-                format!(" {} (weight {})", new.step + 1, new.new_weight)
-            } else {
-                String::new()
-            };
-            let message = format!(
-                "{name}: rollout to revision {} {}{step}{}",
-                new.to_revision,
-                new.phase.as_str(),
-                if new.phase.is_terminal() {
-                    detail.as_str()
-                } else {
-                    ""
-                }
-            );
-            self.event(level, "rollout", name, new.phase.as_str(), message);
-        }
-        if new.shrunk > old.shrunk {
-            let message = format!(
-                "{name}: shrink: stopped {} blue task(s) so green can take their host ports \
-                 ({} in all; restored when green runs the full count)",
-                new.shrunk - old.shrunk,
-                new.shrunk
-            );
-            self.event(EventLevel::Warning, "rollout", name, "shrink", message);
-        }
-        // A failed shrunk rollout's restore shows in the automatic rollback's reason.
-        if new.shrunk > 0
-            && old.phase != new.phase
-            && new.phase == flotilla_types::RolloutPhase::Succeeded
-        {
-            let message = format!(
-                "{name}: restore: green runs the full count after {} blue task(s) were shrunk",
-                new.shrunk
-            );
-            self.event(EventLevel::Info, "rollout", name, "restore", message);
-        }
-        if let Some(result) = new.analysis.last().filter(|r| !r.passed) {
-            if old.analysis.last() != Some(result) {
-                let message = format!("{name}: canary analysis failed: {}", result.message);
-                self.event(EventLevel::Warning, "rollout", name, "analysis", message);
-            }
-        }
-    }
-
-    fn node_availability_event(&mut self, node: &Node) {
-        let availability = node.availability.as_str();
-        let (level, message) = match node.availability {
-            Availability::Active => (
-                EventLevel::Info,
-                format!("node {} availability {availability}", node.id),
-            ),
-            // Pausing or draining is worth a warning only when the system did it (with a reason).
-            _ if node.message.is_empty() => (
-                EventLevel::Info,
-                format!("node {} availability {availability}", node.id),
-            ),
-            _ => (
-                EventLevel::Warning,
-                format!(
-                    "node {} availability {availability}: {}",
-                    node.id, node.message
-                ),
-            ),
-        };
-        self.event(level, "node", &node.id, "availability", message);
     }
 
     /// The final value of every touched object, in first-touch order.
@@ -755,16 +467,4 @@ impl Exec<'_> {
             })
             .collect()
     }
-}
-
-/// `k=v,k2=v2`, or `(none)`.
-fn format_labels(labels: &BTreeMap<String, String>) -> String {
-    if labels.is_empty() {
-        return "(none)".into();
-    }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }

@@ -9,6 +9,7 @@
 mod apply;
 mod coalesce;
 mod error;
+mod events;
 mod log_writer;
 mod membership;
 pub mod network;
