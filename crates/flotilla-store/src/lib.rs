@@ -10,6 +10,7 @@ mod apply;
 mod coalesce;
 mod error;
 mod events;
+mod kinds;
 mod log_writer;
 mod membership;
 pub mod network;
@@ -20,6 +21,7 @@ mod store;
 mod tests;
 
 pub use error::StoreError;
+pub use kinds::{AnyKey, AnyObject, Change, Objects};
 pub use membership::{ForcedCluster, Member};
 pub use ops::*;
 pub use store::{Store, StoreConfig};

@@ -1,7 +1,9 @@
 //! The write vocabulary of the store and the in-memory view of what it holds.
 
+use crate::kinds::{AnyKey, AnyObject, Change};
 use flotilla_types::{
-    DesiredState, Event, Meta, Node, Revision, Rollout, Service, Task, TaskStatus, Timestamp,
+    DesiredState, Event, Meta, Node, Object, Revision, Rollout, Service, Task, TaskStatus,
+    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -84,6 +86,16 @@ pub enum Op {
         key: String,
         expect: Expect,
     },
+    /// Writes an object of any kind, as the kind's own put op would.
+    Put {
+        object: AnyObject,
+        expect: Expect,
+    },
+    /// Deletes an object of any kind; fails if it does not exist.
+    Delete {
+        key: AnyKey,
+        expect: Expect,
+    },
 }
 
 /// A small cluster-wide record that only managers read, such as the cluster PKI (CA and join
@@ -96,6 +108,23 @@ pub struct Record {
     pub value: serde_json::Value,
     #[serde(default)]
     pub meta: Meta,
+}
+
+impl Object for Record {
+    type Key = String;
+    const KIND: &'static str = "record";
+    fn key(&self) -> String {
+        self.key.clone()
+    }
+    fn describe(key: &String) -> String {
+        format!("record {key:?}")
+    }
+    fn meta(&self) -> Meta {
+        self.meta
+    }
+    fn set_meta(&mut self, meta: Meta) {
+        self.meta = meta;
+    }
 }
 
 impl std::fmt::Debug for Record {
@@ -143,7 +172,8 @@ pub enum CommandResult {
     },
 }
 
-/// What a reader sees: every object, indexed for the lookups controllers and the API make.
+/// What a reader sees: every object, indexed for the lookups controllers and the API make. One
+/// field per kind, named as in the kinds list (`kinds.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Log index of the last applied entry.
@@ -237,36 +267,6 @@ impl ClusterState {
             .range((service.to_string(), 0)..=(service.to_string(), u64::MAX))
             .map(|(_, r)| r)
     }
-}
-
-/// One object that changed in an applied command; `None` means deleted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Change {
-    Service {
-        name: String,
-        object: Option<Service>,
-    },
-    Revision {
-        service: String,
-        number: u64,
-        object: Option<Revision>,
-    },
-    Task {
-        id: String,
-        object: Option<Task>,
-    },
-    Node {
-        id: String,
-        object: Option<Node>,
-    },
-    Rollout {
-        service: String,
-        object: Option<Rollout>,
-    },
-    Record {
-        key: String,
-        object: Option<Record>,
-    },
 }
 
 /// Everything one applied command changed, in order, plus the events it produced.

@@ -310,10 +310,10 @@ async fn commands_apply_all_or_nothing_and_see_their_own_writes() {
     );
     match &batch.changes[2] {
         Change::Task {
-            id,
+            key,
             object: Some(t),
         } => {
-            assert_eq!(id, "t1");
+            assert_eq!(key, "t1");
             assert_eq!(t.desired_state, DesiredState::Shutdown);
             assert_eq!(t.meta.version, rev);
         }
@@ -574,7 +574,7 @@ async fn subscribers_and_changes_since_follow_applied_commands() {
         let batch = rx.recv().await.expect("batch");
         assert_eq!(batch.revision, *rev);
         assert!(
-            matches!(&batch.changes[..], [Change::Service { name: n, object: Some(_) }] if n == name)
+            matches!(&batch.changes[..], [Change::Service { key, object: Some(_) }] if key == name)
         );
         assert_eq!(batch.events.len(), 1);
     }
