@@ -164,9 +164,8 @@ impl WatchFilter {
             services: self.list("service", &s.services),
             nodes: self.list("node", &s.nodes),
             rollouts: self.list("service", &s.rollouts),
-            // Not yet stored.
-            namespaces: Vec::new(),
-            configs: Vec::new(),
+            namespaces: self.list("namespace", &s.namespaces),
+            configs: self.list("config", &s.configs),
         }
     }
 
@@ -303,5 +302,107 @@ impl Pending {
             revision: taken.revision,
             changes: taken.changes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::{Config, Namespace};
+
+    fn filter(kind: &str) -> WatchFilter {
+        let q = WatchQuery {
+            kind: Some(kind.to_string()),
+            node: None,
+        };
+        match WatchFilter::new(q) {
+            Ok(f) => f,
+            Err(e) => panic!("watch kind {kind}: {e:?}"),
+        }
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.namespaces.insert("a".into(), Namespace::new("a"));
+        s.configs.insert("c".into(), Config::new("c", "data"));
+        s
+    }
+
+    #[test]
+    fn unknown_kinds_are_refused_naming_the_field() {
+        let q = WatchQuery {
+            kind: Some("secret".into()),
+            node: None,
+        };
+        match WatchFilter::new(q) {
+            Err(ApiError::Invalid { fields, .. }) => {
+                assert_eq!(fields[0].field, "kind");
+                assert!(fields[0].reason.contains("namespace, config"), "{fields:?}");
+            }
+            Err(other) => panic!("expected invalid, got {other:?}"),
+            Ok(_) => panic!("an unknown kind was accepted"),
+        }
+    }
+
+    #[test]
+    fn snapshots_and_changes_carry_only_the_asked_kinds() {
+        let WatchMessage::Snapshot {
+            namespaces,
+            configs,
+            ..
+        } = filter("config").snapshot(&state())
+        else {
+            panic!("not a snapshot")
+        };
+        assert!(namespaces.is_empty());
+        assert_eq!(configs, [Config::new("c", "data")]);
+        let WatchMessage::Snapshot {
+            namespaces,
+            configs,
+            ..
+        } = filter("all").snapshot(&state())
+        else {
+            panic!("not a snapshot")
+        };
+        assert_eq!((namespaces.len(), configs.len()), (1, 1));
+
+        let deleted = Change::Config {
+            key: "c".into(),
+            object: None,
+        };
+        assert_eq!(
+            filter("config").change(&deleted),
+            Some(WatchChange::Config {
+                name: "c".into(),
+                object: None
+            })
+        );
+        assert_eq!(filter("namespace").change(&deleted), None);
+        let record = Change::Record {
+            key: "pki".into(),
+            object: None,
+        };
+        assert_eq!(filter("all").change(&record), None);
+    }
+
+    #[test]
+    fn pending_keeps_the_newest_change_per_object_across_kinds() {
+        let mut pending = Pending::default();
+        let config = |data: &str| WatchChange::Config {
+            name: "x".into(),
+            object: Some(Config::new("x", data)),
+        };
+        let namespace = WatchChange::Namespace {
+            name: "x".into(),
+            object: None,
+        };
+        pending.push(1, config("old"));
+        pending.push(2, namespace.clone());
+        pending.push(3, config("new"));
+        let WatchMessage::Change { revision, changes } = pending.take() else {
+            panic!("not a change")
+        };
+        assert_eq!(revision, 3);
+        assert_eq!(changes, [config("new"), namespace]);
     }
 }

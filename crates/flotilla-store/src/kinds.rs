@@ -10,7 +10,7 @@
 use crate::events::{self, Events};
 use crate::ops::{ClusterState, Record};
 use flotilla_types::api::WatchChange;
-use flotilla_types::{Event, Node, Object, Revision, Rollout, Service, Task};
+use flotilla_types::{Config, Event, Namespace, Node, Object, Revision, Rollout, Service, Task};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -181,6 +181,26 @@ impl Kind for Rollout {
 /// Managers-only: never on watch streams.
 impl Kind for Record {
     const TABLE: &'static str = "records";
+}
+
+impl Kind for Namespace {
+    const TABLE: &'static str = "namespaces";
+    fn watch(key: &String, object: Option<&Self>) -> Option<WatchChange> {
+        Some(WatchChange::Namespace {
+            name: key.clone(),
+            object: object.cloned(),
+        })
+    }
+}
+
+impl Kind for Config {
+    const TABLE: &'static str = "configs";
+    fn watch(key: &String, object: Option<&Self>) -> Option<WatchChange> {
+        Some(WatchChange::Config {
+            name: key.clone(),
+            object: object.cloned(),
+        })
+    }
 }
 
 impl Change {
@@ -355,4 +375,6 @@ kinds! {
     Node => nodes,
     Rollout => rollouts,
     Record => records,
+    Namespace => namespaces,
+    Config => configs,
 }

@@ -2,8 +2,8 @@
 
 use crate::kinds::{AnyKey, AnyObject, Change};
 use flotilla_types::{
-    DesiredState, Event, Meta, Node, Object, Revision, Rollout, Service, Task, TaskStatus,
-    Timestamp,
+    Config, DesiredState, Event, Meta, Namespace, Node, Object, Revision, Rollout, Service, Task,
+    TaskStatus, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -86,7 +86,8 @@ pub enum Op {
         key: String,
         expect: Expect,
     },
-    /// Writes an object of any kind, as the kind's own put op would.
+    /// Writes an object of any kind, as the kind's own put op would (kinds without one, such
+    /// as namespaces and configs, are written only this way).
     Put {
         object: AnyObject,
         expect: Expect,
@@ -189,6 +190,12 @@ pub struct ClusterState {
     /// Keyed by [`Record::key`].
     #[serde(default)]
     pub records: BTreeMap<String, Record>,
+    /// Keyed by name.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Keyed by name.
+    #[serde(default)]
+    pub configs: BTreeMap<String, Config>,
     /// Task ids by service, kept in step with `tasks` by the store so [`ClusterState::tasks_of`]
     /// does not scan every task (controllers ask once or more per service per pass).
     #[serde(skip)]

@@ -15,7 +15,7 @@ use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-fn config(dir: &Path) -> StoreConfig {
+pub(crate) fn config(dir: &Path) -> StoreConfig {
     StoreConfig {
         data_dir: dir.join("data"),
         node_id: 1,
@@ -23,7 +23,7 @@ fn config(dir: &Path) -> StoreConfig {
     }
 }
 
-async fn open_leader(dir: &Path) -> Store {
+pub(crate) async fn open_leader(dir: &Path) -> Store {
     let store = Store::open(config(dir)).await.expect("open store");
     store.bootstrap_single().await.expect("bootstrap");
     store
@@ -91,7 +91,7 @@ fn at(ops: Vec<Op>, at: i64) -> Command {
     Command { ops, at }
 }
 
-fn applied(result: CommandResult) -> u64 {
+pub(crate) fn applied(result: CommandResult) -> u64 {
     match result {
         CommandResult::Applied { revision } => revision,
         other => panic!("expected Applied, got {other:?}"),
