@@ -344,26 +344,25 @@ mod tests {
         }
     }
 
+    /// The namespaces and configs of a snapshot for a watch of `kind`.
+    fn snapshot_of(kind: &str) -> (Vec<Namespace>, Vec<Config>) {
+        match filter(kind).snapshot(&state()) {
+            WatchMessage::Snapshot {
+                namespaces,
+                configs,
+                ..
+            } => (namespaces, configs),
+            other => panic!("not a snapshot: {other:?}"),
+        }
+    }
+
     #[test]
     fn snapshots_and_changes_carry_only_the_asked_kinds() {
-        let WatchMessage::Snapshot {
-            namespaces,
-            configs,
-            ..
-        } = filter("config").snapshot(&state())
-        else {
-            panic!("not a snapshot")
-        };
-        assert!(namespaces.is_empty());
-        assert_eq!(configs, [Config::new("c", "data")]);
-        let WatchMessage::Snapshot {
-            namespaces,
-            configs,
-            ..
-        } = filter("all").snapshot(&state())
-        else {
-            panic!("not a snapshot")
-        };
+        assert_eq!(
+            snapshot_of("config"),
+            (vec![], vec![Config::new("c", "data")])
+        );
+        let (namespaces, configs) = snapshot_of("all");
         assert_eq!((namespaces.len(), configs.len()), (1, 1));
 
         let deleted = Change::Config {

@@ -2,7 +2,7 @@
 //! through every layer (apply, redb, reopen, snapshots, change feed, watch changes).
 
 use crate::storage::{Shared, StateMachine};
-use crate::tests::{applied, config, open_leader};
+use crate::tests::{applied, build_snapshot, config, install, open_leader};
 use crate::{AnyKey, AnyObject, Change, Command, CommandResult, Expect, Op, Record, Store};
 use flotilla_types::api::WatchChange;
 use flotilla_types::{Config, Namespace, Revision, Service, ServiceSpec};
@@ -220,27 +220,7 @@ async fn new_kinds_survive_reopen_and_travel_in_snapshots() {
         store.read(|s| (s.namespaces.clone(), s.configs.clone())),
         (before.namespaces.clone(), before.configs.clone())
     );
-    store
-        .raft()
-        .trigger()
-        .snapshot()
-        .await
-        .expect("trigger snapshot");
-    store
-        .raft()
-        .wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.snapshot.map(|l| l.index) >= Some(rev),
-            "snapshot built",
-        )
-        .await
-        .expect("snapshot built");
-    let snapshot = store
-        .raft()
-        .get_snapshot()
-        .await
-        .expect("get snapshot")
-        .expect("a snapshot exists");
+    let snapshot = build_snapshot(&store, rev).await;
     let source = store.read(|s| s.clone());
     store.shutdown().await.expect("shutdown");
 
@@ -248,11 +228,7 @@ async fn new_kinds_survive_reopen_and_travel_in_snapshots() {
     let path = other.path().join("store.redb");
     let (shared, applied_state) = Shared::open(&path, 100).expect("open");
     let mut sm = StateMachine::new(shared.clone(), applied_state);
-    let mut data = sm.begin_receiving_snapshot().await.expect("begin");
-    *data = *snapshot.snapshot;
-    sm.install_snapshot(&snapshot.meta, data)
-        .await
-        .expect("install");
+    install(&mut sm, &snapshot).await;
     assert_eq!(
         shared.read(|s| s.configs["nginx"].labels["app"].clone()),
         "web"

@@ -2,7 +2,7 @@
 
 use crate::kinds::{AnyKey, AnyObject, Change};
 use flotilla_types::{
-    Config, DesiredState, Event, Meta, Namespace, Node, Object, Revision, Rollout, Service, Task,
+    Config, DesiredState, Event, Meta, Namespace, Node, Revision, Rollout, Service, Task,
     TaskStatus, Timestamp,
 };
 use serde::{Deserialize, Serialize};
@@ -111,22 +111,7 @@ pub struct Record {
     pub meta: Meta,
 }
 
-impl Object for Record {
-    type Key = String;
-    const KIND: &'static str = "record";
-    fn key(&self) -> String {
-        self.key.clone()
-    }
-    fn describe(key: &String) -> String {
-        format!("record {key:?}")
-    }
-    fn meta(&self) -> Meta {
-        self.meta
-    }
-    fn set_meta(&mut self, meta: Meta) {
-        self.meta = meta;
-    }
-}
+flotilla_types::object_keyed_by!(Record, "record", key);
 
 impl std::fmt::Debug for Record {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -879,27 +879,7 @@ async fn snapshots_carry_the_whole_state_to_another_store() {
         },
     ]);
     let rev = applied(store.write(cmd).await.expect("write"));
-    store
-        .raft()
-        .trigger()
-        .snapshot()
-        .await
-        .expect("trigger snapshot");
-    store
-        .raft()
-        .wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.snapshot.map(|l| l.index) >= Some(rev),
-            "snapshot built",
-        )
-        .await
-        .expect("snapshot built");
-    let snapshot = store
-        .raft()
-        .get_snapshot()
-        .await
-        .expect("get snapshot")
-        .expect("a snapshot exists");
+    let snapshot = build_snapshot(&store, rev).await;
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(rev));
     let source_state = store.read(|s| s.clone());
     store.shutdown().await.expect("shutdown");
@@ -909,11 +889,7 @@ async fn snapshots_carry_the_whole_state_to_another_store() {
         Shared::open(&other.path().join("store.redb"), 100).expect("open");
     let mut sm = StateMachine::new(shared.clone(), applied_state);
     let mut closed = shared.subscribe();
-    let mut data = sm.begin_receiving_snapshot().await.expect("begin");
-    *data = *snapshot.snapshot;
-    sm.install_snapshot(&snapshot.meta, data)
-        .await
-        .expect("install");
+    install(&mut sm, &snapshot).await;
     assert_eq!(shared.read(|s| s.clone()), source_state);
     // One event for the task's creation, one for its state change.
     assert_eq!(shared.events(0, 100).expect("events").len(), 3);
@@ -1066,10 +1042,9 @@ async fn wait_for_revision(store: &Store, revision: u64) {
     }
 }
 
-/// Builds a snapshot on `leader` covering at least `rev` and purges the log up to it, so a new
-/// member can only catch up through the snapshot. Returns the snapshot's index.
-async fn snapshot_and_purge(leader: &Store, rev: u64) -> u64 {
-    let raft = leader.raft();
+/// Has `store` build a snapshot and waits until one covers at least `rev`.
+async fn wait_for_snapshot(store: &Store, rev: u64) {
+    let raft = store.raft();
     raft.trigger().snapshot().await.expect("trigger snapshot");
     raft.wait(Some(Duration::from_secs(30)))
         .metrics(
@@ -1078,6 +1053,33 @@ async fn snapshot_and_purge(leader: &Store, rev: u64) -> u64 {
         )
         .await
         .expect("snapshot built");
+}
+
+/// A snapshot of `store` covering at least `rev`.
+pub(crate) async fn build_snapshot(store: &Store, rev: u64) -> openraft::Snapshot<TypeConfig> {
+    wait_for_snapshot(store, rev).await;
+    store
+        .raft()
+        .get_snapshot()
+        .await
+        .expect("get snapshot")
+        .expect("a snapshot exists")
+}
+
+/// Installs `snapshot` into the state machine `sm`, as a follower receiving it would.
+pub(crate) async fn install(sm: &mut StateMachine, snapshot: &openraft::Snapshot<TypeConfig>) {
+    let mut data = sm.begin_receiving_snapshot().await.expect("begin");
+    *data = std::io::Cursor::new(snapshot.snapshot.get_ref().clone());
+    sm.install_snapshot(&snapshot.meta, data)
+        .await
+        .expect("install");
+}
+
+/// Builds a snapshot on `leader` covering at least `rev` and purges the log up to it, so a new
+/// member can only catch up through the snapshot. Returns the snapshot's index.
+async fn snapshot_and_purge(leader: &Store, rev: u64) -> u64 {
+    wait_for_snapshot(leader, rev).await;
+    let raft = leader.raft();
     let snapshot_index = raft.metrics().borrow().snapshot.map_or(0, |l| l.index);
     raft.trigger()
         .purge_log(snapshot_index)

@@ -1,8 +1,7 @@
 //! Configs: named, non-secret data (configuration files) that tasks can be given.
 
-use crate::namespace::validate_labels;
-use crate::object::Object;
-use crate::spec::{validate_name, FieldError};
+use crate::namespace::name_and_labels_errors;
+use crate::spec::FieldError;
 use crate::state::Meta;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -35,10 +34,7 @@ impl Config {
 
     /// Every problem with the config, each naming its field.
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
-        let mut errs = Vec::new();
-        if let Err(reason) = validate_name(&self.name) {
-            errs.push(FieldError::new("name", reason));
-        }
+        let mut errs = name_and_labels_errors(&self.name, &self.labels);
         if self.data.len() > CONFIG_MAX_BYTES {
             errs.push(FieldError::new(
                 "data",
@@ -48,7 +44,6 @@ impl Config {
                 ),
             ));
         }
-        validate_labels(&self.labels, &mut errs);
         if errs.is_empty() {
             Ok(())
         } else {
@@ -57,22 +52,7 @@ impl Config {
     }
 }
 
-impl Object for Config {
-    type Key = String;
-    const KIND: &'static str = "config";
-    fn key(&self) -> String {
-        self.name.clone()
-    }
-    fn describe(key: &String) -> String {
-        format!("config {key:?}")
-    }
-    fn meta(&self) -> Meta {
-        self.meta
-    }
-    fn set_meta(&mut self, meta: Meta) {
-        self.meta = meta;
-    }
-}
+crate::object_keyed_by!(Config, "config", name);
 
 #[cfg(test)]
 mod tests {

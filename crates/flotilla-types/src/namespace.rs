@@ -1,6 +1,5 @@
 //! Namespaces: named scopes that group a cluster's objects.
 
-use crate::object::Object;
 use crate::spec::{validate_name, FieldError};
 use crate::state::Meta;
 use serde::{Deserialize, Serialize};
@@ -28,11 +27,7 @@ impl Namespace {
 
     /// Every problem with the namespace, each naming its field.
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
-        let mut errs = Vec::new();
-        if let Err(reason) = validate_name(&self.name) {
-            errs.push(FieldError::new("name", reason));
-        }
-        validate_labels(&self.labels, &mut errs);
+        let errs = name_and_labels_errors(&self.name, &self.labels);
         if errs.is_empty() {
             Ok(())
         } else {
@@ -41,8 +36,21 @@ impl Namespace {
     }
 }
 
+/// The problems with a kind's `name` (DNS label rules) and `labels`.
+pub(crate) fn name_and_labels_errors(
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if let Err(reason) = validate_name(name) {
+        errs.push(FieldError::new("name", reason));
+    }
+    validate_labels(labels, &mut errs);
+    errs
+}
+
 /// Label keys are 1 to 253 characters without whitespace or `=`; values at most 4096 characters.
-pub(crate) fn validate_labels(labels: &BTreeMap<String, String>, errs: &mut Vec<FieldError>) {
+fn validate_labels(labels: &BTreeMap<String, String>, errs: &mut Vec<FieldError>) {
     for (key, value) in labels {
         let field = format!("labels.{key}");
         if key.is_empty() || key.len() > 253 {
@@ -65,22 +73,7 @@ pub(crate) fn validate_labels(labels: &BTreeMap<String, String>, errs: &mut Vec<
     }
 }
 
-impl Object for Namespace {
-    type Key = String;
-    const KIND: &'static str = "namespace";
-    fn key(&self) -> String {
-        self.name.clone()
-    }
-    fn describe(key: &String) -> String {
-        format!("namespace {key:?}")
-    }
-    fn meta(&self) -> Meta {
-        self.meta
-    }
-    fn set_meta(&mut self, meta: Meta) {
-        self.meta = meta;
-    }
-}
+crate::object_keyed_by!(Namespace, "namespace", name);
 
 #[cfg(test)]
 mod tests {

@@ -32,22 +32,39 @@ pub trait Object:
     fn set_meta(&mut self, meta: Meta);
 }
 
-impl Object for Service {
-    type Key = String;
-    const KIND: &'static str = "service";
-    fn key(&self) -> String {
-        self.name.clone()
-    }
-    fn describe(key: &String) -> String {
-        format!("service {key:?}")
-    }
-    fn meta(&self) -> Meta {
-        self.meta
-    }
-    fn set_meta(&mut self, meta: Meta) {
-        self.meta = meta;
-    }
+/// Implements [`Object`] for a kind keyed by one `String` field and carrying a `meta: Meta`:
+/// `object_keyed_by!(Type, "kind", field)`, or with a fourth argument naming the key in messages
+/// (`"rollout of service"`) when the kind name alone would not.
+#[macro_export]
+macro_rules! object_keyed_by {
+    ($T:ty, $kind:literal, $field:ident) => {
+        $crate::object_keyed_by!($T, $kind, $field, $kind);
+    };
+    ($T:ty, $kind:literal, $field:ident, $what:literal) => {
+        impl $crate::Object for $T {
+            type Key = String;
+            const KIND: &'static str = $kind;
+            fn key(&self) -> String {
+                self.$field.clone()
+            }
+            fn describe(key: &String) -> String {
+                format!(concat!($what, " {:?}"), key)
+            }
+            fn meta(&self) -> $crate::Meta {
+                self.meta
+            }
+            fn set_meta(&mut self, meta: $crate::Meta) {
+                self.meta = meta;
+            }
+        }
+    };
 }
+
+object_keyed_by!(Service, "service", name);
+object_keyed_by!(Task, "task", id);
+object_keyed_by!(Node, "node", id);
+// At most one release per service.
+object_keyed_by!(Rollout, "rollout", service, "rollout of service");
 
 /// Keyed by (service, number). Revisions are immutable and carry no [`Meta`].
 impl Object for Revision {
@@ -67,56 +84,4 @@ impl Object for Revision {
         }
     }
     fn set_meta(&mut self, _: Meta) {}
-}
-
-impl Object for Task {
-    type Key = String;
-    const KIND: &'static str = "task";
-    fn key(&self) -> String {
-        self.id.clone()
-    }
-    fn describe(key: &String) -> String {
-        format!("task {key:?}")
-    }
-    fn meta(&self) -> Meta {
-        self.meta
-    }
-    fn set_meta(&mut self, meta: Meta) {
-        self.meta = meta;
-    }
-}
-
-impl Object for Node {
-    type Key = String;
-    const KIND: &'static str = "node";
-    fn key(&self) -> String {
-        self.id.clone()
-    }
-    fn describe(key: &String) -> String {
-        format!("node {key:?}")
-    }
-    fn meta(&self) -> Meta {
-        self.meta
-    }
-    fn set_meta(&mut self, meta: Meta) {
-        self.meta = meta;
-    }
-}
-
-/// Keyed by service name: at most one release per service.
-impl Object for Rollout {
-    type Key = String;
-    const KIND: &'static str = "rollout";
-    fn key(&self) -> String {
-        self.service.clone()
-    }
-    fn describe(key: &String) -> String {
-        format!("rollout of service {key:?}")
-    }
-    fn meta(&self) -> Meta {
-        self.meta
-    }
-    fn set_meta(&mut self, meta: Meta) {
-        self.meta = meta;
-    }
 }
