@@ -2,7 +2,7 @@
 //! through every layer (apply, redb, reopen, snapshots, change feed, watch changes).
 
 use crate::storage::{Shared, StateMachine};
-use crate::tests::{applied, build_snapshot, config, install, open_leader};
+use crate::tests::{applied, build_snapshot, config, install, normal_entry, open_leader};
 use crate::{AnyKey, AnyObject, Change, Command, CommandResult, Expect, Op, Record, Store};
 use flotilla_types::api::WatchChange;
 use flotilla_types::{Config, Namespace, Revision, Service, ServiceSpec};
@@ -259,4 +259,41 @@ async fn snapshots_from_before_a_kind_existed_install() {
     data.get_mut().extend_from_slice(old);
     sm.install_snapshot(&meta, data).await.expect("install");
     assert!(shared.read(|s| s.revision == 5 && s.namespaces.is_empty() && s.configs.is_empty()));
+}
+
+/// The commands of one raft batch share a redb transaction: their writes reach the tables in
+/// order, so a later command's delete or update of the same object wins on disk too.
+#[tokio::test]
+async fn a_batch_of_commands_writes_each_object_last_value_to_disk() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = dir.path().join("store.redb");
+    let (shared, applied_state) = Shared::open(&path, 100).expect("open");
+    let mut sm = StateMachine::new(shared.clone(), applied_state);
+    let delete = Op::Delete {
+        key: AnyKey::Config("a".into()),
+        expect: Expect::Exists,
+    };
+    let entries = vec![
+        normal_entry(1, at(vec![put(Config::new("a", "1"), Expect::Absent)], 1)),
+        normal_entry(2, at(vec![put(Config::new("b", "1"), Expect::Absent)], 2)),
+        normal_entry(3, at(vec![delete], 3)),
+        normal_entry(
+            4,
+            at(vec![put(Config::new("b", "2"), Expect::Version(2))], 4),
+        ),
+    ];
+    let results = sm.apply(entries).await.expect("apply");
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, CommandResult::Applied { .. })));
+    let in_memory = shared.read(|s| s.configs.clone());
+    drop((sm, shared));
+    let (reopened, _) = Shared::open(&path, 100).expect("reopen");
+    let on_disk = reopened.read(|s| s.configs.clone());
+    assert_eq!(on_disk, in_memory);
+    assert_eq!(on_disk.keys().collect::<Vec<_>>(), ["b"]);
+    assert_eq!(
+        (on_disk["b"].data.as_str(), on_disk["b"].meta.version),
+        ("2", 4)
+    );
 }

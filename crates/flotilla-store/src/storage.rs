@@ -6,7 +6,7 @@
 //! pool, because a durable commit fsyncs.
 
 use crate::apply::apply_command;
-use crate::kinds::{for_each_kind, Change, DbKey, Kind, KindVisitor, Overlay, SnapshotData};
+use crate::kinds::{for_each_kind, DbKey, Kind, KindVisitor, Overlay, SnapshotData};
 use crate::log_writer::LogWriter;
 use crate::ops::{ChangeBatch, ClusterState, CommandResult};
 use crate::TypeConfig;
@@ -366,7 +366,6 @@ impl Shared {
                         let _span = tracing::debug_span!("apply", revision = index).entered();
                         let outcome = apply_command(&live.state, &pending, &cmd, index);
                         if let Some(done) = outcome.applied {
-                            tables.write_changes(&done.changes)?;
                             tables.write_events(&done.events)?;
                             pending.merge(done.writes);
                             batches.push(Arc::new(ChangeBatch {
@@ -384,6 +383,7 @@ impl Shared {
                 results.push(CommandResult::Applied { revision: index });
             }
             drop(live);
+            tables.write_changes(&batches)?;
             tables.trim_events(self.event_retention)?;
             tables.write_applied(applied)?;
         }
@@ -565,16 +565,17 @@ impl<'txn> SmTables<'txn> {
         })
     }
 
-    /// Writes `changes` (at most one per object), opening each touched kind's table once.
-    fn write_changes(&mut self, changes: &[Change]) -> Result<(), DbError> {
+    /// Writes the changes of `batches`, in order, opening each touched kind's table once.
+    fn write_changes(&mut self, batches: &[Arc<ChangeBatch>]) -> Result<(), DbError> {
         struct Write<'c, 't> {
             txn: &'t WriteTransaction,
-            changes: &'c [Change],
+            batches: &'c [Arc<ChangeBatch>],
         }
         impl KindVisitor for Write<'_, '_> {
             type Error = DbError;
             fn visit<K: Kind>(&mut self) -> Result<(), DbError> {
-                let mut mine = self.changes.iter().filter_map(K::of_change).peekable();
+                let changes = self.batches.iter().flat_map(|b| &b.changes);
+                let mut mine = changes.filter_map(K::of_change).peekable();
                 if mine.peek().is_none() {
                     return Ok(());
                 }
@@ -590,7 +591,7 @@ impl<'txn> SmTables<'txn> {
         }
         for_each_kind(&mut Write {
             txn: self.txn,
-            changes,
+            batches,
         })
     }
 

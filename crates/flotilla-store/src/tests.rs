@@ -602,7 +602,7 @@ async fn subscribers_and_changes_since_follow_applied_commands() {
 }
 
 /// Feeds entries straight to the storage layer, the way openraft does, in one apply call.
-fn normal_entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+pub(crate) fn normal_entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(cmd),
