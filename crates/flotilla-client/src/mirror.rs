@@ -138,4 +138,24 @@ mod tests {
         mirror.apply(msg);
         assert_eq!(mirror.revision, 7);
     }
+
+    #[test]
+    fn existing_kinds_keep_their_wire_form() {
+        let line = |msg: &WatchMessage| serde_json::to_string(msg).expect("encode");
+        assert_eq!(
+            line(&snapshot(Vec::new(), Vec::new())),
+            r#"{"type":"snapshot","revision":3,"tasks":[],"services":[],"nodes":[],"rollouts":[]}"#
+        );
+        let change = WatchMessage::Change {
+            revision: 4,
+            changes: vec![WatchChange::Task {
+                id: "t1".into(),
+                object: None,
+            }],
+        };
+        assert_eq!(
+            line(&change),
+            r#"{"type":"change","revision":4,"changes":[{"kind":"task","id":"t1","object":null}]}"#
+        );
+    }
 }

@@ -297,3 +297,45 @@ async fn a_batch_of_commands_writes_each_object_last_value_to_disk() {
         ("2", 4)
     );
 }
+
+/// A data dir written before namespaces and configs existed (no tables for them) opens, and
+/// the existing kinds are read from their tables under the names they always had.
+#[test]
+fn a_data_dir_from_before_the_new_kinds_opens() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = dir.path().join("store.redb");
+    {
+        let db = redb::Database::create(&path).expect("create");
+        let txn = db.begin_write().expect("begin");
+        {
+            let table: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("services");
+            let mut services = txn.open_table(table).expect("services table");
+            let spec = ServiceSpec::process("web", vec!["sleep".into(), "60".into()]);
+            let web = Service {
+                name: "web".into(),
+                spec,
+                revision: 1,
+                meta: Default::default(),
+            };
+            let json = serde_json::to_vec(&web).expect("encode");
+            services.insert("web", json.as_slice()).expect("insert");
+            let records: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
+            let record = br#"{"key":"pki","value":{"ca":"x"}}"#;
+            let mut records = txn.open_table(records).expect("records table");
+            records.insert("pki", record.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let (shared, _) = Shared::open(&path, 100).expect("open an older data dir");
+    let (services, records, namespaces) = shared.read(|s| {
+        (
+            s.services.keys().cloned().collect::<Vec<_>>(),
+            s.records.keys().cloned().collect::<Vec<_>>(),
+            s.namespaces.len(),
+        )
+    });
+    assert_eq!(
+        (services, records, namespaces),
+        (vec!["web".to_string()], vec!["pki".to_string()], 0)
+    );
+}

@@ -23,7 +23,7 @@
 //! | `GET /v1/nodes/{id}` | → `Node` |
 //! | `PATCH /v1/nodes/{id}` | [`NodeUpdate`] → `Node` (availability, labels) |
 //! | `GET /v1/events?since=REV&follow=bool` | → NDJSON of `Event` |
-//! | `GET /v1/watch?kind=task&node=N` | → NDJSON of [`WatchMessage`]: a snapshot, then changes |
+//! | `GET /v1/watch?kind=task&node=N` (`kind`: one of [`WATCH_KINDS`] or `all`) | → NDJSON of [`WatchMessage`]: a snapshot, then changes |
 //! | `GET /v1/status` | → [`ClusterStatus`] |
 //! | `PUT /v1/tasks/{id}/weight` | [`WeightRequest`] → [`WriteResponse`] (mesh weight 0..=100) |
 //! | `PUT /v1/services/{name}/weights` | [`BulkWeightRequest`] → [`WriteResponse`] (several tasks at once) |
