@@ -4,8 +4,10 @@
 //!
 //! Adding a kind: a type implementing [`flotilla_types::Object`] (its key, name and meta), a
 //! `Kind` implementation here (its redb table, and optionally its events and watch change), a
-//! field in [`ClusterState`] and a line in `kinds!`. Ops, apply, storage, snapshots and the watch
-//! stream then handle it without further edits.
+//! field in [`ClusterState`] and a line in `kinds!`. The generic ops, apply, storage, snapshots
+//! and the change feed then handle it without further edits. A kind that watchers see also
+//! needs its variant in the watch wire format ([`WatchChange`], the snapshot's field, the
+//! client's `Mirror`), which names each kind's key field explicitly to stay wire-compatible.
 
 use crate::events::{self, Events};
 use crate::ops::{ClusterState, Record};
