@@ -13,7 +13,6 @@ use crate::ops::{ClusterState, Command, CommandResult, Expect, Op};
 use flotilla_types::{
     DesiredState, Event, Meta, Node, NodeState, Service, Task, TaskStatus, Timestamp,
 };
-use std::collections::BTreeMap;
 
 /// What applying one command produced.
 pub(crate) struct Outcome {
@@ -102,17 +101,31 @@ fn missing(what: &str) -> Refusal {
     Refusal::NotFound(format!("{what} does not exist"))
 }
 
-/// Looks `key` up in the command's own writes, then the batch's, then the applied state.
-fn layered<'a, K: Ord, V>(
-    key: &K,
-    own: &'a BTreeMap<K, Option<V>>,
-    batch: &'a BTreeMap<K, Option<V>>,
-    base: &'a BTreeMap<K, V>,
-) -> Option<&'a V> {
-    match own.get(key).or_else(|| batch.get(key)) {
+/// The object at `key` as a command sees it: its own writes, then the batch's, then the applied
+/// state. A free function, so the borrow covers only these and not the events added meanwhile.
+fn current<'a, K: Kind>(
+    own: &'a Overlay,
+    batch: &'a Overlay,
+    base: &'a ClusterState,
+    key: &K::Key,
+) -> Option<&'a K> {
+    match K::writes(own)
+        .get(key)
+        .or_else(|| K::writes(batch).get(key))
+    {
         Some(pending) => pending.as_ref(),
-        None => base.get(key),
+        None => K::all(base).get(key),
     }
+}
+
+/// Stamps `meta` on an object written at log `index` and time `at`, keeping `created_at` of the
+/// version it replaces.
+fn stamp<K: Kind>(new: &mut K, old: Option<&K>, index: u64, at: Timestamp) {
+    new.set_meta(Meta {
+        version: index,
+        created_at: old.map_or(at, |o| o.meta().created_at),
+        updated_at: at,
+    });
 }
 
 struct Exec<'a> {
@@ -160,16 +173,6 @@ impl Exec<'_> {
         }
     }
 
-    /// The current object at `key`, as this command sees it.
-    fn get<K: Kind>(&self, key: &K::Key) -> Option<&K> {
-        layered(
-            key,
-            K::writes(&self.own),
-            K::writes(self.batch),
-            K::all(self.base),
-        )
-    }
-
     /// Records the object's value at the end of this command so far (`None` = deleted).
     fn write<K: Kind>(&mut self, key: K::Key, value: Option<K>) {
         let writes = K::writes_mut(&mut self.own);
@@ -179,41 +182,32 @@ impl Exec<'_> {
         writes.insert(key, value);
     }
 
-    /// Stamps `meta` on an object written now, keeping `created_at` of the version it replaces,
-    /// narrates the write and records it.
-    fn commit<K: Kind>(&mut self, key: K::Key, old: Option<&K>, mut new: K) {
-        new.set_meta(Meta {
-            version: self.index,
-            created_at: old.map_or(self.at, |o| o.meta().created_at),
-            updated_at: self.at,
-        });
-        K::narrate(&mut self.events, old, Some(&new));
-        self.write(key, Some(new));
-    }
-
     /// Creates or replaces `object` if `expect` holds (and the kind is not immutable).
     fn put<K: Kind>(&mut self, object: &K, expect: Expect) -> Result<(), Refusal> {
         let key = object.key();
         let what = K::describe(&key);
-        let old = self.get::<K>(&key).cloned();
+        let old = current::<K>(&self.own, self.batch, self.base, &key);
         if K::IMMUTABLE && old.is_some() {
             return Err(Refusal::Conflict(format!(
                 "{what} already exists ({}s are immutable)",
                 K::KIND
             )));
         }
-        check(expect, old.as_ref().map(|o| o.meta().version), &what)?;
-        self.commit(key, old.as_ref(), object.clone());
+        check(expect, old.map(|o| o.meta().version), &what)?;
+        let mut new = object.clone();
+        stamp(&mut new, old, self.index, self.at);
+        K::narrate(&mut self.events, old, Some(&new));
+        self.write(key, Some(new));
         Ok(())
     }
 
     /// Deletes the object at `key`, which must exist, if `expect` holds.
     fn delete<K: Kind>(&mut self, key: &K::Key, expect: Expect) -> Result<(), Refusal> {
         let what = K::describe(key);
-        let old = self.get::<K>(key).ok_or_else(|| missing(&what))?;
+        let old = current::<K>(&self.own, self.batch, self.base, key);
+        let old = old.ok_or_else(|| missing(&what))?;
         check(expect, Some(old.meta().version), &what)?;
-        let old = old.clone();
-        K::narrate(&mut self.events, Some(&old), None);
+        K::narrate(&mut self.events, Some(old), None);
         self.write::<K>(key.clone(), None);
         Ok(())
     }
@@ -225,10 +219,13 @@ impl Exec<'_> {
         change: impl FnOnce(&K, &mut K, &str) -> Result<(), Refusal>,
     ) -> Result<(), Refusal> {
         let what = K::describe(key);
-        let old = self.get::<K>(key).ok_or_else(|| missing(&what))?.clone();
+        let old = current::<K>(&self.own, self.batch, self.base, key);
+        let old = old.ok_or_else(|| missing(&what))?;
         let mut new = old.clone();
-        change(&old, &mut new, &what)?;
-        self.commit(key.clone(), Some(&old), new);
+        change(old, &mut new, &what)?;
+        stamp(&mut new, Some(old), self.index, self.at);
+        K::narrate(&mut self.events, Some(old), Some(&new));
+        self.write(key.clone(), Some(new));
         Ok(())
     }
 
