@@ -10,9 +10,9 @@ use axum::extract::{Query, State};
 use axum::response::Response;
 use bytes::Bytes;
 use flotilla_store::{Change, ClusterState};
-use flotilla_types::api::{WatchChange, WatchMessage};
+use flotilla_types::api::{WatchChange, WatchMessage, WATCH_KINDS};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
@@ -99,24 +99,56 @@ pub async fn events(
 
 #[derive(Debug, Deserialize)]
 pub struct WatchQuery {
-    /// `task`, `service`, `node`, or absent for all.
+    /// One of [`WATCH_KINDS`] (`task`, `service`, `node`, `namespace`, `config`), or absent or
+    /// `all` for every kind.
     pub kind: Option<String>,
     /// Only tasks assigned to this node.
     pub node: Option<String>,
 }
 
 struct WatchFilter {
-    tasks: bool,
-    services: bool,
-    nodes: bool,
+    /// The watch kinds sent (see [`WatchChange::watch_kind`]).
+    kinds: BTreeSet<&'static str>,
     node: Option<String>,
     /// Tasks the watcher has been told about, so it also hears of their deletion or move.
     known_tasks: BTreeSet<String>,
 }
 
 impl WatchFilter {
+    fn new(q: WatchQuery) -> Result<Self, ApiError> {
+        let kinds = match q.kind.as_deref() {
+            None | Some("") | Some("all") => WATCH_KINDS.into_iter().collect(),
+            Some(kind) => match WATCH_KINDS.into_iter().find(|k| *k == kind) {
+                Some(k) => BTreeSet::from([k]),
+                None => {
+                    return Err(ApiError::invalid(
+                        format!("unknown watch kind {kind:?}"),
+                        vec![flotilla_types::FieldError::new(
+                            "kind",
+                            format!("expected one of {} or all", WATCH_KINDS.join(", ")),
+                        )],
+                    ))
+                }
+            },
+        };
+        Ok(WatchFilter {
+            kinds,
+            node: q.node,
+            known_tasks: BTreeSet::new(),
+        })
+    }
+
+    /// Every object of `all` when the watcher asked for `kind`.
+    fn list<K: Clone, I: Ord>(&self, kind: &str, all: &BTreeMap<I, K>) -> Vec<K> {
+        if self.kinds.contains(kind) {
+            all.values().cloned().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn snapshot(&mut self, s: &ClusterState) -> WatchMessage {
-        let tasks: Vec<_> = if self.tasks {
+        let tasks: Vec<_> = if self.kinds.contains("task") {
             s.tasks
                 .values()
                 .filter(|t| self.node.is_none() || t.node == self.node)
@@ -129,69 +161,34 @@ impl WatchFilter {
         WatchMessage::Snapshot {
             revision: s.revision,
             tasks,
-            services: if self.services {
-                s.services.values().cloned().collect()
-            } else {
-                Vec::new()
-            },
-            nodes: if self.nodes {
-                s.nodes.values().cloned().collect()
-            } else {
-                Vec::new()
-            },
-            rollouts: if self.services {
-                s.rollouts.values().cloned().collect()
-            } else {
-                Vec::new()
-            },
+            services: self.list("service", &s.services),
+            nodes: self.list("node", &s.nodes),
+            rollouts: self.list("service", &s.rollouts),
+            namespaces: self.list("namespace", &s.namespaces),
+            configs: self.list("config", &s.configs),
         }
     }
 
     fn change(&mut self, c: &Change) -> Option<WatchChange> {
-        match c {
-            Change::Task { id, object } if self.tasks => {
-                let matches =
-                    self.node.is_none() || object.as_ref().is_some_and(|t| t.node == self.node);
-                let known = self.known_tasks.contains(id);
-                if matches {
-                    self.known_tasks.insert(id.clone());
-                    Some(WatchChange::Task {
-                        id: id.clone(),
-                        object: object.clone(),
-                    })
-                } else if known {
-                    // Deleted, or moved off the watched node: tell the watcher it is gone.
-                    self.known_tasks.remove(id);
-                    Some(WatchChange::Task {
-                        id: id.clone(),
-                        object: None,
-                    })
-                } else {
-                    None
-                }
-            }
-            Change::Service { name, object } if self.services => Some(WatchChange::Service {
-                name: name.clone(),
-                object: object.clone(),
-            }),
-            Change::Node { id, object } if self.nodes => Some(WatchChange::Node {
+        let change = c.to_watch()?;
+        if !self.kinds.contains(change.watch_kind()) {
+            return None;
+        }
+        let WatchChange::Task { id, object } = &change else {
+            return Some(change);
+        };
+        let matches = self.node.is_none() || object.as_ref().is_some_and(|t| t.node == self.node);
+        if matches {
+            self.known_tasks.insert(id.clone());
+            Some(change)
+        } else if self.known_tasks.remove(id) {
+            // Deleted, or moved off the watched node: tell the watcher it is gone.
+            Some(WatchChange::Task {
                 id: id.clone(),
-                object: object.clone(),
-            }),
-            Change::Revision {
-                service,
-                number,
-                object,
-            } if self.services => Some(WatchChange::Revision {
-                service: service.clone(),
-                number: *number,
-                object: object.clone(),
-            }),
-            Change::Rollout { service, object } if self.services => Some(WatchChange::Rollout {
-                service: service.clone(),
-                object: object.clone(),
-            }),
-            _ => None,
+                object: None,
+            })
+        } else {
+            None
         }
     }
 }
@@ -200,28 +197,7 @@ pub async fn watch(
     State(app): State<AppState>,
     Query(q): Query<WatchQuery>,
 ) -> Result<Response, ApiError> {
-    let (tasks, services, nodes) = match q.kind.as_deref() {
-        None | Some("") | Some("all") => (true, true, true),
-        Some("task") => (true, false, false),
-        Some("service") => (false, true, false),
-        Some("node") => (false, false, true),
-        Some(other) => {
-            return Err(ApiError::invalid(
-                format!("unknown watch kind {other:?}"),
-                vec![flotilla_types::FieldError::new(
-                    "kind",
-                    "expected task, service, node or all",
-                )],
-            ))
-        }
-    };
-    let mut filter = WatchFilter {
-        tasks,
-        services,
-        nodes,
-        node: q.node,
-        known_tasks: BTreeSet::new(),
-    };
+    let mut filter = WatchFilter::new(q)?;
     let mut sub = app.store.subscribe();
     let first = app.store.read(|s| filter.snapshot(s));
     // Small on purpose: once the watcher stops reading, changes wait in `Pending`, where a newer
@@ -299,7 +275,7 @@ const WATCH_BUFFER: usize = 16;
 struct Pending {
     revision: u64,
     changes: Vec<WatchChange>,
-    index: HashMap<(u8, String, u64), usize>,
+    index: HashMap<(&'static str, String, u64), usize>,
 }
 
 impl Pending {
@@ -309,15 +285,8 @@ impl Pending {
 
     fn push(&mut self, revision: u64, change: WatchChange) {
         self.revision = revision;
-        let key = match &change {
-            WatchChange::Task { id, .. } => (0, id.clone(), 0),
-            WatchChange::Service { name, .. } => (1, name.clone(), 0),
-            WatchChange::Node { id, .. } => (2, id.clone(), 0),
-            WatchChange::Revision {
-                service, number, ..
-            } => (3, service.clone(), *number),
-            WatchChange::Rollout { service, .. } => (4, service.clone(), 0),
-        };
+        let (kind, name, number) = change.object_key();
+        let key = (kind, name.to_string(), number);
         match self.index.get(&key) {
             Some(&i) => self.changes[i] = change,
             None => {
@@ -333,5 +302,106 @@ impl Pending {
             revision: taken.revision,
             changes: taken.changes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::{Config, Namespace};
+
+    fn filter(kind: &str) -> WatchFilter {
+        let q = WatchQuery {
+            kind: Some(kind.to_string()),
+            node: None,
+        };
+        match WatchFilter::new(q) {
+            Ok(f) => f,
+            Err(e) => panic!("watch kind {kind}: {e:?}"),
+        }
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.namespaces.insert("a".into(), Namespace::new("a"));
+        s.configs.insert("c".into(), Config::new("c", "data"));
+        s
+    }
+
+    #[test]
+    fn unknown_kinds_are_refused_naming_the_field() {
+        let q = WatchQuery {
+            kind: Some("secret".into()),
+            node: None,
+        };
+        match WatchFilter::new(q) {
+            Err(ApiError::Invalid { fields, .. }) => {
+                assert_eq!(fields[0].field, "kind");
+                assert!(fields[0].reason.contains("namespace, config"), "{fields:?}");
+            }
+            Err(other) => panic!("expected invalid, got {other:?}"),
+            Ok(_) => panic!("an unknown kind was accepted"),
+        }
+    }
+
+    /// The namespaces and configs of a snapshot for a watch of `kind`.
+    fn snapshot_of(kind: &str) -> (Vec<Namespace>, Vec<Config>) {
+        match filter(kind).snapshot(&state()) {
+            WatchMessage::Snapshot {
+                namespaces,
+                configs,
+                ..
+            } => (namespaces, configs),
+            other => panic!("not a snapshot: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn snapshots_and_changes_carry_only_the_asked_kinds() {
+        assert_eq!(
+            snapshot_of("config"),
+            (vec![], vec![Config::new("c", "data")])
+        );
+        let (namespaces, configs) = snapshot_of("all");
+        assert_eq!((namespaces.len(), configs.len()), (1, 1));
+
+        let deleted = Change::Config {
+            key: "c".into(),
+            object: None,
+        };
+        assert_eq!(
+            filter("config").change(&deleted),
+            Some(WatchChange::Config {
+                name: "c".into(),
+                object: None
+            })
+        );
+        assert_eq!(filter("namespace").change(&deleted), None);
+        let record = Change::Record {
+            key: "pki".into(),
+            object: None,
+        };
+        assert_eq!(filter("all").change(&record), None);
+    }
+
+    #[test]
+    fn pending_keeps_the_newest_change_per_object_across_kinds() {
+        let mut pending = Pending::default();
+        let config = |data: &str| WatchChange::Config {
+            name: "x".into(),
+            object: Some(Config::new("x", data)),
+        };
+        let namespace = WatchChange::Namespace {
+            name: "x".into(),
+            object: None,
+        };
+        pending.push(1, config("old"));
+        pending.push(2, namespace.clone());
+        pending.push(3, config("new"));
+        let WatchMessage::Change { revision, changes } = pending.take() else {
+            panic!("not a change")
+        };
+        assert_eq!(revision, 3);
+        assert_eq!(changes, [config("new"), namespace]);
     }
 }

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod mirror;
+pub use mirror::Mirror;
 
 use bytes::Bytes;
 use flotilla_types::api::TaskStats;
@@ -867,69 +869,5 @@ mod tests {
         assert_eq!(client.base(), format!("http://{good}"));
         assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
         good_task.abort();
-    }
-}
-
-/// A local copy of the objects a watch stream reports, kept current by [`Mirror::apply`].
-#[derive(Debug, Default, Clone)]
-pub struct Mirror {
-    pub revision: u64,
-    pub tasks: std::collections::BTreeMap<String, Task>,
-    pub services: std::collections::BTreeMap<String, flotilla_types::Service>,
-    pub nodes: std::collections::BTreeMap<String, Node>,
-    /// The latest release of each service, by service name.
-    pub rollouts: std::collections::BTreeMap<String, flotilla_types::Rollout>,
-}
-
-impl Mirror {
-    /// Folds one watch message in. A snapshot replaces everything.
-    pub fn apply(&mut self, msg: WatchMessage) {
-        use flotilla_types::api::WatchChange;
-        match msg {
-            WatchMessage::Snapshot {
-                revision,
-                tasks,
-                services,
-                nodes,
-                rollouts,
-            } => {
-                self.revision = revision;
-                self.tasks = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
-                self.services = services.into_iter().map(|s| (s.name.clone(), s)).collect();
-                self.nodes = nodes.into_iter().map(|n| (n.id.clone(), n)).collect();
-                self.rollouts = rollouts
-                    .into_iter()
-                    .map(|r| (r.service.clone(), r))
-                    .collect();
-            }
-            WatchMessage::Change { revision, changes } => {
-                self.revision = revision;
-                for c in changes {
-                    match c {
-                        WatchChange::Task { id, object } => upsert(&mut self.tasks, id, object),
-                        WatchChange::Service { name, object } => {
-                            upsert(&mut self.services, name, object)
-                        }
-                        WatchChange::Node { id, object } => upsert(&mut self.nodes, id, object),
-                        WatchChange::Revision { .. } => {}
-                        WatchChange::Rollout { service, object } => {
-                            upsert(&mut self.rollouts, service, object)
-                        }
-                    }
-                }
-            }
-            WatchMessage::Heartbeat { revision } => self.revision = self.revision.max(revision),
-        }
-    }
-}
-
-fn upsert<T>(map: &mut std::collections::BTreeMap<String, T>, key: String, object: Option<T>) {
-    match object {
-        Some(o) => {
-            map.insert(key, o);
-        }
-        None => {
-            map.remove(&key);
-        }
     }
 }

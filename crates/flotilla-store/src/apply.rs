@@ -4,88 +4,15 @@
 //! Several commands of one raft batch are applied in a single redb transaction, and the in-memory
 //! [`ClusterState`] is only updated once that transaction commits. So a command sees the state
 //! through two [`Overlay`]s: the writes of earlier commands in the batch, then its own earlier ops.
+//! Every op reduces to three generic steps on a [`Kind`]: read the current object, check the
+//! precondition, write the new one (stamping its meta and narrating its events).
 
-use crate::ops::{Change, ClusterState, Command, CommandResult, Expect, Op, Record};
+use crate::events::Events;
+use crate::kinds::{Change, Kind, ObjectVisitor, Overlay};
+use crate::ops::{ClusterState, Command, CommandResult, Expect, Op};
 use flotilla_types::{
-    Availability, Event, EventLevel, Health, Node, NodeState, Revision, Rollout, Service, Task,
-    TaskState, Timestamp,
+    DesiredState, Event, Meta, Node, NodeState, Service, Task, TaskStatus, Timestamp,
 };
-use std::collections::BTreeMap;
-
-/// Pending writes not yet in the [`ClusterState`]; `None` marks a deletion.
-#[derive(Debug, Default)]
-pub(crate) struct Overlay {
-    services: BTreeMap<String, Option<Service>>,
-    revisions: BTreeMap<(String, u64), Option<Revision>>,
-    tasks: BTreeMap<String, Option<Task>>,
-    nodes: BTreeMap<String, Option<Node>>,
-    rollouts: BTreeMap<String, Option<Rollout>>,
-    records: BTreeMap<String, Option<Record>>,
-}
-
-impl Overlay {
-    /// Layers `later` on top of `self`: its writes win.
-    pub(crate) fn merge(&mut self, later: Overlay) {
-        self.services.extend(later.services);
-        self.revisions.extend(later.revisions);
-        self.tasks.extend(later.tasks);
-        self.nodes.extend(later.nodes);
-        self.rollouts.extend(later.rollouts);
-        self.records.extend(later.records);
-    }
-
-    /// Moves every pending write into `state`.
-    pub(crate) fn apply_to(self, state: &mut ClusterState) {
-        fn put<K: Ord, V>(base: &mut BTreeMap<K, V>, writes: BTreeMap<K, Option<V>>) {
-            for (key, value) in writes {
-                match value {
-                    Some(v) => {
-                        base.insert(key, v);
-                    }
-                    None => {
-                        base.remove(&key);
-                    }
-                }
-            }
-        }
-        put(&mut state.services, self.services);
-        put(&mut state.revisions, self.revisions);
-        let indexed = state.task_index.len == state.tasks.len();
-        for (id, value) in self.tasks {
-            match value {
-                Some(t) => {
-                    if indexed && !state.tasks.contains_key(&id) {
-                        state.task_index.insert(&t.service, &id);
-                    }
-                    state.tasks.insert(id, t);
-                }
-                None => {
-                    if let Some(old) = state.tasks.remove(&id) {
-                        if indexed {
-                            state.task_index.remove(&old.service, &id);
-                        }
-                    }
-                }
-            }
-        }
-        put(&mut state.nodes, self.nodes);
-        put(&mut state.rollouts, self.rollouts);
-        put(&mut state.records, self.records);
-    }
-}
-
-/// Looks `key` up in the command's own writes, then the batch's, then the applied state.
-fn layered<'a, K: Ord, V>(
-    key: &K,
-    own: &'a BTreeMap<K, Option<V>>,
-    batch: &'a BTreeMap<K, Option<V>>,
-    base: &'a BTreeMap<K, V>,
-) -> Option<&'a V> {
-    match own.get(key).or_else(|| batch.get(key)) {
-        Some(pending) => pending.as_ref(),
-        None => base.get(key),
-    }
-}
 
 /// What applying one command produced.
 pub(crate) struct Outcome {
@@ -107,16 +34,6 @@ enum Refusal {
     NotFound(String),
 }
 
-/// Identifies a touched object, to report each once in [`AppliedCommand::changes`].
-enum Touched {
-    Service(String),
-    Revision(String, u64),
-    Task(String),
-    Node(String),
-    Rollout(String),
-    Record(String),
-}
-
 /// Applies `cmd` at log index `index` on top of `base` + `batch`. Deterministic: depends only on
 /// its inputs.
 pub(crate) fn apply_command(
@@ -130,7 +47,7 @@ pub(crate) fn apply_command(
         batch,
         own: Overlay::default(),
         touched: Vec::new(),
-        events: Vec::new(),
+        events: Events::new(index, cmd.at),
         index,
         at: cmd.at,
     };
@@ -146,13 +63,16 @@ pub(crate) fn apply_command(
             };
         }
     }
-    let changes = exec.changes();
+    let mut changes = exec.touched;
+    for change in &mut changes {
+        change.settle(&exec.own);
+    }
     Outcome {
         result: CommandResult::Applied { revision: index },
         applied: Some(AppliedCommand {
             writes: exec.own,
             changes,
-            events: exec.events,
+            events: exec.events.into_vec(),
         }),
     }
 }
@@ -181,590 +101,196 @@ fn missing(what: &str) -> Refusal {
     Refusal::NotFound(format!("{what} does not exist"))
 }
 
+/// The object at `key` as a command sees it: its own writes, then the batch's, then the applied
+/// state. A free function, so the borrow covers only these and not the events added meanwhile.
+fn current<'a, K: Kind>(
+    own: &'a Overlay,
+    batch: &'a Overlay,
+    base: &'a ClusterState,
+    key: &K::Key,
+) -> Option<&'a K> {
+    match K::writes(own)
+        .get(key)
+        .or_else(|| K::writes(batch).get(key))
+    {
+        Some(pending) => pending.as_ref(),
+        None => K::all(base).get(key),
+    }
+}
+
+/// Stamps `meta` on an object written at log `index` and time `at`, keeping `created_at` of the
+/// version it replaces.
+fn stamp<K: Kind>(new: &mut K, old: Option<&K>, index: u64, at: Timestamp) {
+    new.set_meta(Meta {
+        version: index,
+        created_at: old.map_or(at, |o| o.meta().created_at),
+        updated_at: at,
+    });
+}
+
 struct Exec<'a> {
     base: &'a ClusterState,
     batch: &'a Overlay,
     own: Overlay,
-    touched: Vec<Touched>,
-    events: Vec<Event>,
+    /// Every touched object once, in first-touch order; settled to final values at the end.
+    touched: Vec<Change>,
+    events: Events,
     index: u64,
     at: Timestamp,
 }
 
 impl Exec<'_> {
-    fn service(&self, name: &str) -> Option<&Service> {
-        let key = name.to_string();
-        layered(
-            &key,
-            &self.own.services,
-            &self.batch.services,
-            &self.base.services,
-        )
-    }
-
-    fn revision_exists(&self, service: &str, number: u64) -> bool {
-        let key = (service.to_string(), number);
-        layered(
-            &key,
-            &self.own.revisions,
-            &self.batch.revisions,
-            &self.base.revisions,
-        )
-        .is_some()
-    }
-
-    fn task(&self, id: &str) -> Option<&Task> {
-        let key = id.to_string();
-        layered(&key, &self.own.tasks, &self.batch.tasks, &self.base.tasks)
-    }
-
-    fn node(&self, id: &str) -> Option<&Node> {
-        let key = id.to_string();
-        layered(&key, &self.own.nodes, &self.batch.nodes, &self.base.nodes)
-    }
-
-    fn rollout(&self, service: &str) -> Option<&Rollout> {
-        let key = service.to_string();
-        layered(
-            &key,
-            &self.own.rollouts,
-            &self.batch.rollouts,
-            &self.base.rollouts,
-        )
-    }
-
-    fn record(&self, key: &str) -> Option<&Record> {
-        let key = key.to_string();
-        layered(
-            &key,
-            &self.own.records,
-            &self.batch.records,
-            &self.base.records,
-        )
-    }
-
-    fn put_record(&mut self, key: String, value: Option<Record>) {
-        if !self.own.records.contains_key(&key) {
-            self.touched.push(Touched::Record(key.clone()));
-        }
-        self.own.records.insert(key, value);
-    }
-
-    fn put_rollout(&mut self, service: String, value: Option<Rollout>) {
-        if !self.own.rollouts.contains_key(&service) {
-            self.touched.push(Touched::Rollout(service.clone()));
-        }
-        self.own.rollouts.insert(service, value);
-    }
-
-    /// `meta` for an object written now, keeping `created_at` of the version it replaces.
-    fn meta(&self, old_created_at: Option<Timestamp>) -> flotilla_types::Meta {
-        flotilla_types::Meta {
-            version: self.index,
-            created_at: old_created_at.unwrap_or(self.at),
-            updated_at: self.at,
-        }
-    }
-
-    fn put_service(&mut self, name: String, value: Option<Service>) {
-        if !self.own.services.contains_key(&name) {
-            self.touched.push(Touched::Service(name.clone()));
-        }
-        self.own.services.insert(name, value);
-    }
-
-    fn put_revision(&mut self, revision: Revision) {
-        let key = (revision.service.clone(), revision.number);
-        if !self.own.revisions.contains_key(&key) {
-            self.touched.push(Touched::Revision(key.0.clone(), key.1));
-        }
-        self.own.revisions.insert(key, Some(revision));
-    }
-
-    fn put_task(&mut self, id: String, value: Option<Task>) {
-        if !self.own.tasks.contains_key(&id) {
-            self.touched.push(Touched::Task(id.clone()));
-        }
-        self.own.tasks.insert(id, value);
-    }
-
-    fn put_node(&mut self, id: String, value: Option<Node>) {
-        if !self.own.nodes.contains_key(&id) {
-            self.touched.push(Touched::Node(id.clone()));
-        }
-        self.own.nodes.insert(id, value);
-    }
-
-    fn event(
-        &mut self,
-        level: EventLevel,
-        kind: &str,
-        object: &str,
-        action: &str,
-        message: String,
-    ) {
-        self.events.push(Event {
-            revision: self.index,
-            at: self.at,
-            level,
-            kind: kind.to_string(),
-            object: object.to_string(),
-            action: action.to_string(),
-            message,
-        });
-    }
-
     fn op(&mut self, op: &Op) -> Result<(), Refusal> {
         match op {
-            Op::PutService { service, expect } => {
-                let what = format!("service {:?}", service.name);
-                let old = self.service(&service.name).cloned();
-                check(*expect, old.as_ref().map(|s| s.meta.version), &what)?;
-                let mut new = service.clone();
-                new.meta = self.meta(old.as_ref().map(|s| s.meta.created_at));
-                self.service_events(old.as_ref(), &new);
-                self.put_service(new.name.clone(), Some(new));
-            }
-            Op::DeleteService { name, expect } => {
-                let what = format!("service {name:?}");
-                let version = self.service(name).map(|s| s.meta.version);
-                let version = version.ok_or_else(|| missing(&what))?;
-                check(*expect, Some(version), &what)?;
-                self.event(
-                    EventLevel::Info,
-                    "service",
-                    name,
-                    "removed",
-                    format!("service {name} removed"),
-                );
-                self.put_service(name.clone(), None);
-            }
-            Op::PutRevision { revision } => {
-                if self.revision_exists(&revision.service, revision.number) {
-                    return Err(Refusal::Conflict(format!(
-                        "revision {} of service {:?} already exists (revisions are immutable)",
-                        revision.number, revision.service
-                    )));
-                }
-                self.put_revision(revision.clone());
-            }
-            Op::PutTask { task, expect } => {
-                let what = format!("task {:?}", task.id);
-                let old = self.task(&task.id).cloned();
-                check(*expect, old.as_ref().map(|t| t.meta.version), &what)?;
-                let mut new = task.clone();
-                new.meta = self.meta(old.as_ref().map(|t| t.meta.created_at));
-                match &old {
-                    Some(old) => self.task_events(old, &new),
-                    None => self.task_created_event(&new),
-                }
-                self.put_task(new.id.clone(), Some(new));
-            }
-            Op::SetTaskStatus { id, node, status } => {
-                let what = format!("task {id:?}");
-                let old = self.task(id).ok_or_else(|| missing(&what))?;
-                if old.node.as_deref() != Some(node.as_str()) {
-                    return Err(Refusal::Conflict(format!(
-                        "{what} ({}) is assigned to node {}, not {node:?}",
-                        old.name(),
-                        old.node
-                            .as_deref()
-                            .map_or_else(|| "none".to_string(), |n| format!("{n:?}")),
-                    )));
-                }
-                let old = old.clone();
-                let mut new = old.clone();
-                new.record_status(status.clone());
-                new.meta = self.meta(Some(old.meta.created_at));
-                self.task_events(&old, &new);
-                self.put_task(id.clone(), Some(new));
-            }
+            Op::PutService { service, expect } => self.put(service, *expect),
+            Op::DeleteService { name, expect } => self.delete::<Service>(name, *expect),
+            Op::PutRevision { revision } => self.put(revision, Expect::Any),
+            Op::PutTask { task, expect } => self.put(task, *expect),
+            Op::SetTaskStatus { id, node, status } => self.set_task_status(id, node, status),
             Op::SetTaskDesired {
                 id,
                 desired,
                 expect,
-            } => {
-                let what = format!("task {id:?}");
-                let old = self.task(id).ok_or_else(|| missing(&what))?;
-                check(*expect, Some(old.meta.version), &what)?;
-                let mut new = old.clone();
-                new.desired_state = *desired;
-                new.meta = self.meta(Some(old.meta.created_at));
-                self.put_task(id.clone(), Some(new));
-            }
-            Op::DeleteTask { id, expect } => {
-                let what = format!("task {id:?}");
-                let version = self.task(id).map(|t| t.meta.version);
-                check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
-                self.put_task(id.clone(), None);
-            }
-            Op::PutNode { node, expect } => {
-                let what = format!("node {:?}", node.id);
-                let old = self.node(&node.id).cloned();
-                check(*expect, old.as_ref().map(|n| n.meta.version), &what)?;
-                let mut new = node.clone();
-                new.meta = self.meta(old.as_ref().map(|n| n.meta.created_at));
-                match &old {
-                    None => self.event(
-                        EventLevel::Info,
-                        "node",
-                        &new.id,
-                        "created",
-                        format!("node {} ({}) registered", new.id, new.hostname),
-                    ),
-                    Some(old) => {
-                        if old.state != new.state {
-                            self.node_state_event(&new);
-                        }
-                        if old.availability != new.availability {
-                            self.node_availability_event(&new);
-                        }
-                        if old.labels != new.labels {
-                            self.event(
-                                EventLevel::Info,
-                                "node",
-                                &new.id,
-                                "labels",
-                                format!("node {} labels: {}", new.id, format_labels(&new.labels)),
-                            );
-                        }
-                    }
-                }
-                self.put_node(new.id.clone(), Some(new));
-            }
-            Op::NodeHeartbeat { id, at } => {
-                let what = format!("node {id:?}");
-                let old = self.node(id).ok_or_else(|| missing(&what))?;
-                let mut new = old.clone();
-                new.last_heartbeat = *at;
-                new.meta = self.meta(Some(old.meta.created_at));
-                if new.state == NodeState::Down {
-                    new.state = NodeState::Ready;
-                    new.message.clear();
-                    self.node_state_event(&new);
-                }
-                self.put_node(id.clone(), Some(new));
-            }
-            Op::DeleteNode { id, expect } => {
-                let what = format!("node {id:?}");
-                let version = self.node(id).map(|n| n.meta.version);
-                check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
-                self.event(
-                    EventLevel::Info,
-                    "node",
-                    id,
-                    "removed",
-                    format!("node {id} removed"),
-                );
-                self.put_node(id.clone(), None);
-            }
-            Op::PutRollout { rollout, expect } => {
-                let what = format!("rollout of service {:?}", rollout.service);
-                let old = self.rollout(&rollout.service).cloned();
-                check(*expect, old.as_ref().map(|r| r.meta.version), &what)?;
-                let mut new = rollout.clone();
-                new.meta = self.meta(old.as_ref().map(|r| r.meta.created_at));
-                self.rollout_events(old.as_ref(), &new);
-                self.put_rollout(new.service.clone(), Some(new));
-            }
+            } => self.set_task_desired(id, *desired, *expect),
+            Op::DeleteTask { id, expect } => self.delete::<Task>(id, *expect),
+            Op::PutNode { node, expect } => self.put(node, *expect),
+            Op::NodeHeartbeat { id, at } => self.node_heartbeat(id, *at),
+            Op::DeleteNode { id, expect } => self.delete::<Node>(id, *expect),
+            Op::PutRollout { rollout, expect } => self.put(rollout, *expect),
             Op::DeleteRollout { service, expect } => {
-                let what = format!("rollout of service {service:?}");
-                let version = self.rollout(service).map(|r| r.meta.version);
-                check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
-                self.put_rollout(service.clone(), None);
+                self.delete::<flotilla_types::Rollout>(service, *expect)
             }
-            Op::PutRecord { record, expect } => {
-                let what = format!("record {:?}", record.key);
-                let old = self.record(&record.key).cloned();
-                check(*expect, old.as_ref().map(|r| r.meta.version), &what)?;
-                let mut new = record.clone();
-                new.meta = self.meta(old.as_ref().map(|r| r.meta.created_at));
-                self.put_record(new.key.clone(), Some(new));
-            }
-            Op::DeleteRecord { key, expect } => {
-                let what = format!("record {key:?}");
-                let version = self.record(key).map(|r| r.meta.version);
-                check(*expect, Some(version.ok_or_else(|| missing(&what))?), &what)?;
-                self.put_record(key.clone(), None);
-            }
+            Op::PutRecord { record, expect } => self.put(record, *expect),
+            Op::DeleteRecord { key, expect } => self.delete::<crate::Record>(key, *expect),
+            Op::Put { object, expect } => object.visit(&mut Generic {
+                exec: self,
+                expect: *expect,
+            }),
+            Op::Delete { key, expect } => key.visit(&mut Generic {
+                exec: self,
+                expect: *expect,
+            }),
         }
+    }
+
+    /// Records the object's value at the end of this command so far (`None` = deleted).
+    fn write<K: Kind>(&mut self, key: K::Key, value: Option<K>) {
+        let writes = K::writes_mut(&mut self.own);
+        if !writes.contains_key(&key) {
+            self.touched.push(K::change(key.clone(), None));
+        }
+        writes.insert(key, value);
+    }
+
+    /// Creates or replaces `object` if `expect` holds (and the kind is not immutable).
+    fn put<K: Kind>(&mut self, object: &K, expect: Expect) -> Result<(), Refusal> {
+        let key = object.key();
+        let what = K::describe(&key);
+        let old = current::<K>(&self.own, self.batch, self.base, &key);
+        if K::IMMUTABLE && old.is_some() {
+            return Err(Refusal::Conflict(format!(
+                "{what} already exists ({}s are immutable)",
+                K::KIND
+            )));
+        }
+        check(expect, old.map(|o| o.meta().version), &what)?;
+        let mut new = object.clone();
+        stamp(&mut new, old, self.index, self.at);
+        K::narrate(&mut self.events, old, Some(&new));
+        self.write(key, Some(new));
         Ok(())
     }
 
-    fn service_events(&mut self, old: Option<&Service>, new: &Service) {
-        let name = new.name.as_str();
-        let Some(old) = old else {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "created",
-                format!("service {name} created (revision {})", new.revision),
-            );
-            return;
-        };
-        let (old_replicas, new_replicas) = (old.spec.mode.replicas(), new.spec.mode.replicas());
-        if old.revision != new.revision {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "updated",
-                format!("service {name} updated to revision {}", new.revision),
-            );
-        } else if let (Some(from), Some(to), true) =
-            (old_replicas, new_replicas, old_replicas != new_replicas)
-        {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "scaled",
-                format!("service {name} scaled from {from} to {to} replicas"),
-            );
-        } else if old.spec != new.spec {
-            self.event(
-                EventLevel::Info,
-                "service",
-                name,
-                "updated",
-                format!("service {name} updated"),
-            );
-        }
+    /// Deletes the object at `key`, which must exist, if `expect` holds.
+    fn delete<K: Kind>(&mut self, key: &K::Key, expect: Expect) -> Result<(), Refusal> {
+        let what = K::describe(key);
+        let old = current::<K>(&self.own, self.batch, self.base, key);
+        let old = old.ok_or_else(|| missing(&what))?;
+        check(expect, Some(old.meta().version), &what)?;
+        K::narrate(&mut self.events, Some(old), None);
+        self.write::<K>(key.clone(), None);
+        Ok(())
     }
 
-    fn task_created_event(&mut self, task: &Task) {
-        let status = &task.status;
-        let (level, message) = match (status.state, task.node.as_deref()) {
-            (TaskState::Pending, None) if !status.message.is_empty() => (
-                EventLevel::Warning,
-                format!("{} pending: {}", task.name(), status.message),
-            ),
-            (_, Some(node)) => (
-                EventLevel::Info,
-                format!(
-                    "{} created on {node} (revision {})",
-                    task.name(),
-                    task.revision
-                ),
-            ),
-            (_, None) => (
-                EventLevel::Info,
-                format!("{} created (revision {})", task.name(), task.revision),
-            ),
-        };
-        self.event(level, "task", &task.id, "created", message);
+    /// Changes the existing object at `key` with `change`, which may refuse.
+    fn update<K: Kind>(
+        &mut self,
+        key: &K::Key,
+        change: impl FnOnce(&K, &mut K, &str) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
+        let what = K::describe(key);
+        let old = current::<K>(&self.own, self.batch, self.base, key);
+        let old = old.ok_or_else(|| missing(&what))?;
+        let mut new = old.clone();
+        change(old, &mut new, &what)?;
+        stamp(&mut new, Some(old), self.index, self.at);
+        K::narrate(&mut self.events, Some(old), Some(&new));
+        self.write(key.clone(), Some(new));
+        Ok(())
     }
 
-    fn task_events(&mut self, old: &Task, new: &Task) {
-        let status = &new.status;
-        let detail = if status.message.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", status.message)
-        };
-        if status.state == TaskState::Pending
-            && old.status.state == TaskState::Pending
-            && old.status.message != status.message
-            && !status.message.is_empty()
-        {
-            // Why a task cannot be placed, each time the reason changes.
-            let message = format!("{} pending: {}", new.name(), status.message);
-            self.event(EventLevel::Warning, "task", &new.id, "unplaced", message);
-        }
-        if old.status.state != status.state {
-            let level = match status.state {
-                TaskState::Failed | TaskState::Rejected | TaskState::Lost => EventLevel::Warning,
-                _ => EventLevel::Info,
-            };
-            let message = format!("{} {}{detail}", new.name(), status.state);
-            self.event(level, "task", &new.id, "state", message);
-        }
-        if old.status.health != status.health {
-            let (level, detail) = match status.health {
-                Health::Unhealthy => (EventLevel::Warning, detail.as_str()),
-                _ => (EventLevel::Info, ""),
-            };
-            let message = format!("{} {}{detail}", new.name(), status.health.as_str());
-            self.event(level, "task", &new.id, "health", message);
-        }
-    }
-
-    fn node_state_event(&mut self, node: &Node) {
-        let (level, message) = match node.state {
-            NodeState::Ready => (EventLevel::Info, format!("node {} ready", node.id)),
-            NodeState::Down if node.message.is_empty() => {
-                (EventLevel::Warning, format!("node {} down", node.id))
+    /// Merges an agent's report, only from the node the task is assigned to.
+    fn set_task_status(
+        &mut self,
+        id: &String,
+        node: &str,
+        status: &TaskStatus,
+    ) -> Result<(), Refusal> {
+        self.update::<Task>(id, |old, new, what| {
+            if old.node.as_deref() != Some(node) {
+                return Err(Refusal::Conflict(format!(
+                    "{what} ({}) is assigned to node {}, not {node:?}",
+                    old.name(),
+                    old.node
+                        .as_deref()
+                        .map_or_else(|| "none".to_string(), |n| format!("{n:?}")),
+                )));
             }
-            NodeState::Down => (
-                EventLevel::Warning,
-                format!("node {} down: {}", node.id, node.message),
-            ),
-        };
-        self.event(level, "node", &node.id, "state", message);
+            new.record_status(status.clone());
+            Ok(())
+        })
     }
 
-    /// One event per change a human follows: start, phase, pause/resume, canary step, end.
-    fn rollout_events(&mut self, old: Option<&Rollout>, new: &Rollout) {
-        let name = new.service.as_str();
-        let same_rollout = old.is_some_and(|o| {
-            o.to_revision == new.to_revision && o.kind == new.kind && o.started_at == new.started_at
-        });
-        let detail = if new.reason.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", new.reason)
-        };
-        if !same_rollout {
-            let what = match new.kind {
-                flotilla_types::RolloutKind::Update => "rollout",
-                flotilla_types::RolloutKind::Restart => "restart",
-                flotilla_types::RolloutKind::AutoRollback => "automatic rollback",
-            };
-            let message = format!(
-                "{name}: {} {what} from revision {} to {} started{detail}",
-                new.strategy.as_str(),
-                new.from_revision,
-                new.to_revision
-            );
-            let level = match new.kind {
-                flotilla_types::RolloutKind::AutoRollback => EventLevel::Warning,
-                _ => EventLevel::Info,
-            };
-            self.event(level, "rollout", name, "started", message);
-            return;
-        }
-        let Some(old) = old else { return };
-        if old.paused != new.paused {
-            let (level, action) = if new.paused {
-                (EventLevel::Warning, "paused")
-            } else {
-                (EventLevel::Info, "resumed")
-            };
-            let message = format!("{name}: rollout {action}{detail}");
-            self.event(level, "rollout", name, action, message);
-        }
-        if old.phase != new.phase || old.step != new.step {
-            let level = match new.phase {
-                flotilla_types::RolloutPhase::RolledBack => EventLevel::Warning,
-                _ => EventLevel::Info,
-            };
-            let step = if new.phase == flotilla_types::RolloutPhase::CanaryStep {
-                format!(" {} (weight {})", new.step + 1, new.new_weight)
-            } else {
-                String::new()
-            };
-            let message = format!(
-                "{name}: rollout to revision {} {}{step}{}",
-                new.to_revision,
-                new.phase.as_str(),
-                if new.phase.is_terminal() {
-                    detail.as_str()
-                } else {
-                    ""
-                }
-            );
-            self.event(level, "rollout", name, new.phase.as_str(), message);
-        }
-        if new.shrunk > old.shrunk {
-            let message = format!(
-                "{name}: shrink: stopped {} blue task(s) so green can take their host ports \
-                 ({} in all; restored when green runs the full count)",
-                new.shrunk - old.shrunk,
-                new.shrunk
-            );
-            self.event(EventLevel::Warning, "rollout", name, "shrink", message);
-        }
-        // A failed shrunk rollout's restore shows in the automatic rollback's reason.
-        if new.shrunk > 0
-            && old.phase != new.phase
-            && new.phase == flotilla_types::RolloutPhase::Succeeded
-        {
-            let message = format!(
-                "{name}: restore: green runs the full count after {} blue task(s) were shrunk",
-                new.shrunk
-            );
-            self.event(EventLevel::Info, "rollout", name, "restore", message);
-        }
-        if let Some(result) = new.analysis.last().filter(|r| !r.passed) {
-            if old.analysis.last() != Some(result) {
-                let message = format!("{name}: canary analysis failed: {}", result.message);
-                self.event(EventLevel::Warning, "rollout", name, "analysis", message);
+    fn set_task_desired(
+        &mut self,
+        id: &String,
+        desired: DesiredState,
+        expect: Expect,
+    ) -> Result<(), Refusal> {
+        self.update::<Task>(id, |old, new, what| {
+            check(expect, Some(old.meta.version), what)?;
+            new.desired_state = desired;
+            Ok(())
+        })
+    }
+
+    /// A heartbeat brings a node that was down back to ready.
+    fn node_heartbeat(&mut self, id: &String, at: Timestamp) -> Result<(), Refusal> {
+        self.update::<Node>(id, |_, new, _| {
+            new.last_heartbeat = at;
+            if new.state == NodeState::Down {
+                new.state = NodeState::Ready;
+                new.message.clear();
             }
-        }
-    }
-
-    fn node_availability_event(&mut self, node: &Node) {
-        let availability = node.availability.as_str();
-        let (level, message) = match node.availability {
-            Availability::Active => (
-                EventLevel::Info,
-                format!("node {} availability {availability}", node.id),
-            ),
-            // Pausing or draining is worth a warning only when the system did it (with a reason).
-            _ if node.message.is_empty() => (
-                EventLevel::Info,
-                format!("node {} availability {availability}", node.id),
-            ),
-            _ => (
-                EventLevel::Warning,
-                format!(
-                    "node {} availability {availability}: {}",
-                    node.id, node.message
-                ),
-            ),
-        };
-        self.event(level, "node", &node.id, "availability", message);
-    }
-
-    /// The final value of every touched object, in first-touch order.
-    fn changes(&self) -> Vec<Change> {
-        self.touched
-            .iter()
-            .map(|touched| match touched {
-                Touched::Service(name) => Change::Service {
-                    name: name.clone(),
-                    object: self.own.services.get(name).cloned().flatten(),
-                },
-                Touched::Revision(service, number) => Change::Revision {
-                    service: service.clone(),
-                    number: *number,
-                    object: self
-                        .own
-                        .revisions
-                        .get(&(service.clone(), *number))
-                        .cloned()
-                        .flatten(),
-                },
-                Touched::Task(id) => Change::Task {
-                    id: id.clone(),
-                    object: self.own.tasks.get(id).cloned().flatten(),
-                },
-                Touched::Node(id) => Change::Node {
-                    id: id.clone(),
-                    object: self.own.nodes.get(id).cloned().flatten(),
-                },
-                Touched::Rollout(service) => Change::Rollout {
-                    service: service.clone(),
-                    object: self.own.rollouts.get(service).cloned().flatten(),
-                },
-                Touched::Record(key) => Change::Record {
-                    key: key.clone(),
-                    object: self.own.records.get(key).cloned().flatten(),
-                },
-            })
-            .collect()
+            Ok(())
+        })
     }
 }
 
-/// `k=v,k2=v2`, or `(none)`.
-fn format_labels(labels: &BTreeMap<String, String>) -> String {
-    if labels.is_empty() {
-        return "(none)".into();
+/// [`Op::Put`] and [`Op::Delete`]: the generic put and delete, for whichever kind they name.
+struct Generic<'e, 'a> {
+    exec: &'e mut Exec<'a>,
+    expect: Expect,
+}
+
+impl ObjectVisitor for Generic<'_, '_> {
+    type Out = Result<(), Refusal>;
+
+    fn object<K: Kind>(&mut self, object: &K) -> Self::Out {
+        self.exec.put(object, self.expect)
     }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+
+    fn key<K: Kind>(&mut self, key: &K::Key) -> Self::Out {
+        self.exec.delete::<K>(key, self.expect)
+    }
 }

@@ -1,7 +1,9 @@
 //! The write vocabulary of the store and the in-memory view of what it holds.
 
+use crate::kinds::{AnyKey, AnyObject, Change};
 use flotilla_types::{
-    DesiredState, Event, Meta, Node, Revision, Rollout, Service, Task, TaskStatus, Timestamp,
+    Config, DesiredState, Event, Meta, Namespace, Node, Revision, Rollout, Service, Task,
+    TaskStatus, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -84,6 +86,17 @@ pub enum Op {
         key: String,
         expect: Expect,
     },
+    /// Writes an object of any kind, as the kind's own put op would (kinds without one, such
+    /// as namespaces and configs, are written only this way).
+    Put {
+        object: AnyObject,
+        expect: Expect,
+    },
+    /// Deletes an object of any kind; fails if it does not exist.
+    Delete {
+        key: AnyKey,
+        expect: Expect,
+    },
 }
 
 /// A small cluster-wide record that only managers read, such as the cluster PKI (CA and join
@@ -97,6 +110,8 @@ pub struct Record {
     #[serde(default)]
     pub meta: Meta,
 }
+
+flotilla_types::object_keyed_by!(Record, "record", key);
 
 impl std::fmt::Debug for Record {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,7 +158,8 @@ pub enum CommandResult {
     },
 }
 
-/// What a reader sees: every object, indexed for the lookups controllers and the API make.
+/// What a reader sees: every object, indexed for the lookups controllers and the API make. One
+/// field per kind, named as in the kinds list (`kinds.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Log index of the last applied entry.
@@ -159,6 +175,12 @@ pub struct ClusterState {
     /// Keyed by [`Record::key`].
     #[serde(default)]
     pub records: BTreeMap<String, Record>,
+    /// Keyed by name.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Keyed by name.
+    #[serde(default)]
+    pub configs: BTreeMap<String, Config>,
     /// Task ids by service, kept in step with `tasks` by the store so [`ClusterState::tasks_of`]
     /// does not scan every task (controllers ask once or more per service per pass).
     #[serde(skip)]
@@ -237,36 +259,6 @@ impl ClusterState {
             .range((service.to_string(), 0)..=(service.to_string(), u64::MAX))
             .map(|(_, r)| r)
     }
-}
-
-/// One object that changed in an applied command; `None` means deleted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Change {
-    Service {
-        name: String,
-        object: Option<Service>,
-    },
-    Revision {
-        service: String,
-        number: u64,
-        object: Option<Revision>,
-    },
-    Task {
-        id: String,
-        object: Option<Task>,
-    },
-    Node {
-        id: String,
-        object: Option<Node>,
-    },
-    Rollout {
-        service: String,
-        object: Option<Rollout>,
-    },
-    Record {
-        key: String,
-        object: Option<Record>,
-    },
 }
 
 /// Everything one applied command changed, in order, plus the events it produced.

@@ -5,11 +5,12 @@
 //! (the redb database and the live in-memory view). Every redb commit runs on tokio's blocking
 //! pool, because a durable commit fsyncs.
 
-use crate::apply::{apply_command, Overlay};
+use crate::apply::apply_command;
+use crate::kinds::{for_each_kind, DbKey, Kind, KindVisitor, Overlay, SnapshotData};
 use crate::log_writer::LogWriter;
-use crate::ops::{Change, ChangeBatch, ClusterState, CommandResult, Record};
+use crate::ops::{ChangeBatch, ClusterState, CommandResult};
 use crate::TypeConfig;
-use flotilla_types::{Event, Node, Revision, Rollout, Service, Task};
+use flotilla_types::Event;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     AnyError, BasicNode, CommittedLeaderId, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId,
@@ -21,7 +22,7 @@ use redb::{
     Table, TableDefinition, WriteTransaction,
 };
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -34,14 +35,7 @@ use tokio::sync::broadcast;
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 /// Raft bookkeeping: [`VOTE`], [`COMMITTED`], [`LAST_PURGED`].
 pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
-const REVISIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("revisions");
-const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
-/// Rollouts by service name.
-const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
-/// Managers-only records ([`crate::Record`]): PKI, revocations.
-const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+// Each stored kind has its own table, named by `Kind::TABLE` (see `kind_table`).
 /// Events keyed by (revision, position within the revision's command).
 const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
 /// State-machine bookkeeping: [`LAST_APPLIED`], [`LAST_MEMBERSHIP`].
@@ -157,22 +151,6 @@ struct Live {
     changes: broadcast::Sender<Arc<ChangeBatch>>,
 }
 
-/// The everything-persisted snapshot format.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    services: Vec<Service>,
-    revisions: Vec<Revision>,
-    tasks: Vec<Task>,
-    nodes: Vec<Node>,
-    /// Absent in snapshots taken before rollouts existed.
-    #[serde(default)]
-    rollouts: Vec<Rollout>,
-    /// Absent in snapshots taken before records existed.
-    #[serde(default)]
-    records: Vec<Record>,
-    events: Vec<Event>,
-}
-
 /// What the log store, the state machine and the [`crate::Store`] share.
 pub(crate) struct Shared {
     db: Arc<Database>,
@@ -207,7 +185,9 @@ impl Shared {
         txn.open_table(LOG)?;
         txn.open_table(RAFT_META)?;
         txn.open_table(SNAPSHOT)?;
-        SmTables::open(&txn)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(SM_META)?;
+        create_kind_tables(&txn)?;
         txn.commit()?;
 
         let txn = db.begin_read()?;
@@ -386,7 +366,6 @@ impl Shared {
                         let _span = tracing::debug_span!("apply", revision = index).entered();
                         let outcome = apply_command(&live.state, &pending, &cmd, index);
                         if let Some(done) = outcome.applied {
-                            tables.write_changes(&done.changes)?;
                             tables.write_events(&done.events)?;
                             pending.merge(done.writes);
                             batches.push(Arc::new(ChangeBatch {
@@ -404,6 +383,7 @@ impl Shared {
                 results.push(CommandResult::Applied { revision: index });
             }
             drop(live);
+            tables.write_changes(&batches)?;
             tables.trim_events(self.event_retention)?;
             tables.write_applied(applied)?;
         }
@@ -512,75 +492,66 @@ impl Shared {
     }
 }
 
-impl SnapshotData {
-    fn into_state(self, revision: u64) -> ClusterState {
-        let mut state = ClusterState {
-            revision,
-            services: self
-                .services
-                .into_iter()
-                .map(|s| (s.name.clone(), s))
-                .collect(),
-            revisions: self
-                .revisions
-                .into_iter()
-                .map(|r| ((r.service.clone(), r.number), r))
-                .collect(),
-            tasks: self.tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
-            nodes: self.nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
-            rollouts: self
-                .rollouts
-                .into_iter()
-                .map(|r| (r.service.clone(), r))
-                .collect(),
-            records: self
-                .records
-                .into_iter()
-                .map(|r| (r.key.clone(), r))
-                .collect(),
-            task_index: Default::default(),
-        };
-        state.task_index = crate::ops::TaskIndex::build(&state.tasks);
-        state
+/// The redb table of kind `K`.
+fn kind_table<K: Kind>() -> TableDefinition<'static, <K::Key as DbKey>::Redb, &'static [u8]> {
+    TableDefinition::new(K::TABLE)
+}
+
+/// Decodes every value of `table`.
+fn all<K: redb::Key + 'static, T: DeserializeOwned>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    what: &'static str,
+) -> Result<Vec<T>, DbError> {
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (_, value) = item?;
+        out.push(decode(what, value.value())?);
     }
+    Ok(out)
 }
 
 /// Reads every state-machine table; events only when `with_events`.
 fn read_sm_tables(txn: &ReadTransaction, with_events: bool) -> Result<SnapshotData, DbError> {
-    fn all<K: redb::Key + 'static, T: DeserializeOwned>(
-        table: &impl ReadableTable<K, &'static [u8]>,
-        what: &'static str,
-    ) -> Result<Vec<T>, DbError> {
-        let mut out = Vec::new();
-        for item in table.iter()? {
-            let (_, value) = item?;
-            out.push(decode(what, value.value())?);
-        }
-        Ok(out)
+    struct Read<'t> {
+        txn: &'t ReadTransaction,
+        data: SnapshotData,
     }
-    Ok(SnapshotData {
-        services: all(&txn.open_table(SERVICES)?, "service")?,
-        revisions: all(&txn.open_table(REVISIONS)?, "revision")?,
-        tasks: all(&txn.open_table(TASKS)?, "task")?,
-        nodes: all(&txn.open_table(NODES)?, "node")?,
-        rollouts: all(&txn.open_table(ROLLOUTS)?, "rollout")?,
-        records: all(&txn.open_table(RECORDS)?, "record")?,
-        events: if with_events {
-            all(&txn.open_table(EVENTS)?, "event")?
-        } else {
-            Vec::new()
-        },
-    })
+    impl KindVisitor for Read<'_> {
+        type Error = DbError;
+        fn visit<K: Kind>(&mut self) -> Result<(), DbError> {
+            *K::in_snapshot(&mut self.data) =
+                all(&self.txn.open_table(kind_table::<K>())?, K::KIND)?;
+            Ok(())
+        }
+    }
+    let mut read = Read {
+        txn,
+        data: SnapshotData::default(),
+    };
+    for_each_kind(&mut read)?;
+    if with_events {
+        read.data.events = all(&txn.open_table(EVENTS)?, "event")?;
+    }
+    Ok(read.data)
 }
 
-/// The state-machine tables, open in one write transaction.
+/// Opens (creating if needed) the table of every kind in `txn`.
+fn create_kind_tables(txn: &WriteTransaction) -> Result<(), DbError> {
+    struct Create<'t>(&'t WriteTransaction);
+    impl KindVisitor for Create<'_> {
+        type Error = DbError;
+        fn visit<K: Kind>(&mut self) -> Result<(), DbError> {
+            self.0.open_table(kind_table::<K>())?;
+            Ok(())
+        }
+    }
+    for_each_kind(&mut Create(txn))
+}
+
+/// The state-machine tables, open in one write transaction; a kind's table is opened while its
+/// objects are written.
 struct SmTables<'txn> {
-    services: Table<'txn, &'static str, &'static [u8]>,
-    revisions: Table<'txn, (&'static str, u64), &'static [u8]>,
-    tasks: Table<'txn, &'static str, &'static [u8]>,
-    nodes: Table<'txn, &'static str, &'static [u8]>,
-    rollouts: Table<'txn, &'static str, &'static [u8]>,
-    records: Table<'txn, &'static str, &'static [u8]>,
+    txn: &'txn WriteTransaction,
     events: Table<'txn, (u64, u32), &'static [u8]>,
     meta: Table<'txn, &'static str, &'static [u8]>,
 }
@@ -588,93 +559,40 @@ struct SmTables<'txn> {
 impl<'txn> SmTables<'txn> {
     fn open(txn: &'txn WriteTransaction) -> Result<Self, DbError> {
         Ok(SmTables {
-            services: txn.open_table(SERVICES)?,
-            revisions: txn.open_table(REVISIONS)?,
-            tasks: txn.open_table(TASKS)?,
-            nodes: txn.open_table(NODES)?,
-            rollouts: txn.open_table(ROLLOUTS)?,
-            records: txn.open_table(RECORDS)?,
+            txn,
             events: txn.open_table(EVENTS)?,
             meta: txn.open_table(SM_META)?,
         })
     }
 
-    fn write_changes(&mut self, changes: &[Change]) -> Result<(), DbError> {
-        for change in changes {
-            match change {
-                Change::Service {
-                    name,
-                    object: Some(s),
-                } => {
-                    self.services
-                        .insert(name.as_str(), encode("service", s)?.as_slice())?;
+    /// Writes the changes of `batches`, in order, opening each touched kind's table once.
+    fn write_changes(&mut self, batches: &[Arc<ChangeBatch>]) -> Result<(), DbError> {
+        struct Write<'c, 't> {
+            txn: &'t WriteTransaction,
+            batches: &'c [Arc<ChangeBatch>],
+        }
+        impl KindVisitor for Write<'_, '_> {
+            type Error = DbError;
+            fn visit<K: Kind>(&mut self) -> Result<(), DbError> {
+                let changes = self.batches.iter().flat_map(|b| &b.changes);
+                let mut mine = changes.filter_map(K::of_change).peekable();
+                if mine.peek().is_none() {
+                    return Ok(());
                 }
-                Change::Service { name, object: None } => {
-                    self.services.remove(name.as_str())?;
+                let mut table = self.txn.open_table(kind_table::<K>())?;
+                for (key, object) in mine {
+                    match object {
+                        Some(o) => table.insert(key.db_key(), encode(K::KIND, o)?.as_slice())?,
+                        None => table.remove(key.db_key())?,
+                    };
                 }
-                Change::Revision {
-                    service,
-                    number,
-                    object: Some(r),
-                } => {
-                    self.revisions.insert(
-                        (service.as_str(), *number),
-                        encode("revision", r)?.as_slice(),
-                    )?;
-                }
-                Change::Revision {
-                    service,
-                    number,
-                    object: None,
-                } => {
-                    self.revisions.remove((service.as_str(), *number))?;
-                }
-                Change::Task {
-                    id,
-                    object: Some(t),
-                } => {
-                    self.tasks
-                        .insert(id.as_str(), encode("task", t)?.as_slice())?;
-                }
-                Change::Task { id, object: None } => {
-                    self.tasks.remove(id.as_str())?;
-                }
-                Change::Node {
-                    id,
-                    object: Some(n),
-                } => {
-                    self.nodes
-                        .insert(id.as_str(), encode("node", n)?.as_slice())?;
-                }
-                Change::Node { id, object: None } => {
-                    self.nodes.remove(id.as_str())?;
-                }
-                Change::Rollout {
-                    service,
-                    object: Some(r),
-                } => {
-                    self.rollouts
-                        .insert(service.as_str(), encode("rollout", r)?.as_slice())?;
-                }
-                Change::Rollout {
-                    service,
-                    object: None,
-                } => {
-                    self.rollouts.remove(service.as_str())?;
-                }
-                Change::Record {
-                    key,
-                    object: Some(r),
-                } => {
-                    self.records
-                        .insert(key.as_str(), encode("record", r)?.as_slice())?;
-                }
-                Change::Record { key, object: None } => {
-                    self.records.remove(key.as_str())?;
-                }
+                Ok(())
             }
         }
-        Ok(())
+        for_each_kind(&mut Write {
+            txn: self.txn,
+            batches,
+        })
     }
 
     fn write_events(&mut self, events: &[Event]) -> Result<(), DbError> {
@@ -709,39 +627,26 @@ impl<'txn> SmTables<'txn> {
     }
 
     fn replace_all(&mut self, data: &SnapshotData) -> Result<(), DbError> {
-        self.services.retain(|_, _| false)?;
-        self.revisions.retain(|_, _| false)?;
-        self.tasks.retain(|_, _| false)?;
-        self.nodes.retain(|_, _| false)?;
-        self.rollouts.retain(|_, _| false)?;
-        self.records.retain(|_, _| false)?;
+        struct Replace<'d, 't> {
+            txn: &'t WriteTransaction,
+            data: &'d SnapshotData,
+        }
+        impl KindVisitor for Replace<'_, '_> {
+            type Error = DbError;
+            fn visit<K: Kind>(&mut self) -> Result<(), DbError> {
+                let mut table = self.txn.open_table(kind_table::<K>())?;
+                table.retain(|_, _| false)?;
+                for object in K::objects(self.data) {
+                    table.insert(object.key().db_key(), encode(K::KIND, object)?.as_slice())?;
+                }
+                Ok(())
+            }
+        }
+        for_each_kind(&mut Replace {
+            txn: self.txn,
+            data,
+        })?;
         self.events.retain(|_, _| false)?;
-        for s in &data.services {
-            self.services
-                .insert(s.name.as_str(), encode("service", s)?.as_slice())?;
-        }
-        for r in &data.revisions {
-            self.revisions.insert(
-                (r.service.as_str(), r.number),
-                encode("revision", r)?.as_slice(),
-            )?;
-        }
-        for t in &data.tasks {
-            self.tasks
-                .insert(t.id.as_str(), encode("task", t)?.as_slice())?;
-        }
-        for n in &data.nodes {
-            self.nodes
-                .insert(n.id.as_str(), encode("node", n)?.as_slice())?;
-        }
-        for r in &data.rollouts {
-            self.rollouts
-                .insert(r.service.as_str(), encode("rollout", r)?.as_slice())?;
-        }
-        for r in &data.records {
-            self.records
-                .insert(r.key.as_str(), encode("record", r)?.as_slice())?;
-        }
         let mut position = 0u32;
         let mut last_revision = None;
         for e in &data.events {

@@ -15,7 +15,7 @@ use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-fn config(dir: &Path) -> StoreConfig {
+pub(crate) fn config(dir: &Path) -> StoreConfig {
     StoreConfig {
         data_dir: dir.join("data"),
         node_id: 1,
@@ -23,7 +23,7 @@ fn config(dir: &Path) -> StoreConfig {
     }
 }
 
-async fn open_leader(dir: &Path) -> Store {
+pub(crate) async fn open_leader(dir: &Path) -> Store {
     let store = Store::open(config(dir)).await.expect("open store");
     store.bootstrap_single().await.expect("bootstrap");
     store
@@ -91,7 +91,7 @@ fn at(ops: Vec<Op>, at: i64) -> Command {
     Command { ops, at }
 }
 
-fn applied(result: CommandResult) -> u64 {
+pub(crate) fn applied(result: CommandResult) -> u64 {
     match result {
         CommandResult::Applied { revision } => revision,
         other => panic!("expected Applied, got {other:?}"),
@@ -310,10 +310,10 @@ async fn commands_apply_all_or_nothing_and_see_their_own_writes() {
     );
     match &batch.changes[2] {
         Change::Task {
-            id,
+            key,
             object: Some(t),
         } => {
-            assert_eq!(id, "t1");
+            assert_eq!(key, "t1");
             assert_eq!(t.desired_state, DesiredState::Shutdown);
             assert_eq!(t.meta.version, rev);
         }
@@ -574,7 +574,7 @@ async fn subscribers_and_changes_since_follow_applied_commands() {
         let batch = rx.recv().await.expect("batch");
         assert_eq!(batch.revision, *rev);
         assert!(
-            matches!(&batch.changes[..], [Change::Service { name: n, object: Some(_) }] if n == name)
+            matches!(&batch.changes[..], [Change::Service { key, object: Some(_) }] if key == name)
         );
         assert_eq!(batch.events.len(), 1);
     }
@@ -602,7 +602,7 @@ async fn subscribers_and_changes_since_follow_applied_commands() {
 }
 
 /// Feeds entries straight to the storage layer, the way openraft does, in one apply call.
-fn normal_entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+pub(crate) fn normal_entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(cmd),
@@ -879,27 +879,7 @@ async fn snapshots_carry_the_whole_state_to_another_store() {
         },
     ]);
     let rev = applied(store.write(cmd).await.expect("write"));
-    store
-        .raft()
-        .trigger()
-        .snapshot()
-        .await
-        .expect("trigger snapshot");
-    store
-        .raft()
-        .wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.snapshot.map(|l| l.index) >= Some(rev),
-            "snapshot built",
-        )
-        .await
-        .expect("snapshot built");
-    let snapshot = store
-        .raft()
-        .get_snapshot()
-        .await
-        .expect("get snapshot")
-        .expect("a snapshot exists");
+    let snapshot = build_snapshot(&store, rev).await;
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(rev));
     let source_state = store.read(|s| s.clone());
     store.shutdown().await.expect("shutdown");
@@ -909,11 +889,7 @@ async fn snapshots_carry_the_whole_state_to_another_store() {
         Shared::open(&other.path().join("store.redb"), 100).expect("open");
     let mut sm = StateMachine::new(shared.clone(), applied_state);
     let mut closed = shared.subscribe();
-    let mut data = sm.begin_receiving_snapshot().await.expect("begin");
-    *data = *snapshot.snapshot;
-    sm.install_snapshot(&snapshot.meta, data)
-        .await
-        .expect("install");
+    install(&mut sm, &snapshot).await;
     assert_eq!(shared.read(|s| s.clone()), source_state);
     // One event for the task's creation, one for its state change.
     assert_eq!(shared.events(0, 100).expect("events").len(), 3);
@@ -1066,10 +1042,9 @@ async fn wait_for_revision(store: &Store, revision: u64) {
     }
 }
 
-/// Builds a snapshot on `leader` covering at least `rev` and purges the log up to it, so a new
-/// member can only catch up through the snapshot. Returns the snapshot's index.
-async fn snapshot_and_purge(leader: &Store, rev: u64) -> u64 {
-    let raft = leader.raft();
+/// Has `store` build a snapshot and waits until one covers at least `rev`.
+async fn wait_for_snapshot(store: &Store, rev: u64) {
+    let raft = store.raft();
     raft.trigger().snapshot().await.expect("trigger snapshot");
     raft.wait(Some(Duration::from_secs(30)))
         .metrics(
@@ -1078,6 +1053,33 @@ async fn snapshot_and_purge(leader: &Store, rev: u64) -> u64 {
         )
         .await
         .expect("snapshot built");
+}
+
+/// A snapshot of `store` covering at least `rev`.
+pub(crate) async fn build_snapshot(store: &Store, rev: u64) -> openraft::Snapshot<TypeConfig> {
+    wait_for_snapshot(store, rev).await;
+    store
+        .raft()
+        .get_snapshot()
+        .await
+        .expect("get snapshot")
+        .expect("a snapshot exists")
+}
+
+/// Installs `snapshot` into the state machine `sm`, as a follower receiving it would.
+pub(crate) async fn install(sm: &mut StateMachine, snapshot: &openraft::Snapshot<TypeConfig>) {
+    let mut data = sm.begin_receiving_snapshot().await.expect("begin");
+    *data = std::io::Cursor::new(snapshot.snapshot.get_ref().clone());
+    sm.install_snapshot(&snapshot.meta, data)
+        .await
+        .expect("install");
+}
+
+/// Builds a snapshot on `leader` covering at least `rev` and purges the log up to it, so a new
+/// member can only catch up through the snapshot. Returns the snapshot's index.
+async fn snapshot_and_purge(leader: &Store, rev: u64) -> u64 {
+    wait_for_snapshot(leader, rev).await;
+    let raft = leader.raft();
     let snapshot_index = raft.metrics().borrow().snapshot.map_or(0, |l| l.index);
     raft.trigger()
         .purge_log(snapshot_index)

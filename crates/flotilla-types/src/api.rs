@@ -23,7 +23,7 @@
 //! | `GET /v1/nodes/{id}` | → `Node` |
 //! | `PATCH /v1/nodes/{id}` | [`NodeUpdate`] → `Node` (availability, labels) |
 //! | `GET /v1/events?since=REV&follow=bool` | → NDJSON of `Event` |
-//! | `GET /v1/watch?kind=task&node=N` | → NDJSON of [`WatchMessage`]: a snapshot, then changes |
+//! | `GET /v1/watch?kind=task&node=N` (`kind`: one of [`WATCH_KINDS`] or `all`) | → NDJSON of [`WatchMessage`]: a snapshot, then changes |
 //! | `GET /v1/status` | → [`ClusterStatus`] |
 //! | `PUT /v1/tasks/{id}/weight` | [`WeightRequest`] → [`WriteResponse`] (mesh weight 0..=100) |
 //! | `PUT /v1/services/{name}/weights` | [`BulkWeightRequest`] → [`WriteResponse`] (several tasks at once) |
@@ -208,6 +208,12 @@ pub enum WatchMessage {
         /// Releases of the services (with `kind=service` or all).
         #[serde(default)]
         rollouts: Vec<crate::release::Rollout>,
+        /// With `kind=namespace` or all.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        namespaces: Vec<crate::Namespace>,
+        /// With `kind=config` or all.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        configs: Vec<crate::Config>,
     },
     /// Objects that changed at `revision`; a `None` object means it was deleted.
     Change {
@@ -242,6 +248,47 @@ pub enum WatchChange {
         service: String,
         object: Option<crate::release::Rollout>,
     },
+    Namespace {
+        name: String,
+        object: Option<crate::Namespace>,
+    },
+    Config {
+        name: String,
+        object: Option<crate::Config>,
+    },
+}
+
+/// The values of `kind` a watch accepts (besides `all`), one per group of kinds.
+pub const WATCH_KINDS: [&str; 5] = ["task", "service", "node", "namespace", "config"];
+
+impl WatchChange {
+    /// The watch `kind` that carries this change: revisions and rollouts come with services.
+    pub fn watch_kind(&self) -> &'static str {
+        match self {
+            WatchChange::Task { .. } => "task",
+            WatchChange::Service { .. }
+            | WatchChange::Revision { .. }
+            | WatchChange::Rollout { .. } => "service",
+            WatchChange::Node { .. } => "node",
+            WatchChange::Namespace { .. } => "namespace",
+            WatchChange::Config { .. } => "config",
+        }
+    }
+
+    /// Names the changed object: its kind and key, unique across kinds.
+    pub fn object_key(&self) -> (&'static str, &str, u64) {
+        match self {
+            WatchChange::Task { id, .. } => ("task", id, 0),
+            WatchChange::Service { name, .. } => ("service", name, 0),
+            WatchChange::Node { id, .. } => ("node", id, 0),
+            WatchChange::Revision {
+                service, number, ..
+            } => ("revision", service, *number),
+            WatchChange::Rollout { service, .. } => ("rollout", service, 0),
+            WatchChange::Namespace { name, .. } => ("namespace", name, 0),
+            WatchChange::Config { name, .. } => ("config", name, 0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

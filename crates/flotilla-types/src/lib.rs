@@ -1,16 +1,20 @@
 //! Typed spec and state objects shared by every Flotilla crate.
 //!
 //! `spec` holds what users ask for (a normalised form of a Compose service), `state` holds what the
-//! cluster records about it (services, revisions, tasks, nodes, events). Everything here is plain
-//! data with serde derives: no I/O, so the scheduler, store, controllers, API and CLI all agree on
-//! one vocabulary.
+//! cluster records about it (services, revisions, tasks, nodes, events), and `object` the
+//! [`Object`] trait every stored kind implements (`namespace` and `config` are kinds of their
+//! own). Everything here is plain data with serde derives: no I/O, so the scheduler, store,
+//! controllers, API and CLI all agree on one vocabulary.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cluster;
+pub mod config;
 pub mod container;
 pub mod field_error;
 pub mod mesh;
+pub mod namespace;
+pub mod object;
 pub mod release;
 pub mod rollout;
 pub mod spec;
@@ -18,8 +22,11 @@ mod spec_validate;
 pub mod state;
 pub mod units;
 
+pub use config::Config;
 pub use container::ContainerSpec;
 pub use mesh::MeshSpec;
+pub use namespace::Namespace;
+pub use object::Object;
 pub use release::{
     Rollout, RolloutAction, RolloutKind, RolloutPhase, Strategy, UpdateConfig, UpdateOrder,
 };
