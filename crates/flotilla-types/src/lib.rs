@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod container;
+pub mod convergence;
 pub mod mesh;
 pub mod release;
 pub mod rollout;
