@@ -12,6 +12,7 @@ mod cli;
 mod cluster_cmd;
 mod deploy;
 mod docker_cmd;
+mod follow;
 mod listing;
 mod load;
 mod manager;
