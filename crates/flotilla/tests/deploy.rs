@@ -99,3 +99,37 @@ fn a_task_that_fails_once_and_is_replaced_does_not_fail_the_deploy() {
         .count();
     assert_eq!(failed, 3, "every replica failed once");
 }
+
+/// A global service wants a task only on nodes that are ready, active and run its driver, the
+/// same count `service ls` shows: a paused node does not hold its deploy back (the CLI once
+/// counted every node and waited for a task that would never come).
+#[test]
+fn a_global_deploy_does_not_wait_for_a_paused_node() {
+    let mut c = Cluster::start();
+    c.add_agent("b");
+    c.ok(&["node", "update", "--availability", "pause", "b"]);
+    let file = c.write_file(
+        "global.yaml",
+        r#"services:
+  everywhere:
+    command: ["flotilla", "demo-app"]
+    ports: ["8080"]
+    deploy:
+      mode: global
+"#,
+    );
+    let out = c.run(&[
+        "deploy",
+        "-f",
+        file.to_str().expect("utf8 path"),
+        "--timeout",
+        "60s",
+    ]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("everywhere: 1 task(s) ready"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(c.json(&["service", "ls"])[0]["desired"], 1);
+}
