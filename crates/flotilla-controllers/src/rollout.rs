@@ -824,11 +824,7 @@ impl Machine<'_> {
 
     /// Every new task is ready (and none still starting), so traffic may move to them.
     fn all_new_ready(&self) -> bool {
-        self.input
-            .state
-            .tasks_of(&self.input.service.name)
-            .filter(|t| is_live(t) && self.is_current(t))
-            .all(Task::is_ready)
+        self.new_live().all(Task::is_ready)
     }
 
     /// Waits for traffic data: no published port means no mesh to wait for; no data means a
