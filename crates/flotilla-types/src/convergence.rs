@@ -277,21 +277,19 @@ mod tests {
     use std::time::Duration;
 
     fn task(id: &str, spec: &ServiceSpec, state: TaskState, since: Timestamp) -> Task {
-        let mut t = Task {
-            id: id.into(),
-            service: spec.name.clone(),
-            slot: Some(1),
-            revision: 1,
-            spec: spec.clone(),
-            node: Some("n1".into()),
-            desired_state: DesiredState::Running,
-            status: TaskStatus::new(TaskState::Pending, 0, ""),
-            history: Vec::new(),
-            attempt: 0,
-            not_before: None,
-            weight: None,
-            meta: Meta::default(),
-        };
+        // Fields left out take their serde defaults: a fresh pending task of slot 1.
+        let mut t: Task = serde_json::from_value(serde_json::json!({
+            "id": id,
+            "service": spec.name,
+            "slot": 1,
+            "revision": 1,
+            "spec": spec,
+            "node": "n1",
+            "desired_state": DesiredState::Running,
+            "status": TaskStatus::new(TaskState::Pending, 0, ""),
+            "meta": Meta::default(),
+        }))
+        .expect("a task");
         t.record_status(TaskStatus::new(state, since, ""));
         t
     }
