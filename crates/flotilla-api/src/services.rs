@@ -10,9 +10,9 @@ use flotilla_types::api::{
     ClusterStatus, DeployRequest, DeployResponse, PlanAction, PlanEntry, ScaleRequest,
     ServiceDetail, ServiceSummary, WriteResponse,
 };
+use flotilla_types::convergence::{desired_tasks, Convergence, Settle};
 use flotilla_types::{
-    now_ms, DriverKind, FieldError, NodeState, Revision, Service, ServiceMode, ServiceSpec,
-    TaskState, MAX_REPLICAS,
+    now_ms, DriverKind, FieldError, Revision, Service, ServiceMode, ServiceSpec, MAX_REPLICAS,
 };
 
 /// How often a write that lost an optimistic-concurrency race is retried before giving up.
@@ -187,29 +187,12 @@ pub async fn deploy(
 /// Counts for `service ls`.
 pub fn summarize(state: &ClusterState, service: &Service) -> ServiceSummary {
     let spec = &service.spec;
-    let desired = match spec.mode {
-        ServiceMode::Replicated { replicas } => replicas,
-        ServiceMode::Global => state
-            .nodes
-            .values()
-            .filter(|n| {
-                n.state == NodeState::Ready
-                    && n.availability == flotilla_types::Availability::Active
-                    && n.drivers.contains(&spec.driver)
-            })
-            .count() as u64,
-    };
-    let live = state.tasks_of(&service.name).filter(|t| {
-        t.desired_state == flotilla_types::DesiredState::Running
-            && t.status.state == TaskState::Running
-    });
-    let (mut running, mut ready) = (0, 0);
-    for t in live {
-        running += 1;
-        if t.is_ready() {
-            ready += 1;
-        }
-    }
+    let counts = Convergence::count(
+        desired_tasks(spec, state.nodes.values()),
+        state.tasks_of(&service.name),
+        |t| t.spec.task_template_eq(spec),
+        Settle::Immediately,
+    );
     let image_or_command = match spec.driver {
         DriverKind::Docker => spec.image.clone().unwrap_or_default(),
         _ => spec
@@ -237,9 +220,10 @@ pub fn summarize(state: &ClusterState, service: &Service) -> ServiceSummary {
             ServiceMode::Replicated { .. } => "replicated".into(),
             ServiceMode::Global => "global".into(),
         },
-        desired,
-        running,
-        ready,
+        desired: counts.desired,
+        running: counts.running,
+        // Tasks of every revision: blue still serves during a blue-green release.
+        ready: counts.ready_any(),
         revision: service.revision,
         image_or_command,
         ports,

@@ -12,9 +12,10 @@ use crate::drain::{self, SlotMove, SlotTasks};
 use crate::rollout::{self, Release, ReleaseGuard, ReleaseInput, TrafficView};
 use flotilla_scheduler::{schedule, ClusterSnapshot, Placement, PlacementRequest};
 use flotilla_store::{ClusterState, Expect, Op};
+use flotilla_types::convergence::{restart_attempt, started_at};
 use flotilla_types::{
-    new_task_id, Availability, DependencyCondition, DesiredState, Meta, Node, NodeState,
-    RestartCondition, Service, ServiceMode, Task, TaskState, TaskStatus, Timestamp,
+    new_task_id, Availability, DependencyCondition, DesiredState, Meta, Node, NodeState, Service,
+    ServiceMode, Task, TaskState, TaskStatus, Timestamp,
 };
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -400,13 +401,6 @@ fn is_live(t: &Task) -> bool {
 }
 
 /// When the task first reached `running`, from its history.
-fn started_at(t: &Task) -> Option<Timestamp> {
-    t.history
-        .iter()
-        .find(|h| h.state == TaskState::Running)
-        .map(|h| h.at)
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum SlotKey {
     Replica(u64),
@@ -618,9 +612,7 @@ impl<'a> ServiceCtx<'a, '_> {
     }
 
     fn global_eligible(&self, n: &Node) -> bool {
-        n.state == NodeState::Ready
-            && n.availability == Availability::Active
-            && n.drivers.contains(&self.service.spec.driver)
+        flotilla_types::convergence::global_eligible(&self.service.spec, n)
     }
 
     /// `Some(reason)` while a dependency is not yet started/healthy.
@@ -794,30 +786,12 @@ impl<'a> ServiceCtx<'a, '_> {
         let mut attempt = 0;
         let mut not_before = None;
         if let Some(last) = last {
-            let lost = last.status.state == TaskState::Lost;
-            let succeeded =
-                last.status.state == TaskState::Exited && last.status.exit_code == Some(0);
-            // Desired shutdown on a finished task means we stopped it (scale-down, update) or
-            // already replaced it; either way its exit says nothing about this template.
-            let stopped_by_us = last.desired_state == DesiredState::Shutdown && !lost;
-            let restart = lost
-                || stopped_by_us
-                || match policy.condition {
-                    RestartCondition::None => false,
-                    RestartCondition::OnFailure => !succeeded,
-                    RestartCondition::Any => true,
-                };
-            if !restart {
+            let Some(next) = restart_attempt(spec, last) else {
+                tracing::info!(service = %self.service.name, ?key, "restart policy leaves the slot empty");
                 return None;
-            }
-            if !lost && !stopped_by_us {
-                let ran = started_at(last).map_or(0, |s| last.status.since - s);
-                let window_passed = policy.window.is_some_and(|w| ran >= ms(w));
-                attempt = if window_passed { 1 } else { last.attempt + 1 };
-                if policy.max_attempts.is_some_and(|max| attempt > max) {
-                    tracing::info!(service = %self.service.name, ?key, attempt, "restart attempts exhausted");
-                    return None;
-                }
+            };
+            attempt = next;
+            if next > 0 {
                 let streak = tasks
                     .iter()
                     .rev()

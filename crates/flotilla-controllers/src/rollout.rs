@@ -14,6 +14,10 @@
 
 use flotilla_store::{ClusterState, Expect, Op};
 use flotilla_types::api::ServiceTraffic;
+use flotilla_types::convergence::{
+    is_live, meshes_route_all, meshes_route_none_but, routed_by_mesh, Convergence, Settle,
+    Standing, Surplus,
+};
 use flotilla_types::release::AnalysisResult;
 use flotilla_types::release::FailureAction;
 use flotilla_types::{
@@ -165,7 +169,11 @@ impl Release {
         }
         match self.retire {
             Retire::WhenReady => current.is_ready(),
-            Retire::WhenCounted => counted(current, now, self.monitor_ms),
+            Retire::WhenCounted => Settle::After {
+                now,
+                ms: self.monitor_ms,
+            }
+            .counts(current),
             Retire::Never => false,
             Retire::Now => true,
         }
@@ -197,15 +205,6 @@ fn blocked_by_host_ports(message: &str) -> bool {
                 .is_some_and(|(_, why)| why.starts_with("host port"))
         })
     })
-}
-
-/// Ready (running and, with a health check, healthy) for at least `monitor_ms`.
-fn counted(t: &Task, now: Timestamp, monitor_ms: i64) -> bool {
-    t.is_ready() && now - t.status.since >= monitor_ms
-}
-
-fn is_live(t: &Task) -> bool {
-    t.desired_state == DesiredState::Running && !t.status.state.is_terminal()
 }
 
 fn failed(t: &Task) -> bool {
@@ -310,12 +309,11 @@ struct SlotProgress {
     stopping: bool,
 }
 
-/// Counts of the service's tasks as the rollout sees them.
+/// Counts of the service's tasks as the rollout sees them: the shared convergence counts
+/// (a new task counts once ready for `monitor`) plus what only a release tracks.
 #[derive(Debug, Default)]
-struct Census<'a> {
-    current: Vec<&'a Task>,
-    outdated: Vec<&'a Task>,
-    counted: usize,
+struct Census {
+    counts: Convergence,
     failed: u64,
     /// Slots with a replacement under way.
     in_progress: usize,
@@ -355,10 +353,14 @@ impl Machine<'_> {
                 .is_none_or(|at| t.meta.created_at >= at)
     }
 
-    fn census(&self) -> Census<'_> {
+    fn census(&self) -> Census {
         let monitor = ms(self.rollout.config.monitor);
         let now = self.input.now;
-        let mut c = Census::default();
+        let settle = Settle::After { now, ms: monitor };
+        let mut c = Census {
+            counts: Convergence::new(self.input.wanted as u64),
+            ..Census::default()
+        };
         let mut slots: BTreeMap<(Option<u64>, Option<&str>), SlotProgress> = BTreeMap::new();
         for t in self.input.state.tasks_of(&self.input.service.name) {
             let key = (
@@ -375,30 +377,31 @@ impl Machine<'_> {
             if current && new && failed(t) {
                 c.failed += 1;
             }
-            if current && is_live(t) {
-                c.current.push(t);
-                if counted(t, now, monitor) {
-                    c.counted += 1;
+            match c.counts.add(t, current, settle) {
+                Standing::Ready => {
                     slot.done = true;
                     if new {
                         let at = t.status.since + monitor;
                         c.last_counted_at = Some(c.last_counted_at.map_or(at, |l| l.max(at)));
                     }
-                } else {
+                }
+                Standing::Starting => {
                     slot.starting = true;
                     if t.is_ready() {
                         let at = t.status.since + monitor;
                         c.next_count_at = Some(c.next_count_at.map_or(at, |n| n.min(at)));
                     }
                 }
-            } else if !current && is_live(t) {
-                c.outdated.push(t);
-            } else if !current
-                && t.desired_state == DesiredState::Shutdown
-                && !t.status.state.is_terminal()
-            {
-                // An old task stopping (stop-first) holds its slot's replacement back.
-                slot.stopping = true;
+                Standing::Outdated => {}
+                Standing::Gone => {
+                    // An old task stopping (stop-first) holds its slot's replacement back.
+                    if !current
+                        && t.desired_state == DesiredState::Shutdown
+                        && !t.status.state.is_terminal()
+                    {
+                        slot.stopping = true;
+                    }
+                }
             }
         }
         c.in_progress = slots
@@ -410,18 +413,12 @@ impl Machine<'_> {
 
     fn step(&mut self) {
         let now = self.input.now;
-        let census_failed;
-        let (counted, outdated_live, in_progress, last_counted_at, next_count_at);
-        {
-            let c = self.census();
-            census_failed = c.failed;
-            counted = c.counted;
-            outdated_live = c.outdated.len();
-            in_progress = c.in_progress;
-            last_counted_at = c.last_counted_at;
-            next_count_at = c.next_count_at;
-        }
-        self.rollout.failed = self.rollout.failed.max(census_failed);
+        let c = self.census();
+        let counted = usize::try_from(c.counts.ready).unwrap_or(usize::MAX);
+        let outdated_live = usize::try_from(c.counts.outdated).unwrap_or(usize::MAX);
+        let (in_progress, last_counted_at, next_count_at) =
+            (c.in_progress, c.last_counted_at, c.next_count_at);
+        self.rollout.failed = self.rollout.failed.max(c.failed);
         self.rollout.updated = counted as u64;
         if let Some(at) = next_count_at {
             self.requeue(at);
@@ -472,7 +469,7 @@ impl Machine<'_> {
                 } else {
                     parallelism.saturating_sub(in_progress)
                 };
-                if outdated_live == 0 && counted >= wanted && in_progress == 0 {
+                if c.counts.converged(Surplus::Ignored) && in_progress == 0 {
                     // Every task is replaced; the release ends once the meshes agree (the
                     // same wait as blue-green's routing step), so a caller that sees it
                     // succeed never reaches an old task again.
@@ -827,27 +824,13 @@ impl Machine<'_> {
 
     /// Every new task is ready (and none still starting), so traffic may move to them.
     fn all_new_ready(&self) -> bool {
-        self.input
-            .state
-            .tasks_of(&self.input.service.name)
-            .filter(|t| is_live(t) && self.is_current(t))
-            .all(Task::is_ready)
-    }
-
-    fn publishes(&self) -> bool {
-        self.input
-            .service
-            .spec
-            .ports
-            .iter()
-            // Host-mode ports are bound by the tasks themselves: no mesh routes them.
-            .any(|p| p.published.is_some() && p.mode.is_ingress())
+        self.new_live().all(Task::is_ready)
     }
 
     /// Waits for traffic data: no published port means no mesh to wait for; no data means a
     /// short settle instead.
     fn without_data(&self) -> Option<Wait> {
-        if !self.publishes() {
+        if !routed_by_mesh(&self.input.service.spec) {
             return Some(Wait::Done);
         }
         if self.input.traffic.is_none() {
@@ -865,30 +848,19 @@ impl Machine<'_> {
         let Some(traffic) = self.input.traffic else {
             return Wait::Pending;
         };
-        if !traffic.unreachable_nodes.is_empty() {
-            return Wait::Pending;
-        }
-        // The meshes that answered (nodes without a mesh route nothing); an older manager's
-        // report lacks the count, so every ready node must route then.
-        let nodes = traffic
-            .meshes
-            .unwrap_or_else(|| u32::try_from(self.input.ready_nodes).unwrap_or(u32::MAX));
-        let all = self
-            .input
+        Wait::from(meshes_route_all(
+            traffic,
+            self.new_live().map(|t| t.id.as_str()),
+            self.input.ready_nodes,
+        ))
+    }
+
+    /// The live tasks of the current template.
+    fn new_live(&self) -> impl Iterator<Item = &Task> {
+        self.input
             .state
             .tasks_of(&self.input.service.name)
             .filter(|t| is_live(t) && self.is_current(t))
-            .all(|t| {
-                traffic
-                    .tasks
-                    .iter()
-                    .any(|tt| tt.task_id == t.id && tt.routed_by >= nodes)
-            });
-        if all {
-            Wait::Done
-        } else {
-            Wait::Pending
-        }
     }
 
     /// No node routes new work to an old task and none has requests in flight on it.
@@ -926,22 +898,10 @@ impl Machine<'_> {
         let Some(traffic) = self.input.traffic else {
             return Wait::Pending;
         };
-        let new: BTreeSet<&str> = self
-            .input
-            .state
-            .tasks_of(&self.input.service.name)
-            .filter(|t| is_live(t) && self.is_current(t))
-            .map(|t| t.id.as_str())
-            .collect();
-        if traffic
-            .tasks
-            .iter()
-            .any(|tt| tt.routed_by > 0 && !new.contains(tt.task_id.as_str()))
-        {
-            Wait::Pending
-        } else {
-            Wait::Done
-        }
+        Wait::from(meshes_route_none_but(
+            traffic,
+            self.new_live().map(|t| t.id.as_str()),
+        ))
     }
 
     /// Sums of the new tasks' request and error counters, and their worst p99.
@@ -1109,6 +1069,16 @@ impl Machine<'_> {
 enum Wait {
     Done,
     Pending,
+}
+
+impl From<bool> for Wait {
+    fn from(done: bool) -> Self {
+        if done {
+            Wait::Done
+        } else {
+            Wait::Pending
+        }
+    }
 }
 
 /// Number of ready nodes (every one runs a mesh that must route new tasks).

@@ -11,6 +11,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod container;
+pub mod convergence;
 pub mod field_error;
 pub mod mesh;
 pub mod namespace;

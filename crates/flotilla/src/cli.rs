@@ -176,6 +176,12 @@ pub struct ScaleArgs {
     /// SERVICE=REPLICAS pairs.
     #[arg(required = true, value_parser = parse_scale)]
     pub targets: Vec<(String, u64)>,
+    /// Return once the change is accepted, without waiting for convergence.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Give up waiting after this long (e.g. 90s, 5m).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 fn parse_scale(s: &str) -> Result<(String, u64), String> {
@@ -303,14 +309,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             mesh_cmd::task_weight(&client(&cli)?, args).await
         }
         Command::Ps(args) => listing::ps(&client(&cli)?, args).await,
-        Command::Scale(args) => {
-            let c = client(&cli)?;
-            for (name, n) in &args.targets {
-                c.scale(name, *n).await?;
-                println!("{name} scaled to {n}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Scale(args) => deploy::scale(&client(&cli)?, args).await,
         Command::Logs(args) => listing::logs(&client(&cli)?, args).await,
         Command::Events(args) => listing::events(&client(&cli)?, args).await,
         Command::Node(NodeCommand::Ls(out)) => listing::node_ls(&client(&cli)?, *out).await,

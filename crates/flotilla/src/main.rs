@@ -13,6 +13,7 @@ mod cluster_admin;
 mod cluster_args;
 mod deploy;
 mod docker_cmd;
+mod follow;
 mod listing;
 mod load;
 mod manager;

@@ -454,7 +454,7 @@ fn membership_security_quorum_and_removal() {
     wait_for("writes to succeed with 2 of 3 managers", LONG, || {
         fleet
             .get("m1")
-            .cli(&["scale", "keep=2"])
+            .cli(&["scale", "-d", "keep=2"])
             .status
             .success()
             .then_some(())
@@ -542,7 +542,7 @@ fn membership_security_quorum_and_removal() {
     // that node's agent with its (renewed) manager certificate...
     // (Only live nodes: the removed w1 and the dead m3 serve nothing, and their tasks may
     // still be listed as running, so two more replicas go where they can be reached.)
-    fleet.get("m1").ok(&["scale", "keep=4"]);
+    fleet.get("m1").ok(&["scale", "-d", "keep=4"]);
     let tasks: Vec<(String, String)> = wait_for("keep tasks running on live nodes", LONG, || {
         let running: Vec<(String, String)> = fleet
             .get("m1")
@@ -961,7 +961,7 @@ fn force_new_cluster_recovers_from_the_last_manager() {
     );
     assert_eq!(service_names(fleet.get("m3")), acknowledged);
     assert_eq!(voters(fleet.get("m3")), 1);
-    fleet.get("m3").ok(&["scale", "s0=2"]);
+    fleet.get("m3").ok(&["scale", "-d", "s0=2"]);
     wait_for("the lost managers to leave node ls", LONG, || {
         let roles = node_roles(fleet.get("m3"));
         (!roles.iter().any(|(n, _, _)| n == "m1" || n == "m2")).then_some(())
@@ -977,7 +977,7 @@ fn force_new_cluster_recovers_from_the_last_manager() {
     assert!(body.contains("was revoked"), "{body}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(voters(fleet.get("m3")), 1);
-    fleet.get("m3").ok(&["scale", "s1=2"]);
+    fleet.get("m3").ok(&["scale", "-d", "s1=2"]);
     fleet.get_mut("m1").kill();
 
     // A new manager joins the recovered cluster and gets all of its state.
@@ -995,7 +995,7 @@ fn force_new_cluster_recovers_from_the_last_manager() {
         (service_names(fleet.get("m4")) == acknowledged).then_some(())
     });
     // A write through m4 is forwarded to m3 and needs both: the cluster is whole again.
-    fleet.get("m4").ok(&["scale", "s2=2"]);
+    fleet.get("m4").ok(&["scale", "-d", "s2=2"]);
     let scaled = fleet.get("m3").json(&["service", "inspect", "s2"]);
     assert!(scaled.to_string().contains("\"replicas\":2"), "{scaled}");
 }
@@ -1149,7 +1149,7 @@ fn promote_demote_and_leave_in_place() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("last manager"), "{}", stderr(&out));
     // Writes still work with the new single manager.
-    fleet.get("w2").ok(&["scale", "spread=3"]);
+    fleet.get("w2").ok(&["scale", "-d", "spread=3"]);
 
     // A worker leaves: drained (its task moves first), removed, its process exits, and its
     // old certificate is refused.
@@ -1177,7 +1177,7 @@ fn promote_demote_and_leave_in_place() {
     // The last manager may not leave without --force.
     fleet.get("w2").ok(&["node", "promote", "m1"]);
     assert_eq!(voters(fleet.get("w2")), 2);
-    fleet.get("w2").ok(&["scale", "spread=2"]);
+    fleet.get("w2").ok(&["scale", "-d", "spread=2"]);
     let m1_manager_cert = keep_certificate(&fleet, "m1");
     let out = leave(fleet.get("m1"), &[]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
@@ -1259,7 +1259,7 @@ fn promote_demote_and_leave_in_place() {
         fleet.get("w2"),
         &[("w1", "worker"), ("w4", "worker"), ("w2", "manager")],
     );
-    fleet.get("w2").ok(&["scale", "spread=3"]);
+    fleet.get("w2").ok(&["scale", "-d", "spread=3"]);
     // Nothing was lost on the way: every replica runs.
     wait_for("3 spread tasks running", LONG, || {
         let running = fleet

@@ -362,7 +362,7 @@ fn pause_keeps_tasks_and_labels_steer_placement() {
     let b = node_json(&c, "b");
     assert!(b["labels"]["zone"].is_null(), "{b}");
     assert_eq!(b["labels"]["disk"], "ssd");
-    c.ok(&["scale", "pinned=3"]);
+    c.ok(&["scale", "-d", "pinned=3"]);
     let pending = wait_for("pinned.3 to stay pending", Duration::from_secs(30), || {
         c.live_tasks("pinned").into_iter().find(|t| {
             t["status"]["state"] == "pending" && !str_of(&t["status"], "message").is_empty()
