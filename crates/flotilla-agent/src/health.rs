@@ -2,6 +2,8 @@
 //!
 //! A task starts `starting`. A passing probe makes it `healthy` (and ends the start period early);
 //! `retries` consecutive failures make it `unhealthy`; failures inside `start_period` do not count.
+//! The first probe runs at once after the start, then every `start_interval` during
+//! `start_period` (until a pass), then every `interval`.
 //! Only transitions are reported, through a channel, each with the last probe's reason.
 
 use crate::driver::Driver;
@@ -76,8 +78,10 @@ pub struct HealthMonitor {
 }
 
 impl HealthMonitor {
-    /// Starts probing. The first report (`starting`) is sent immediately, the first probe runs
-    /// after one `interval`. Stops by itself when `reports` is closed.
+    /// Starts probing. The first report (`starting`) is sent immediately and the first probe
+    /// runs at once (as Kubernetes' probes do), then every `start_interval` while inside
+    /// `start_period` and not yet healthy, then every `interval`. Stops by itself when
+    /// `reports` is closed.
     pub fn spawn(
         task_id: String,
         check: HealthCheck,
@@ -104,7 +108,6 @@ impl HealthMonitor {
                 }
                 let host_port = ports.first().map(|p| p.host_port);
                 loop {
-                    tokio::time::sleep(check.interval).await;
                     let in_start_period = started.elapsed() < check.start_period;
                     let result = probe(&check, host_port, &task_id, driver.as_ref()).await;
                     if let Err(reason) = &result {
@@ -117,11 +120,23 @@ impl HealthMonitor {
                             return;
                         }
                     }
+                    let in_start_period = started.elapsed() < check.start_period;
+                    tokio::time::sleep(next_delay(&check, &tracker, in_start_period)).await;
                 }
             }
             .instrument(span),
         );
         HealthMonitor { handle }
+    }
+}
+
+/// The pause before the next probe: Compose's `start_interval` while the task is still
+/// `starting` inside `start_period`, `interval` otherwise.
+fn next_delay(check: &HealthCheck, tracker: &HealthTracker, in_start_period: bool) -> Duration {
+    if in_start_period && tracker.health() == Health::Starting && !check.start_interval.is_zero() {
+        check.start_interval
+    } else {
+        check.interval
     }
 }
 

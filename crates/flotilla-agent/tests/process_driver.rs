@@ -529,6 +529,7 @@ fn check(test: HealthTest) -> HealthCheck {
         timeout: Duration::from_secs(5),
         retries: 2,
         start_period: Duration::ZERO,
+        start_interval: Duration::from_millis(100),
     }
 }
 
@@ -625,6 +626,57 @@ async fn health_monitor_reports_transitions() {
         started.elapsed() >= Duration::from_millis(600),
         "failures in start_period counted"
     );
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
+    d.remove(&task.id).await.unwrap();
+}
+
+/// With Compose's default 30 s interval a task that is ready at once must not wait an interval
+/// for its first probe (#12): the first probe runs right after the start.
+#[tokio::test]
+async fn health_monitor_probes_at_once() {
+    let state = tempfile::tempdir().unwrap();
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let hc = HealthCheck::with_defaults(HealthTest::Cmd {
+        argv: vec!["true".into()],
+    });
+    assert!(
+        hc.interval > DEADLINE,
+        "the interval alone must not get us there"
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
+    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
+    d.remove(&task.id).await.unwrap();
+}
+
+/// Inside `start_period` probes come every `start_interval` (Compose), not every `interval`,
+/// so a task that becomes ready shortly after its start is seen ready soon.
+#[tokio::test]
+async fn health_monitor_uses_start_interval_in_start_period() {
+    let state = tempfile::tempdir().unwrap();
+    let flag = state.path().join("ready-flag");
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let probes = state.path().join("probes");
+    let mut hc = HealthCheck::with_defaults(HealthTest::Shell {
+        script: format!("echo >> {}; test -f {}", probes.display(), flag.display()),
+    });
+    hc.start_period = Duration::from_secs(3600);
+    hc.start_interval = Duration::from_millis(100);
+    assert!(
+        hc.interval > DEADLINE,
+        "the interval alone must not get us there"
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
+    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    // Let the first probe fail, so the pass below comes from a later probe.
+    eventually("the first probe", || probes.exists().then_some(())).await;
     std::fs::write(&flag, b"").unwrap();
     assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
     d.remove(&task.id).await.unwrap();
