@@ -1,8 +1,9 @@
-//! The node agent: [`agent::Agent`] follows the tasks the manager assigns to this node and runs
-//! each behind the [`driver::Driver`] trait (the process driver supervises each workload through
-//! a per-task [`shim`] so it survives agent restarts; the [`docker`] driver runs containers on
-//! the local Docker Engine), with cgroup limits, health checks, host port allocation and
-//! rotating log files.
+//! Runs, on one node, the tasks the manager assigns to it.
+//!
+//! [`agent::Agent`] follows the node's tasks and runs each behind the [`driver::Driver`] trait
+//! ([`process`] through a per-task [`shim`] that survives agent restarts, [`docker`] on the local
+//! Docker Engine), with [`cgroup`] limits, [`health`] checks, host [`ports`], rotating [`logs`]
+//! and this node's part of the routing mesh ([`mesh_node`]).
 #![forbid(unsafe_code)]
 
 pub mod agent;
