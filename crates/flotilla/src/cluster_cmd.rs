@@ -54,9 +54,10 @@ pub struct NodeArgs {
     /// A node silent for this long is marked down and its tasks replaced.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
-    /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
-    pub task_ports: std::ops::Range<u16>,
+    /// Range host ports for task ports are taken from (START-END, end exclusive). Default: a
+    /// 500-port block of 20000-32000 picked by the node's name, remembered in DATA_DIR/task-ports.
+    #[arg(long, value_parser = node_dir::parse_port_range)]
+    pub task_ports: Option<std::ops::Range<u16>>,
     #[command(flatten)]
     pub mesh: crate::mesh_cmd::MeshArgs,
 }

@@ -34,9 +34,10 @@ pub struct UpArgs {
     /// from a worker's death to healthy replacements under 5s (docs/BENCHMARKS.md).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
-    /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
-    pub task_ports: std::ops::Range<u16>,
+    /// Range host ports for task ports are taken from (START-END, end exclusive). Default: a
+    /// 500-port block of 20000-32000 picked by the node's name, remembered in DATA_DIR/task-ports.
+    #[arg(long, value_parser = node_dir::parse_port_range)]
+    pub task_ports: Option<std::ops::Range<u16>>,
     #[command(flatten)]
     pub mesh: crate::mesh_cmd::MeshArgs,
 }
@@ -72,7 +73,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         api: Client::new(&api_url, None)?,
         state_dir: args.data_dir.join("agent"),
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
-        task_ports: args.task_ports.clone(),
+        task_ports: node_dir::task_ports(args.task_ports.clone(), &args.data_dir, &node_name)?,
         mesh: args.mesh.config(),
         advertise_ip: args.mesh.advertise_ip,
         agent_tls: None,
