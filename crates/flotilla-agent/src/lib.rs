@@ -17,6 +17,8 @@ pub mod logs;
 pub mod mesh_node;
 pub mod ports;
 pub mod process;
+mod reconciler;
+mod runner;
 pub mod shim;
 pub mod sim;
 pub mod trampoline;
