@@ -181,7 +181,10 @@ impl Agent {
                     Err(e) => tracing::error!(driver = %driver.kind(), error = %e, "recovering tasks failed"),
                 }
             }
-            tracing::info!(count = recovered.len(), "recovered tasks from a previous agent");
+            // `count`: running workloads to re-adopt; `finished`: ended ones kept for their logs.
+            let finished = recovered.values().filter(|(_, t)| t.exited.is_some()).count();
+            let count = recovered.len() - finished;
+            tracing::info!(count, finished, "recovered tasks from a previous agent");
 
             let conflicts = self.mesh.as_ref().map(|m| m.port_conflicts());
             let reported = Reported { port_conflicts: conflicts, images: self.images.clone() };
