@@ -7,6 +7,7 @@
 //! come from the engine's event stream, which one background task follows for the driver's whole
 //! life; [`Driver::wait`] resolves as soon as a `die` event arrives.
 
+use crate::docker_network::{self, ServiceNetwork};
 use crate::driver::{
     Driver, DriverError, ExecOutput, ExitInfo, LogStream, RecoveredTask, RunningTask,
     EXEC_OUTPUT_LIMIT,
@@ -17,7 +18,7 @@ use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerUpdateBody,
     DeviceRequest, EndpointSettings, HealthConfig, HealthStatusEnum, HostConfig, Mount, MountType,
-    NetworkCreateRequest, NetworkingConfig, PortBinding as EnginePortBinding, ResourcesUlimits,
+    NetworkingConfig, PortBinding as EnginePortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
@@ -76,21 +77,7 @@ pub fn container_name(task: &Task) -> String {
     format!("flotilla-{}-{place}-{}", task.spec.name, task.id)
 }
 
-/// The bridge network of a service's containers.
-pub fn network_name(service: &str) -> String {
-    format!("flotilla-{service}")
-}
-
-/// The IPv4 gateway of a network, from its IPAM config.
-fn gateway_of(network: &bollard::models::NetworkInspect) -> Option<std::net::Ipv4Addr> {
-    network
-        .ipam
-        .as_ref()?
-        .config
-        .as_ref()?
-        .iter()
-        .find_map(|c| c.gateway.as_deref()?.parse().ok())
-}
+pub use crate::docker_network::network_name;
 
 /// Per-task notifications fed by the event stream.
 #[derive(Default)]
@@ -355,39 +342,16 @@ impl DockerDriver {
         }
     }
 
-    /// Creates the service's bridge network unless it exists; returns its IPv4 gateway (the
-    /// host's address on it) when the engine reports one.
-    async fn ensure_network(
-        &self,
-        service: &str,
-    ) -> Result<Option<std::net::Ipv4Addr>, DriverError> {
+    /// The service's network (see [`crate::docker_network`]), created if missing.
+    async fn ensure_network(&self, task: &Task) -> Result<ServiceNetwork, DriverError> {
+        let service = task.spec.name.as_str();
         let _guard = self.networks.lock().await;
-        let name = network_name(service);
-        match self.docker.inspect_network(&name, None).await {
-            Ok(network) => return Ok(gateway_of(&network)),
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(e.into()),
-        }
-        self.docker
-            .create_network(NetworkCreateRequest {
-                name: name.clone(),
-                driver: Some("bridge".into()),
-                labels: Some(HashMap::from([
-                    (LABEL_SERVICE.to_string(), service.to_string()),
-                    (LABEL_NODE.to_string(), self.node.clone()),
-                    (LABEL_OWNER.to_string(), self.owner.clone()),
-                ])),
-                ..Default::default()
-            })
-            .await?;
-        tracing::info!(network = %name, "created service network");
-        // The create response has no addresses; the engine picked the subnet just now.
-        Ok(self
-            .docker
-            .inspect_network(&name, None)
-            .await
-            .ok()
-            .and_then(|network| gateway_of(&network)))
+        let labels = HashMap::from([
+            (LABEL_SERVICE.to_string(), service.to_string()),
+            (LABEL_NODE.to_string(), self.node.clone()),
+            (LABEL_OWNER.to_string(), self.owner.clone()),
+        ]);
+        docker_network::ensure(&self.docker, service, &task.id, labels).await
     }
 
     /// Removes the service's network once no container of the service is left on the node.
@@ -399,17 +363,7 @@ impl DockerDriver {
         if !left.is_empty() {
             return Ok(());
         }
-        match self.docker.remove_network(&network_name(service)).await {
-            Ok(()) => {
-                tracing::info!(network = %network_name(service), "removed service network");
-                Ok(())
-            }
-            Err(e) if is_status(&e, 404) => Ok(()),
-            // Another agent on this engine (another cluster, or a node sharing the engine) still
-            // has containers of a same-named service on it; the last one out removes it.
-            Err(e) if is_status(&e, 403) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        docker_network::release(&self.docker, service).await
     }
 
     /// Waits for the container to stop running, looking again at every `die` event.
@@ -565,7 +519,6 @@ impl DockerDriver {
 
         let mut host = HostConfig {
             port_bindings: Some(bindings),
-            network_mode: Some(network_name(&spec.name)),
             cap_add: (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
             cap_drop: (!c.cap_drop.is_empty()).then(|| c.cap_drop.clone()),
             readonly_rootfs: Some(c.read_only),
@@ -602,15 +555,6 @@ impl DockerDriver {
                 ..Default::default()
             }),
             host_config: Some(host),
-            networking_config: Some(NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(
-                    network_name(&spec.name),
-                    EndpointSettings {
-                        aliases: Some(vec![spec.name.clone()]),
-                        ..Default::default()
-                    },
-                )])),
-            }),
             ..Default::default()
         })
     }
@@ -711,8 +655,25 @@ fn limits_update(resources: &Resources) -> Result<ContainerUpdateBody, DriverErr
     })
 }
 
+/// Joins the container to the service network by id (a name may be ambiguous, see
+/// [`crate::docker_network`]), where other containers find it by the service's name.
+fn attach_network(body: &mut ContainerCreateBody, network_id: &str, service: &str) {
+    body.host_config
+        .get_or_insert_with(Default::default)
+        .network_mode = Some(network_id.to_string());
+    body.networking_config = Some(NetworkingConfig {
+        endpoints_config: Some(HashMap::from([(
+            network_id.to_string(),
+            EndpointSettings {
+                aliases: Some(vec![service.to_string()]),
+                ..Default::default()
+            },
+        )])),
+    });
+}
+
 /// Whether an engine error is an HTTP answer with this status.
-fn is_status(e: &bollard::errors::Error, code: u16) -> bool {
+pub(crate) fn is_status(e: &bollard::errors::Error, code: u16) -> bool {
     matches!(e, bollard::errors::Error::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
 
@@ -939,8 +900,9 @@ impl Driver for DockerDriver {
         let image = body.image.clone().unwrap_or_default();
         self.ensure_image(task, &image, task.spec.container.pull_policy)
             .await?;
-        let gateway = self.ensure_network(&task.spec.name).await?;
-        if let (Some(dns), Some(gateway)) = (self.container_dns.get(), gateway) {
+        let network = self.ensure_network(task).await?;
+        attach_network(&mut body, &network.id, &task.spec.name);
+        if let (Some(dns), Some(gateway)) = (self.container_dns.get(), network.gateway) {
             if let Some(server) = dns.serve_on(gateway).await {
                 body.host_config.get_or_insert_with(Default::default).dns =
                     Some(vec![server.to_string()]);

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod docker;
 pub mod docker_image;
+pub mod docker_network;
 pub mod driver;
 pub mod health;
 pub mod hollow;

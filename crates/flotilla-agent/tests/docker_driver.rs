@@ -4,7 +4,7 @@
 // Test helpers outside #[test] fns: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use bollard::models::{ContainerConfig, ContainerCreateBody, HealthConfig};
+use bollard::models::{ContainerConfig, ContainerCreateBody, HealthConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
     ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -112,10 +112,13 @@ async fn cleanup(d: &DockerDriver, service: &str) {
             )
             .await;
     }
-    let _ = docker.remove_network(&format!("flotilla-{service}")).await;
+    for id in networks_named(d, service).await {
+        let _ = docker.remove_network(&id).await;
+    }
 }
 
-async fn network_exists(d: &DockerDriver, service: &str) -> bool {
+/// The ids of the networks named `flotilla-<service>` (an engine may hold several).
+async fn networks_named(d: &DockerDriver, service: &str) -> Vec<String> {
     let filters = HashMap::from([("name", vec![format!("flotilla-{service}")])]);
     let nets = d
         .client()
@@ -126,8 +129,82 @@ async fn network_exists(d: &DockerDriver, service: &str) -> bool {
         ))
         .await
         .unwrap();
-    nets.iter()
-        .any(|n| n.name.as_deref() == Some(&format!("flotilla-{service}")))
+    nets.into_iter()
+        .filter(|n| n.name.as_deref() == Some(&format!("flotilla-{service}")))
+        .filter_map(|n| n.id)
+        .collect()
+}
+
+async fn network_exists(d: &DockerDriver, service: &str) -> bool {
+    !networks_named(d, service).await.is_empty()
+}
+
+/// The network a task's container runs on (`HostConfig.NetworkMode`).
+async fn network_of(d: &DockerDriver, task_id: &str) -> String {
+    let filters = HashMap::from([("label", vec![format!("{LABEL_TASK}={task_id}")])]);
+    let list = d
+        .client()
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap();
+    let id = list[0].id.clone().unwrap();
+    let c = d.client().inspect_container(&id, None).await.unwrap();
+    c.host_config.unwrap().network_mode.unwrap()
+}
+
+/// Two agents on one engine (#21): with two networks of the service's name already there (an
+/// engine before API 1.44 creates both when two creates race), both agents' first starts of the
+/// service at the same moment succeed on the same network, the duplicate is removed, and
+/// removing the last container removes the network.
+#[tokio::test]
+async fn agents_sharing_an_engine_share_one_service_network() {
+    let Some(a) = driver().await else {
+        return;
+    };
+    let b = DockerDriver::with_client(a.client().clone(), "docker-driver-test-b", "owner-b");
+    let service = "dupnet";
+    cleanup(&a, service).await;
+    for _ in 0..2 {
+        a.client()
+            .create_network(NetworkCreateRequest {
+                name: format!("flotilla-{service}"),
+                driver: Some("bridge".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let before = networks_named(&a, service).await;
+    if before.len() < 2 {
+        // Engines from API 1.44 on refuse namesakes; then there is nothing to heal.
+        eprintln!("the engine refuses duplicate network names; only the shared start is tested");
+    }
+    let (ta, tb) = (
+        shell_task(service, "exec sleep 1000"),
+        shell_task(service, "exec sleep 1000"),
+    );
+    let (ra, rb) = tokio::join!(a.start(&ta, &[]), b.start(&tb, &[]));
+    ra.unwrap();
+    rb.unwrap();
+    let after = networks_named(&a, service).await;
+    assert_eq!(after.len(), 1, "one network left of {before:?}");
+    assert_eq!(network_of(&a, &ta.id).await, after[0]);
+    assert_eq!(network_of(&b, &tb.id).await, after[0]);
+
+    a.stop(&ta.id, 9, Duration::from_secs(2)).await.unwrap();
+    a.remove(&ta.id).await.unwrap();
+    assert!(network_exists(&a, service).await, "b still uses it");
+    b.stop(&tb.id, 9, Duration::from_secs(2)).await.unwrap();
+    b.remove(&tb.id).await.unwrap();
+    assert!(
+        !network_exists(&a, service).await,
+        "the last one out removes it"
+    );
 }
 
 /// Start with labels, name, ports and env; wait resolves on an external SIGKILL; recover finds
