@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod docker;
+mod docker_create;
 pub mod docker_image;
 pub mod docker_network;
 pub mod driver;
