@@ -238,7 +238,7 @@ impl TaskCgroup {
             TaskCgroup::V2 { dir, .. } => {
                 v2_memory(dir, resources)?;
                 v2_cpu(dir, resources)?;
-                v2_pids(dir, resources)
+                pids_limit(dir, resources)
             }
             TaskCgroup::V1 { dirs } => {
                 let (limits, reservations) = (resources.limits, resources.reservations);
@@ -251,7 +251,7 @@ impl TaskCgroup {
                     v1_cpu(dir, resources)?;
                 }
                 if let Some(dir) = v1_dir(dirs, &PIDS_LIMIT, limits.pids.is_some())? {
-                    v1_pids(dir, resources)?;
+                    pids_limit(dir, resources)?;
                 }
                 Ok(())
             }
@@ -452,8 +452,8 @@ fn v2_cpu(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
     )
 }
 
-/// v2 pids: `pids.max`.
-fn v2_pids(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
+/// pids: `pids.max`, the same file on v1 and v2.
+fn pids_limit(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
     let limit = r.limits.pids;
     write_limit(
         dir,
@@ -514,18 +514,6 @@ fn v1_cpu(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
         &CPU_RESERVATION,
         &shares,
         reserved.is_some(),
-    )
-}
-
-/// v1 pids: `pids.max`.
-fn v1_pids(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
-    let limit = r.limits.pids;
-    write_limit(
-        dir,
-        "pids.max",
-        &PIDS_LIMIT,
-        &or_unlimited(limit, "max"),
-        limit.is_some(),
     )
 }
 

@@ -94,16 +94,7 @@ fn free_port() -> u16 {
 /// Removes every container and network a test service left behind.
 async fn cleanup(d: &DockerDriver, service: &str) {
     let docker = d.client();
-    let filters = HashMap::from([("label", vec![format!("{LABEL_SERVICE}={service}")])]);
-    let list = docker
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-        .unwrap_or_default();
+    let list = labelled(d, &format!("{LABEL_SERVICE}={service}")).await;
     for c in list {
         let _ = docker
             .remove_container(
@@ -115,6 +106,20 @@ async fn cleanup(d: &DockerDriver, service: &str) {
     for id in networks_named(d, service).await {
         let _ = docker.remove_network(&id).await;
     }
+}
+
+/// The containers (running or not) carrying `label` (`KEY=VALUE`).
+async fn labelled(d: &DockerDriver, label: &str) -> Vec<bollard::models::ContainerSummary> {
+    let filters = HashMap::from([("label", vec![label.to_string()])]);
+    d.client()
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap()
 }
 
 /// The ids of the networks named `flotilla-<service>` (an engine may hold several).
@@ -141,17 +146,7 @@ async fn network_exists(d: &DockerDriver, service: &str) -> bool {
 
 /// The network a task's container runs on (`HostConfig.NetworkMode`).
 async fn network_of(d: &DockerDriver, task_id: &str) -> String {
-    let filters = HashMap::from([("label", vec![format!("{LABEL_TASK}={task_id}")])]);
-    let list = d
-        .client()
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-        .unwrap();
+    let list = labelled(d, &format!("{LABEL_TASK}={task_id}")).await;
     let id = list[0].id.clone().unwrap();
     let c = d.client().inspect_container(&id, None).await.unwrap();
     c.host_config.unwrap().network_mode.unwrap()

@@ -631,6 +631,26 @@ async fn health_monitor_reports_transitions() {
     d.remove(&task.id).await.unwrap();
 }
 
+/// Starts `hc` (whose `interval` is too long for any test to wait out) on `task`, past its
+/// first `starting` report.
+async fn monitor_with_long_interval(
+    d: &Arc<dyn Driver>,
+    task: &Task,
+    hc: HealthCheck,
+) -> (
+    HealthMonitor,
+    tokio::sync::mpsc::UnboundedReceiver<HealthReport>,
+) {
+    assert!(
+        hc.interval > DEADLINE,
+        "the interval alone must not get us there"
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
+    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    (monitor, rx)
+}
+
 /// With Compose's default 30 s interval a task that is ready at once must not wait an interval
 /// for its first probe (#12): the first probe runs right after the start.
 #[tokio::test]
@@ -642,13 +662,7 @@ async fn health_monitor_probes_at_once() {
     let hc = HealthCheck::with_defaults(HealthTest::Cmd {
         argv: vec!["true".into()],
     });
-    assert!(
-        hc.interval > DEADLINE,
-        "the interval alone must not get us there"
-    );
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let _monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
-    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    let (_monitor, mut rx) = monitor_with_long_interval(&d, &task, hc).await;
     assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
     d.remove(&task.id).await.unwrap();
 }
@@ -668,13 +682,7 @@ async fn health_monitor_uses_start_interval_in_start_period() {
     });
     hc.start_period = Duration::from_secs(3600);
     hc.start_interval = Duration::from_millis(100);
-    assert!(
-        hc.interval > DEADLINE,
-        "the interval alone must not get us there"
-    );
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let _monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
-    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    let (_monitor, mut rx) = monitor_with_long_interval(&d, &task, hc).await;
     // Let the first probe fail, so the pass below comes from a later probe.
     eventually("the first probe", || probes.exists().then_some(())).await;
     std::fs::write(&flag, b"").unwrap();
