@@ -113,6 +113,16 @@ impl Reconciler {
     }
 
     fn reconcile_task(&mut self, task: &Task) {
+        // What an ended task left, found at start-up: kept for its logs. Its end is on record
+        // already; reporting it again would rewrite it.
+        let ended_and_recorded = task.status.state.is_terminal()
+            && matches!(self.recovered.get(&task.id), Some((_, rec)) if rec.exited.is_some());
+        if ended_and_recorded {
+            if let Some((kind, _)) = self.recovered.remove(&task.id) {
+                self.finished.insert(task.id.clone(), kind);
+            }
+            return;
+        }
         // A task that ran here and ended is never started again (restarts are new tasks).
         let known_here = self.local.contains_key(&task.id) || self.finished.contains_key(&task.id);
         match task.desired_state {

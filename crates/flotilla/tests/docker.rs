@@ -86,7 +86,12 @@ fn demo_image_runs_heals_readopts_and_resizes() {
             inspect(&id, "{{.HostConfig.Memory}}"),
             (64u64 << 20).to_string()
         );
-        assert_eq!(inspect(&id, "{{.HostConfig.NetworkMode}}"), "flotilla-web");
+        // Joined by id: a name can be ambiguous when agents sharing the engine raced (#21).
+        let network = sh("docker network inspect --format '{{.Id}}' flotilla-web");
+        assert_eq!(
+            inspect(&id, "{{.HostConfig.NetworkMode}}"),
+            stdout(&network).trim()
+        );
     }
     assert_eq!(ports.len(), 3, "each container has its own host port");
 
@@ -121,6 +126,13 @@ fn demo_image_runs_heals_readopts_and_resizes() {
         },
     );
     let readopted = c.wait_ready("web", 3);
+    // The killed task's container was kept for its logs; the new agent leaves its record be.
+    let dead_after = c
+        .all_tasks("web")
+        .into_iter()
+        .find(|t| t["id"] == victim["id"])
+        .expect("killed task still in history");
+    assert_eq!(dead_after["status"], dead["status"], "{dead_after}");
     let now: BTreeSet<String> = readopted.iter().map(container_id).collect();
     assert_eq!(
         before, now,
