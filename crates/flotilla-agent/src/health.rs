@@ -2,8 +2,9 @@
 //!
 //! A task starts `starting`. A passing probe makes it `healthy` (and ends the start period early);
 //! `retries` consecutive failures make it `unhealthy`; failures inside `start_period` do not count.
-//! The first probe runs at once after the start, then every `start_interval` during
-//! `start_period` (until a pass), then every `interval`.
+//! The first probe runs at once after the start (a failure of it does not count: the workload
+//! may not listen yet), then every `start_interval` during `start_period` (until a pass), then
+//! every `interval`.
 //! Only transitions are reported, through a channel, each with the last probe's reason.
 
 use crate::driver::Driver;
@@ -107,8 +108,12 @@ impl HealthMonitor {
                     return;
                 }
                 let host_port = ports.first().map(|p| p.host_port);
+                let mut first = true;
                 loop {
-                    let in_start_period = started.elapsed() < check.start_period;
+                    // The first probe runs at once, before the workload may listen: it can make
+                    // the task healthy early, but its failure does not count.
+                    let in_start_period =
+                        std::mem::take(&mut first) || started.elapsed() < check.start_period;
                     let result = probe(&check, host_port, &task_id, driver.as_ref()).await;
                     if let Err(reason) = &result {
                         tracing::debug!(%reason, "health probe failed");

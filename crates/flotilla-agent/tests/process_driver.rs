@@ -667,6 +667,29 @@ async fn health_monitor_probes_at_once() {
     d.remove(&task.id).await.unwrap();
 }
 
+/// The immediate first probe runs before the workload may listen, so its failure does not
+/// count: with `retries: 1` a failing check makes the task unhealthy at the second probe, not
+/// the first.
+#[tokio::test]
+async fn health_first_probe_failure_does_not_count() {
+    let state = tempfile::tempdir().unwrap();
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let probes = state.path().join("probes");
+    let mut hc = check(HealthTest::Shell {
+        script: format!("echo >> {}; exit 1", probes.display()),
+    });
+    hc.retries = 1;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
+    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    assert_eq!(next_report(&mut rx).await.health, Health::Unhealthy);
+    let count = std::fs::read_to_string(&probes).unwrap().lines().count();
+    assert!(count >= 2, "unhealthy after {count} probe(s)");
+    d.remove(&task.id).await.unwrap();
+}
+
 /// Inside `start_period` probes come every `start_interval` (Compose), not every `interval`,
 /// so a task that becomes ready shortly after its start is seen ready soon.
 #[tokio::test]
