@@ -2,9 +2,8 @@
 //!
 //! A task starts `starting`. A passing probe makes it `healthy` (and ends the start period early);
 //! `retries` consecutive failures make it `unhealthy`; failures inside `start_period` do not count.
-//! The first probe runs at once after the start (a failure of it does not count: the workload
-//! may not listen yet), then every `start_interval` during `start_period` (until a pass), then
-//! every `interval`.
+//! The first probe runs at once after the start, then (until a pass) every `start_interval` in
+//! the start phase, then every `interval`; see [`Cadence`].
 //! Only transitions are reported, through a channel, each with the last probe's reason.
 
 use crate::driver::Driver;
@@ -80,9 +79,8 @@ pub struct HealthMonitor {
 
 impl HealthMonitor {
     /// Starts probing. The first report (`starting`) is sent immediately and the first probe
-    /// runs at once (as Kubernetes' probes do), then every `start_interval` while inside
-    /// `start_period` and not yet healthy, then every `interval`. Stops by itself when
-    /// `reports` is closed.
+    /// runs at once (as Kubernetes' probes do); [`Cadence`] says when the next ones run. Stops
+    /// by itself when `reports` is closed.
     pub fn spawn(
         task_id: String,
         check: HealthCheck,
@@ -93,7 +91,6 @@ impl HealthMonitor {
         let span = tracing::info_span!("health", task = %task_id);
         let handle = tokio::spawn(
             async move {
-                let started = Instant::now();
                 let mut tracker = HealthTracker::new(check.retries);
                 let report = |health, message: String| HealthReport {
                     task_id: task_id.clone(),
@@ -108,12 +105,9 @@ impl HealthMonitor {
                     return;
                 }
                 let host_port = ports.first().map(|p| p.host_port);
-                let mut first = true;
+                let mut cadence = Cadence::new(&check);
                 loop {
-                    // The first probe runs at once, before the workload may listen: it can make
-                    // the task healthy early, but its failure does not count.
-                    let in_start_period =
-                        std::mem::take(&mut first) || started.elapsed() < check.start_period;
+                    let in_start_period = cadence.in_start_period();
                     let result = probe(&check, host_port, &task_id, driver.as_ref()).await;
                     if let Err(reason) = &result {
                         tracing::debug!(%reason, "health probe failed");
@@ -125,8 +119,7 @@ impl HealthMonitor {
                             return;
                         }
                     }
-                    let in_start_period = started.elapsed() < check.start_period;
-                    tokio::time::sleep(next_delay(&check, &tracker, in_start_period)).await;
+                    tokio::time::sleep(cadence.next_delay(&check, tracker.health())).await;
                 }
             }
             .instrument(span),
@@ -135,13 +128,48 @@ impl HealthMonitor {
     }
 }
 
-/// The pause before the next probe: Compose's `start_interval` while the task is still
-/// `starting` inside `start_period`, `interval` otherwise.
-fn next_delay(check: &HealthCheck, tracker: &HealthTracker, in_start_period: bool) -> Duration {
-    if in_start_period && tracker.health() == Health::Starting && !check.start_interval.is_zero() {
-        check.start_interval
-    } else {
-        check.interval
+/// The first pause of the start phase; each next one doubles, up to `start_interval`.
+const FIRST_START_DELAY: Duration = Duration::from_millis(100);
+
+/// When probes run. The first runs at once; until the task first passes, inside its start
+/// phase, they come every `start_interval` (the first few sooner, from 100 ms doubling, so a
+/// task ready within a second is seen ready within a second); after that every `interval`.
+///
+/// The start phase lasts `start_period`, and at least one `interval`: Docker runs its first
+/// probe only after one interval, so failures before then never counted, and still do not.
+struct Cadence {
+    started: Instant,
+    phase: Duration,
+    early: Duration,
+}
+
+impl Cadence {
+    fn new(check: &HealthCheck) -> Self {
+        Cadence {
+            started: Instant::now(),
+            phase: check.start_period.max(check.interval),
+            early: FIRST_START_DELAY,
+        }
+    }
+
+    /// Whether a probe now falls in the start phase (its failure does not count).
+    fn in_start_period(&self) -> bool {
+        self.started.elapsed() < self.phase
+    }
+
+    /// The pause before the next probe, given the task's health now.
+    fn next_delay(&mut self, check: &HealthCheck, health: Health) -> Duration {
+        if health != Health::Starting || !self.in_start_period() {
+            return check.interval;
+        }
+        let cap = if check.start_interval.is_zero() {
+            check.interval
+        } else {
+            check.start_interval.min(check.interval)
+        };
+        let delay = self.early.min(cap);
+        self.early = self.early.saturating_mul(2);
+        delay
     }
 }
 

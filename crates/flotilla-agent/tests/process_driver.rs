@@ -690,6 +690,27 @@ async fn health_first_probe_failure_does_not_count() {
     d.remove(&task.id).await.unwrap();
 }
 
+/// Compose's defaults (30 s interval, no start period): a workload that is not ready at the
+/// first probe but right after is seen ready long before one interval (#12: a plain deploy
+/// took 30 s to report ready).
+#[tokio::test]
+async fn health_with_compose_defaults_sees_a_late_listener_ready_early() {
+    let state = tempfile::tempdir().unwrap();
+    let flag = state.path().join("ready-flag");
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let probes = state.path().join("probes");
+    let hc = HealthCheck::with_defaults(HealthTest::Shell {
+        script: format!("echo >> {}; test -f {}", probes.display(), flag.display()),
+    });
+    let (_monitor, mut rx) = monitor_with_long_interval(&d, &task, hc).await;
+    eventually("the first probe", || probes.exists().then_some(())).await;
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
+    d.remove(&task.id).await.unwrap();
+}
+
 /// Inside `start_period` probes come every `start_interval` (Compose), not every `interval`,
 /// so a task that becomes ready shortly after its start is seen ready soon.
 #[tokio::test]
