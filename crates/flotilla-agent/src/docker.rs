@@ -360,6 +360,42 @@ impl DockerDriver {
         docker_network::ensure(&self.docker, service, &task.id, labels).await
     }
 
+    /// Creates the container `name` on the service network. Another agent sharing the engine
+    /// may remove the network between our finding it and the create (its last container
+    /// went); then the network is found or made again, once.
+    async fn create_on_network(
+        &self,
+        task: &Task,
+        name: &str,
+        mut body: bollard::models::ContainerCreateBody,
+    ) -> Result<bollard::models::ContainerCreateResponse, DriverError> {
+        let mut retried = false;
+        loop {
+            let network = self.ensure_network(task).await?;
+            docker_create::attach_network(&mut body, &network.id, &task.spec.name);
+            if let (Some(dns), Some(gateway)) = (self.container_dns.get(), network.gateway) {
+                if let Some(server) = dns.serve_on(gateway).await {
+                    body.host_config.get_or_insert_with(Default::default).dns =
+                        Some(vec![server.to_string()]);
+                }
+            }
+            let options = CreateContainerOptionsBuilder::default().name(name).build();
+            match self
+                .docker
+                .create_container(Some(options), body.clone())
+                .await
+            {
+                Err(e)
+                    if is_status(&e, 404) && !retried && engine_message(&e).contains("network") =>
+                {
+                    tracing::info!(error = %engine_message(&e), "service network went away; finding it again");
+                    retried = true;
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
     /// Removes the service's network once no container of the service is left on the node.
     async fn release_network(&self, service: &str) -> Result<(), DriverError> {
         let _guard = self.networks.lock().await;
@@ -704,7 +740,7 @@ impl Driver for DockerDriver {
 
     #[tracing::instrument(skip_all, fields(task = %task.id, service = %task.spec.name, node = %self.node))]
     async fn start(&self, task: &Task, ports: &[PortBinding]) -> Result<RunningTask, DriverError> {
-        let mut body = docker_create::create_body(task, ports, &self.node, &self.owner)?;
+        let body = docker_create::create_body(task, ports, &self.node, &self.owner)?;
         match self.find(&task.id).await {
             Ok(_) => return Err(DriverError::AlreadyExists(task.id.clone())),
             Err(DriverError::NotFound(_)) => {}
@@ -713,25 +749,10 @@ impl Driver for DockerDriver {
         let image = body.image.clone().unwrap_or_default();
         self.ensure_image(task, &image, task.spec.container.pull_policy)
             .await?;
-        let network = self.ensure_network(task).await?;
-        docker_create::attach_network(&mut body, &network.id, &task.spec.name);
-        if let (Some(dns), Some(gateway)) = (self.container_dns.get(), network.gateway) {
-            if let Some(server) = dns.serve_on(gateway).await {
-                body.host_config.get_or_insert_with(Default::default).dns =
-                    Some(vec![server.to_string()]);
-            }
-        }
         let name = container_name(task);
-        let created = match self
-            .docker
-            .create_container(
-                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
-                body,
-            )
-            .await
-        {
+        let created = match self.create_on_network(task, &name, body).await {
             Ok(c) => c,
-            Err(e) => {
+            Err(DriverError::Engine(e)) => {
                 let reason = format!("cannot create container {name}: {}", engine_message(&e));
                 if let Err(cleanup) = self.release_network(&task.spec.name).await {
                     tracing::warn!(error = %cleanup, "releasing the service network failed");
@@ -741,6 +762,7 @@ impl Driver for DockerDriver {
                     reason,
                 });
             }
+            Err(e) => return Err(e),
         };
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             let reason = format!("cannot start container {name}: {}", engine_message(&e));

@@ -10,7 +10,7 @@
 use crate::docker::is_status;
 use crate::driver::DriverError;
 use bollard::models::{Network, NetworkCreateRequest};
-use bollard::query_parameters::ListNetworksOptions;
+use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptions};
 use bollard::Docker;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -76,6 +76,11 @@ pub async fn release(docker: &Docker, service: &str) -> Result<(), DriverError> 
         let Some(id) = network.id.as_deref() else {
             continue;
         };
+        // The engine removes a network that only stopped or just-created containers are on;
+        // another agent may be about to start one there.
+        if has_containers(docker, id, &network_name(service)).await? {
+            continue;
+        }
         match docker.remove_network(id).await {
             Ok(()) => {
                 tracing::info!(network = %network_name(service), %id, "removed service network")
@@ -85,6 +90,18 @@ pub async fn release(docker: &Docker, service: &str) -> Result<(), DriverError> 
         }
     }
     Ok(())
+}
+
+/// Whether any container, running or not, is attached to network `id` named `name`. A created
+/// container matches only by name (its endpoint has no network id yet), so a namesake's
+/// container keeps this network too, which errs on the safe side.
+async fn has_containers(docker: &Docker, id: &str, name: &str) -> Result<bool, DriverError> {
+    let filters = HashMap::from([("network", vec![id.to_string(), name.to_string()])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    Ok(!docker.list_containers(Some(options)).await?.is_empty())
 }
 
 /// The networks named exactly `name`, the one every agent uses first.

@@ -202,6 +202,52 @@ async fn agents_sharing_an_engine_share_one_service_network() {
     );
 }
 
+/// The last agent out does not remove a service network another agent has just created a
+/// container on (not started yet): the engine would let it, and that start would fail.
+#[tokio::test]
+async fn release_keeps_a_network_with_a_created_container() {
+    let Some(a) = driver().await else {
+        return;
+    };
+    let service = "netheld";
+    cleanup(&a, service).await;
+    let task = shell_task(service, "exec sleep 1000");
+    a.start(&task, &[]).await.unwrap();
+    let network = network_of(&a, &task.id).await;
+    let other = a
+        .client()
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            ContainerCreateBody {
+                image: Some(IMAGE.into()),
+                cmd: Some(vec!["sleep".into(), "1000".into()]),
+                labels: Some(HashMap::from([(
+                    LABEL_SERVICE.to_string(),
+                    service.to_string(),
+                )])),
+                host_config: Some(bollard::models::HostConfig {
+                    network_mode: Some(network.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    a.stop(&task.id, 9, Duration::from_secs(2)).await.unwrap();
+    a.remove(&task.id).await.unwrap();
+    let kept = network_exists(&a, service).await;
+    let _ = a
+        .client()
+        .remove_container(
+            &other.id,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
+    cleanup(&a, service).await;
+    assert!(kept, "the network went while a created container was on it");
+}
+
 /// Start with labels, name, ports and env; wait resolves on an external SIGKILL; recover finds
 /// it; remove takes the container and, with the last one, the network.
 #[tokio::test]
