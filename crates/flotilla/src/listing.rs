@@ -324,6 +324,8 @@ pub async fn logs(c: &Client, args: &LogsArgs) -> anyhow::Result<ExitCode> {
         match c.logs(&t.id, args.tail, args.follow).await {
             Ok(s) => streams.push(prefix_lines(s, name)),
             Err(e) if e.code() == Some("not_found") => {}
+            // A finished task on a node that is down: say so, show the others.
+            Err(e) if t.desired_state != DesiredState::Running => eprintln!("{name}: {e}"),
             Err(e) => return Err(e.into()),
         }
     }
