@@ -2,31 +2,32 @@
 //! manager's watch stream, and runs each through a driver, reporting every state and health
 //! change back.
 //!
-//! Each task gets its own runner (a tokio task) that owns its lifecycle: wait out the restart
-//! delay, allocate host ports, start, watch health, notice the exit, report, clean up. Stopping
-//! the agent ends the runners but **not** the workloads: the next agent re-adopts them through
-//! [`Driver::recover`].
+//! Each task gets its own runner (`runner`) that owns its lifecycle; the
+//! `reconciler` starts, stops and prunes them as the node's task records change.
+//! Stopping the agent ends the runners but **not** the workloads: the next agent re-adopts them
+//! through [`Driver::recover`].
 
 use crate::docker::DockerDriver;
-use crate::driver::{Driver, DriverError, ExitInfo, RecoveredTask};
-use crate::health::{HealthMonitor, HealthReport};
+use crate::driver::{Driver, DriverError};
 use crate::mesh_node::{MeshNode, MeshNodeConfig, MeshNodeError};
 use crate::ports::PortAllocator;
 use crate::process::ProcessDriver;
-use flotilla_client::{Client, ClientError, Mirror};
-use flotilla_types::api::{Heartbeat, NodeRegistration, TaskStatusReport};
-use flotilla_types::{
-    now_ms, signal_number, DesiredState, DriverKind, Health, NodeResources, PortBinding, Task,
-    TaskState, TaskStatus,
-};
+use crate::reconciler::Reconciler;
+use crate::runner::{until_true, RunnerCtx};
+use flotilla_client::{Client, Mirror};
+use flotilla_types::api::{Heartbeat, NodeRegistration};
+use flotilla_types::{now_ms, DriverKind, NodeResources};
 use futures::StreamExt;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 use tracing::Instrument;
+
+/// How often the leftovers of tasks whose records were deleted are looked for, besides at
+/// every change of the node's tasks.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -76,12 +77,6 @@ pub struct Agent {
     /// Container images on this node, kept current from the engine's image events and
     /// re-reported by the heartbeat loop; `None` without a docker engine.
     images: Option<watch::Receiver<Vec<String>>>,
-}
-
-/// A task this agent is running.
-struct LocalTask {
-    stop: watch::Sender<bool>,
-    handle: JoinHandle<()>,
 }
 
 impl Agent {
@@ -186,7 +181,10 @@ impl Agent {
                     Err(e) => tracing::error!(driver = %driver.kind(), error = %e, "recovering tasks failed"),
                 }
             }
-            tracing::info!(count = recovered.len(), "recovered tasks from a previous agent");
+            // `count`: running workloads to re-adopt; `finished`: ended ones kept for their logs.
+            let finished = recovered.values().filter(|(_, t)| t.exited.is_some()).count();
+            let count = recovered.len() - finished;
+            tracing::info!(count, finished, "recovered tasks from a previous agent");
 
             let conflicts = self.mesh.as_ref().map(|m| m.port_conflicts());
             let reported = Reported { port_conflicts: conflicts, images: self.images.clone() };
@@ -195,29 +193,29 @@ impl Agent {
             let mesh = self.mesh.clone().map(|m| {
                 tokio::spawn(m.run(client.clone(), self.cfg.node_id.clone(), shutdown.clone()).in_current_span())
             });
-            let mut state = Reconciler {
-                ctx: RunnerCtx {
-                    client: client.clone(),
-                    node: self.cfg.node_id.clone(),
-                    drivers: self.drivers.clone(),
-                    ports: self.ports.clone(),
-                    shutdown: shutdown.clone(),
-                    mesh: self.mesh.clone(),
-                },
-                local: BTreeMap::new(),
-                recovered,
-                reported_gone: BTreeSet::new(),
-                first_snapshot_seen: false,
+            let ctx = RunnerCtx {
+                client: client.clone(),
+                node: self.cfg.node_id.clone(),
+                drivers: self.drivers.clone(),
+                ports: self.ports.clone(),
+                shutdown: shutdown.clone(),
+                mesh: self.mesh.clone(),
             };
+            let mut state = Reconciler::new(ctx, recovered);
+            // Runners that end after the last change still get their leftovers pruned.
+            let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
             loop {
                 match client.watch(Some("task"), Some(&self.cfg.node_id)).await {
                     Ok(mut stream) => {
                         let mut mirror = Mirror::default();
+                        // Until the first message (a snapshot) the mirror knows no task.
+                        let mut synced = false;
                         loop {
                             tokio::select! {
                                 msg = stream.next() => match msg {
                                     Some(Ok(m)) => {
                                         mirror.apply(m);
+                                        synced = true;
                                         state.reconcile(&mirror);
                                     }
                                     Some(Err(e)) => {
@@ -226,6 +224,7 @@ impl Agent {
                                     }
                                     None => break,
                                 },
+                                _ = prune_tick.tick(), if synced => state.prune(&mirror),
                                 _ = shutdown.changed() => {}
                             }
                             if *shutdown.borrow() {
@@ -239,10 +238,7 @@ impl Agent {
                     break;
                 }
             }
-            // Runners see the same shutdown signal and return without stopping workloads.
-            for (_, t) in state.local {
-                let _ = t.handle.await;
-            }
+            state.join().await;
             let _ = heartbeat.await;
             let _ = logs.await;
             if let Some(mesh) = mesh {
@@ -254,7 +250,6 @@ impl Agent {
     }
 }
 
-/// Sleeps; returns true if shutdown was requested meanwhile.
 /// File in the state dir holding this agent's owner key (see `docker::LABEL_OWNER`).
 const OWNER_FILE: &str = "owner";
 
@@ -281,7 +276,8 @@ fn owner_key(state_dir: &std::path::Path) -> Result<String, AgentError> {
     Ok(key)
 }
 
-async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+/// Sleeps; returns true if shutdown was requested meanwhile.
+pub(crate) async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     if *shutdown.borrow() {
         return true;
     }
@@ -543,422 +539,4 @@ async fn serve_mtls(
             }
         });
     }
-}
-
-/// What every task runner needs.
-#[derive(Clone)]
-struct RunnerCtx {
-    client: Client,
-    node: String,
-    drivers: BTreeMap<DriverKind, Arc<dyn Driver>>,
-    ports: Arc<PortAllocator>,
-    shutdown: watch::Receiver<bool>,
-    mesh: Option<Arc<MeshNode>>,
-}
-
-/// Matches the tasks the manager assigned to this node against the runners that exist.
-struct Reconciler {
-    ctx: RunnerCtx,
-    local: BTreeMap<String, LocalTask>,
-    /// Found on the node at start-up and not yet matched to a task record.
-    recovered: BTreeMap<String, (DriverKind, RecoveredTask)>,
-    /// Tasks we already told the manager are not running here, so we say it once.
-    reported_gone: BTreeSet<String>,
-    first_snapshot_seen: bool,
-}
-
-enum Launch {
-    Start,
-    Adopt(RecoveredTask),
-}
-
-impl Reconciler {
-    fn reconcile(&mut self, mirror: &Mirror) {
-        self.local.retain(|_, t| !t.handle.is_finished());
-        for task in mirror.tasks.values() {
-            if task.node.as_deref() != Some(self.ctx.node.as_str()) {
-                continue;
-            }
-            let running_here = self.local.contains_key(&task.id);
-            match task.desired_state {
-                DesiredState::Running => {
-                    if running_here {
-                        continue;
-                    }
-                    if let Some((_, rec)) = self.recovered.remove(&task.id) {
-                        self.spawn(task.clone(), Launch::Adopt(rec), false);
-                    } else if matches!(task.status.state, TaskState::Pending | TaskState::Assigned)
-                    {
-                        self.spawn(task.clone(), Launch::Start, false);
-                    } else if task.status.state.is_active() {
-                        self.report_gone(
-                            task,
-                            TaskState::Failed,
-                            "the task's process is not on this node (lost across an agent restart)",
-                        );
-                    }
-                }
-                DesiredState::Shutdown => {
-                    if let Some(local) = self.local.get(&task.id) {
-                        let _ = local.stop.send(true);
-                    } else if let Some((_, rec)) = self.recovered.remove(&task.id) {
-                        self.spawn(task.clone(), Launch::Adopt(rec), true);
-                    } else if matches!(task.status.state, TaskState::Pending | TaskState::Assigned)
-                    {
-                        self.report_gone(task, TaskState::Exited, "cancelled before start");
-                    } else if task.status.state.is_active() {
-                        self.report_gone(task, TaskState::Exited, "not running on this node");
-                    }
-                }
-            }
-        }
-        // Runners whose task record disappeared: stop the workload.
-        for (id, local) in &self.local {
-            if !mirror.tasks.contains_key(id) {
-                let _ = local.stop.send(true);
-            }
-        }
-        // Workloads found at start-up that the cluster no longer knows (e.g. the service was
-        // removed while this agent was down): stop and clean them up.
-        if !self.first_snapshot_seen {
-            self.first_snapshot_seen = true;
-            let orphans: Vec<String> = self
-                .recovered
-                .keys()
-                .filter(|id| !mirror.tasks.contains_key(*id))
-                .cloned()
-                .collect();
-            for id in orphans {
-                if let Some((kind, rec)) = self.recovered.remove(&id) {
-                    tracing::info!(task = %id, "stopping a workload the cluster no longer knows");
-                    let ctx = self.ctx.clone();
-                    tokio::spawn(async move {
-                        if let Some(driver) = ctx.drivers.get(&kind) {
-                            if rec.exited.is_none() {
-                                let _ =
-                                    driver.stop(&rec.task_id, 15, Duration::from_secs(10)).await;
-                            }
-                            let _ = driver.remove(&rec.task_id).await;
-                        }
-                        for p in rec.ports {
-                            ctx.ports.release(p.host_port);
-                        }
-                    });
-                }
-            }
-        }
-    }
-
-    fn report_gone(&mut self, task: &Task, state: TaskState, why: &str) {
-        if !self.reported_gone.insert(task.id.clone()) {
-            return;
-        }
-        let mut status = TaskStatus::new(state, now_ms(), why);
-        status.health = task.status.health;
-        let ctx = self.ctx.clone();
-        let id = task.id.clone();
-        tokio::spawn(async move {
-            report(&ctx, &id, status).await;
-        });
-    }
-
-    fn spawn(&mut self, task: Task, launch: Launch, stop_now: bool) {
-        let (stop_tx, stop_rx) = watch::channel(stop_now);
-        let span = tracing::info_span!("task", service = %task.service, task = %task.id, node = %self.ctx.node);
-        let handle = tokio::spawn(
-            run_task(self.ctx.clone(), task.clone(), launch, stop_rx).instrument(span),
-        );
-        self.local.insert(
-            task.id,
-            LocalTask {
-                stop: stop_tx,
-                handle,
-            },
-        );
-    }
-}
-
-/// Sends a status report, retrying while the manager is unreachable. Returns false when the
-/// manager will never accept it (task deleted or moved) or the agent is shutting down.
-async fn report(ctx: &RunnerCtx, task_id: &str, status: TaskStatus) -> bool {
-    let body = TaskStatusReport {
-        node: ctx.node.clone(),
-        status,
-    };
-    let mut delay = Duration::from_millis(100);
-    let mut shutdown = ctx.shutdown.clone();
-    loop {
-        match ctx.client.report_status(task_id, &body).await {
-            Ok(_) => return true,
-            Err(ClientError::Api { body: err, .. })
-                if err.code == "not_found" || err.code == "conflict" =>
-            {
-                tracing::info!(reason = %err.message, "manager no longer tracks this task here");
-                return false;
-            }
-            Err(e) => tracing::debug!(error = %e, "status report failed; retrying"),
-        }
-        if sleep_or_shutdown(delay, &mut shutdown).await {
-            return false;
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
-}
-
-fn exit_status(exit: &ExitInfo, stopping: bool, ports: &[PortBinding]) -> TaskStatus {
-    let clean = exit.code == Some(0) && !exit.oom_killed;
-    let state = if stopping || clean {
-        TaskState::Exited
-    } else {
-        TaskState::Failed
-    };
-    let message = if stopping {
-        format!("stopped ({})", exit.message)
-    } else {
-        exit.message.clone()
-    };
-    let mut s = TaskStatus::new(state, exit.at, message);
-    s.exit_code = exit.code;
-    s.oom_killed = exit.oom_killed;
-    s.ports = ports.to_vec();
-    s
-}
-
-/// Whether `stop` turned true (or the channel closed) — then the task must stop.
-fn stop_requested(stop: &watch::Receiver<bool>) -> bool {
-    *stop.borrow()
-}
-
-/// Resolves once the flag is true (or its sender is gone). Holds no guard across the await, so
-/// it can sit in a `select!` inside a `Send` future.
-async fn until_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
-/// One task's whole life on this node.
-async fn run_task(ctx: RunnerCtx, task: Task, launch: Launch, mut stop: watch::Receiver<bool>) {
-    let mut shutdown = ctx.shutdown.clone();
-    let Some(driver) = ctx.drivers.get(&task.spec.driver).cloned() else {
-        let why = format!("this node has no {} driver", task.spec.driver);
-        report(
-            &ctx,
-            &task.id,
-            TaskStatus::new(TaskState::Rejected, now_ms(), why),
-        )
-        .await;
-        return;
-    };
-    let spec = &task.spec;
-    let signal = spec
-        .stop_signal
-        .as_deref()
-        .and_then(signal_number)
-        .unwrap_or(15);
-    let grace = spec.stop_grace_period;
-
-    let (ports, pid, container_id) = match launch {
-        Launch::Adopt(rec) => {
-            if let Some(exit) = rec.exited {
-                report(
-                    &ctx,
-                    &task.id,
-                    exit_status(&exit, stop_requested(&stop), &rec.ports),
-                )
-                .await;
-                finish(&ctx, driver.as_ref(), &task.id, &rec.ports).await;
-                return;
-            }
-            tracing::info!(pid = ?rec.pid, "re-adopted running task");
-            (rec.ports, rec.pid, rec.container_id)
-        }
-        Launch::Start => {
-            if let Some(at) = task.not_before {
-                let wait = Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0));
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = until_true(&mut stop) => {}
-                    _ = until_true(&mut shutdown) => return,
-                }
-            }
-            if stop_requested(&stop) {
-                report(
-                    &ctx,
-                    &task.id,
-                    TaskStatus::new(TaskState::Exited, now_ms(), "cancelled before start"),
-                )
-                .await;
-                return;
-            }
-            if !report(
-                &ctx,
-                &task.id,
-                TaskStatus::new(TaskState::Starting, now_ms(), ""),
-            )
-            .await
-            {
-                return;
-            }
-            let ports = match ctx.ports.allocate(&spec.ports) {
-                Ok(p) => p,
-                Err(e) => {
-                    report(
-                        &ctx,
-                        &task.id,
-                        TaskStatus::new(TaskState::Failed, now_ms(), format!("no host port: {e}")),
-                    )
-                    .await;
-                    return;
-                }
-            };
-            let started = match &ctx.mesh {
-                Some(mesh) => {
-                    driver
-                        .start(&with_discovery(&task, mesh).await, &ports)
-                        .await
-                }
-                None => driver.start(&task, &ports).await,
-            };
-            match started {
-                Ok(running) => (ports, running.pid, running.container_id),
-                Err(e) => {
-                    tracing::warn!(error = %e, "start failed");
-                    report(
-                        &ctx,
-                        &task.id,
-                        TaskStatus::new(TaskState::Failed, now_ms(), e.to_string()),
-                    )
-                    .await;
-                    finish(&ctx, driver.as_ref(), &task.id, &ports).await;
-                    return;
-                }
-            }
-        }
-    };
-
-    let mut status = TaskStatus::new(TaskState::Running, now_ms(), "");
-    status.pid = pid;
-    status.container_id = container_id;
-    status.ports = ports.clone();
-    // A re-adopted task keeps the health it had; health checks resume and correct it.
-    status.health = match (&spec.healthcheck, task.status.health) {
-        (None, _) => Health::None,
-        (Some(_), Health::Healthy) if task.status.state == TaskState::Running => Health::Healthy,
-        (Some(_), _) => Health::Starting,
-    };
-    if task.status.state != TaskState::Running
-        || task.status.pid != pid
-        || task.status.container_id != status.container_id
-        || task.status.ports != ports
-    {
-        report(&ctx, &task.id, status.clone()).await;
-    }
-
-    let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthReport>();
-    let _monitor = match spec.healthcheck.clone() {
-        Some(hc) => Some(HealthMonitor::spawn(
-            task.id.clone(),
-            hc,
-            ports.clone(),
-            driver.clone(),
-            health_tx,
-        )),
-        // Without a check of its own the service may still have one in its image.
-        None => driver
-            .native_health(&task.id)
-            .await
-            .map(|native| HealthMonitor::forward(task.id.clone(), native, health_tx)),
-    };
-    let wait = driver.wait(&task.id);
-    tokio::pin!(wait);
-    // `stop` is borrowed by the select's wait branch; this clone answers "was stop asked?".
-    let stop_seen = stop.clone();
-    let exit_state = loop {
-        tokio::select! {
-            exit = &mut wait => {
-                let stopping = stop_requested(&stop_seen);
-                break match exit {
-                    Ok(exit) => exit_status(&exit, stopping, &ports),
-                    Err(e) => TaskStatus::new(TaskState::Failed, now_ms(), format!("lost track of the task: {e}")),
-                };
-            }
-            Some(hr) = health_rx.recv() => {
-                // The monitor's first report is `starting`; keep an adopted task's known health.
-                if hr.health == status.health
-                    || (hr.health == Health::Starting && status.health != Health::None)
-                {
-                    continue;
-                }
-                status.health = hr.health;
-                status.message = if hr.health == Health::Unhealthy { format!("unhealthy: {}", hr.message) } else { String::new() };
-                status.since = hr.at;
-                report(&ctx, &task.id, status.clone()).await;
-                if hr.health == Health::Unhealthy {
-                    tracing::info!(reason = %hr.message, "health check failed; killing the task");
-                    let exit = driver.stop(&task.id, signal, grace).await;
-                    let mut st = match exit {
-                        Ok(exit) => exit_status(&exit, false, &ports),
-                        Err(e) => TaskStatus::new(TaskState::Failed, now_ms(), e.to_string()),
-                    };
-                    st.state = TaskState::Failed;
-                    st.health = Health::Unhealthy;
-                    st.message = format!("health check failed: {}", hr.message);
-                    break st;
-                }
-            }
-            _ = until_true(&mut stop) => {
-                let mut stopping = status.clone();
-                stopping.state = TaskState::Stopping;
-                stopping.since = now_ms();
-                stopping.message = "stopping".into();
-                report(&ctx, &task.id, stopping).await;
-                // No new work reaches the task once it is stopping; let what is in flight
-                // finish before the signal.
-                if let Some(mesh) = &ctx.mesh {
-                    if !mesh.drain(&ctx.client, &task, &mut shutdown).await {
-                        return;
-                    }
-                }
-                break match driver.stop(&task.id, signal, grace).await {
-                    Ok(exit) => exit_status(&exit, true, &ports),
-                    Err(e) => TaskStatus::new(TaskState::Exited, now_ms(), format!("stop: {e}")),
-                };
-            }
-            _ = until_true(&mut shutdown) => {
-                // The agent is going away; the workload stays and will be re-adopted.
-                return;
-            }
-        }
-    };
-    let mut final_status = exit_state;
-    if final_status.health == Health::None && spec.healthcheck.is_some() {
-        final_status.health = status.health;
-    }
-    report(&ctx, &task.id, final_status).await;
-    finish(&ctx, driver.as_ref(), &task.id, &ports).await;
-}
-
-/// Releases what a finished task held on the node.
-async fn finish(ctx: &RunnerCtx, driver: &dyn Driver, task_id: &str, ports: &[PortBinding]) {
-    if let Err(e) = driver.remove(task_id).await {
-        tracing::warn!(task = %task_id, error = %e, "cleaning up the task failed");
-    }
-    for p in ports {
-        ctx.ports.release(p.host_port);
-    }
-}
-
-/// The task with `<SERVICE>_ADDR` variables for every published service added to its
-/// environment (the service's own variables win). Process tasks share the node's network
-/// namespace and use the mesh's local address; containers go through the bridge gateway.
-async fn with_discovery(task: &Task, mesh: &MeshNode) -> Task {
-    let mut task = task.clone();
-    let env = match task.spec.driver {
-        DriverKind::Process => mesh.discovery_env().await,
-        DriverKind::Docker => mesh.container_discovery_env().await,
-        DriverKind::Sim => BTreeMap::new(),
-    };
-    for (key, value) in env {
-        task.spec.environment.entry(key).or_insert(value);
-    }
-    task
 }

@@ -1,4 +1,7 @@
 //! Task cgroups on cgroup v1 or v2, chosen at runtime.
+//! (Hand-written, not `cgroups-rs` or youki's `libcgroups`: Flotilla writes about ten limit
+//! files, needs errors that name the Compose field, and a relocatable root for tempdir tests;
+//! both crates bring their own host detection, error types and far more surface than that.)
 //!
 //! Every task gets `flotilla/<task_id>` under each hierarchy it uses. On v1 that is one directory
 //! per controller mount (memory, cpu, cpuacct, pids); on v2 it is one directory in the unified
@@ -231,200 +234,28 @@ impl TaskCgroup {
     /// Writes the limits and reservations of `resources`. Unset amounts reset the limit to
     /// "unlimited", so the same call serves the initial setup and later updates.
     pub fn apply(&self, resources: &Resources) -> Result<(), CgroupError> {
-        let limits = resources.limits;
-        let reservations = resources.reservations;
         match self {
             TaskCgroup::V2 { dir, .. } => {
-                let mem_max = limits
-                    .memory_bytes
-                    .map_or("max".to_string(), |b| b.to_string());
-                self.write_limit(
-                    dir,
-                    "memory.max",
-                    "memory",
-                    "deploy.resources.limits.memory",
-                    &mem_max,
-                    limits.memory_bytes.is_some(),
-                )?;
-                let mem_low = reservations.memory_bytes.unwrap_or(0).to_string();
-                self.write_limit(
-                    dir,
-                    "memory.low",
-                    "memory",
-                    "deploy.resources.reservations.memory",
-                    &mem_low,
-                    reservations.memory_bytes.is_some(),
-                )?;
-                let cpu_max = match limits.cpu_millis {
-                    Some(m) => format!("{} {CPU_PERIOD_US}", cpu_quota_us(m)),
-                    None => format!("max {CPU_PERIOD_US}"),
-                };
-                self.write_limit(
-                    dir,
-                    "cpu.max",
-                    "cpu",
-                    "deploy.resources.limits.cpus",
-                    &cpu_max,
-                    limits.cpu_millis.is_some(),
-                )?;
-                let weight = reservations.cpu_millis.map_or(100, cpu_weight).to_string();
-                self.write_limit(
-                    dir,
-                    "cpu.weight",
-                    "cpu",
-                    "deploy.resources.reservations.cpus",
-                    &weight,
-                    reservations.cpu_millis.is_some(),
-                )?;
-                let pids = limits.pids.map_or("max".to_string(), |p| p.to_string());
-                self.write_limit(
-                    dir,
-                    "pids.max",
-                    "pids",
-                    "deploy.resources.limits.pids",
-                    &pids,
-                    limits.pids.is_some(),
-                )?;
+                v2_memory(dir, resources)?;
+                v2_cpu(dir, resources)?;
+                pids_limit(dir, resources)
             }
             TaskCgroup::V1 { dirs } => {
-                let need =
-                    |controller: &'static str, field: &'static str, requested: bool| match dirs
-                        .get(controller)
-                    {
-                        Some(d) => Ok(Some(d.clone())),
-                        None if requested => {
-                            Err(CgroupError::ControllerMissing { field, controller })
-                        }
-                        None => Ok(None),
-                    };
-                if let Some(mem) = need(
-                    "memory",
-                    "deploy.resources.limits.memory",
-                    limits.memory_bytes.is_some(),
-                )? {
-                    // -1 means unlimited in v1.
-                    let value = limits
-                        .memory_bytes
-                        .map_or("-1".to_string(), |b| b.to_string());
-                    self.set_v1_memory_limit(&mem, &value)?;
-                    let soft = reservations
-                        .memory_bytes
-                        .map_or("-1".to_string(), |b| b.to_string());
-                    self.write_limit(
-                        &mem,
-                        "memory.soft_limit_in_bytes",
-                        "memory",
-                        "deploy.resources.reservations.memory",
-                        &soft,
-                        reservations.memory_bytes.is_some(),
-                    )?;
+                let (limits, reservations) = (resources.limits, resources.reservations);
+                if let Some(dir) = v1_dir(dirs, &MEMORY_LIMIT, limits.memory_bytes.is_some())? {
+                    v1_memory(dir, resources)?;
                 }
-                if let Some(cpu) = need(
-                    "cpu",
-                    "deploy.resources.limits.cpus",
-                    limits.cpu_millis.is_some() || reservations.cpu_millis.is_some(),
-                )? {
-                    self.write_limit(
-                        &cpu,
-                        "cpu.cfs_period_us",
-                        "cpu",
-                        "deploy.resources.limits.cpus",
-                        &CPU_PERIOD_US.to_string(),
-                        limits.cpu_millis.is_some(),
-                    )?;
-                    let quota = limits
-                        .cpu_millis
-                        .map_or("-1".to_string(), |m| cpu_quota_us(m).to_string());
-                    self.write_limit(
-                        &cpu,
-                        "cpu.cfs_quota_us",
-                        "cpu",
-                        "deploy.resources.limits.cpus",
-                        &quota,
-                        limits.cpu_millis.is_some(),
-                    )?;
-                    let shares = reservations.cpu_millis.map_or(1024, cpu_shares).to_string();
-                    self.write_limit(
-                        &cpu,
-                        "cpu.shares",
-                        "cpu",
-                        "deploy.resources.reservations.cpus",
-                        &shares,
-                        reservations.cpu_millis.is_some(),
-                    )?;
+                let cpu_requested =
+                    limits.cpu_millis.is_some() || reservations.cpu_millis.is_some();
+                if let Some(dir) = v1_dir(dirs, &CPU_LIMIT, cpu_requested)? {
+                    v1_cpu(dir, resources)?;
                 }
-                if let Some(pids) = need(
-                    "pids",
-                    "deploy.resources.limits.pids",
-                    limits.pids.is_some(),
-                )? {
-                    let value = limits.pids.map_or("max".to_string(), |p| p.to_string());
-                    self.write_limit(
-                        &pids,
-                        "pids.max",
-                        "pids",
-                        "deploy.resources.limits.pids",
-                        &value,
-                        limits.pids.is_some(),
-                    )?;
+                if let Some(dir) = v1_dir(dirs, &PIDS_LIMIT, limits.pids.is_some())? {
+                    pids_limit(dir, resources)?;
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// v1 memory limit and the matching memory+swap limit. memsw must stay >= the memory limit,
-    /// so the order depends on whether the limit grows or shrinks; trying both orders is simpler
-    /// than reading the current values and equally correct.
-    fn set_v1_memory_limit(&self, dir: &Path, value: &str) -> Result<(), CgroupError> {
-        let field = "deploy.resources.limits.memory";
-        let memsw = dir.join("memory.memsw.limit_in_bytes");
-        if !memsw.exists() {
-            return self.write_limit(dir, "memory.limit_in_bytes", "memory", field, value, true);
-        }
-        // Raising: memsw first. Lowering: memory first. Unknown: try memsw, then memory, then memsw again.
-        let memsw_first = std::fs::write(&memsw, value);
-        self.write_limit(dir, "memory.limit_in_bytes", "memory", field, value, true)?;
-        if memsw_first.is_err() {
-            if let Err(e) = std::fs::write(&memsw, value) {
-                // Swap accounting may be disabled or busy; the memory limit itself is in place.
-                tracing::warn!(path = %memsw.display(), error = %e, "cannot set memory+swap limit; swap may exceed the memory limit");
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes one limit file. A missing file is fine when the value is a reset (nothing was
-    /// requested), and an error naming the field otherwise.
-    fn write_limit(
-        &self,
-        dir: &Path,
-        file: &str,
-        controller: &'static str,
-        field: &'static str,
-        value: &str,
-        requested: bool,
-    ) -> Result<(), CgroupError> {
-        let path = dir.join(file);
-        if !path.exists() {
-            return if requested {
-                Err(CgroupError::ControllerMissing { field, controller })
-            } else {
                 Ok(())
-            };
+            }
         }
-        std::fs::write(&path, value).map_err(|source| match source.raw_os_error() {
-            Some(libc::EBUSY) | Some(libc::EINVAL) if requested => CgroupError::LimitRefused {
-                field,
-                value: value.to_string(),
-                source,
-            },
-            _ => CgroupError::Write {
-                path: path.clone(),
-                value: value.to_string(),
-                source,
-            },
-        })
     }
 
     /// Pids of every process in the cgroup (all hierarchies, deduplicated).
@@ -549,6 +380,201 @@ fn mkdir_all(path: &Path) -> Result<(), CgroupError> {
     })
 }
 
+/// A setting of a Compose service and the controller that enforces it, named in errors.
+struct Setting {
+    controller: &'static str,
+    field: &'static str,
+}
+
+const MEMORY_LIMIT: Setting = Setting {
+    controller: "memory",
+    field: "deploy.resources.limits.memory",
+};
+const MEMORY_RESERVATION: Setting = Setting {
+    controller: "memory",
+    field: "deploy.resources.reservations.memory",
+};
+const CPU_LIMIT: Setting = Setting {
+    controller: "cpu",
+    field: "deploy.resources.limits.cpus",
+};
+const CPU_RESERVATION: Setting = Setting {
+    controller: "cpu",
+    field: "deploy.resources.reservations.cpus",
+};
+const PIDS_LIMIT: Setting = Setting {
+    controller: "pids",
+    field: "deploy.resources.limits.pids",
+};
+
+/// `amount`, or the controller's word for "no limit".
+fn or_unlimited(amount: Option<u64>, unlimited: &str) -> String {
+    amount.map_or(unlimited.to_string(), |v| v.to_string())
+}
+
+/// v2 memory: `memory.max` (limit) and `memory.low` (reservation).
+fn v2_memory(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
+    let limit = r.limits.memory_bytes;
+    write_limit(
+        dir,
+        "memory.max",
+        &MEMORY_LIMIT,
+        &or_unlimited(limit, "max"),
+        limit.is_some(),
+    )?;
+    let low = r.reservations.memory_bytes;
+    let value = low.unwrap_or(0).to_string();
+    write_limit(
+        dir,
+        "memory.low",
+        &MEMORY_RESERVATION,
+        &value,
+        low.is_some(),
+    )
+}
+
+/// v2 cpu: `cpu.max` (quota per period) and `cpu.weight` (reservation).
+fn v2_cpu(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
+    let limit = r.limits.cpu_millis;
+    let max = match limit {
+        Some(m) => format!("{} {CPU_PERIOD_US}", cpu_quota_us(m)),
+        None => format!("max {CPU_PERIOD_US}"),
+    };
+    write_limit(dir, "cpu.max", &CPU_LIMIT, &max, limit.is_some())?;
+    let reserved = r.reservations.cpu_millis;
+    let weight = reserved.map_or(100, cpu_weight).to_string();
+    write_limit(
+        dir,
+        "cpu.weight",
+        &CPU_RESERVATION,
+        &weight,
+        reserved.is_some(),
+    )
+}
+
+/// pids: `pids.max`, the same file on v1 and v2.
+fn pids_limit(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
+    let limit = r.limits.pids;
+    write_limit(
+        dir,
+        "pids.max",
+        &PIDS_LIMIT,
+        &or_unlimited(limit, "max"),
+        limit.is_some(),
+    )
+}
+
+/// The task's directory in a v1 controller's hierarchy; `None` when the controller is not
+/// mounted and nothing needs it, an error naming the setting when something does.
+fn v1_dir<'a>(
+    dirs: &'a BTreeMap<String, PathBuf>,
+    setting: &Setting,
+    requested: bool,
+) -> Result<Option<&'a Path>, CgroupError> {
+    match dirs.get(setting.controller) {
+        Some(d) => Ok(Some(d)),
+        None if requested => Err(missing(setting)),
+        None => Ok(None),
+    }
+}
+
+/// v1 memory: the limit (with memory+swap) and `memory.soft_limit_in_bytes` (reservation).
+fn v1_memory(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
+    // -1 means unlimited in v1.
+    set_v1_memory_limit(dir, &or_unlimited(r.limits.memory_bytes, "-1"))?;
+    let soft = r.reservations.memory_bytes;
+    let value = or_unlimited(soft, "-1");
+    write_limit(
+        dir,
+        "memory.soft_limit_in_bytes",
+        &MEMORY_RESERVATION,
+        &value,
+        soft.is_some(),
+    )
+}
+
+/// v1 cpu: CFS period and quota (limit) and `cpu.shares` (reservation).
+fn v1_cpu(dir: &Path, r: &Resources) -> Result<(), CgroupError> {
+    let limit = r.limits.cpu_millis;
+    let period = CPU_PERIOD_US.to_string();
+    write_limit(
+        dir,
+        "cpu.cfs_period_us",
+        &CPU_LIMIT,
+        &period,
+        limit.is_some(),
+    )?;
+    let quota = or_unlimited(limit.map(cpu_quota_us), "-1");
+    write_limit(dir, "cpu.cfs_quota_us", &CPU_LIMIT, &quota, limit.is_some())?;
+    let reserved = r.reservations.cpu_millis;
+    let shares = reserved.map_or(1024, cpu_shares).to_string();
+    write_limit(
+        dir,
+        "cpu.shares",
+        &CPU_RESERVATION,
+        &shares,
+        reserved.is_some(),
+    )
+}
+
+/// v1 memory limit and the matching memory+swap limit. memsw must stay >= the memory limit,
+/// so the order depends on whether the limit grows or shrinks; trying both orders is simpler
+/// than reading the current values and equally correct.
+fn set_v1_memory_limit(dir: &Path, value: &str) -> Result<(), CgroupError> {
+    let memsw = dir.join("memory.memsw.limit_in_bytes");
+    if !memsw.exists() {
+        return write_limit(dir, "memory.limit_in_bytes", &MEMORY_LIMIT, value, true);
+    }
+    // Raising: memsw first. Lowering: memory first. Unknown: try memsw, then memory, then memsw again.
+    let memsw_first = std::fs::write(&memsw, value);
+    write_limit(dir, "memory.limit_in_bytes", &MEMORY_LIMIT, value, true)?;
+    if memsw_first.is_err() {
+        if let Err(e) = std::fs::write(&memsw, value) {
+            // Swap accounting may be disabled or busy; the memory limit itself is in place.
+            tracing::warn!(path = %memsw.display(), error = %e, "cannot set memory+swap limit; swap may exceed the memory limit");
+        }
+    }
+    Ok(())
+}
+
+fn missing(setting: &Setting) -> CgroupError {
+    CgroupError::ControllerMissing {
+        field: setting.field,
+        controller: setting.controller,
+    }
+}
+
+/// Writes one limit file. A missing file is fine when the value is a reset (nothing was
+/// requested), and an error naming the setting otherwise.
+fn write_limit(
+    dir: &Path,
+    file: &str,
+    setting: &Setting,
+    value: &str,
+    requested: bool,
+) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return if requested {
+            Err(missing(setting))
+        } else {
+            Ok(())
+        };
+    }
+    std::fs::write(&path, value).map_err(|source| match source.raw_os_error() {
+        Some(libc::EBUSY) | Some(libc::EINVAL) if requested => CgroupError::LimitRefused {
+            field: setting.field,
+            value: value.to_string(),
+            source,
+        },
+        _ => CgroupError::Write {
+            path: path.clone(),
+            value: value.to_string(),
+            source,
+        },
+    })
+}
+
 /// CFS quota for a cpu limit in millicores: 1000 millis = one full period.
 fn cpu_quota_us(millis: u64) -> u64 {
     // The kernel rejects quotas below 1ms.
@@ -611,5 +637,136 @@ mod tests {
         assert_eq!(cpu_weight(1000), 100);
         assert_eq!(cpu_weight(1), 1);
         assert_eq!(cpu_weight(1_000_000), 10_000);
+    }
+
+    fn resources() -> Resources {
+        let mut r = Resources::default();
+        r.limits.memory_bytes = Some(64 << 20);
+        r.limits.cpu_millis = Some(500);
+        r.limits.pids = Some(100);
+        r.reservations.memory_bytes = Some(32 << 20);
+        r.reservations.cpu_millis = Some(250);
+        r
+    }
+
+    /// A fake hierarchy in a tempdir: `dirs` are created under `root`, and `files` (the limit
+    /// files the kernel would offer) in the task's directories once the cgroup is created.
+    fn fake_task(root: &Path, files: &[&str]) -> TaskCgroup {
+        let cg = CgroupLayout::from_root(root.to_path_buf()).task("t1");
+        cg.create().unwrap();
+        for dir in cg.dirs() {
+            for f in files {
+                std::fs::write(dir.join(f), "").unwrap();
+            }
+        }
+        cg
+    }
+
+    fn read(dir: &Path, file: &str) -> String {
+        std::fs::read_to_string(dir.join(file)).unwrap()
+    }
+
+    #[test]
+    fn v2_limits_are_written_and_reset() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let files = [
+            "memory.max",
+            "memory.low",
+            "cpu.max",
+            "cpu.weight",
+            "pids.max",
+        ];
+        let cg = fake_task(root.path(), &files);
+        let dir = root.path().join("flotilla/t1");
+        assert_eq!(cg.dirs(), vec![dir.clone()]);
+
+        cg.apply(&resources()).unwrap();
+        assert_eq!(read(&dir, "memory.max"), (64u64 << 20).to_string());
+        assert_eq!(read(&dir, "memory.low"), (32u64 << 20).to_string());
+        assert_eq!(read(&dir, "cpu.max"), "50000 100000");
+        assert_eq!(read(&dir, "cpu.weight"), "25");
+        assert_eq!(read(&dir, "pids.max"), "100");
+
+        cg.apply(&Resources::default()).unwrap();
+        assert_eq!(read(&dir, "memory.max"), "max");
+        assert_eq!(read(&dir, "memory.low"), "0");
+        assert_eq!(read(&dir, "cpu.max"), "max 100000");
+        assert_eq!(read(&dir, "cpu.weight"), "100");
+        assert_eq!(read(&dir, "pids.max"), "max");
+
+        // A controller the kernel does not offer: fine until a limit needs it.
+        std::fs::remove_file(dir.join("pids.max")).unwrap();
+        cg.apply(&Resources::default()).unwrap();
+        let err = cg.apply(&resources()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CgroupError::ControllerMissing {
+                    field: "deploy.resources.limits.pids",
+                    controller: "pids"
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn v1_limits_are_written_per_controller() {
+        let root = tempfile::tempdir().unwrap();
+        for c in ["memory", "cpu", "pids"] {
+            std::fs::create_dir(root.path().join(c)).unwrap();
+        }
+        let files = [
+            "memory.limit_in_bytes",
+            "memory.memsw.limit_in_bytes",
+            "memory.soft_limit_in_bytes",
+            "cpu.cfs_period_us",
+            "cpu.cfs_quota_us",
+            "cpu.shares",
+            "pids.max",
+        ];
+        let cg = fake_task(root.path(), &files);
+        let dir = |c: &str| root.path().join(c).join("flotilla/t1");
+
+        cg.apply(&resources()).unwrap();
+        let limit = (64u64 << 20).to_string();
+        assert_eq!(read(&dir("memory"), "memory.limit_in_bytes"), limit);
+        assert_eq!(read(&dir("memory"), "memory.memsw.limit_in_bytes"), limit);
+        assert_eq!(
+            read(&dir("memory"), "memory.soft_limit_in_bytes"),
+            (32u64 << 20).to_string()
+        );
+        assert_eq!(read(&dir("cpu"), "cpu.cfs_period_us"), "100000");
+        assert_eq!(read(&dir("cpu"), "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read(&dir("cpu"), "cpu.shares"), "256");
+        assert_eq!(read(&dir("pids"), "pids.max"), "100");
+
+        cg.apply(&Resources::default()).unwrap();
+        assert_eq!(read(&dir("memory"), "memory.limit_in_bytes"), "-1");
+        assert_eq!(read(&dir("cpu"), "cpu.cfs_quota_us"), "-1");
+        assert_eq!(read(&dir("cpu"), "cpu.shares"), "1024");
+        assert_eq!(read(&dir("pids"), "pids.max"), "max");
+    }
+
+    #[test]
+    fn v1_missing_controller_is_named_only_when_needed() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("memory")).unwrap();
+        let cg = fake_task(root.path(), &["memory.limit_in_bytes"]);
+        cg.apply(&Resources::default()).unwrap();
+        let mut cpu = Resources::default();
+        cpu.reservations.cpu_millis = Some(100);
+        let err = cg.apply(&cpu).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CgroupError::ControllerMissing {
+                    field: "deploy.resources.limits.cpus",
+                    controller: "cpu"
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -7,6 +7,8 @@
 //! come from the engine's event stream, which one background task follows for the driver's whole
 //! life; [`Driver::wait`] resolves as soon as a `die` event arrives.
 
+use crate::docker_create;
+use crate::docker_network::{self, ServiceNetwork};
 use crate::driver::{
     Driver, DriverError, ExecOutput, ExitInfo, LogStream, RecoveredTask, RunningTask,
     EXEC_OUTPUT_LIMIT,
@@ -15,9 +17,7 @@ use crate::shim::ExitRecord;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerUpdateBody,
-    DeviceRequest, EndpointSettings, HealthConfig, HealthStatusEnum, HostConfig, Mount, MountType,
-    NetworkCreateRequest, NetworkingConfig, PortBinding as EnginePortBinding, ResourcesUlimits,
+    ContainerInspectResponse, ContainerSummary, ContainerUpdateBody, HealthStatusEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
@@ -26,10 +26,8 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use flotilla_types::api::TaskStats;
-use flotilla_types::container::{GpuCount, PullPolicy, VolumeKind};
-use flotilla_types::{
-    now_ms, DriverKind, Health, PortBinding, PortProtocol, Resources, Task, Timestamp,
-};
+use flotilla_types::container::PullPolicy;
+use flotilla_types::{now_ms, DriverKind, Health, PortBinding, Resources, Task, Timestamp};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -76,21 +74,7 @@ pub fn container_name(task: &Task) -> String {
     format!("flotilla-{}-{place}-{}", task.spec.name, task.id)
 }
 
-/// The bridge network of a service's containers.
-pub fn network_name(service: &str) -> String {
-    format!("flotilla-{service}")
-}
-
-/// The IPv4 gateway of a network, from its IPAM config.
-fn gateway_of(network: &bollard::models::NetworkInspect) -> Option<std::net::Ipv4Addr> {
-    network
-        .ipam
-        .as_ref()?
-        .config
-        .as_ref()?
-        .iter()
-        .find_map(|c| c.gateway.as_deref()?.parse().ok())
-}
+pub use crate::docker_network::network_name;
 
 /// Per-task notifications fed by the event stream.
 #[derive(Default)]
@@ -292,6 +276,15 @@ impl DockerDriver {
         }
     }
 
+    /// The container of a task that still runs; `NotRunning` once it exited.
+    async fn find_running(&self, task_id: &str) -> Result<ContainerInspectResponse, DriverError> {
+        let c = self.find(task_id).await?;
+        match exit_of(&c) {
+            Some(_) => Err(DriverError::NotRunning(task_id.to_string())),
+            None => Ok(c),
+        }
+    }
+
     /// Makes sure `image` is on the node, pulling it when the policy allows.
     async fn ensure_image(
         &self,
@@ -355,39 +348,52 @@ impl DockerDriver {
         }
     }
 
-    /// Creates the service's bridge network unless it exists; returns its IPv4 gateway (the
-    /// host's address on it) when the engine reports one.
-    async fn ensure_network(
-        &self,
-        service: &str,
-    ) -> Result<Option<std::net::Ipv4Addr>, DriverError> {
+    /// The service's network (see [`crate::docker_network`]), created if missing.
+    async fn ensure_network(&self, task: &Task) -> Result<ServiceNetwork, DriverError> {
+        let service = task.spec.name.as_str();
         let _guard = self.networks.lock().await;
-        let name = network_name(service);
-        match self.docker.inspect_network(&name, None).await {
-            Ok(network) => return Ok(gateway_of(&network)),
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(e.into()),
+        let labels = HashMap::from([
+            (LABEL_SERVICE.to_string(), service.to_string()),
+            (LABEL_NODE.to_string(), self.node.clone()),
+            (LABEL_OWNER.to_string(), self.owner.clone()),
+        ]);
+        docker_network::ensure(&self.docker, service, &task.id, labels).await
+    }
+
+    /// Creates the container `name` on the service network. Another agent sharing the engine
+    /// may remove the network between our finding it and the create (its last container
+    /// went); then the network is found or made again, once.
+    async fn create_on_network(
+        &self,
+        task: &Task,
+        name: &str,
+        mut body: bollard::models::ContainerCreateBody,
+    ) -> Result<bollard::models::ContainerCreateResponse, DriverError> {
+        let mut retried = false;
+        loop {
+            let network = self.ensure_network(task).await?;
+            docker_create::attach_network(&mut body, &network.id, &task.spec.name);
+            if let (Some(dns), Some(gateway)) = (self.container_dns.get(), network.gateway) {
+                if let Some(server) = dns.serve_on(gateway).await {
+                    body.host_config.get_or_insert_with(Default::default).dns =
+                        Some(vec![server.to_string()]);
+                }
+            }
+            let options = CreateContainerOptionsBuilder::default().name(name).build();
+            match self
+                .docker
+                .create_container(Some(options), body.clone())
+                .await
+            {
+                Err(e)
+                    if is_status(&e, 404) && !retried && engine_message(&e).contains("network") =>
+                {
+                    tracing::info!(error = %engine_message(&e), "service network went away; finding it again");
+                    retried = true;
+                }
+                other => return Ok(other?),
+            }
         }
-        self.docker
-            .create_network(NetworkCreateRequest {
-                name: name.clone(),
-                driver: Some("bridge".into()),
-                labels: Some(HashMap::from([
-                    (LABEL_SERVICE.to_string(), service.to_string()),
-                    (LABEL_NODE.to_string(), self.node.clone()),
-                    (LABEL_OWNER.to_string(), self.owner.clone()),
-                ])),
-                ..Default::default()
-            })
-            .await?;
-        tracing::info!(network = %name, "created service network");
-        // The create response has no addresses; the engine picked the subnet just now.
-        Ok(self
-            .docker
-            .inspect_network(&name, None)
-            .await
-            .ok()
-            .and_then(|network| gateway_of(&network)))
     }
 
     /// Removes the service's network once no container of the service is left on the node.
@@ -399,17 +405,7 @@ impl DockerDriver {
         if !left.is_empty() {
             return Ok(());
         }
-        match self.docker.remove_network(&network_name(service)).await {
-            Ok(()) => {
-                tracing::info!(network = %network_name(service), "removed service network");
-                Ok(())
-            }
-            Err(e) if is_status(&e, 404) => Ok(()),
-            // Another agent on this engine (another cluster, or a node sharing the engine) still
-            // has containers of a same-named service on it; the last one out removes it.
-            Err(e) if is_status(&e, 403) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        docker_network::release(&self.docker, service).await
     }
 
     /// Waits for the container to stop running, looking again at every `die` event.
@@ -425,194 +421,6 @@ impl DockerDriver {
                 return Err(DriverError::NotFound(task_id.to_string()));
             }
         }
-    }
-
-    fn create_body(
-        &self,
-        task: &Task,
-        ports: &[PortBinding],
-    ) -> Result<ContainerCreateBody, DriverError> {
-        let spec = &task.spec;
-        let invalid = |field: &str, reason: String| DriverError::Invalid {
-            field: format!("services.{}.{field}", spec.name),
-            reason,
-        };
-        if let Some(e) = spec.container.validate(&spec.name).into_iter().next() {
-            return Err(DriverError::Invalid {
-                field: e.field,
-                reason: e.reason,
-            });
-        }
-        let image = spec
-            .image
-            .clone()
-            .filter(|i| !i.is_empty())
-            .ok_or_else(|| invalid("image", "the docker driver needs an image".into()))?;
-
-        let mut env = Vec::new();
-        for (k, v) in &spec.environment {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(invalid(
-                    &format!("environment.{k}"),
-                    "names must be non-empty without '=' or NUL, values without NUL".into(),
-                ));
-            }
-            env.push(format!("{k}={v}"));
-        }
-        // Inside the container the workload listens on its target port; the host port is the
-        // engine's business.
-        if let Some(first) = ports.first() {
-            env.push(format!("PORT={}", first.target));
-        }
-        for p in ports {
-            env.push(format!("FLOTILLA_PORT_{0}={0}", p.target));
-        }
-        env.push(format!("FLOTILLA_TASK_ID={}", task.id));
-        env.push(format!("FLOTILLA_SERVICE={}", spec.name));
-        env.push(format!("FLOTILLA_NODE={}", self.node));
-        if let Some(slot) = task.slot {
-            env.push(format!("FLOTILLA_SLOT={slot}"));
-        }
-
-        let protocol_of = |target: u16| {
-            spec.ports
-                .iter()
-                .find(|p| p.target == target)
-                .map_or(PortProtocol::Tcp, |p| p.protocol)
-        };
-        let mut exposed = Vec::new();
-        let mut bindings = HashMap::new();
-        for p in ports {
-            if p.host_port == 0 || p.target == 0 {
-                return Err(invalid("ports", "port 0 is not a port".into()));
-            }
-            let proto = match protocol_of(p.target) {
-                PortProtocol::Tcp => "tcp",
-                PortProtocol::Udp => "udp",
-            };
-            let key = format!("{}/{proto}", p.target);
-            exposed.push(key.clone());
-            bindings.insert(
-                key,
-                Some(vec![EnginePortBinding {
-                    host_ip: None,
-                    host_port: Some(p.host_port.to_string()),
-                }]),
-            );
-        }
-
-        let mut labels: HashMap<String, String> = spec
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.insert(LABEL_SERVICE.into(), spec.name.clone());
-        labels.insert(LABEL_TASK.into(), task.id.clone());
-        labels.insert(LABEL_REVISION.into(), task.revision.to_string());
-        labels.insert(LABEL_NODE.into(), self.node.clone());
-        labels.insert(LABEL_OWNER.into(), self.owner.clone());
-        if let Some(slot) = task.slot {
-            labels.insert(LABEL_SLOT.into(), slot.to_string());
-        }
-
-        let c = &spec.container;
-        let mounts: Vec<Mount> = c
-            .volumes
-            .iter()
-            .map(|v| Mount {
-                typ: Some(match v.kind {
-                    VolumeKind::Volume => MountType::VOLUME,
-                    VolumeKind::Bind => MountType::BIND,
-                }),
-                source: v.source.clone(),
-                target: Some(v.target.clone()),
-                read_only: Some(v.read_only),
-                ..Default::default()
-            })
-            .collect();
-        let tmpfs: HashMap<String, String> = c
-            .tmpfs
-            .iter()
-            .map(|t| match t.split_once(':') {
-                Some((path, opts)) => (path.to_string(), opts.to_string()),
-                None => (t.clone(), String::new()),
-            })
-            .collect();
-        let ulimits: Vec<ResourcesUlimits> = c
-            .ulimits
-            .iter()
-            .map(|(name, l)| ResourcesUlimits {
-                name: Some(name.clone()),
-                soft: Some(l.soft),
-                hard: Some(l.hard),
-            })
-            .collect();
-        let device_requests: Vec<DeviceRequest> = c
-            .gpus
-            .iter()
-            .map(|g| DeviceRequest {
-                driver: g.driver.clone(),
-                count: g.count.map(|n| match n {
-                    // The engine's spelling of "all devices".
-                    GpuCount::All => -1,
-                    GpuCount::Count(n) => i64::try_from(n).unwrap_or(i64::MAX),
-                }),
-                device_ids: (!g.device_ids.is_empty()).then(|| g.device_ids.clone()),
-                capabilities: Some(vec![g.capabilities.clone()]),
-                options: None,
-            })
-            .collect();
-
-        let mut host = HostConfig {
-            port_bindings: Some(bindings),
-            network_mode: Some(network_name(&spec.name)),
-            cap_add: (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
-            cap_drop: (!c.cap_drop.is_empty()).then(|| c.cap_drop.clone()),
-            readonly_rootfs: Some(c.read_only),
-            init: c.init,
-            mounts: (!mounts.is_empty()).then_some(mounts),
-            tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
-            ulimits: (!ulimits.is_empty()).then_some(ulimits),
-            device_requests: (!device_requests.is_empty()).then_some(device_requests),
-            runtime: c.runtime.clone(),
-            // The routing mesh is reached through the bridge gateway (`<SERVICE>_ADDR`).
-            extra_hosts: Some(vec![format!(
-                "{}:host-gateway",
-                crate::mesh_node::CONTAINER_HOST
-            )]),
-            ..Default::default()
-        };
-        apply_limits(&mut host, &spec.resources)?;
-
-        let stop_signal = spec.stop_signal.clone();
-        Ok(ContainerCreateBody {
-            image: Some(image),
-            cmd: spec.command.clone(),
-            entrypoint: spec.entrypoint.clone(),
-            env: Some(env),
-            working_dir: spec.working_dir.clone(),
-            user: spec.user.clone(),
-            labels: Some(labels),
-            exposed_ports: Some(exposed),
-            stop_signal,
-            stop_timeout: Some(i64::try_from(spec.stop_grace_period.as_secs()).unwrap_or(i64::MAX)),
-            // The agent runs the service's own check; the image's would only compete with it.
-            healthcheck: spec.healthcheck.as_ref().map(|_| HealthConfig {
-                test: Some(vec!["NONE".into()]),
-                ..Default::default()
-            }),
-            host_config: Some(host),
-            networking_config: Some(NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(
-                    network_name(&spec.name),
-                    EndpointSettings {
-                        aliases: Some(vec![spec.name.clone()]),
-                        ..Default::default()
-                    },
-                )])),
-            }),
-            ..Default::default()
-        })
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), DriverError> {
@@ -642,20 +450,9 @@ impl DockerDriver {
 }
 
 /// Sets cpu, memory and pids limits and reservations on a create or update body.
-fn apply_limits(host: &mut HostConfig, resources: &Resources) -> Result<(), DriverError> {
-    let update = limits_update(resources)?;
-    host.nano_cpus = update.nano_cpus;
-    host.memory = update.memory;
-    host.memory_swap = update.memory_swap;
-    host.memory_reservation = update.memory_reservation;
-    host.cpu_shares = update.cpu_shares;
-    host.pids_limit = update.pids_limit;
-    Ok(())
-}
-
 /// The engine's form of Flotilla's resources. Swap is capped at the memory limit so the limit
 /// means the same as for a process task.
-fn limits_update(resources: &Resources) -> Result<ContainerUpdateBody, DriverError> {
+pub(crate) fn limits_update(resources: &Resources) -> Result<ContainerUpdateBody, DriverError> {
     let invalid = |field: &str, reason: String| DriverError::Invalid {
         field: format!("deploy.resources.{field}"),
         reason,
@@ -712,7 +509,7 @@ fn limits_update(resources: &Resources) -> Result<ContainerUpdateBody, DriverErr
 }
 
 /// Whether an engine error is an HTTP answer with this status.
-fn is_status(e: &bollard::errors::Error, code: u16) -> bool {
+pub(crate) fn is_status(e: &bollard::errors::Error, code: u16) -> bool {
     matches!(e, bollard::errors::Error::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
 
@@ -746,12 +543,7 @@ fn exit_of(c: &ContainerInspectResponse) -> Option<ExitInfo> {
         oom_killed: state.oom_killed == Some(true),
         at: parse_time(state.finished_at.as_deref()).unwrap_or_else(now_ms),
     };
-    let limit = c
-        .host_config
-        .as_ref()
-        .and_then(|h| h.memory)
-        .and_then(|m| u64::try_from(m).ok())
-        .filter(|m| *m > 0);
+    let limit = memory_limit(c);
     let mut exit = ExitInfo::from_record(&record, limit);
     if let Some(err) = state.error.as_deref().filter(|e| !e.is_empty()) {
         exit.message = format!("{}: {err}", exit.message);
@@ -760,6 +552,24 @@ fn exit_of(c: &ContainerInspectResponse) -> Option<ExitInfo> {
 }
 
 /// The host ports a container publishes, from its configuration (valid even when stopped).
+/// The container's main process, while it has one.
+fn pid_of(c: &ContainerInspectResponse) -> Option<u32> {
+    c.state
+        .as_ref()
+        .and_then(|s| s.pid)
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|p| *p > 0)
+}
+
+/// The container's memory limit, if it has one.
+fn memory_limit(c: &ContainerInspectResponse) -> Option<u64> {
+    c.host_config
+        .as_ref()
+        .and_then(|h| h.memory)
+        .and_then(|m| u64::try_from(m).ok())
+        .filter(|m| *m > 0)
+}
+
 fn published_ports(c: &ContainerInspectResponse) -> Vec<PortBinding> {
     let mut ports: Vec<PortBinding> = c
         .host_config
@@ -930,7 +740,7 @@ impl Driver for DockerDriver {
 
     #[tracing::instrument(skip_all, fields(task = %task.id, service = %task.spec.name, node = %self.node))]
     async fn start(&self, task: &Task, ports: &[PortBinding]) -> Result<RunningTask, DriverError> {
-        let mut body = self.create_body(task, ports)?;
+        let body = docker_create::create_body(task, ports, &self.node, &self.owner)?;
         match self.find(&task.id).await {
             Ok(_) => return Err(DriverError::AlreadyExists(task.id.clone())),
             Err(DriverError::NotFound(_)) => {}
@@ -939,24 +749,10 @@ impl Driver for DockerDriver {
         let image = body.image.clone().unwrap_or_default();
         self.ensure_image(task, &image, task.spec.container.pull_policy)
             .await?;
-        let gateway = self.ensure_network(&task.spec.name).await?;
-        if let (Some(dns), Some(gateway)) = (self.container_dns.get(), gateway) {
-            if let Some(server) = dns.serve_on(gateway).await {
-                body.host_config.get_or_insert_with(Default::default).dns =
-                    Some(vec![server.to_string()]);
-            }
-        }
         let name = container_name(task);
-        let created = match self
-            .docker
-            .create_container(
-                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
-                body,
-            )
-            .await
-        {
+        let created = match self.create_on_network(task, &name, body).await {
             Ok(c) => c,
-            Err(e) => {
+            Err(DriverError::Engine(e)) => {
                 let reason = format!("cannot create container {name}: {}", engine_message(&e));
                 if let Err(cleanup) = self.release_network(&task.spec.name).await {
                     tracing::warn!(error = %cleanup, "releasing the service network failed");
@@ -966,6 +762,7 @@ impl Driver for DockerDriver {
                     reason,
                 });
             }
+            Err(e) => return Err(e),
         };
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             let reason = format!("cannot start container {name}: {}", engine_message(&e));
@@ -979,12 +776,7 @@ impl Driver for DockerDriver {
             });
         }
         let inspected = self.docker.inspect_container(&created.id, None).await?;
-        let pid = inspected
-            .state
-            .as_ref()
-            .and_then(|s| s.pid)
-            .and_then(|p| u32::try_from(p).ok())
-            .filter(|p| *p > 0);
+        let pid = pid_of(&inspected);
         tracing::info!(container = %created.id, ?pid, "container started");
         Ok(RunningTask {
             pid,
@@ -1006,12 +798,7 @@ impl Driver for DockerDriver {
                 continue;
             };
             let exited = exit_of(&c);
-            let pid = c
-                .state
-                .as_ref()
-                .and_then(|s| s.pid)
-                .and_then(|p| u32::try_from(p).ok())
-                .filter(|p| *p > 0 && exited.is_none());
+            let pid = pid_of(&c).filter(|_| exited.is_none());
             tracing::info!(task = %task_id, container = %id, exited = exited.is_some(), "recovered container");
             recovered.push(RecoveredTask {
                 task_id,
@@ -1083,10 +870,7 @@ impl Driver for DockerDriver {
     #[tracing::instrument(skip(self, limits))]
     async fn update_resources(&self, task_id: &str, limits: &Resources) -> Result<(), DriverError> {
         let update = limits_update(limits)?;
-        let c = self.find(task_id).await?;
-        if exit_of(&c).is_some() {
-            return Err(DriverError::NotRunning(task_id.to_string()));
-        }
+        let c = self.find_running(task_id).await?;
         let id = c.id.unwrap_or_default();
         self.docker
             .update_container(&id, update)
@@ -1107,10 +891,7 @@ impl Driver for DockerDriver {
         timeout: Duration,
     ) -> Result<ExecOutput, DriverError> {
         crate::driver::require_program(argv)?;
-        let c = self.find(task_id).await?;
-        if exit_of(&c).is_some() {
-            return Err(DriverError::NotRunning(task_id.to_string()));
-        }
+        let c = self.find_running(task_id).await?;
         let id = c.id.unwrap_or_default();
         let exec = self
             .docker
@@ -1175,10 +956,7 @@ impl Driver for DockerDriver {
 
     #[tracing::instrument(skip(self))]
     async fn stats(&self, task_id: &str) -> Result<TaskStats, DriverError> {
-        let c = self.find(task_id).await?;
-        if exit_of(&c).is_some() {
-            return Err(DriverError::NotRunning(task_id.to_string()));
-        }
+        let c = self.find_running(task_id).await?;
         let id = c.id.clone().unwrap_or_default();
         // Not one-shot: the engine then samples twice, a second apart, so the cpu rate is real.
         let options = StatsOptionsBuilder::default()
@@ -1221,12 +999,7 @@ impl Driver for DockerDriver {
             })
             .copied()
             .unwrap_or(0);
-        let limit = c
-            .host_config
-            .as_ref()
-            .and_then(|h| h.memory)
-            .and_then(|m| u64::try_from(m).ok())
-            .filter(|m| *m > 0);
+        let limit = memory_limit(&c);
         Ok(TaskStats {
             task_id: task_id.to_string(),
             cpu_percent,

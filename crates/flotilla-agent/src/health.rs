@@ -2,6 +2,8 @@
 //!
 //! A task starts `starting`. A passing probe makes it `healthy` (and ends the start period early);
 //! `retries` consecutive failures make it `unhealthy`; failures inside `start_period` do not count.
+//! The first probe runs at once after the start, then (until a pass) every `start_interval` in
+//! the start phase, then every `interval`; see [`Cadence`].
 //! Only transitions are reported, through a channel, each with the last probe's reason.
 
 use crate::driver::Driver;
@@ -76,8 +78,9 @@ pub struct HealthMonitor {
 }
 
 impl HealthMonitor {
-    /// Starts probing. The first report (`starting`) is sent immediately, the first probe runs
-    /// after one `interval`. Stops by itself when `reports` is closed.
+    /// Starts probing. The first report (`starting`) is sent immediately and the first probe
+    /// runs at once (as Kubernetes' probes do); [`Cadence`] says when the next ones run. Stops
+    /// by itself when `reports` is closed.
     pub fn spawn(
         task_id: String,
         check: HealthCheck,
@@ -88,7 +91,6 @@ impl HealthMonitor {
         let span = tracing::info_span!("health", task = %task_id);
         let handle = tokio::spawn(
             async move {
-                let started = Instant::now();
                 let mut tracker = HealthTracker::new(check.retries);
                 let report = |health, message: String| HealthReport {
                     task_id: task_id.clone(),
@@ -103,9 +105,9 @@ impl HealthMonitor {
                     return;
                 }
                 let host_port = ports.first().map(|p| p.host_port);
+                let mut cadence = Cadence::new(&check);
                 loop {
-                    tokio::time::sleep(check.interval).await;
-                    let in_start_period = started.elapsed() < check.start_period;
+                    let in_start_period = cadence.in_start_period();
                     let result = probe(&check, host_port, &task_id, driver.as_ref()).await;
                     if let Err(reason) = &result {
                         tracing::debug!(%reason, "health probe failed");
@@ -117,11 +119,57 @@ impl HealthMonitor {
                             return;
                         }
                     }
+                    tokio::time::sleep(cadence.next_delay(&check, tracker.health())).await;
                 }
             }
             .instrument(span),
         );
         HealthMonitor { handle }
+    }
+}
+
+/// The first pause of the start phase; each next one doubles, up to `start_interval`.
+const FIRST_START_DELAY: Duration = Duration::from_millis(100);
+
+/// When probes run. The first runs at once; until the task first passes, inside its start
+/// phase, they come every `start_interval` (the first few sooner, from 100 ms doubling, so a
+/// task ready within a second is seen ready within a second); after that every `interval`.
+///
+/// The start phase lasts `start_period`, and at least one `interval`: Docker runs its first
+/// probe only after one interval, so failures before then never counted, and still do not.
+struct Cadence {
+    started: Instant,
+    phase: Duration,
+    early: Duration,
+}
+
+impl Cadence {
+    fn new(check: &HealthCheck) -> Self {
+        Cadence {
+            started: Instant::now(),
+            phase: check.start_period.max(check.interval),
+            early: FIRST_START_DELAY,
+        }
+    }
+
+    /// Whether a probe now falls in the start phase (its failure does not count).
+    fn in_start_period(&self) -> bool {
+        self.started.elapsed() < self.phase
+    }
+
+    /// The pause before the next probe, given the task's health now.
+    fn next_delay(&mut self, check: &HealthCheck, health: Health) -> Duration {
+        if health != Health::Starting || !self.in_start_period() {
+            return check.interval;
+        }
+        let cap = if check.start_interval.is_zero() {
+            check.interval
+        } else {
+            check.start_interval.min(check.interval)
+        };
+        let delay = self.early.min(cap);
+        self.early = self.early.saturating_mul(2);
+        delay
     }
 }
 

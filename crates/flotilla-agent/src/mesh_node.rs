@@ -13,6 +13,7 @@ use flotilla_types::{PortProtocol, Service, Task};
 use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -79,6 +80,8 @@ pub struct MeshNode {
     /// Port problems of the last apply, shown in the stats (`conflicts`) and reported to the
     /// manager by the agent (the node's `port_conflicts`).
     conflicts: watch::Sender<Vec<String>>,
+    /// Whether the loopback-only warning for containers was logged (it is, once per node).
+    loopback_warned: AtomicBool,
 }
 
 impl MeshNode {
@@ -96,6 +99,7 @@ impl MeshNode {
             container_dns: tokio::sync::Mutex::new(BTreeSet::new()),
             synced: watch::channel(false).0,
             conflicts: watch::channel(Vec::new()).0,
+            loopback_warned: AtomicBool::new(false),
         }))
     }
 
@@ -117,19 +121,30 @@ impl MeshNode {
 
     /// [`MeshNode::discovery_env`] for a container on a bridge network: the mesh through the
     /// bridge gateway ([`CONTAINER_HOST`]) when it listens on every interface, else at its
-    /// bind address (a loopback bind is out of a container's reach; this is logged).
+    /// bind address (a loopback bind is out of a container's reach; this is logged once).
     pub async fn container_discovery_env(&self) -> BTreeMap<String, String> {
         let host = match self.cfg.bind_ip {
             ip if ip.is_unspecified() => CONTAINER_HOST.to_string(),
             IpAddr::V6(v6) => format!("[{v6}]"),
-            IpAddr::V4(v4) => {
-                if v4.is_loopback() {
-                    tracing::warn!(ip = %v4, "the mesh listens on loopback only; containers cannot reach it (use --mesh-bind 0.0.0.0)");
-                }
-                v4.to_string()
-            }
+            IpAddr::V4(v4) => v4.to_string(),
         };
-        self.discovery_env_at(&host).await
+        let env = self.discovery_env_at(&host).await;
+        self.warn_unreachable_once(&env);
+        env
+    }
+
+    /// Logs, once per node, that containers cannot reach a mesh bound to loopback, when that
+    /// matters: a container is handed addresses of published services. True if it logged.
+    fn warn_unreachable_once(&self, env: &BTreeMap<String, String>) -> bool {
+        let IpAddr::V4(v4) = self.cfg.bind_ip else {
+            return false;
+        };
+        if !v4.is_loopback() || env.is_empty() || self.loopback_warned.swap(true, Ordering::Relaxed)
+        {
+            return false;
+        }
+        tracing::warn!(ip = %v4, "the mesh listens on loopback only; containers cannot reach the published services (use --mesh-bind 0.0.0.0)");
+        true
     }
 
     async fn discovery_env_at(&self, host: &str) -> BTreeMap<String, String> {
@@ -449,5 +464,34 @@ mod tests {
             dns_addr: Some("127.0.0.1:0".parse().unwrap()),
         })
         .is_err());
+    }
+
+    /// The loopback warning comes once per node, and only when a container is handed
+    /// addresses it cannot reach (#21: it came once per container, published ports or not).
+    #[tokio::test]
+    async fn loopback_warning_once_and_only_when_it_matters() {
+        let node = MeshNode::new(MeshNodeConfig {
+            bind_ip: "127.0.0.1".parse().unwrap(),
+            dns_addr: None,
+        })
+        .unwrap();
+        node.synced.send_replace(true);
+        assert!(node.container_discovery_env().await.is_empty());
+        assert!(
+            !node.warn_unreachable_once(&BTreeMap::new()),
+            "nothing published: nothing to warn about"
+        );
+        write(&node.published).insert("web".into(), 8080);
+        let env = node.container_discovery_env().await;
+        assert_eq!(env["WEB_ADDR"], "127.0.0.1:8080");
+        assert!(
+            node.loopback_warned.load(Ordering::Relaxed),
+            "warned once a container got an unreachable address"
+        );
+        for _ in 0..50 {
+            assert!(!node.warn_unreachable_once(&env), "warned twice");
+        }
+        let wildcard = MeshNode::new(MeshNodeConfig::default()).unwrap();
+        assert!(!wildcard.warn_unreachable_once(&env));
     }
 }

@@ -1,6 +1,7 @@
 //! Host port allocation for task ports.
 //!
-//! Ports come from a configurable range (default 20000..32000). A port is handed out only if it
+//! Ports come from the node's range (the CLI gives each node a 500-port block of 20000..32000
+//! unless `--task-ports` says otherwise). A port is handed out only if it
 //! is not held by a live task and can be bound on 0.0.0.0 right now (for its protocol), so a
 //! port some unrelated program listens on is skipped.
 

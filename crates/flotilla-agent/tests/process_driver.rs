@@ -529,6 +529,7 @@ fn check(test: HealthTest) -> HealthCheck {
         timeout: Duration::from_secs(5),
         retries: 2,
         start_period: Duration::ZERO,
+        start_interval: Duration::from_millis(100),
     }
 }
 
@@ -625,6 +626,109 @@ async fn health_monitor_reports_transitions() {
         started.elapsed() >= Duration::from_millis(600),
         "failures in start_period counted"
     );
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
+    d.remove(&task.id).await.unwrap();
+}
+
+/// Starts `hc` (whose `interval` is too long for any test to wait out) on `task`, past its
+/// first `starting` report.
+async fn monitor_with_long_interval(
+    d: &Arc<dyn Driver>,
+    task: &Task,
+    hc: HealthCheck,
+) -> (
+    HealthMonitor,
+    tokio::sync::mpsc::UnboundedReceiver<HealthReport>,
+) {
+    assert!(
+        hc.interval > DEADLINE,
+        "the interval alone must not get us there"
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
+    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    (monitor, rx)
+}
+
+/// With Compose's default 30 s interval a task that is ready at once must not wait an interval
+/// for its first probe (#12): the first probe runs right after the start.
+#[tokio::test]
+async fn health_monitor_probes_at_once() {
+    let state = tempfile::tempdir().unwrap();
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let hc = HealthCheck::with_defaults(HealthTest::Cmd {
+        argv: vec!["true".into()],
+    });
+    let (_monitor, mut rx) = monitor_with_long_interval(&d, &task, hc).await;
+    assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
+    d.remove(&task.id).await.unwrap();
+}
+
+/// The immediate first probe runs before the workload may listen, so its failure does not
+/// count: with `retries: 1` a failing check makes the task unhealthy at the second probe, not
+/// the first.
+#[tokio::test]
+async fn health_first_probe_failure_does_not_count() {
+    let state = tempfile::tempdir().unwrap();
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let probes = state.path().join("probes");
+    let mut hc = check(HealthTest::Shell {
+        script: format!("echo >> {}; exit 1", probes.display()),
+    });
+    hc.retries = 1;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _monitor = HealthMonitor::spawn(task.id.clone(), hc, Vec::new(), d.clone(), tx);
+    assert_eq!(next_report(&mut rx).await.health, Health::Starting);
+    assert_eq!(next_report(&mut rx).await.health, Health::Unhealthy);
+    let count = std::fs::read_to_string(&probes).unwrap().lines().count();
+    assert!(count >= 2, "unhealthy after {count} probe(s)");
+    d.remove(&task.id).await.unwrap();
+}
+
+/// Compose's defaults (30 s interval, no start period): a workload that is not ready at the
+/// first probe but right after is seen ready long before one interval (#12: a plain deploy
+/// took 30 s to report ready).
+#[tokio::test]
+async fn health_with_compose_defaults_sees_a_late_listener_ready_early() {
+    let state = tempfile::tempdir().unwrap();
+    let flag = state.path().join("ready-flag");
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let probes = state.path().join("probes");
+    let hc = HealthCheck::with_defaults(HealthTest::Shell {
+        script: format!("echo >> {}; test -f {}", probes.display(), flag.display()),
+    });
+    let (_monitor, mut rx) = monitor_with_long_interval(&d, &task, hc).await;
+    eventually("the first probe", || probes.exists().then_some(())).await;
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
+    d.remove(&task.id).await.unwrap();
+}
+
+/// Inside `start_period` probes come every `start_interval` (Compose), not every `interval`,
+/// so a task that becomes ready shortly after its start is seen ready soon.
+#[tokio::test]
+async fn health_monitor_uses_start_interval_in_start_period() {
+    let state = tempfile::tempdir().unwrap();
+    let flag = state.path().join("ready-flag");
+    let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
+    let task = shell_task("exec sleep 1000");
+    d.start(&task, &[]).await.unwrap();
+    let probes = state.path().join("probes");
+    let mut hc = HealthCheck::with_defaults(HealthTest::Shell {
+        script: format!("echo >> {}; test -f {}", probes.display(), flag.display()),
+    });
+    hc.start_period = Duration::from_secs(3600);
+    hc.start_interval = Duration::from_millis(100);
+    let (_monitor, mut rx) = monitor_with_long_interval(&d, &task, hc).await;
+    // Let the first probe fail, so the pass below comes from a later probe.
+    eventually("the first probe", || probes.exists().then_some(())).await;
     std::fs::write(&flag, b"").unwrap();
     assert_eq!(next_report(&mut rx).await.health, Health::Healthy);
     d.remove(&task.id).await.unwrap();

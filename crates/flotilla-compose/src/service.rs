@@ -350,7 +350,6 @@ fn healthcheck(r: &mut Report, field: &str, node: &Node) -> Option<HealthCheck> 
                 None => ok = false,
             },
             "disable" => disabled = r.boolean(&at, value).unwrap_or(false),
-            "start_interval" => r.warn(&at, "not supported yet; ignored"),
             _ => {
                 if !health_timing(r, &at, key, value, &mut check) {
                     r.error(&at, "unknown key");
@@ -390,6 +389,7 @@ fn health_timing(
         "interval" => &mut check.interval,
         "timeout" => &mut check.timeout,
         "start_period" => &mut check.start_period,
+        "start_interval" => &mut check.start_interval,
         "retries" => {
             if let Some(n) = r.uint32(at, value) {
                 check.retries = n;
@@ -398,8 +398,12 @@ fn health_timing(
         }
         _ => return false,
     };
-    if let Some(d) = r.duration(at, value) {
-        *slot = d;
+    match r.duration(at, value) {
+        // `interval` and `timeout` are checked with the spec; a zero start interval would
+        // probe without pause.
+        Some(d) if d.is_zero() && key == "start_interval" => r.error(at, "must be greater than 0"),
+        Some(d) => *slot = d,
+        None => {}
     }
     true
 }

@@ -35,6 +35,7 @@ services:
       timeout: 2s
       retries: 5
       start_period: 1m30s
+      start_interval: 2s
     deploy:
       mode: global
   web:
@@ -121,6 +122,7 @@ fn full_example_maps_every_supported_key() {
             timeout: Duration::from_secs(2),
             retries: 5,
             start_period: Duration::from_secs(90),
+            start_interval: Duration::from_secs(2),
         })
     );
 
@@ -397,6 +399,7 @@ fn demo_example_loads() {
             timeout: Duration::from_secs(1),
             retries: 3,
             start_period: Duration::ZERO,
+            start_interval: Duration::from_secs(5),
         })
     );
     assert_eq!(demo.resources.limits.memory_bytes, Some(64 << 20));

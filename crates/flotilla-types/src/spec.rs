@@ -138,10 +138,18 @@ pub struct HealthCheck {
     pub retries: u32,
     #[serde(with = "humantime_serde")]
     pub start_period: Duration,
+    /// Compose's `start_interval`: the time between probes inside `start_period`, until the
+    /// first pass. (Specs stored before this field read the Compose default.)
+    #[serde(
+        with = "humantime_serde",
+        default = "HealthCheck::default_start_interval"
+    )]
+    pub start_interval: Duration,
 }
 
 impl HealthCheck {
-    /// Compose's defaults: 30s interval, 30s timeout, 3 retries, no start period.
+    /// Compose's defaults: 30s interval, 30s timeout, 3 retries, no start period, 5s start
+    /// interval.
     pub fn with_defaults(test: HealthTest) -> Self {
         HealthCheck {
             test,
@@ -149,7 +157,13 @@ impl HealthCheck {
             timeout: Duration::from_secs(30),
             retries: 3,
             start_period: Duration::ZERO,
+            start_interval: Self::default_start_interval(),
         }
+    }
+
+    /// Compose's default `start_interval`.
+    pub fn default_start_interval() -> Duration {
+        Duration::from_secs(5)
     }
 }
 

@@ -30,9 +30,10 @@ pub struct AgentArgs {
     /// Where task state and logs live. One agent (or `up`) per data dir.
     #[arg(long, env = "FLOTILLA_DATA_DIR", default_value_os_t = node_dir::default_data_dir())]
     pub data_dir: PathBuf,
-    /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
-    pub task_ports: Range<u16>,
+    /// Range host ports for task ports are taken from (START-END, end exclusive). Default: a
+    /// 500-port block of 20000-32000 picked by the node's name, remembered in DATA_DIR/task-ports.
+    #[arg(long, value_parser = node_dir::parse_port_range)]
+    pub task_ports: Option<Range<u16>>,
     /// How often to heartbeat. Keep it well under the managers' --node-grace (default 3s).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
@@ -45,7 +46,8 @@ pub struct WorkerConfig {
     pub node_name: String,
     pub data_dir: PathBuf,
     pub api: Client,
-    pub task_ports: Range<u16>,
+    /// `None`: the node's default block (see [`node_dir::task_ports`]).
+    pub task_ports: Option<Range<u16>>,
     pub heartbeat: Duration,
     /// The node's routing mesh; `None` runs none.
     pub mesh: Option<MeshNodeConfig>,
@@ -60,12 +62,13 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: watch::Receiver<bool>) -> a
     if cfg.heartbeat.is_zero() {
         anyhow::bail!("--heartbeat must be longer than 0s");
     }
+    let task_ports = node_dir::task_ports(cfg.task_ports, &cfg.data_dir, &cfg.node_name)?;
     let agent = Agent::new(AgentConfig {
         node_id: cfg.node_name,
         api: cfg.api,
         state_dir: cfg.data_dir.join("agent"),
         heartbeat: cfg.heartbeat,
-        task_ports: cfg.task_ports,
+        task_ports,
         mesh: cfg.mesh,
         advertise_ip: cfg.advertise_ip,
         agent_tls: cfg.agent_tls,

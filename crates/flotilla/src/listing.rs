@@ -300,7 +300,8 @@ pub async fn logs(c: &Client, args: &LogsArgs) -> anyhow::Result<ExitCode> {
         Ok(detail) => detail
             .tasks
             .into_iter()
-            .filter(|t| t.desired_state == DesiredState::Running && t.node.is_some())
+            // Finished tasks too: their nodes keep their logs while `ps --all` lists them.
+            .filter(|t| t.node.is_some())
             .collect(),
         Err(e) if e.code() == Some("not_found") => Vec::new(),
         Err(e) => return Err(e.into()),
@@ -315,12 +316,18 @@ pub async fn logs(c: &Client, args: &LogsArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    // A service: every live task's output, each line prefixed with the task name.
+    // A service: every task's output (running and finished, as `ps --all` lists them), each
+    // line prefixed with the task name. A task that has not started yet has none.
     let mut streams = Vec::new();
     for t in &service_tasks {
         let name = t.name();
-        let s = c.logs(&t.id, args.tail, args.follow).await?;
-        streams.push(prefix_lines(s, name));
+        match c.logs(&t.id, args.tail, args.follow).await {
+            Ok(s) => streams.push(prefix_lines(s, name)),
+            Err(e) if e.code() == Some("not_found") => {}
+            // A finished task on a node that is down: say so, show the others.
+            Err(e) if t.desired_state != DesiredState::Running => eprintln!("{name}: {e}"),
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut merged = futures::stream::select_all(streams);
     let mut stdout = std::io::stdout();

@@ -24,6 +24,54 @@ pub fn parse_port_range(s: &str) -> Result<std::ops::Range<u16>, String> {
     Ok(start..end)
 }
 
+/// Host ports task ports are taken from, on nodes that are given no `--task-ports`: this range
+/// is cut into [`TASK_PORT_BLOCK`]-port blocks and each node takes the one its name hashes to,
+/// so several nodes on one host (distinct names, distinct data dirs) rarely share ports; when
+/// two names meet in one block, the allocator still skips every port it cannot bind.
+pub const TASK_PORTS_DEFAULT: std::ops::Range<u16> = 20000..32000;
+/// The size of a node's default block of task ports.
+pub const TASK_PORT_BLOCK: u16 = 500;
+/// `DATA_DIR/task-ports`: the node's default block, remembered so it never moves under the
+/// tasks it already runs (a changed host name, a changed derivation).
+const TASK_PORTS_FILE: &str = "task-ports";
+
+/// The node's task port range: `--task-ports` when given, else the block remembered in
+/// `DATA_DIR/task-ports`, else the block of [`TASK_PORTS_DEFAULT`] derived from `node_name`
+/// (then remembered).
+pub fn task_ports(
+    given: Option<std::ops::Range<u16>>,
+    dir: &Path,
+    node_name: &str,
+) -> anyhow::Result<std::ops::Range<u16>> {
+    if let Some(range) = given {
+        return Ok(range);
+    }
+    let path = dir.join(TASK_PORTS_FILE);
+    let text = load_or_create(&path, || {
+        let r = default_task_ports(node_name);
+        format!("{}-{}", r.start, r.end)
+    })?;
+    parse_port_range(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (fix or delete the file, or pass --task-ports)",
+            path.display()
+        )
+    })
+}
+
+/// The block of [`TASK_PORTS_DEFAULT`] that `node_name` hashes to (FNV-1a, stable across
+/// builds and platforms).
+pub fn default_task_ports(node_name: &str) -> std::ops::Range<u16> {
+    let hash = node_name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let blocks = (TASK_PORTS_DEFAULT.end - TASK_PORTS_DEFAULT.start) / TASK_PORT_BLOCK;
+    // The remainder is below `blocks`, a u16.
+    let block = u16::try_from(hash % u64::from(blocks)).unwrap_or(0);
+    let start = TASK_PORTS_DEFAULT.start + block * TASK_PORT_BLOCK;
+    start..start + TASK_PORT_BLOCK
+}
+
 pub fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/lib/flotilla")
@@ -189,4 +237,44 @@ pub fn save_known_managers(data_dir: &Path, addrs: &[String]) -> anyhow::Result<
     std::fs::write(&tmp, addrs.join("\n") + "\n")
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nodes on one host with default flags get distinct port blocks (#21: both started at
+    /// 20000), inside the default range, and keep them across restarts.
+    #[test]
+    fn default_task_ports_differ_per_node_and_stick() {
+        let names = ["n1", "n2", "n3", "node-1", "node-2", "worker-1", "worker-2"];
+        let ranges: Vec<_> = names.iter().map(|n| default_task_ports(n)).collect();
+        for r in &ranges {
+            assert!(TASK_PORTS_DEFAULT.start <= r.start && r.end <= TASK_PORTS_DEFAULT.end);
+            assert_eq!(r.end - r.start, TASK_PORT_BLOCK);
+        }
+        for (i, a) in ranges.iter().enumerate() {
+            for (j, b) in ranges.iter().enumerate().skip(i + 1) {
+                assert_ne!(a, b, "{} and {} share a block", names[i], names[j]);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let first = task_ports(None, dir.path(), "n2").unwrap();
+        assert_eq!(first, default_task_ports("n2"));
+        assert_eq!(
+            task_ports(None, dir.path(), "renamed").unwrap(),
+            first,
+            "remembered in the data dir"
+        );
+        assert_eq!(
+            task_ports(Some(1000..2000), dir.path(), "n2").unwrap(),
+            1000..2000
+        );
+        std::fs::write(dir.path().join(TASK_PORTS_FILE), "nonsense\n").unwrap();
+        let err = task_ports(None, dir.path(), "n2").unwrap_err().to_string();
+        assert!(
+            err.contains("task-ports") && err.contains("--task-ports"),
+            "{err}"
+        );
+    }
 }

@@ -8,9 +8,10 @@ pub struct NodeFlags {
     /// This node's name (default: the host name; remembered in DATA_DIR/node-id).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Range host ports for task ports are taken from (START-END, end exclusive).
-    #[arg(long, default_value = "20000-32000", value_parser = node_dir::parse_port_range)]
-    pub task_ports: std::ops::Range<u16>,
+    /// Range host ports for task ports are taken from (START-END, end exclusive). Default: a
+    /// 500-port block of 20000-32000 picked by the node's name, remembered in DATA_DIR/task-ports.
+    #[arg(long, value_parser = node_dir::parse_port_range)]
+    pub task_ports: Option<std::ops::Range<u16>>,
     /// Finished tasks kept per replica slot for `flotilla ps -a` while this node is a manager
     /// (like Swarm's `--task-history-limit`); older ones are deleted.
     #[arg(long, default_value_t = 5, value_parser = crate::manager::parse_task_history)]

@@ -73,7 +73,11 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         api: Client::new(&api_url, None)?,
         state_dir: args.data_dir.join("agent"),
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
-        task_ports: args.common.task_ports.clone(),
+        task_ports: node_dir::task_ports(
+            args.common.task_ports.clone(),
+            &args.data_dir,
+            &node_name,
+        )?,
         mesh: args.mesh.config(),
         advertise_ip: args.mesh.advertise_ip,
         agent_tls: None,

@@ -86,7 +86,12 @@ fn demo_image_runs_heals_readopts_and_resizes() {
             inspect(&id, "{{.HostConfig.Memory}}"),
             (64u64 << 20).to_string()
         );
-        assert_eq!(inspect(&id, "{{.HostConfig.NetworkMode}}"), "flotilla-web");
+        // Joined by id: a name can be ambiguous when agents sharing the engine raced (#21).
+        let network = sh("docker network inspect --format '{{.Id}}' flotilla-web");
+        assert_eq!(
+            inspect(&id, "{{.HostConfig.NetworkMode}}"),
+            stdout(&network).trim()
+        );
     }
     assert_eq!(ports.len(), 3, "each container has its own host port");
 
@@ -121,6 +126,13 @@ fn demo_image_runs_heals_readopts_and_resizes() {
         },
     );
     let readopted = c.wait_ready("web", 3);
+    // The killed task's container was kept for its logs; the new agent leaves its record be.
+    let dead_after = c
+        .all_tasks("web")
+        .into_iter()
+        .find(|t| t["id"] == victim["id"])
+        .expect("killed task still in history");
+    assert_eq!(dead_after["status"], dead["status"], "{dead_after}");
     let now: BTreeSet<String> = readopted.iter().map(container_id).collect();
     assert_eq!(
         before, now,
@@ -171,6 +183,95 @@ fn demo_image_runs_heals_readopts_and_resizes() {
     });
     wait_for("the network to go", Duration::from_secs(30), || {
         let out = sh("docker network ls -q --filter name=^flotilla-web$");
+        stdout(&out).trim().is_empty().then_some(())
+    });
+}
+
+const CRASH: &str = r#"
+services:
+  crash:
+    image: flotilla-demo:latest
+    entrypoint: ["/bin/sh", "-c"]
+    command: ["echo crashed-because-of-reasons; exit 3"]
+    deploy:
+      restart_policy:
+        delay: 100ms
+"#;
+
+/// Task ids of the containers of `service` on the engine, stopped ones included.
+fn containers_of(service: &str) -> BTreeSet<String> {
+    let out = sh(&format!(
+        "docker ps -a --filter label=io.flotilla.service={service} --format '{{{{.Label \"io.flotilla.task\"}}}}'"
+    ));
+    assert!(out.status.success(), "docker ps: {}", stderr(&out));
+    stdout(&out).lines().map(str::to_string).collect()
+}
+
+/// A container that crashes at start stays on its node, stopped, with its output, as long as
+/// its task is in the slot's history, so `flotilla logs` shows why it crashed (#12: the
+/// container was removed and logs answered 404). The containers of tasks the history drops,
+/// and with `service rm` all of them, are removed.
+#[test]
+fn crashed_containers_keep_their_logs_until_their_tasks_are_deleted() {
+    if !docker_available() {
+        return;
+    }
+    let _leftovers = DockerLeftovers(&["crash"]);
+    let c = Cluster::start();
+    let file = c.write_file("crash.yaml", CRASH);
+    c.ok(&[
+        "deploy",
+        "-f",
+        file.to_str().unwrap_or_default(),
+        "--detach",
+    ]);
+    let failed = wait_for("a crashed task", Duration::from_secs(60), || {
+        c.all_tasks("crash")
+            .into_iter()
+            .find(|t| t["status"]["state"] == "failed")
+    });
+    assert_eq!(failed["status"]["exit_code"], 3, "{failed}");
+    let logs = wait_for(
+        "the crash output in the logs",
+        Duration::from_secs(60),
+        || {
+            let out = c.run(&["logs", "crash"]);
+            let text = stdout(&out);
+            (out.status.success() && text.contains("crashed-because-of-reasons")).then_some(text)
+        },
+    );
+    assert!(logs.contains(" | crashed-because-of-reasons"), "{logs}");
+    let one = c.ok(&["logs", failed["id"].as_str().unwrap_or_default()]);
+    assert_eq!(one.trim(), "crashed-because-of-reasons");
+
+    // Crash on until the store has dropped tasks from the history; their containers go, the
+    // others stay.
+    let mut seen = BTreeSet::new();
+    wait_for(
+        "dropped tasks' containers to go",
+        Duration::from_secs(120),
+        || {
+            let current: BTreeSet<String> = c
+                .all_tasks("crash")
+                .iter()
+                .filter_map(|t| t["id"].as_str().map(str::to_string))
+                .collect();
+            seen.extend(current.iter().cloned());
+            let containers = containers_of("crash");
+            let dropped: Vec<&String> = seen.difference(&current).collect();
+            (dropped.len() >= 2
+                && dropped.iter().all(|id| !containers.contains(*id))
+                && containers.iter().any(|id| current.contains(id)))
+            .then_some(())
+        },
+    );
+
+    c.ok(&["service", "rm", "crash"]);
+    wait_for("the containers to go", Duration::from_secs(60), || {
+        containers_of("crash").is_empty().then_some(())
+    });
+    wait_for("the network to go", Duration::from_secs(30), || {
+        let out = sh("docker network ls -q --filter name=^flotilla-crash$");
         stdout(&out).trim().is_empty().then_some(())
     });
 }

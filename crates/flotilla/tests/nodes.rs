@@ -562,3 +562,42 @@ fn bench_worker_loss() {
         );
     }
 }
+
+/// Two agents on one host started as the README says, without `--task-ports` (#21): each takes
+/// its own block of host ports, remembered in its data dir, so their tasks never get the same
+/// port, and a 4-replica service runs without a task failing.
+#[test]
+fn agents_on_one_host_pick_distinct_task_ports_by_default() {
+    let mut c = Cluster::start_with(&["--node-grace", GRACE]);
+    c.add_agent_default_ports("b");
+    c.add_agent_default_ports("c");
+    let tasks = two_per_agent(&c);
+    let block = |node: &str| -> (u16, u16) {
+        let path = c.agent(node).data_dir.join("task-ports");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (a, b) = text.trim().split_once('-').expect("START-END");
+        (a.parse().expect("start"), b.parse().expect("end"))
+    };
+    let (b1, b2) = (block("b"), block("c"));
+    assert!(
+        b1.1 <= b2.0 || b2.1 <= b1.0,
+        "blocks overlap: {b1:?} {b2:?}"
+    );
+    let mut seen = BTreeSet::new();
+    for t in &tasks {
+        let port = t["status"]["ports"][0]["host_port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .expect("a host port");
+        let (start, end) = block(str_of(t, "node"));
+        assert!(start <= port && port < end, "{port} outside {start}-{end}");
+        assert!(seen.insert(port), "host port {port} handed out twice");
+    }
+    let failed: Vec<Value> = c
+        .all_tasks("web")
+        .into_iter()
+        .filter(|t| t["status"]["state"] == "failed")
+        .collect();
+    assert!(failed.is_empty(), "tasks failed: {failed:?}");
+}

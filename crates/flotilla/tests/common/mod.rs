@@ -239,15 +239,27 @@ impl Cluster {
         let slice =
             NEXT_AGENT_SLICE.fetch_add(1, Ordering::SeqCst) + (std::process::id() % 20) as u16 * 5;
         let start = 11000 + (slice % 90) * 100;
+        self.push_agent(name, extra, (start, start + 100));
+        self.start_agent(name);
+        self.agent(name)
+    }
+
+    fn push_agent(&mut self, name: &str, extra: &[&str], task_ports: (u16, u16)) {
         self.agents.push(AgentNode {
             name: name.to_string(),
             data_dir: self.dir.path().join(format!("agent-{name}")),
-            task_ports: (start, start + 100),
+            task_ports,
             log: self.dir.path().join(format!("agent-{name}.log")),
             child: None,
             stopped: false,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
         });
+    }
+
+    /// [`Cluster::add_agent`] without `--task-ports`, as an operator following the README
+    /// starts it: the agent picks its own range.
+    pub fn add_agent_default_ports(&mut self, name: &str) -> &AgentNode {
+        self.push_agent(name, &[], (0, 0));
         self.start_agent(name);
         self.agent(name)
     }
@@ -287,8 +299,11 @@ impl Cluster {
             ])
             .arg("--data-dir")
             .arg(&a.data_dir)
-            .arg("--task-ports")
-            .arg(format!("{}-{}", a.task_ports.0, a.task_ports.1))
+            // An empty range: the agent's default (see `add_agent_default_ports`).
+            .args(
+                (a.task_ports.0 < a.task_ports.1)
+                    .then(|| format!("--task-ports={}-{}", a.task_ports.0, a.task_ports.1)),
+            )
             .args(&a.extra_args)
             .env("FLOTILLA_LOG", "info")
             .stdout(log.try_clone().expect("clone log"))
