@@ -1285,6 +1285,7 @@ mod tests {
             attempt: 0,
             not_before: None,
             weight: None,
+            nomination: None,
             meta: Meta::default(),
         }
     }

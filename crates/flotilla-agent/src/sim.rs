@@ -174,6 +174,7 @@ mod tests {
             attempt: 0,
             not_before: None,
             weight: None,
+            nomination: None,
             meta: Default::default(),
         }
     }

@@ -79,6 +79,7 @@ fn shell_task(service: &str, script: &str) -> Task {
         attempt: 0,
         not_before: None,
         weight: None,
+        nomination: None,
         meta: Meta::default(),
     }
 }

@@ -37,6 +37,7 @@ fn task_with(spec: ServiceSpec) -> Task {
         attempt: 0,
         not_before: None,
         weight: None,
+        nomination: None,
         meta: Meta::default(),
     }
 }

@@ -10,7 +10,10 @@
 #![forbid(unsafe_code)]
 
 pub mod cordon;
+pub mod deploy;
 pub mod drain;
+#[cfg(any(test, feature = "test-support"))]
+pub mod harness;
 pub mod reconcile;
 pub mod rollout;
 pub mod runner;

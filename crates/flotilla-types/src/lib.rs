@@ -13,6 +13,8 @@ pub mod release;
 pub mod rollout;
 pub mod spec;
 pub mod state;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod units;
 
 pub use container::ContainerSpec;
