@@ -156,7 +156,12 @@ impl Harness {
     /// One controller pass, its batches written like the runner writes them (each on its
     /// own; a refused batch is left for the next pass). Returns the results in order.
     pub async fn pass(&self) -> Vec<CommandResult> {
-        let plan = self.plan();
+        self.pass_with(&self.traffic).await
+    }
+
+    /// [`Harness::pass`] with `traffic` as what the meshes report.
+    pub async fn pass_with(&self, traffic: &TrafficView) -> Vec<CommandResult> {
+        let plan = self.read(|s| reconcile_with_traffic(s, self.now, &self.cfg, traffic));
         let mut results = Vec::new();
         for batch in plan.batches {
             results.push(self.write(batch).await);
