@@ -155,3 +155,18 @@ pub fn restart_rollout(
     };
     (r, op)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_descriptions() {
+        let a = ServiceSpec::process("web", vec!["x".into()]);
+        let mut b = a.clone();
+        b.mode = ServiceMode::Replicated { replicas: 4 };
+        assert_eq!(describe_change(&a, &b), "replicas 1 -> 4");
+        b.environment.insert("A".into(), "1".into());
+        assert_eq!(describe_change(&a, &b), "changed environment, mode");
+    }
+}

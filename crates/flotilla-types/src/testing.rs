@@ -1,7 +1,6 @@
 //! Builders for tests (feature `test-support`): a [`Node`], [`Task`] or [`ServiceSpec`] with
 //! sensible defaults, changed only where a test cares, so a new field is added in one place
 //! instead of in every test's copy of the literal.
-#![allow(clippy::new_ret_no_self)]
 
 use crate::{
     Availability, DesiredState, DriverKind, Meta, Node, NodeResources, NodeRole, NodeState,
