@@ -6,8 +6,8 @@ use flotilla_controllers::harness::{running_over_time, AgentBehaviour, Harness};
 use flotilla_store::{CommandResult, Expect, Op};
 use flotilla_types::testing::{node, spec};
 use flotilla_types::{
-    DesiredState, MaxUnavailable, NodeState, RolloutPhase, ServiceSpec, Task, TaskState,
-    TaskStatus, UpdateOrder,
+    Availability, DesiredState, MaxUnavailable, NodeState, RolloutPhase, ServiceSpec, Task,
+    TaskState, TaskStatus, UpdateOrder,
 };
 use std::time::Duration;
 
@@ -493,4 +493,37 @@ async fn a_new_leader_gives_every_node_a_full_grace_period() {
     h.advance(100);
     h.pass().await;
     assert_eq!(h.read(|s| s.nodes["c1"].state), NodeState::Down);
+}
+
+#[tokio::test]
+async fn a_drain_does_not_count_towards_the_restart_backoff() {
+    let mut h = Harness::with_nodes([node("n1").build(), node("n2").build()]).await;
+    h.deploy(&[spec("web").build()]).await;
+    assert!(run_until(&mut h, 10, 250, |h| all_running(h, "web", 1)).await);
+    let first = h.live("web")[0].clone();
+    let from = first.node.clone().unwrap();
+    let mut drained = h.read(|s| s.nodes[&from].clone());
+    drained.availability = Availability::Drain;
+    h.put_node(drained).await;
+    assert!(
+        run_until(&mut h, 40, 250, |h| {
+            let moved = h.live("web");
+            let old_done = h.read(|s| s.tasks[&first.id].status.state.is_terminal());
+            old_done && moved.len() == 1 && all_running(h, "web", 1)
+        })
+        .await
+    );
+
+    let moved = h.live("web")[0].clone();
+    h.advance(1000);
+    h.kill(&moved.id).await;
+    h.pass().await;
+    let next = h.live("web")[0].clone();
+    assert_eq!(next.attempt, 1);
+    assert_eq!(
+        next.not_before,
+        Some(h.now + 5000),
+        "{}",
+        next.status.message
+    );
 }
