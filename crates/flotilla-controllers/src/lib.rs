@@ -18,6 +18,8 @@ pub mod deploy;
 pub mod drain;
 #[cfg(any(test, feature = "test-support"))]
 pub mod harness;
+mod liveness;
+mod preempt;
 pub mod reconcile;
 pub mod rollout;
 pub mod runner;

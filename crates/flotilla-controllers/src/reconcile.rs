@@ -9,6 +9,8 @@
 
 use crate::cordon::{cordon_pass, is_start_failure};
 use crate::drain::{self, SlotMove, SlotTasks};
+use crate::liveness::nodes_pass;
+use crate::preempt::{set_preemption_budgets, settle_nominations};
 use crate::rollout::{self, Release, ReleaseGuard, ReleaseInput, TrafficView};
 use flotilla_scheduler::{schedule, ClusterSnapshot, Placement, PlacementRequest};
 use flotilla_store::{ClusterState, Expect, Op};
@@ -59,11 +61,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn requeue(&mut self, at: Timestamp) {
+    pub(crate) fn requeue(&mut self, at: Timestamp) {
         self.requeue_at = Some(self.requeue_at.map_or(at, |r| r.min(at)));
     }
 
-    fn push(&mut self, batch: Vec<Op>) {
+    pub(crate) fn push(&mut self, batch: Vec<Op>) {
         if !batch.is_empty() {
             self.batches.push(batch);
         }
@@ -74,7 +76,7 @@ impl Plan {
     }
 }
 
-fn ms(d: Duration) -> i64 {
+pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -195,74 +197,6 @@ pub fn services_needing_traffic(state: &ClusterState) -> Vec<String> {
         .collect()
 }
 
-/// Marks nodes whose heartbeat is overdue as down, and their tasks as lost. Returns the nodes
-/// that are down after this pass.
-fn nodes_pass(
-    state: &ClusterState,
-    now: Timestamp,
-    cfg: &ControllerConfig,
-    plan: &mut Plan,
-) -> BTreeMap<String, ()> {
-    let grace = ms(cfg.node_grace);
-    let judging = now - cfg.active_since >= grace;
-    let mut down = BTreeMap::new();
-    for node in state.nodes.values() {
-        let overdue = now - node.last_heartbeat >= grace;
-        if node.state == NodeState::Down {
-            down.insert(node.id.clone(), ());
-        } else if overdue && judging {
-            // The verdict is written alone, guarded by the version this pass read: a heartbeat
-            // that lands first (say, one queued behind a deploy's writes) voids it. Its tasks
-            // are lost only by a later pass that reads the verdict from the store.
-            let mut n = node.clone();
-            n.state = NodeState::Down;
-            n.message = format!(
-                "no heartbeat for {}s (grace {}s)",
-                (now - node.last_heartbeat) / 1000,
-                cfg.node_grace.as_secs()
-            );
-            tracing::warn!(node = %node.id, reason = %n.message, "judging a node down");
-            plan.push(vec![Op::PutNode {
-                node: n,
-                expect: Expect::Version(node.meta.version),
-            }]);
-            // Nothing new is placed there in this pass.
-            down.insert(node.id.clone(), ());
-        } else {
-            let due = if judging {
-                node.last_heartbeat + grace
-            } else {
-                cfg.active_since + grace
-            };
-            plan.requeue(due.max(now + 100));
-        }
-    }
-    for task in state.tasks.values() {
-        let Some(node) = &task.node else { continue };
-        // A removed node (`node rm`) has no record left to go down, and will never report
-        // again: its tasks are lost at once, or its replicas would never be replaced.
-        let stored = state.nodes.get(node);
-        let removed = stored.is_none();
-        let stored_down = stored.is_some_and(|n| n.state == NodeState::Down);
-        if !(removed || stored_down) || task.status.state.is_terminal() {
-            continue;
-        }
-        let mut t = task.clone();
-        t.desired_state = DesiredState::Shutdown;
-        let why = if removed {
-            format!("node {node} was removed from the cluster")
-        } else {
-            format!("node {node} is down")
-        };
-        t.record_status(TaskStatus::new(TaskState::Lost, now, why));
-        plan.push(vec![Op::PutTask {
-            task: t,
-            expect: Expect::Version(task.meta.version),
-        }]);
-    }
-    down
-}
-
 /// Tasks and rollouts of services that no longer exist: stop the live tasks, delete the finished
 /// ones and the rollouts.
 fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
@@ -297,66 +231,6 @@ fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
     plan.push(batch);
 }
 
-/// For each nominated task: `None` while a victim is still stopping; once they have all
-/// exited, its placement on the nominated node, or anywhere if that no longer fits (a node
-/// gone, say). Tasks that fit nowhere are left out; their service's pass explains why.
-fn settle_nominations(
-    state: &ClusterState,
-    snapshot: &mut ClusterSnapshot,
-    nominated: &[(&Task, &Nomination)],
-) -> BTreeMap<String, Option<Placement>> {
-    let mut out = BTreeMap::new();
-    for (t, n) in nominated {
-        let stopping = n.victims.iter().any(|id| {
-            state
-                .tasks
-                .get(id)
-                .is_some_and(|v| !v.status.state.is_terminal())
-        });
-        let Some(service) = state.services.get(&t.service) else {
-            continue;
-        };
-        if stopping {
-            // Victims exit one by one: what the first ones free stays reserved for this task.
-            snapshot.hold_for(&n.node, &service.spec);
-            out.insert(t.id.clone(), None);
-            continue;
-        }
-        let mut req = PlacementRequest::new(&service.spec, 1);
-        req.pin_to = Some(&n.node);
-        let placed = schedule(snapshot, &req).or_else(|_| {
-            tracing::info!(service = %t.service, task = %t.id, node = %n.node, "nominated node no longer fits; placing afresh");
-            schedule(snapshot, &PlacementRequest::new(&service.spec, 1))
-        });
-        if let Ok(mut placements) = placed {
-            if !placements.is_empty() {
-                out.insert(t.id.clone(), Some(placements.swap_remove(0)));
-            }
-        }
-    }
-    out
-}
-
-/// How many tasks of each service preemption may stop in this pass: the service's disruption
-/// budget (`x-flotilla.disruption`) minus the replicas already unavailable, the same
-/// accounting drains use, so preemption never makes a struggling service worse.
-fn set_preemption_budgets(state: &ClusterState, snapshot: &mut ClusterSnapshot) {
-    let mut live: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for t in state.tasks.values().filter(|t| is_live(t)) {
-        let e = live.entry(t.service.as_str()).or_default();
-        e.0 += 1;
-        e.1 += u64::from(t.is_ready());
-    }
-    for service in state.services.values() {
-        let (count, ready) = live.get(service.name.as_str()).copied().unwrap_or_default();
-        let wanted = service.spec.mode.replicas().unwrap_or(count);
-        let unavailable = wanted.saturating_sub(ready);
-        let allowed = service.spec.rollout.disruption.allowed(wanted);
-        let remaining = usize::try_from(allowed.saturating_sub(unavailable)).unwrap_or(usize::MAX);
-        snapshot.set_disruption_budget(&service.name, remaining);
-    }
-}
-
 /// A failure to start (never reached `running`) in the last ten minutes: the scheduler should
 /// avoid that node for this service for a while.
 fn is_recent_start_failure(t: &Task, now: Timestamp) -> bool {
@@ -364,7 +238,7 @@ fn is_recent_start_failure(t: &Task, now: Timestamp) -> bool {
 }
 
 /// Meant to run and not finished.
-fn is_live(t: &Task) -> bool {
+pub(crate) fn is_live(t: &Task) -> bool {
     t.desired_state == DesiredState::Running && !t.status.state.is_terminal()
 }
 
