@@ -765,6 +765,9 @@ impl<'a> ServiceCtx<'a, '_> {
             }
             Ok(_) => {}
             Err(failure) => {
+                // A nomination whose node no longer fits and that fits nowhere else is over;
+                // the task waits like any other pending task, and says why.
+                task.nomination = None;
                 if task.status.message != failure.reason {
                     let mut st = task.status.clone();
                     st.message = failure.reason.clone();

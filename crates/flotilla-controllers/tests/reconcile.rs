@@ -527,3 +527,28 @@ async fn a_drain_does_not_count_towards_the_restart_backoff() {
         next.status.message
     );
 }
+
+#[tokio::test]
+async fn a_nomination_that_fits_nowhere_ends_and_the_task_says_why() {
+    let mut h = full_node(batch_budget_two()).await;
+    h.deploy(&[urgent()]).await;
+    h.pass().await;
+    assert!(h.live("urgent")[0].nomination.is_some());
+    // The node goes away and a node too small for urgent joins.
+    let version = h.read(|s| s.nodes["n1"].meta.version);
+    h.must_write(vec![Op::DeleteNode {
+        id: "n1".into(),
+        expect: Expect::Version(version),
+    }])
+    .await;
+    h.put_node(node("n2").cpu(500).heartbeat(h.now).build())
+        .await;
+    for _ in 0..3 {
+        h.advance(100);
+        h.pass().await;
+    }
+    let u = h.live("urgent");
+    assert_eq!(u[0].node, None);
+    assert_eq!(u[0].nomination, None);
+    assert_eq!(u[0].status.message, "0/1 nodes: 1 insufficient cpu");
+}
