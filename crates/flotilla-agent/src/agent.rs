@@ -336,6 +336,7 @@ async fn heartbeat_loop(
     // on it after two intervals, which also moves the shared client to the next manager.
     let client = client.with_request_timeouts(every * 2, every * 2);
     let mut reregister = false;
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
         // Changed facts go into the node record by registering again, which refreshes only
         // what the agent reports (operators' availability and labels are kept).
@@ -356,19 +357,29 @@ async fn heartbeat_loop(
                 }
             }
         }
-        match client.heartbeat(&reg.id, &Heartbeat { at: now_ms() }).await {
-            Ok(_) => {}
-            Err(e) if e.code() == Some("not_found") => {
-                // The node record is gone (removed, or a fresh store): register again.
-                if let Err(e) = client.register_node(&reg).await {
-                    tracing::warn!(error = %e, "re-registering failed");
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
-        }
+        // Sent on a fixed beat, without waiting for the previous answer: under a big deploy a
+        // heartbeat's write queues behind the controller's, and waiting for it stretched the
+        // beat to interval + write latency, until the node looked overdue to its own manager.
+        // Each request gives up after two intervals, so at most a few are in flight.
+        while in_flight.try_join_next().is_some() {}
+        in_flight.spawn(heartbeat_once(client.clone(), reg.clone()));
         if sleep_or_shutdown(every, &mut shutdown).await {
             return;
         }
+    }
+}
+
+/// One heartbeat; registers the node again when the manager no longer knows it.
+async fn heartbeat_once(client: Client, reg: NodeRegistration) {
+    match client.heartbeat(&reg.id, &Heartbeat { at: now_ms() }).await {
+        Ok(_) => {}
+        Err(e) if e.code() == Some("not_found") => {
+            // The node record is gone (removed, or a fresh store): register again.
+            if let Err(e) = client.register_node(&reg).await {
+                tracing::warn!(error = %e, "re-registering failed");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
     }
 }
 

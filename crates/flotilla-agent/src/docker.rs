@@ -1042,24 +1042,14 @@ impl Driver for DockerDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_types::{DesiredState, Meta, ServiceSpec, TaskState, TaskStatus};
+    use flotilla_types::ServiceSpec;
 
     fn task(slot: Option<u64>, node: Option<&str>) -> Task {
-        Task {
-            id: "0123abcd".into(),
-            service: "web".into(),
-            slot,
-            revision: 3,
-            spec: ServiceSpec::process("web", vec!["x".into()]),
-            node: node.map(str::to_string),
-            desired_state: DesiredState::Running,
-            status: TaskStatus::new(TaskState::Pending, 0, ""),
-            history: Vec::new(),
-            attempt: 0,
-            not_before: None,
-            weight: None,
-            meta: Meta::default(),
-        }
+        let spec = ServiceSpec::process("web", vec!["x".into()]);
+        let mut t = Task::new(&spec, 3, slot, 0);
+        t.id = "0123abcd".into();
+        t.node = node.map(str::to_string);
+        t
     }
 
     #[test]

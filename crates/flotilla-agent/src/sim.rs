@@ -161,21 +161,11 @@ mod tests {
     fn task(id: &str) -> Task {
         let mut spec = ServiceSpec::process("s", vec!["x".into()]);
         spec.driver = DriverKind::Sim;
-        Task {
-            id: id.into(),
-            service: "s".into(),
-            slot: Some(1),
-            revision: 1,
-            spec,
-            node: Some("n".into()),
-            desired_state: flotilla_types::DesiredState::Running,
-            status: flotilla_types::TaskStatus::new(flotilla_types::TaskState::Assigned, 0, ""),
-            history: Vec::new(),
-            attempt: 0,
-            not_before: None,
-            weight: None,
-            meta: Default::default(),
-        }
+        let mut t = Task::new(&spec, 1, Some(1), 0);
+        t.id = id.into();
+        t.node = Some("n".into());
+        t.status = flotilla_types::TaskStatus::new(flotilla_types::TaskState::Assigned, 0, "");
+        t
     }
 
     #[tokio::test]

@@ -16,8 +16,7 @@ use flotilla_agent::docker_image::{build_image, ImageRecipe};
 use flotilla_agent::driver::{Driver, DriverError};
 use flotilla_types::container::PullPolicy;
 use flotilla_types::{
-    new_task_id, DesiredState, DriverKind, Health, Meta, PortBinding, PortSpec, ServiceSpec, Task,
-    TaskState, TaskStatus,
+    DriverKind, Health, PortBinding, PortSpec, ServiceSpec, Task, TaskState, TaskStatus,
 };
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -66,21 +65,10 @@ fn shell_task(service: &str, script: &str) -> Task {
     spec.driver = DriverKind::Docker;
     spec.image = Some(IMAGE.into());
     spec.stop_grace_period = Duration::from_secs(2);
-    Task {
-        id: new_task_id(),
-        service: service.into(),
-        slot: Some(1),
-        revision: 4,
-        spec,
-        node: Some(NODE.into()),
-        desired_state: DesiredState::Running,
-        status: TaskStatus::new(TaskState::Assigned, 0, ""),
-        history: Vec::new(),
-        attempt: 0,
-        not_before: None,
-        weight: None,
-        meta: Meta::default(),
-    }
+    let mut t = Task::new(&spec, 4, Some(1), 0);
+    t.node = Some(NODE.into());
+    t.status = TaskStatus::new(TaskState::Assigned, 0, "");
+    t
 }
 
 fn free_port() -> u16 {

@@ -8,8 +8,7 @@ use flotilla_agent::health::{probe, HealthMonitor, HealthReport};
 use flotilla_agent::logs::LogLimits;
 use flotilla_agent::process::ProcessDriver;
 use flotilla_types::{
-    new_task_id, DesiredState, Health, HealthCheck, HealthTest, Meta, PortBinding, ServiceSpec,
-    Task, TaskState, TaskStatus,
+    Health, HealthCheck, HealthTest, PortBinding, ServiceSpec, Task, TaskState, TaskStatus,
 };
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
@@ -24,21 +23,9 @@ fn driver(state: &Path) -> ProcessDriver {
 }
 
 fn task_with(spec: ServiceSpec) -> Task {
-    Task {
-        id: new_task_id(),
-        service: spec.name.clone(),
-        slot: Some(1),
-        revision: 1,
-        spec,
-        node: None,
-        desired_state: DesiredState::Running,
-        status: TaskStatus::new(TaskState::Assigned, 0, ""),
-        history: Vec::new(),
-        attempt: 0,
-        not_before: None,
-        weight: None,
-        meta: Meta::default(),
-    }
+    let mut t = Task::new(&spec, 1, Some(1), 0);
+    t.status = TaskStatus::new(TaskState::Assigned, 0, "");
+    t
 }
 
 fn shell_task(script: &str) -> Task {

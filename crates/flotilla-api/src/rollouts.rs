@@ -4,14 +4,14 @@
 
 use crate::body::JsonBody;
 use crate::error::{check_applied, ApiError};
-use crate::services::write_ops;
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::Json;
+use flotilla_controllers::deploy::{restart_rollout, write_ops};
 use flotilla_store::{ClusterState, Command, Expect, Op};
 use flotilla_types::api::{DeployResponse, PlanAction, PlanEntry};
 use flotilla_types::release::RollbackRequest;
-use flotilla_types::{now_ms, Rollout, RolloutAction, RolloutKind, Strategy};
+use flotilla_types::{now_ms, Rollout, RolloutAction, Strategy};
 use serde::Deserialize;
 
 /// How often a write that lost an optimistic-concurrency race is retried before giving up.
@@ -130,23 +130,7 @@ pub async fn restart(
                 r.to_revision
             )));
         }
-        let now = now_ms();
-        let mut r = Rollout::new(
-            &name,
-            RolloutKind::Restart,
-            Strategy::Rolling,
-            service.spec.rollout.update.clone(),
-            service.revision,
-            service.revision,
-            now,
-            "restart requested".into(),
-        );
-        r.restart_at = Some(now);
-        r.new_weight = 100;
-        let op = Op::PutRollout {
-            rollout: r.clone(),
-            expect: existing.map_or(Expect::Absent, |e| Expect::Version(e.meta.version)),
-        };
+        let (r, op) = restart_rollout(service, existing, now_ms());
         Ok((vec![op], r))
     })
     .await?;

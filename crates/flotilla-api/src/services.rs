@@ -5,14 +5,15 @@ use crate::error::{check_applied, ApiError};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::Json;
+use flotilla_controllers::deploy::{deploy_ops, plan_for, write_ops};
 use flotilla_store::{ClusterState, Command, Expect, Op};
 use flotilla_types::api::{
-    ClusterStatus, DeployRequest, DeployResponse, PlanAction, PlanEntry, ScaleRequest,
-    ServiceDetail, ServiceSummary, WriteResponse,
+    ClusterStatus, DeployRequest, DeployResponse, ScaleRequest, ServiceDetail, ServiceSummary,
+    WriteResponse,
 };
 use flotilla_types::convergence::{desired_tasks, Convergence, Settle};
 use flotilla_types::{
-    now_ms, DriverKind, FieldError, Revision, Service, ServiceMode, ServiceSpec, MAX_REPLICAS,
+    now_ms, DriverKind, FieldError, Revision, Service, ServiceMode, MAX_REPLICAS,
 };
 
 /// How often a write that lost an optimistic-concurrency race is retried before giving up.
@@ -25,108 +26,6 @@ pub async fn status(State(app): State<AppState>) -> Json<ClusterStatus> {
         node_id: app.store.node_id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     })
-}
-
-/// A one-line description of what differs between two specs, for revision history.
-pub fn describe_change(old: &ServiceSpec, new: &ServiceSpec) -> String {
-    if old.task_template_eq(new) {
-        return match (&old.mode, &new.mode) {
-            (ServiceMode::Replicated { replicas: a }, ServiceMode::Replicated { replicas: b })
-                if a != b =>
-            {
-                format!("replicas {a} -> {b}")
-            }
-            _ => "deploy labels".to_string(),
-        };
-    }
-    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
-        (serde_json::to_value(old), serde_json::to_value(new))
-    else {
-        return "spec changed".to_string();
-    };
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let changed: Vec<&str> = keys
-        .into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(String::as_str)
-        .collect();
-    format!("changed {}", changed.join(", "))
-}
-
-fn plan_for(state: &ClusterState, spec: &ServiceSpec) -> PlanEntry {
-    match state.services.get(&spec.name) {
-        None => PlanEntry {
-            service: spec.name.clone(),
-            action: PlanAction::Create,
-            revision: 1,
-            change: "created".into(),
-        },
-        Some(cur) if cur.spec == *spec => PlanEntry {
-            service: spec.name.clone(),
-            action: PlanAction::Unchanged,
-            revision: cur.revision,
-            change: "unchanged".into(),
-        },
-        Some(cur) => PlanEntry {
-            service: spec.name.clone(),
-            action: if cur.spec.task_template_eq(spec) {
-                PlanAction::Scale
-            } else {
-                PlanAction::Update
-            },
-            revision: next_revision(state, &spec.name),
-            change: describe_change(&cur.spec, spec),
-        },
-    }
-}
-
-/// Revision numbers never repeat, even across a remove and re-create of the same name.
-fn next_revision(state: &ClusterState, service: &str) -> u64 {
-    state
-        .revisions_of(service)
-        .map(|r| r.number)
-        .max()
-        .unwrap_or(0)
-        + 1
-}
-
-/// The ops that move `spec` into the store as a new revision, guarded by the versions read.
-pub(crate) fn write_ops(
-    state: &ClusterState,
-    spec: &ServiceSpec,
-    entry: &PlanEntry,
-    by: &str,
-    at: i64,
-) -> Vec<Op> {
-    if entry.action == PlanAction::Unchanged {
-        return Vec::new();
-    }
-    let current = state.services.get(&spec.name);
-    let expect = current.map_or(Expect::Absent, |s| Expect::Version(s.meta.version));
-    let number = next_revision(state, &spec.name);
-    vec![
-        Op::PutRevision {
-            revision: Revision {
-                service: spec.name.clone(),
-                number,
-                spec: spec.clone(),
-                created_at: at,
-                created_by: by.to_string(),
-                change: entry.change.clone(),
-            },
-        },
-        Op::PutService {
-            service: Service {
-                name: spec.name.clone(),
-                spec: spec.clone(),
-                revision: number,
-                meta: current.map(|s| s.meta).unwrap_or_default(),
-            },
-            expect,
-        },
-    ]
 }
 
 pub async fn deploy(
@@ -148,16 +47,9 @@ pub async fn deploy(
     };
     for _ in 0..WRITE_RETRIES {
         let at = now_ms();
-        let (plan, ops) = app.store.read(|state| {
-            let plan: Vec<PlanEntry> = req.services.iter().map(|s| plan_for(state, s)).collect();
-            let ops: Vec<Op> = req
-                .services
-                .iter()
-                .zip(&plan)
-                .flat_map(|(s, e)| write_ops(state, s, e, by, at))
-                .collect();
-            (plan, ops)
-        });
+        let (plan, ops) = app
+            .store
+            .read(|state| deploy_ops(state, &req.services, by, at));
         if req.dry_run || ops.is_empty() {
             return Ok(Json(DeployResponse {
                 plan,
@@ -339,19 +231,4 @@ pub async fn scale(
     Err(ApiError::Conflict(format!(
         "service {name:?} kept changing; try again"
     )))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn change_descriptions() {
-        let a = ServiceSpec::process("web", vec!["x".into()]);
-        let mut b = a.clone();
-        b.mode = ServiceMode::Replicated { replicas: 4 };
-        assert_eq!(describe_change(&a, &b), "replicas 1 -> 4");
-        b.environment.insert("A".into(), "1".into());
-        assert_eq!(describe_change(&a, &b), "changed environment, mode");
-    }
 }

@@ -82,54 +82,22 @@ pub fn cordon_pass(state: &ClusterState, nodes: &mut [Cow<'_, Node>], now: Times
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_types::{
-        DesiredState, DriverKind, Meta, NodeResources, NodeRole, ServiceSpec, TaskStatus,
-    };
-    use std::collections::BTreeMap;
+    use flotilla_types::testing;
+    use flotilla_types::{DesiredState, ServiceSpec, TaskStatus};
 
     const NOW: Timestamp = 1_000_000;
 
     fn node(id: &str) -> Node {
-        Node {
-            id: id.into(),
-            hostname: id.into(),
-            role: NodeRole::Worker,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            labels: BTreeMap::new(),
-            engine_labels: BTreeMap::new(),
-            images: Vec::new(),
-            zone: None,
-            resources: NodeResources::default(),
-            drivers: vec![DriverKind::Process],
-            agent_addr: None,
-            advertise_ip: None,
-            port_conflicts: Vec::new(),
-            last_heartbeat: NOW,
-            message: String::new(),
-            meta: Meta {
-                version: 7,
-                ..Meta::default()
-            },
-        }
+        testing::node(id).heartbeat(NOW).version(7).build()
     }
 
     fn failed(id: &str, service: &str, node: &str, at: Timestamp, ran: bool) -> Task {
-        let mut t = Task {
-            id: id.into(),
-            service: service.into(),
-            slot: Some(1),
-            revision: 1,
-            spec: ServiceSpec::process(service, vec!["x".into()]),
-            node: Some(node.into()),
-            desired_state: DesiredState::Shutdown,
-            status: TaskStatus::new(TaskState::Pending, at - 10, ""),
-            history: Vec::new(),
-            attempt: 0,
-            not_before: None,
-            weight: None,
-            meta: Meta::default(),
-        };
+        let spec = ServiceSpec::process(service, vec!["x".into()]);
+        let mut t = testing::task(id, &spec)
+            .on(node)
+            .desired(DesiredState::Shutdown)
+            .status(TaskState::Pending, at - 10)
+            .build();
         if ran {
             t.record_status(TaskStatus::new(TaskState::Running, at - 5, ""));
         }

@@ -104,30 +104,16 @@ pub fn plan<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_types::{
-        DesiredState, Health, HealthCheck, HealthTest, Meta, ServiceSpec, TaskState, TaskStatus,
-    };
+    use flotilla_types::testing;
+    use flotilla_types::{Health, HealthCheck, HealthTest, ServiceSpec, TaskState};
 
     fn task(id: &str, node: Option<&str>, state: TaskState, health: Health) -> Task {
         let mut spec = ServiceSpec::process("web", vec!["app".into()]);
         spec.healthcheck = Some(HealthCheck::with_defaults(HealthTest::Tcp));
-        let mut status = TaskStatus::new(state, 0, "");
-        status.health = health;
-        Task {
-            id: id.into(),
-            service: "web".into(),
-            slot: Some(1),
-            revision: 1,
-            spec,
-            node: node.map(str::to_string),
-            desired_state: DesiredState::Running,
-            status,
-            history: Vec::new(),
-            attempt: 0,
-            not_before: None,
-            weight: None,
-            meta: Meta::default(),
-        }
+        let mut t = testing::task(id, &spec).status(state, 0).build();
+        t.node = node.map(str::to_string);
+        t.status.health = health;
+        t
     }
 
     fn ready(id: &str, node: &str) -> Task {

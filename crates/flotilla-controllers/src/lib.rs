@@ -7,10 +7,19 @@
 //! timestamps, node heartbeats). [`runner::ControllerRunner`] calls it whenever the store changes
 //! or a requeue time arrives, and writes the ops with optimistic concurrency, so a conflicting
 //! write just means "look again".
+//!
+//! [`deploy`] builds what a deploy or restart writes (plan entries, revisions), shared by the API
+//! and the tests; `harness` (feature `test-support`) runs all of this against a real store
+//! under a fake clock.
 #![forbid(unsafe_code)]
 
 pub mod cordon;
+pub mod deploy;
 pub mod drain;
+#[cfg(any(test, feature = "test-support"))]
+pub mod harness;
+mod liveness;
+mod preempt;
 pub mod reconcile;
 pub mod rollout;
 pub mod runner;

@@ -9,12 +9,14 @@
 
 use crate::cordon::{cordon_pass, is_start_failure};
 use crate::drain::{self, SlotMove, SlotTasks};
+use crate::liveness::nodes_pass;
+use crate::preempt::{set_preemption_budgets, settle_nominations};
 use crate::rollout::{self, Release, ReleaseGuard, ReleaseInput, TrafficView};
 use flotilla_scheduler::{schedule, ClusterSnapshot, Placement, PlacementRequest};
 use flotilla_store::{ClusterState, Expect, Op};
 use flotilla_types::convergence::{restart_attempt, started_at};
 use flotilla_types::{
-    new_task_id, Availability, DependencyCondition, DesiredState, Meta, Node, NodeState, Service,
+    Availability, DependencyCondition, DesiredState, Node, NodeState, Nomination, Service,
     ServiceMode, Task, TaskState, TaskStatus, Timestamp,
 };
 use std::borrow::Cow;
@@ -60,11 +62,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn requeue(&mut self, at: Timestamp) {
+    pub(crate) fn requeue(&mut self, at: Timestamp) {
         self.requeue_at = Some(self.requeue_at.map_or(at, |r| r.min(at)));
     }
 
-    fn push(&mut self, batch: Vec<Op>) {
+    pub(crate) fn push(&mut self, batch: Vec<Op>) {
         if !batch.is_empty() {
             self.batches.push(batch);
         }
@@ -75,7 +77,7 @@ impl Plan {
     }
 }
 
-fn ms(d: Duration) -> i64 {
+pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -131,8 +133,8 @@ pub fn reconcile_with_traffic(
         if t.desired_state == DesiredState::Shutdown {
             snapshot.hold_stopping(t);
         } else if t.node.is_none() && t.status.state == TaskState::Pending {
-            if let Some(n) = Nomination::parse(&t.status.message) {
-                nominated.push((t, n));
+            if let Some(n) = &t.nomination {
+                nominated.push((t, &**n));
             }
         }
     }
@@ -196,67 +198,6 @@ pub fn services_needing_traffic(state: &ClusterState) -> Vec<String> {
         .collect()
 }
 
-/// Marks nodes whose heartbeat is overdue as down, and their tasks as lost. Returns the nodes
-/// that are down after this pass.
-fn nodes_pass(
-    state: &ClusterState,
-    now: Timestamp,
-    cfg: &ControllerConfig,
-    plan: &mut Plan,
-) -> BTreeMap<String, ()> {
-    let grace = ms(cfg.node_grace);
-    let judging = now - cfg.active_since >= grace;
-    let mut down = BTreeMap::new();
-    for node in state.nodes.values() {
-        let overdue = now - node.last_heartbeat >= grace;
-        if node.state == NodeState::Down {
-            down.insert(node.id.clone(), ());
-        } else if overdue && judging {
-            let mut n = node.clone();
-            n.state = NodeState::Down;
-            n.message = format!(
-                "no heartbeat for {}s (grace {}s)",
-                (now - node.last_heartbeat) / 1000,
-                cfg.node_grace.as_secs()
-            );
-            plan.push(vec![Op::PutNode {
-                node: n,
-                expect: Expect::Version(node.meta.version),
-            }]);
-            down.insert(node.id.clone(), ());
-        } else {
-            let due = if judging {
-                node.last_heartbeat + grace
-            } else {
-                cfg.active_since + grace
-            };
-            plan.requeue(due.max(now + 100));
-        }
-    }
-    for task in state.tasks.values() {
-        let Some(node) = &task.node else { continue };
-        // A removed node (`node rm`) has no record left to go down, and will never report
-        // again: its tasks are lost at once, or its replicas would never be replaced.
-        let removed = !state.nodes.contains_key(node);
-        if !(removed || down.contains_key(node)) || task.status.state.is_terminal() {
-            continue;
-        }
-        let mut t = task.clone();
-        t.desired_state = DesiredState::Shutdown;
-        let why = if removed {
-            format!("node {node} was removed from the cluster")
-        } else {
-            format!("node {node} is down")
-        };
-        t.record_status(TaskStatus::new(TaskState::Lost, now, why));
-        plan.push(vec![Op::PutTask {
-            task: t,
-            expect: Expect::Version(task.meta.version),
-        }]);
-    }
-    down
-}
-
 /// Tasks and rollouts of services that no longer exist: stop the live tasks, delete the finished
 /// ones and the rollouts.
 fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
@@ -291,104 +232,6 @@ fn orphans_pass(state: &ClusterState, plan: &mut Plan) {
     plan.push(batch);
 }
 
-/// A pending task that preempted lower-priority tasks and waits for them to exit before it is
-/// assigned, so the node is never asked to run both at once. The controller keeps no memory
-/// between passes, so the nomination lives in the task's pending message, which doubles as
-/// its explanation in `ps` and events:
-/// `preempting on node N: waiting for 2 lower-priority tasks to stop (ID1, ID2)`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Nomination {
-    node: String,
-    victims: Vec<String>,
-}
-
-impl Nomination {
-    const PREFIX: &'static str = "preempting on node ";
-    const WAITING: &'static str = ": waiting for ";
-
-    fn message(&self) -> String {
-        let n = self.victims.len();
-        format!(
-            "{}{}{}{n} lower-priority task{} to stop ({})",
-            Self::PREFIX,
-            self.node,
-            Self::WAITING,
-            if n == 1 { "" } else { "s" },
-            self.victims.join(", ")
-        )
-    }
-
-    fn parse(message: &str) -> Option<Nomination> {
-        let rest = message.strip_prefix(Self::PREFIX)?;
-        let (node, rest) = rest.split_once(Self::WAITING)?;
-        let ids = rest.rsplit_once(" (")?.1.strip_suffix(')')?;
-        Some(Nomination {
-            node: node.to_string(),
-            victims: ids.split(", ").map(str::to_string).collect(),
-        })
-    }
-}
-
-/// For each nominated task: `None` while a victim is still stopping; once they have all
-/// exited, its placement on the nominated node, or anywhere if that no longer fits (a node
-/// gone, say). Tasks that fit nowhere are left out; their service's pass explains why.
-fn settle_nominations(
-    state: &ClusterState,
-    snapshot: &mut ClusterSnapshot,
-    nominated: &[(&Task, Nomination)],
-) -> BTreeMap<String, Option<Placement>> {
-    let mut out = BTreeMap::new();
-    for (t, n) in nominated {
-        let stopping = n.victims.iter().any(|id| {
-            state
-                .tasks
-                .get(id)
-                .is_some_and(|v| !v.status.state.is_terminal())
-        });
-        let Some(service) = state.services.get(&t.service) else {
-            continue;
-        };
-        if stopping {
-            // Victims exit one by one: what the first ones free stays reserved for this task.
-            snapshot.hold_for(&n.node, &service.spec);
-            out.insert(t.id.clone(), None);
-            continue;
-        }
-        let mut req = PlacementRequest::new(&service.spec, 1);
-        req.pin_to = Some(&n.node);
-        let placed = schedule(snapshot, &req).or_else(|_| {
-            tracing::info!(service = %t.service, task = %t.id, node = %n.node, "nominated node no longer fits; placing afresh");
-            schedule(snapshot, &PlacementRequest::new(&service.spec, 1))
-        });
-        if let Ok(mut placements) = placed {
-            if !placements.is_empty() {
-                out.insert(t.id.clone(), Some(placements.swap_remove(0)));
-            }
-        }
-    }
-    out
-}
-
-/// How many tasks of each service preemption may stop in this pass: the service's disruption
-/// budget (`x-flotilla.disruption`) minus the replicas already unavailable, the same
-/// accounting drains use, so preemption never makes a struggling service worse.
-fn set_preemption_budgets(state: &ClusterState, snapshot: &mut ClusterSnapshot) {
-    let mut live: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for t in state.tasks.values().filter(|t| is_live(t)) {
-        let e = live.entry(t.service.as_str()).or_default();
-        e.0 += 1;
-        e.1 += u64::from(t.is_ready());
-    }
-    for service in state.services.values() {
-        let (count, ready) = live.get(service.name.as_str()).copied().unwrap_or_default();
-        let wanted = service.spec.mode.replicas().unwrap_or(count);
-        let unavailable = wanted.saturating_sub(ready);
-        let allowed = service.spec.rollout.disruption.allowed(wanted);
-        let remaining = usize::try_from(allowed.saturating_sub(unavailable)).unwrap_or(usize::MAX);
-        snapshot.set_disruption_budget(&service.name, remaining);
-    }
-}
-
 /// A failure to start (never reached `running`) in the last ten minutes: the scheduler should
 /// avoid that node for this service for a while.
 fn is_recent_start_failure(t: &Task, now: Timestamp) -> bool {
@@ -396,7 +239,7 @@ fn is_recent_start_failure(t: &Task, now: Timestamp) -> bool {
 }
 
 /// Meant to run and not finished.
-fn is_live(t: &Task) -> bool {
+pub(crate) fn is_live(t: &Task) -> bool {
     t.desired_state == DesiredState::Running && !t.status.state.is_terminal()
 }
 
@@ -510,6 +353,21 @@ impl<'a> ServiceCtx<'a, '_> {
             return;
         }
 
+        if release.stop_first() {
+            // A stop-first slot whose old task has exited is down until its replacement
+            // counts; the release's census (taken before this pass creates that
+            // replacement) does not see it yet, so it takes its share of the budget here.
+            // Otherwise the next slot was stopped in the same pass.
+            let empty = wanted
+                .iter()
+                .filter(|k| {
+                    slots
+                        .get(*k)
+                        .is_none_or(|ts| ts.iter().all(|t| t.status.state.is_terminal()))
+                })
+                .count();
+            release.reserve_starts(empty);
+        }
         let mut moves = self.drain_moves(&wanted, &slots);
         for key in &wanted {
             let tasks = slots.remove(key).unwrap_or_default();
@@ -792,16 +650,20 @@ impl<'a> ServiceCtx<'a, '_> {
             };
             attempt = next;
             if next > 0 {
+                // The backoff doubles with each consecutive short-lived task that ended on its
+                // own. A task stopped on purpose (a release, a restart, a drain, a scale-down)
+                // did not fail: it ends the streak, like a long run does.
+                let reset_after = ms(self
+                    .cfg
+                    .backoff_reset_after
+                    .max(policy.window.unwrap_or_default()));
                 let streak = tasks
                     .iter()
                     .rev()
                     .filter(|t| t.status.state.is_terminal())
                     .take_while(|t| {
                         let ran = started_at(t).map_or(0, |s| t.status.since - s);
-                        ran < ms(self
-                            .cfg
-                            .backoff_reset_after
-                            .max(policy.window.unwrap_or_default()))
+                        !t.stopped_on_purpose() && ran < reset_after
                     })
                     .count();
                 let delay =
@@ -813,32 +675,18 @@ impl<'a> ServiceCtx<'a, '_> {
                 }
             }
         }
-        let now = self.now;
-        Some(Task {
-            id: new_task_id(),
-            service: self.service.name.clone(),
-            slot: match key {
-                SlotKey::Replica(s) => Some(*s),
-                SlotKey::Node(_) => None,
-            },
-            revision: self.service.revision,
-            spec: spec.clone(),
-            node: None,
-            desired_state: DesiredState::Running,
-            status: TaskStatus::new(
-                TaskState::Pending,
-                now,
-                match not_before {
-                    Some(at) => format!("restart delayed {}ms (attempt {attempt})", at - now),
-                    None => String::new(),
-                },
-            ),
-            history: Vec::new(),
-            attempt,
-            not_before,
-            weight: None,
-            meta: Meta::default(),
-        })
+        let slot = match key {
+            SlotKey::Replica(s) => Some(*s),
+            SlotKey::Node(_) => None,
+        };
+        let mut task = Task::new(spec, self.service.revision, slot, self.now);
+        if let Some(at) = not_before {
+            task.status.message =
+                format!("restart delayed {}ms (attempt {attempt})", at - self.now);
+        }
+        task.attempt = attempt;
+        task.not_before = not_before;
+        Some(task)
     }
 
     fn create(&mut self, mut task: Task, key: &SlotKey) {
@@ -891,6 +739,9 @@ impl<'a> ServiceCtx<'a, '_> {
             }
             Ok(_) => {}
             Err(failure) => {
+                // A nomination whose node no longer fits and that fits nowhere else is over;
+                // the task waits like any other pending task, and says why.
+                task.nomination = None;
                 if task.status.message != failure.reason {
                     let mut st = task.status.clone();
                     st.message = failure.reason.clone();
@@ -907,6 +758,7 @@ impl<'a> ServiceCtx<'a, '_> {
     /// nothing else placed in this pass takes the room.
     fn take(&mut self, task: &mut Task, p: Placement) {
         if p.evictions.is_empty() {
+            task.nomination = None;
             task.node = Some(p.node.clone());
             task.record_status(TaskStatus::new(
                 TaskState::Assigned,
@@ -942,6 +794,7 @@ impl<'a> ServiceCtx<'a, '_> {
             victims: p.evictions,
         };
         task.status.message = nomination.message();
+        task.nomination = Some(Box::new(nomination));
     }
 
     /// Deletes finished tasks beyond the per-slot history limit, oldest first.
@@ -959,345 +812,5 @@ impl<'a> ServiceCtx<'a, '_> {
                 expect: Expect::Version(t.meta.version),
             });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use flotilla_types::{
-        DriverKind, MaxUnavailable, NodeResources, NodeRole, ResourceAmounts, ServiceSpec,
-    };
-
-    const NOW: Timestamp = 1_000_000;
-
-    fn node(id: &str, cpu_millis: u64) -> Node {
-        Node {
-            id: id.into(),
-            hostname: id.into(),
-            role: NodeRole::Worker,
-            availability: Availability::Active,
-            state: NodeState::Ready,
-            labels: BTreeMap::new(),
-            engine_labels: BTreeMap::new(),
-            images: Vec::new(),
-            zone: None,
-            resources: NodeResources {
-                cpu_millis,
-                memory_bytes: 8 << 30,
-            },
-            drivers: vec![DriverKind::Process],
-            agent_addr: None,
-            advertise_ip: None,
-            port_conflicts: Vec::new(),
-            last_heartbeat: NOW,
-            message: String::new(),
-            meta: Meta::default(),
-        }
-    }
-
-    fn spec(name: &str, replicas: u64, cpu_millis: u64, priority: u32) -> ServiceSpec {
-        let mut s = ServiceSpec::process(name, vec!["sleep".into(), "600".into()]);
-        s.mode = ServiceMode::Replicated { replicas };
-        s.resources.reservations = ResourceAmounts {
-            cpu_millis: Some(cpu_millis),
-            ..ResourceAmounts::default()
-        };
-        s.placement.priority = priority;
-        s
-    }
-
-    fn running(id: &str, spec: &ServiceSpec, slot: u64, node: &str) -> Task {
-        Task {
-            id: id.into(),
-            service: spec.name.clone(),
-            slot: Some(slot),
-            revision: 1,
-            spec: spec.clone(),
-            node: Some(node.into()),
-            desired_state: DesiredState::Running,
-            status: TaskStatus::new(TaskState::Running, NOW - 10_000, ""),
-            history: Vec::new(),
-            attempt: 0,
-            not_before: None,
-            weight: None,
-            meta: Meta {
-                version: 1,
-                created_at: NOW - 10_000,
-                updated_at: NOW - 10_000,
-            },
-        }
-    }
-
-    /// One 2-core node full of four priority-100 `batch` tasks (500m each).
-    fn full_node(batch: &ServiceSpec) -> ClusterState {
-        let mut state = ClusterState::default();
-        state.nodes.insert("n1".into(), node("n1", 2000));
-        add_service(&mut state, batch);
-        for i in 1..=4 {
-            let t = running(&format!("b{i}"), batch, i, "n1");
-            state.tasks.insert(t.id.clone(), t);
-        }
-        state
-    }
-
-    /// [`full_node`] whose `batch` may lose two tasks at once.
-    fn full_node_budget_two() -> ClusterState {
-        let mut batch = spec("batch", 4, 500, 100);
-        batch.rollout.disruption.max_unavailable = Some(MaxUnavailable::Count(2));
-        full_node(&batch)
-    }
-
-    fn add_service(state: &mut ClusterState, s: &ServiceSpec) {
-        state.services.insert(
-            s.name.clone(),
-            Service {
-                name: s.name.clone(),
-                spec: s.clone(),
-                revision: 1,
-                meta: Meta::default(),
-            },
-        );
-    }
-
-    /// Applies a plan the way the store would (the task ops this test needs).
-    fn apply(state: &mut ClusterState, plan: Plan) {
-        for op in plan.batches.into_iter().flatten() {
-            match op {
-                Op::PutTask { mut task, .. } => {
-                    task.meta.version += 1;
-                    if task.meta.created_at == 0 {
-                        task.meta.created_at = NOW;
-                    }
-                    state.tasks.insert(task.id.clone(), task);
-                }
-                Op::SetTaskDesired { id, desired, .. } => {
-                    let t = state.tasks.get_mut(&id).expect("task exists");
-                    t.desired_state = desired;
-                    t.meta.version += 1;
-                }
-                Op::DeleteTask { id, .. } => {
-                    state.tasks.remove(&id);
-                }
-                other => panic!("unexpected op {other:?}"),
-            }
-        }
-    }
-
-    /// One controller pass, applied.
-    fn pass(state: &mut ClusterState, now: Timestamp) {
-        let plan = reconcile(state, now, &cfg());
-        apply(state, plan);
-    }
-
-    fn cfg() -> ControllerConfig {
-        ControllerConfig {
-            node_grace: Duration::from_secs(86_400),
-            ..ControllerConfig::default()
-        }
-    }
-
-    fn live_of<'a>(state: &'a ClusterState, service: &'a str) -> Vec<&'a Task> {
-        state.tasks_of(service).filter(|t| is_live(t)).collect()
-    }
-
-    #[test]
-    fn tasks_of_a_removed_node_are_lost_and_replaced() {
-        let web = spec("web", 2, 100, 0);
-        let mut state = ClusterState::default();
-        state.nodes.insert("n1".into(), node("n1", 2000));
-        add_service(&mut state, &web);
-        for (id, slot, on) in [("w1", 1, "n1"), ("w2", 2, "gone")] {
-            let t = running(id, &web, slot, on);
-            state.tasks.insert(t.id.clone(), t);
-        }
-        pass(&mut state, NOW);
-        let lost = &state.tasks["w2"];
-        assert_eq!(lost.status.state, TaskState::Lost);
-        assert_eq!(lost.desired_state, DesiredState::Shutdown);
-        assert_eq!(
-            lost.status.message,
-            "node gone was removed from the cluster"
-        );
-        pass(&mut state, NOW + 100);
-        let live = live_of(&state, "web");
-        assert_eq!(live.len(), 2, "{live:?}");
-        assert!(
-            live.iter().all(|t| t.node.as_deref() == Some("n1")),
-            "{live:?}"
-        );
-        assert_eq!(state.tasks["w1"].status.state, TaskState::Running);
-    }
-
-    #[test]
-    fn preemption_stops_victims_and_places_once_they_exit() {
-        let mut state = full_node_budget_two();
-        add_service(&mut state, &spec("urgent", 1, 1000, 900));
-
-        // Pass 1: two batch tasks are told to stop, with the reason; urgent waits for them.
-        pass(&mut state, NOW);
-        let victims: Vec<Task> = state
-            .tasks_of("batch")
-            .filter(|t| t.desired_state == DesiredState::Shutdown)
-            .cloned()
-            .collect();
-        assert_eq!(victims.len(), 2, "{victims:?}");
-        for v in &victims {
-            assert_eq!(v.status.state, TaskState::Stopping);
-            assert_eq!(
-                v.status.message,
-                "preempted by urgent.1 (priority 900 > 100)"
-            );
-        }
-        let u = live_of(&state, "urgent");
-        assert_eq!(u.len(), 1);
-        assert_eq!(u[0].node, None, "not assigned while the victims still run");
-        let nomination = Nomination::parse(&u[0].status.message).expect("nominated");
-        assert_eq!(nomination.node, "n1");
-        let mut expected: Vec<String> = victims.iter().map(|v| v.id.clone()).collect();
-        let mut got = nomination.victims.clone();
-        expected.sort();
-        got.sort();
-        assert_eq!(got, expected);
-
-        // Pass 2: the victims are still stopping. Urgent keeps waiting; batch's replacements
-        // find no room (the stopping tasks still hold it) and say why.
-        pass(&mut state, NOW + 100);
-        let u = live_of(&state, "urgent");
-        assert_eq!(u[0].node, None);
-        let pending: Vec<&Task> = live_of(&state, "batch")
-            .into_iter()
-            .filter(|t| t.node.is_none())
-            .collect();
-        assert_eq!(pending.len(), 2);
-        for t in &pending {
-            assert_eq!(t.status.message, "0/1 nodes: 1 insufficient cpu");
-        }
-
-        // The first victim exits; the second is still stopping. The room the first freed stays
-        // reserved for urgent: batch's replacements must not take it (they did once, and urgent
-        // then had to preempt again).
-        let ids: Vec<String> = victims.iter().map(|v| v.id.clone()).collect();
-        let t = state.tasks.get_mut(&ids[0]).unwrap();
-        t.record_status(TaskStatus::new(TaskState::Exited, NOW + 150, "stopped"));
-        pass(&mut state, NOW + 175);
-        assert_eq!(live_of(&state, "urgent")[0].node, None);
-        assert_eq!(
-            live_of(&state, "batch")
-                .iter()
-                .filter(|t| t.node.is_none())
-                .count(),
-            2,
-            "a replacement took the room reserved for the preemptor"
-        );
-
-        // The last victim exits. Pass 3: urgent gets the room, batch's replacements stay pending.
-        let t = state.tasks.get_mut(&ids[1]).unwrap();
-        t.record_status(TaskStatus::new(TaskState::Exited, NOW + 200, "stopped"));
-        pass(&mut state, NOW + 300);
-        let u = live_of(&state, "urgent");
-        assert_eq!(u[0].node.as_deref(), Some("n1"));
-        assert_eq!(u[0].status.state, TaskState::Assigned);
-        let batch_live = live_of(&state, "batch");
-        assert_eq!(batch_live.len(), 4);
-        assert_eq!(batch_live.iter().filter(|t| t.node.is_none()).count(), 2);
-
-        // Steady state: nothing else is preempted or moved.
-        let plan = reconcile(&state, NOW + 400, &cfg());
-        assert!(
-            plan.batches
-                .iter()
-                .flatten()
-                .all(|op| !matches!(op, Op::PutTask { task, .. } if task.desired_state == DesiredState::Shutdown)),
-            "{plan:?}"
-        );
-    }
-
-    #[test]
-    fn preemption_honours_the_victims_disruption_budget() {
-        // Default budget of 4 replicas is 1, and urgent needs two batch tasks gone.
-        let batch = spec("batch", 4, 500, 100);
-        let mut state = full_node(&batch);
-        add_service(&mut state, &spec("urgent", 1, 1000, 900));
-        pass(&mut state, NOW);
-        assert_eq!(live_of(&state, "batch").len(), 4, "nothing preempted");
-        let u = live_of(&state, "urgent");
-        assert_eq!(u[0].node, None);
-        assert_eq!(u[0].status.message, "0/1 nodes: 1 insufficient cpu");
-
-        // A budget of 2 with one replica already unavailable leaves room for one eviction
-        // only: still not enough.
-        let mut state = full_node_budget_two();
-        state.tasks.get_mut("b4").unwrap().status.state = TaskState::Starting;
-        add_service(&mut state, &spec("urgent", 1, 1000, 900));
-        pass(&mut state, NOW);
-        assert!(state
-            .tasks_of("batch")
-            .all(|t| t.desired_state == DesiredState::Running));
-
-        // Equal priority is never preempted.
-        let mut state = full_node(&batch);
-        add_service(&mut state, &spec("peer", 1, 1000, 100));
-        pass(&mut state, NOW);
-        assert!(state
-            .tasks_of("batch")
-            .all(|t| t.desired_state == DesiredState::Running));
-    }
-
-    #[test]
-    fn a_nomination_whose_node_filled_up_is_placed_afresh() {
-        let mut state = full_node_budget_two();
-        add_service(&mut state, &spec("urgent", 1, 1000, 900));
-        pass(&mut state, NOW);
-        // The node goes away while the victims stop; a new, empty node joins.
-        state.nodes.remove("n1");
-        for t in state.tasks.values_mut() {
-            if t.service == "batch" {
-                t.record_status(TaskStatus::new(TaskState::Lost, NOW + 100, "node gone"));
-            }
-        }
-        state.nodes.insert("n2".into(), node("n2", 2000));
-        pass(&mut state, NOW + 200);
-        let u = live_of(&state, "urgent");
-        assert_eq!(u[0].node.as_deref(), Some("n2"));
-    }
-
-    #[test]
-    fn pending_tasks_are_placed_in_priority_order() {
-        // Room for one of the two; `a-low` sorts first by name but `b-high` matters more.
-        let mut state = ClusterState::default();
-        state.nodes.insert("n1".into(), node("n1", 1000));
-        add_service(&mut state, &spec("a-low", 1, 1000, 10));
-        add_service(&mut state, &spec("b-high", 1, 1000, 500));
-        add_service(&mut state, &spec("c-high", 1, 1000, 500));
-        pass(&mut state, NOW);
-        let placed: Vec<&str> = state
-            .tasks
-            .values()
-            .filter(|t| t.node.is_some())
-            .map(|t| t.service.as_str())
-            .collect();
-        // Equal priorities keep name order: `b-high` before `c-high`.
-        assert_eq!(placed, ["b-high"]);
-        for s in ["a-low", "c-high"] {
-            let t = live_of(&state, s);
-            assert_eq!(t[0].node, None);
-            assert_eq!(t[0].status.message, "0/1 nodes: 1 insufficient cpu");
-        }
-    }
-
-    #[test]
-    fn nomination_message_round_trips() {
-        let n = Nomination {
-            node: "worker-1".into(),
-            victims: vec!["a1".into(), "b2".into()],
-        };
-        assert_eq!(
-            n.message(),
-            "preempting on node worker-1: waiting for 2 lower-priority tasks to stop (a1, b2)"
-        );
-        assert_eq!(Nomination::parse(&n.message()), Some(n));
-        assert_eq!(Nomination::parse("0/1 nodes: 1 insufficient cpu"), None);
-        assert_eq!(Nomination::parse("preempting on node x"), None);
     }
 }

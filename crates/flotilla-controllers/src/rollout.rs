@@ -158,6 +158,12 @@ impl Release {
         true
     }
 
+    /// Counts `n` slots that are being refilled as in progress: they use up the budget of
+    /// slots that may start replacing now.
+    pub fn reserve_starts(&mut self, n: usize) {
+        self.start_budget = self.start_budget.saturating_sub(n);
+    }
+
     pub fn stop_first(&self) -> bool {
         self.stop_first
     }

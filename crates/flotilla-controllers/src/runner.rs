@@ -76,7 +76,11 @@ impl ControllerRunner {
             if *shutdown.borrow() {
                 return;
             }
-            let leader = self.store.current_leader() == Some(self.store.node_id());
+            // Only a leader with quorum acts. One that lost quorum could not write heartbeats
+            // either: when it regains quorum it counts as newly active, so every node gets a
+            // full grace period from then before it can be judged down.
+            let leader = self.store.current_leader() == Some(self.store.node_id())
+                && self.store.check_quorum().is_ok();
             if leader && !was_leader {
                 self.cfg.active_since = now_ms();
                 tracing::info!(

@@ -3,133 +3,57 @@
 //! simulated clock, and checks after every pass that some version can take traffic.
 #![allow(clippy::unwrap_used)] // tests fail loudly on broken setup
 
-use flotilla_controllers::{reconcile_with_traffic, ControllerConfig, TrafficView};
-use flotilla_store::{ClusterState, Command, CommandResult, Expect, Op, Store, StoreConfig};
+use flotilla_controllers::harness::{Harness, T0};
+use flotilla_controllers::TrafficView;
+use flotilla_store::{Command, Expect, Op, Store, StoreConfig};
 use flotilla_types::api::{ServiceTraffic, TaskTraffic};
 use flotilla_types::release::{CanaryStep, FailureAction};
+use flotilla_types::testing::node;
 use flotilla_types::{
-    DesiredState, DriverKind, Health, Meta, Node, NodeResources, NodeRole, NodeState, PortSpec,
-    Revision, RolloutKind, RolloutPhase, Service, ServiceMode, ServiceSpec, Strategy, Task,
-    TaskState, TaskStatus, Timestamp, UpdateOrder,
+    DesiredState, Health, Meta, NodeRole, PortSpec, RolloutKind, RolloutPhase, ServiceMode,
+    ServiceSpec, Strategy, Task, TaskState, TaskStatus, Timestamp, UpdateOrder,
 };
 use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 use tempfile::TempDir;
 
-const T0: Timestamp = 1_700_000_000_000;
+/// The shared harness, with this file's agent (tasks start and stop in one step).
+struct Cluster(Harness);
 
-struct Cluster {
-    store: Store,
-    _dir: TempDir,
-    now: Timestamp,
-    cfg: ControllerConfig,
+impl Deref for Cluster {
+    type Target = Harness;
+    fn deref(&self) -> &Harness {
+        &self.0
+    }
+}
+
+impl DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut Harness {
+        &mut self.0
+    }
 }
 
 impl Cluster {
     async fn new() -> Cluster {
-        let dir = TempDir::new().unwrap();
-        let store = Store::open(StoreConfig {
-            data_dir: dir.path().join("data"),
-            node_id: 1,
-            advertise_addr: "127.0.0.1:1".into(),
-        })
-        .await
-        .unwrap();
-        store.bootstrap_single().await.unwrap();
-        let c = Cluster {
-            store,
-            _dir: dir,
-            now: T0,
-            cfg: ControllerConfig {
-                // The simulated clock never sends heartbeats.
-                node_grace: Duration::from_secs(86_400),
-                ..ControllerConfig::default()
-            },
-        };
-        c.write(vec![Op::PutNode {
-            node: Node {
-                id: "n1".into(),
-                hostname: "n1".into(),
-                role: NodeRole::Manager,
-                availability: Default::default(),
-                state: NodeState::Ready,
-                labels: BTreeMap::new(),
-                engine_labels: BTreeMap::new(),
-                images: Vec::new(),
-                zone: None,
-                resources: NodeResources {
-                    cpu_millis: 64_000,
-                    memory_bytes: 64 << 30,
-                },
-                drivers: vec![DriverKind::Process],
-                agent_addr: None,
-                advertise_ip: None,
-                port_conflicts: Vec::new(),
-                last_heartbeat: T0,
-                message: String::new(),
-                meta: Meta::default(),
-            },
-            expect: Expect::Absent,
-        }])
-        .await;
-        c
+        Cluster(
+            Harness::with_nodes([node("n1")
+                .role(NodeRole::Manager)
+                .cpu(64_000)
+                .memory(64 << 30)
+                .build()])
+            .await,
+        )
     }
 
-    async fn write(&self, ops: Vec<Op>) -> CommandResult {
-        self.store
-            .write(Command { ops, at: self.now })
-            .await
-            .unwrap()
-    }
-
-    fn state(&self) -> ClusterState {
-        self.store.read(Clone::clone)
-    }
-
-    /// Deploys `spec` as the service's next revision.
+    /// Deploys `spec` as the service's next revision, as the API does.
     async fn deploy(&self, spec: ServiceSpec) {
-        let state = self.state();
-        let current = state.services.get(&spec.name);
-        let number = state
-            .revisions_of(&spec.name)
-            .map(|r| r.number)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let r = self
-            .write(vec![
-                Op::PutRevision {
-                    revision: Revision {
-                        service: spec.name.clone(),
-                        number,
-                        spec: spec.clone(),
-                        created_at: self.now,
-                        created_by: "test".into(),
-                        change: "test".into(),
-                    },
-                },
-                Op::PutService {
-                    service: Service {
-                        name: spec.name.clone(),
-                        spec,
-                        revision: number,
-                        meta: Meta::default(),
-                    },
-                    expect: current.map_or(Expect::Absent, |s| Expect::Version(s.meta.version)),
-                },
-            ])
-            .await;
-        assert!(matches!(r, CommandResult::Applied { .. }), "{r:?}");
+        self.0.deploy(&[spec]).await;
     }
 
-    /// One controller pass; its batches are written like the runner writes them.
+    /// One controller pass with what the meshes report.
     async fn pass(&self, traffic: &TrafficView) {
-        let plan = self
-            .store
-            .read(|s| reconcile_with_traffic(s, self.now, &self.cfg, traffic));
-        for batch in plan.batches {
-            self.write(batch).await;
-        }
+        self.0.pass_with(traffic).await;
     }
 
     /// The agent's part: assigned tasks start (healthy when `healthy`), tasks told to stop
@@ -169,24 +93,12 @@ impl Cluster {
         }
     }
 
-    fn live(&self, service: &str) -> Vec<Task> {
-        self.state()
-            .tasks_of(service)
-            .filter(|t| t.desired_state == DesiredState::Running && !t.status.state.is_terminal())
-            .cloned()
-            .collect()
-    }
-
     /// Live, ready tasks the mesh would send new requests to.
     fn serving(&self, service: &str) -> Vec<Task> {
         self.live(service)
             .into_iter()
             .filter(|t| t.is_ready() && t.weight.unwrap_or(100) > 0)
             .collect()
-    }
-
-    fn advance(&mut self, ms: i64) {
-        self.now += ms;
     }
 }
 
@@ -640,23 +552,7 @@ async fn restart_replaces_every_task_with_a_fresh_one_of_the_same_revision() {
     let mut c = Cluster::new().await;
     start_v1(&mut c, app("v1", 3)).await;
     let before: Vec<String> = c.live("web").into_iter().map(|t| t.id).collect();
-    let s = c.state();
-    let mut r = flotilla_types::Rollout::new(
-        "web",
-        RolloutKind::Restart,
-        Strategy::Rolling,
-        s.services["web"].spec.rollout.update.clone(),
-        1,
-        1,
-        c.now,
-        String::new(),
-    );
-    r.restart_at = Some(c.now);
-    c.write(vec![Op::PutRollout {
-        rollout: r,
-        expect: Expect::Absent,
-    }])
-    .await;
+    c.restart("web").await;
     c.advance(1);
     drive(&mut c, None, |_| TrafficView::new(), |_| {}, succeeded).await;
     let live = c.live("web");

@@ -359,8 +359,9 @@ mod tests {
 
     #[test]
     fn from_cluster_takes_ready_tasks_with_host_ports() {
+        use flotilla_types::testing;
         use flotilla_types::{
-            Health, HealthCheck, HealthTest, Meta, NodeResources, NodeRole, PortBinding, PortSpec,
+            Health, HealthCheck, HealthTest, Meta, NodeResources, PortBinding, PortSpec,
             ServiceSpec, TaskStatus,
         };
         let mut spec = ServiceSpec::process("web", vec!["serve".into()]);
@@ -385,40 +386,16 @@ mod tests {
                 target: 80,
                 host_port,
             }];
-            Task {
-                id: id.into(),
-                service: "web".into(),
-                slot: Some(1),
-                revision: 1,
-                spec: spec.clone(),
-                node: Some(node.into()),
-                desired_state: DesiredState::Running,
-                status,
-                history: Vec::new(),
-                attempt: 0,
-                not_before: None,
-                weight: None,
-                meta: Meta::default(),
-            }
+            let mut t = testing::task(id, &spec).on(node).build();
+            t.status = status;
+            t
         };
-        let node = |id: &str, agent_addr: &str| Node {
-            id: id.into(),
-            hostname: id.into(),
-            role: NodeRole::Worker,
-            availability: Default::default(),
-            state: NodeState::Ready,
-            labels: BTreeMap::new(),
-            engine_labels: BTreeMap::new(),
-            images: Vec::new(),
-            zone: None,
-            resources: NodeResources::default(),
-            drivers: Vec::new(),
-            agent_addr: Some(agent_addr.into()),
-            advertise_ip: None,
-            port_conflicts: Vec::new(),
-            last_heartbeat: 0,
-            message: String::new(),
-            meta: Meta::default(),
+        let node = |id: &str, agent_addr: &str| {
+            testing::node(id)
+                .resources(NodeResources::default())
+                .drivers(&[])
+                .agent_addr(agent_addr)
+                .build()
         };
         let mut tasks = [
             task("local", "n1", 30001),

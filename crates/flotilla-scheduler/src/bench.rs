@@ -6,7 +6,7 @@
 use crate::schedule::{schedule, PlacementRequest};
 use crate::snapshot::ClusterSnapshot;
 use flotilla_types::{
-    AffinitySpec, Availability, DriverKind, Meta, Node, NodeResources, NodeRole, NodeState,
+    AffinitySpec, Availability, DriverKind, Node, NodeResources, NodeRole, NodeState,
     PlacementStrategy, ResourceAmounts, ServiceSpec, SpreadSpec,
 };
 use serde::Serialize;
@@ -91,40 +91,27 @@ fn cluster(nodes: usize, seed: u64) -> Vec<Node> {
             if roll.is_multiple_of(10) {
                 labels.insert("gpu".to_string(), "true".to_string());
             }
-            Node {
-                id: format!("node-{i:05}"),
-                hostname: format!("host-{i:05}"),
-                role: if i < 3 {
-                    NodeRole::Manager
-                } else {
-                    NodeRole::Worker
-                },
-                availability: if roll == 98 {
-                    Availability::Drain
-                } else {
-                    Availability::Active
-                },
-                state: if roll == 99 {
-                    NodeState::Down
-                } else {
-                    NodeState::Ready
-                },
-                labels,
-                engine_labels: BTreeMap::new(),
-                images: Vec::new(),
-                zone: Some(format!("zone-{zone}")),
-                resources: NodeResources {
+            let mut node = Node::new(
+                &format!("node-{i:05}"),
+                NodeResources {
                     cpu_millis: 32_000,
                     memory_bytes: 128 << 30,
                 },
-                drivers: vec![DriverKind::Sim],
-                agent_addr: None,
-                advertise_ip: None,
-                port_conflicts: Vec::new(),
-                last_heartbeat: 0,
-                message: String::new(),
-                meta: Meta::default(),
+            );
+            node.hostname = format!("host-{i:05}");
+            if i < 3 {
+                node.role = NodeRole::Manager;
             }
+            if roll == 98 {
+                node.availability = Availability::Drain;
+            }
+            if roll == 99 {
+                node.state = NodeState::Down;
+            }
+            node.labels = labels;
+            node.zone = Some(format!("zone-{zone}"));
+            node.drivers = vec![DriverKind::Sim];
+            node
         })
         .collect()
 }

@@ -24,6 +24,8 @@ pub enum Expect {
 /// One change inside a [`Command`]. `meta` fields of written objects are set by the state
 /// machine (`version` = log index, `updated_at` = command time, `created_at` kept or set).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Ops carry whole objects by value; a task is only a little larger than a revision.
+#[allow(clippy::large_enum_variant)]
 pub enum Op {
     PutService {
         service: Service,

@@ -2,9 +2,10 @@
 
 use super::*;
 use crate::storage::{LogStore, Shared, StateMachine, CHANGE_RING_CAPACITY};
+use flotilla_types::testing;
 use flotilla_types::{
-    DesiredState, DriverKind, EventLevel, Health, Meta, Node, NodeResources, NodeRole, NodeState,
-    Revision, Service, ServiceMode, ServiceSpec, Task, TaskState, TaskStatus,
+    DesiredState, EventLevel, Health, Meta, Node, NodeState, Revision, Service, ServiceMode,
+    ServiceSpec, Task, TaskState, TaskStatus,
 };
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -45,46 +46,20 @@ fn service(name: &str, replicas: u64, revision: u64) -> Service {
 }
 
 fn task(id: &str, service: &str, slot: u64, node: Option<&str>) -> Task {
-    Task {
-        id: id.to_string(),
-        service: service.to_string(),
-        slot: Some(slot),
-        revision: 1,
-        spec: spec(service, 1),
-        node: node.map(str::to_string),
-        desired_state: DesiredState::Running,
-        status: TaskStatus::new(TaskState::Assigned, 1, ""),
-        history: Vec::new(),
-        attempt: 0,
-        not_before: None,
-        weight: None,
-        meta: Meta::default(),
-    }
+    let mut t = testing::task(id, &spec(service, 1))
+        .slot(Some(slot))
+        .status(TaskState::Assigned, 1)
+        .build();
+    t.node = node.map(str::to_string);
+    t
 }
 
 fn node(id: &str, state: NodeState) -> Node {
-    Node {
-        id: id.to_string(),
-        hostname: format!("{id}.local"),
-        role: NodeRole::Worker,
-        availability: Default::default(),
-        state,
-        labels: Default::default(),
-        engine_labels: Default::default(),
-        images: Vec::new(),
-        zone: None,
-        resources: NodeResources {
-            cpu_millis: 2000,
-            memory_bytes: 1 << 30,
-        },
-        drivers: vec![DriverKind::Process],
-        agent_addr: None,
-        advertise_ip: None,
-        port_conflicts: Vec::new(),
-        last_heartbeat: 0,
-        message: String::new(),
-        meta: Meta::default(),
-    }
+    testing::node(id)
+        .hostname(&format!("{id}.local"))
+        .memory(1 << 30)
+        .state(state)
+        .build()
 }
 
 fn at(ops: Vec<Op>, at: i64) -> Command {

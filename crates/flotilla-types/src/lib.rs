@@ -21,6 +21,8 @@ pub mod rollout;
 pub mod spec;
 mod spec_validate;
 pub mod state;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod units;
 
 pub use config::Config;

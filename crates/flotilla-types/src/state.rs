@@ -230,10 +230,69 @@ pub struct Task {
     /// and draining set it; 0 means no new connections or requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u8>,
+    /// Set while the task is pending on a node where lower-priority tasks are being preempted
+    /// for it: it is assigned there once they have all exited. Older records have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nomination: Option<Box<Nomination>>,
     pub meta: Meta,
 }
 
+/// A pending task's claim on a node whose lower-priority tasks (`victims`) are stopping to
+/// make room for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nomination {
+    pub node: String,
+    /// Ids of the tasks being preempted.
+    pub victims: Vec<String>,
+}
+
+impl Nomination {
+    /// The task's pending message while it waits (`ps`, events):
+    /// `preempting on node N: waiting for 2 lower-priority tasks to stop (ID1, ID2)`.
+    pub fn message(&self) -> String {
+        let n = self.victims.len();
+        format!(
+            "preempting on node {}: waiting for {n} lower-priority task{} to stop ({})",
+            self.node,
+            if n == 1 { "" } else { "s" },
+            self.victims.join(", ")
+        )
+    }
+}
+
 impl Task {
+    /// A new, pending task of `spec` at `revision`, in replica `slot` (`None` for a global
+    /// service), created `now`.
+    pub fn new(spec: &ServiceSpec, revision: u64, slot: Option<u64>, now: Timestamp) -> Task {
+        Task {
+            id: new_task_id(),
+            service: spec.name.clone(),
+            slot,
+            revision,
+            spec: spec.clone(),
+            node: None,
+            desired_state: DesiredState::Running,
+            status: TaskStatus::new(TaskState::Pending, now, ""),
+            history: Vec::new(),
+            attempt: 0,
+            not_before: None,
+            weight: None,
+            nomination: None,
+            meta: Meta::default(),
+        }
+    }
+
+    /// Whether the task was told to stop before it ended (a release, a drain, a scale-down,
+    /// a preemption, a lost node), rather than exiting or failing on its own. Only the latter
+    /// count towards restart backoff.
+    pub fn stopped_on_purpose(&self) -> bool {
+        let ran = self.history.iter().any(|h| h.state == TaskState::Running);
+        self.status.state == TaskState::Lost
+            || self.history.iter().any(|h| h.state == TaskState::Stopping)
+            // Exited without ever running: cancelled before it started.
+            || (self.status.state == TaskState::Exited && !ran)
+    }
+
     /// A human name in Swarm's style: `web.2` or, for a global task, `web.<node>`.
     pub fn name(&self) -> String {
         match (self.slot, &self.node) {
@@ -353,6 +412,32 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     pub meta: Meta,
+}
+
+impl Node {
+    /// A ready, active worker `id` with `resources` that runs processes, before its first
+    /// heartbeat; callers set what else they know.
+    pub fn new(id: &str, resources: NodeResources) -> Node {
+        Node {
+            id: id.to_string(),
+            hostname: id.to_string(),
+            role: NodeRole::Worker,
+            availability: Availability::Active,
+            state: NodeState::Ready,
+            labels: BTreeMap::new(),
+            engine_labels: BTreeMap::new(),
+            images: Vec::new(),
+            zone: None,
+            resources,
+            drivers: vec![DriverKind::Process],
+            agent_addr: None,
+            advertise_ip: None,
+            port_conflicts: Vec::new(),
+            last_heartbeat: 0,
+            message: String::new(),
+            meta: Meta::default(),
+        }
+    }
 }
 
 /// How important an event is.

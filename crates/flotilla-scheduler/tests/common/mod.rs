@@ -1,37 +1,19 @@
 //! Builders shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use flotilla_types::{
-    Availability, DesiredState, DriverKind, Meta, Node, NodeResources, NodeRole, NodeState,
-    ResourceAmounts, ServiceSpec, Task, TaskState, TaskStatus,
-};
-use std::collections::BTreeMap;
+use flotilla_types::testing;
+use flotilla_types::{DriverKind, Node, ResourceAmounts, ServiceSpec, Task};
 
 pub const GIB: u64 = 1 << 30;
 
 pub fn node(id: &str, zone: &str, cpu_millis: u64, memory_bytes: u64) -> Node {
-    Node {
-        id: id.to_string(),
-        hostname: format!("host-{id}"),
-        role: NodeRole::Worker,
-        availability: Availability::Active,
-        state: NodeState::Ready,
-        labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
-        engine_labels: BTreeMap::new(),
-        images: Vec::new(),
-        zone: None,
-        resources: NodeResources {
-            cpu_millis,
-            memory_bytes,
-        },
-        drivers: vec![DriverKind::Process, DriverKind::Sim],
-        agent_addr: None,
-        advertise_ip: None,
-        port_conflicts: Vec::new(),
-        last_heartbeat: 0,
-        message: String::new(),
-        meta: Meta::default(),
-    }
+    testing::node(id)
+        .hostname(&format!("host-{id}"))
+        .label("zone", zone)
+        .cpu(cpu_millis)
+        .memory(memory_bytes)
+        .drivers(&[DriverKind::Process, DriverKind::Sim])
+        .build()
 }
 
 pub fn spec(name: &str) -> ServiceSpec {
@@ -49,19 +31,5 @@ pub fn reserve(mut s: ServiceSpec, cpu_millis: u64, memory_bytes: u64) -> Servic
 
 /// A running task of `spec` on `node`.
 pub fn task(id: &str, spec: &ServiceSpec, node: &str) -> Task {
-    Task {
-        id: id.to_string(),
-        service: spec.name.clone(),
-        slot: Some(1),
-        revision: 1,
-        spec: spec.clone(),
-        node: Some(node.to_string()),
-        desired_state: DesiredState::Running,
-        status: TaskStatus::new(TaskState::Running, 0, ""),
-        history: Vec::new(),
-        attempt: 0,
-        not_before: None,
-        weight: None,
-        meta: Meta::default(),
-    }
+    testing::task(id, spec).on(node).build()
 }
