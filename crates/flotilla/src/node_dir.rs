@@ -25,9 +25,8 @@ pub fn parse_port_range(s: &str) -> Result<std::ops::Range<u16>, String> {
 }
 
 /// Host ports task ports are taken from, on nodes that are given no `--task-ports`: this range
-/// is cut into [`TASK_PORT_BLOCK`]-port blocks and each node takes the one its name hashes to,
-/// so several nodes on one host (distinct names, distinct data dirs) rarely share ports; when
-/// two names meet in one block, the allocator still skips every port it cannot bind.
+/// is cut into [`TASK_PORT_BLOCK`]-port blocks and each node takes one block of its own (see
+/// [`task_ports`]), so several nodes on one host (distinct data dirs) never share ports.
 pub const TASK_PORTS_DEFAULT: std::ops::Range<u16> = 20000..32000;
 /// The size of a node's default block of task ports.
 pub const TASK_PORT_BLOCK: u16 = 500;
@@ -36,31 +35,117 @@ pub const TASK_PORT_BLOCK: u16 = 500;
 const TASK_PORTS_FILE: &str = "task-ports";
 
 /// The node's task port range: `--task-ports` when given, else the block remembered in
-/// `DATA_DIR/task-ports`, else the block of [`TASK_PORTS_DEFAULT`] derived from `node_name`
-/// (then remembered).
+/// `DATA_DIR/task-ports`, else a block of [`TASK_PORTS_DEFAULT`] claimed for this data dir on
+/// this host (then remembered). See [`claim_block`].
 pub fn task_ports(
     given: Option<std::ops::Range<u16>>,
     dir: &Path,
     node_name: &str,
+) -> anyhow::Result<std::ops::Range<u16>> {
+    task_ports_with_claims(given, dir, node_name, &port_claims_dir())
+}
+
+/// Where the nodes of one host record which default block each data dir holds: tmpfs, so a
+/// reboot forgets the claims and each node re-claims its remembered block as it starts.
+fn port_claims_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/flotilla/task-port-blocks")
+    } else {
+        std::env::temp_dir().join("flotilla-task-port-blocks")
+    }
+}
+
+fn task_ports_with_claims(
+    given: Option<std::ops::Range<u16>>,
+    dir: &Path,
+    node_name: &str,
+    claims: &Path,
 ) -> anyhow::Result<std::ops::Range<u16>> {
     if let Some(range) = given {
         return Ok(range);
     }
     let path = dir.join(TASK_PORTS_FILE);
     let text = load_or_create(&path, || {
-        let r = default_task_ports(node_name);
+        let r = claim_block(dir, node_name, claims);
         format!("{}-{}", r.start, r.end)
     })?;
-    parse_port_range(&text).map_err(|e| {
+    let range = parse_port_range(&text).map_err(|e| {
         anyhow::anyhow!(
             "{}: {e} (fix or delete the file, or pass --task-ports)",
             path.display()
         )
-    })
+    })?;
+    // A remembered block is this node's: say so again (the claims live on tmpfs).
+    if let Err(e) = std::fs::create_dir_all(claims)
+        .and_then(|()| std::fs::write(claims.join(range.start.to_string()), owner_id(dir)))
+    {
+        tracing::debug!(error = %e, "cannot record the task port block claim");
+    }
+    Ok(range)
+}
+
+/// Picks a free default block for the data dir `dir`: the one `node_name` hashes to, or the next
+/// one no other live data dir on this host holds. A claim is a file named after the block's
+/// first port, holding the claiming data dir, created with `O_EXCL` so two nodes starting at
+/// once cannot take the same block. A claim is stale (taken over) when its data dir is gone or
+/// remembers another block. Without a writable claims dir, or with every block held, the hashed
+/// block is used and the allocator's bind test is the only guard (logged).
+fn claim_block(dir: &Path, node_name: &str, claims: &Path) -> std::ops::Range<u16> {
+    let hashed = default_task_ports(node_name);
+    if let Err(e) = std::fs::create_dir_all(claims) {
+        tracing::warn!(dir = %claims.display(), error = %e, "cannot record task port blocks; using the block the node name hashes to");
+        return hashed;
+    }
+    let me = owner_id(dir);
+    let blocks = (TASK_PORTS_DEFAULT.end - TASK_PORTS_DEFAULT.start) / TASK_PORT_BLOCK;
+    let first = (hashed.start - TASK_PORTS_DEFAULT.start) / TASK_PORT_BLOCK;
+    for i in 0..blocks {
+        let start = TASK_PORTS_DEFAULT.start + ((first + i) % blocks) * TASK_PORT_BLOCK;
+        let range = start..start + TASK_PORT_BLOCK;
+        let claim = claims.join(start.to_string());
+        let taken = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&claim)
+        {
+            Ok(mut f) => std::io::Write::write_all(&mut f, me.as_bytes()).is_ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = std::fs::read_to_string(&claim).unwrap_or_default();
+                (owner == me || !claim_is_live(Path::new(&owner), &range))
+                    && std::fs::write(&claim, &me).is_ok()
+            }
+            Err(_) => false,
+        };
+        if taken {
+            return range;
+        }
+    }
+    tracing::warn!("every default task port block is held by another node on this host; sharing the one the node name hashes to (pass --task-ports)");
+    hashed
+}
+
+/// The claiming data dir, as one string (canonical, so two spellings of one dir agree).
+fn owner_id(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Another node's claim holds while its data dir exists and does not remember another block
+/// (a data dir without the file yet is a node between its claim and writing the file).
+fn claim_is_live(owner: &Path, range: &std::ops::Range<u16>) -> bool {
+    if owner.as_os_str().is_empty() || !owner.is_dir() {
+        return false;
+    }
+    match std::fs::read_to_string(owner.join(TASK_PORTS_FILE)) {
+        Ok(text) => parse_port_range(text.trim()).is_ok_and(|r| r == *range),
+        Err(_) => true,
+    }
 }
 
 /// The block of [`TASK_PORTS_DEFAULT`] that `node_name` hashes to (FNV-1a, stable across
-/// builds and platforms).
+/// builds and platforms): where a node looks first for a free block.
 pub fn default_task_ports(node_name: &str) -> std::ops::Range<u16> {
     let hash = node_name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -243,38 +328,61 @@ pub fn save_known_managers(data_dir: &Path, addrs: &[String]) -> anyhow::Result<
 mod tests {
     use super::*;
 
-    /// Nodes on one host with default flags get distinct port blocks (#21: both started at
-    /// 20000), inside the default range, and keep them across restarts.
+    /// Default blocks are inside the default range, remembered in the data dir, and
+    /// `--task-ports` wins.
     #[test]
-    fn default_task_ports_differ_per_node_and_stick() {
-        let names = ["n1", "n2", "n3", "node-1", "node-2", "worker-1", "worker-2"];
-        let ranges: Vec<_> = names.iter().map(|n| default_task_ports(n)).collect();
-        for r in &ranges {
+    fn default_task_ports_stay_in_range_and_stick() {
+        let claims = tempfile::tempdir().unwrap();
+        let ports = |dir: &Path, name: &str| task_ports_with_claims(None, dir, name, claims.path());
+        for n in ["n1", "n2", "node-1", "worker-2"] {
+            let r = default_task_ports(n);
             assert!(TASK_PORTS_DEFAULT.start <= r.start && r.end <= TASK_PORTS_DEFAULT.end);
             assert_eq!(r.end - r.start, TASK_PORT_BLOCK);
         }
-        for (i, a) in ranges.iter().enumerate() {
-            for (j, b) in ranges.iter().enumerate().skip(i + 1) {
-                assert_ne!(a, b, "{} and {} share a block", names[i], names[j]);
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
-        let first = task_ports(None, dir.path(), "n2").unwrap();
+        let first = ports(dir.path(), "n2").unwrap();
         assert_eq!(first, default_task_ports("n2"));
         assert_eq!(
-            task_ports(None, dir.path(), "renamed").unwrap(),
+            ports(dir.path(), "renamed").unwrap(),
             first,
             "remembered in the data dir"
         );
         assert_eq!(
-            task_ports(Some(1000..2000), dir.path(), "n2").unwrap(),
+            task_ports_with_claims(Some(1000..2000), dir.path(), "n2", claims.path()).unwrap(),
             1000..2000
         );
         std::fs::write(dir.path().join(TASK_PORTS_FILE), "nonsense\n").unwrap();
-        let err = task_ports(None, dir.path(), "n2").unwrap_err().to_string();
+        let err = ports(dir.path(), "n2").unwrap_err().to_string();
         assert!(
             err.contains("task-ports") && err.contains("--task-ports"),
             "{err}"
+        );
+    }
+
+    /// #21: two nodes on one host whose names hash to the same block still get distinct
+    /// blocks; a claim whose data dir is gone is taken over.
+    #[test]
+    fn nodes_whose_names_meet_in_one_block_get_distinct_blocks() {
+        let a = "node-0".to_string();
+        let b = (1..10_000)
+            .map(|i| format!("node-{i}"))
+            .find(|n| default_task_ports(n) == default_task_ports(&a))
+            .expect("some name shares node-0's block");
+        let claims = tempfile::tempdir().unwrap();
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ra = task_ports_with_claims(None, dir_a.path(), &a, claims.path()).unwrap();
+        let rb = task_ports_with_claims(None, dir_b.path(), &b, claims.path()).unwrap();
+        assert_eq!(ra, default_task_ports(&a));
+        assert_ne!(ra, rb, "{a} and {b} must not share task ports");
+        // dir_a is removed: its block is free for the next new node.
+        drop(dir_a);
+        let dir_c = tempfile::tempdir().unwrap();
+        let rc = task_ports_with_claims(None, dir_c.path(), &a, claims.path()).unwrap();
+        assert_eq!(rc, ra, "a stale claim is taken over");
+        // dir_b restarts: it keeps its block.
+        assert_eq!(
+            task_ports_with_claims(None, dir_b.path(), &b, claims.path()).unwrap(),
+            rb
         );
     }
 }
