@@ -22,38 +22,47 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Signature check with ring's algorithms, as [`provider`] configures; `verify` is rustls's
+/// TLS 1.2 or 1.3 check.
+fn verify_with_ring(
+    verify: fn(
+        &[u8],
+        &CertificateDer<'_>,
+        &DigitallySignedStruct,
+        &rustls::crypto::WebPkiSupportedAlgorithms,
+    ) -> Result<HandshakeSignatureValid, rustls::Error>,
+    signed: (&[u8], &CertificateDer<'_>, &DigitallySignedStruct),
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    let (message, cert, dss) = signed;
+    verify(
+        message,
+        cert,
+        dss,
+        &provider().signature_verification_algorithms,
+    )
+}
+
 /// The handshake-signature half of a certificate verifier, the same for every verifier here
-/// (client or server side): checks with ring's algorithms, as [`provider`] configures.
-/// A macro because `ClientCertVerifier` and `ServerCertVerifier` are separate traits with
-/// identically named methods.
+/// (client or server side). A macro because `ClientCertVerifier` and `ServerCertVerifier` are
+/// separate traits with identically named methods.
 macro_rules! handshake_signatures_with_ring {
     () => {
         fn verify_tls12_signature(
             &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &provider().signature_verification_algorithms,
-            )
+            verify_with_ring(verify_tls12_signature, (m, c, d))
         }
 
         fn verify_tls13_signature(
             &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &provider().signature_verification_algorithms,
-            )
+            verify_with_ring(verify_tls13_signature, (m, c, d))
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -62,6 +71,21 @@ macro_rules! handshake_signatures_with_ring {
                 .supported_schemes()
         }
     };
+}
+
+/// Refuses a certificate of any role but manager: `what` names the side, `only` what managers
+/// alone may do.
+fn require_manager(identity: &NodeIdentity, what: &str, only: &str) -> Result<(), rustls::Error> {
+    if identity.role == Role::Manager {
+        return Ok(());
+    }
+    Err(other_error(PkiError::BadCertificate {
+        what: what.into(),
+        reason: format!(
+            "node {} presents a {} certificate; only managers {only}",
+            identity.node_id, identity.role
+        ),
+    }))
 }
 
 fn root_store(trust_pem: &str) -> Result<RootCertStore, PkiError> {
@@ -343,14 +367,8 @@ impl ClientCertVerifier for ClusterClientVerifier {
                 .check_revoked(&identity, end_entity)
                 .map_err(other_error)?;
         }
-        if self.managers_only && identity.role != Role::Manager {
-            return Err(other_error(PkiError::BadCertificate {
-                what: "client".into(),
-                reason: format!(
-                    "node {} presents a {} certificate; only managers may call agents",
-                    identity.node_id, identity.role
-                ),
-            }));
+        if self.managers_only {
+            require_manager(&identity, "client", "may call agents")?;
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -432,15 +450,7 @@ impl ServerCertVerifier for ManagerServerVerifier {
             TrustedRoots::Fixed(roots) => roots.clone(),
         };
         let identity = server_identity(&roots, end_entity, intermediates, now)?;
-        if identity.role != Role::Manager {
-            return Err(other_error(PkiError::BadCertificate {
-                what: "server".into(),
-                reason: format!(
-                    "node {} presents a {} certificate; only managers serve the cluster API",
-                    identity.node_id, identity.role
-                ),
-            }));
-        }
+        require_manager(&identity, "server", "serve the cluster API")?;
         Ok(ServerCertVerified::assertion())
     }
 
