@@ -17,11 +17,7 @@ const FILE_MODE: u32 = 0o600;
 /// and keys) 0700 with 0600 files, recursively.
 pub fn make_private(data_dir: &Path) -> anyhow::Result<()> {
     set_mode(data_dir, DIR_MODE)?;
-    for entry in read_dir(data_dir)? {
-        let path = entry.path();
-        let kind = entry
-            .file_type()
-            .with_context(|| format!("reading {}", path.display()))?;
+    for (path, kind) in entries(data_dir)? {
         if kind.is_file() {
             set_mode(&path, FILE_MODE)?;
         }
@@ -37,11 +33,7 @@ pub fn make_private(data_dir: &Path) -> anyhow::Result<()> {
 
 fn make_tree_private(dir: &Path) -> anyhow::Result<()> {
     set_mode(dir, DIR_MODE)?;
-    for entry in read_dir(dir)? {
-        let path = entry.path();
-        let kind = entry
-            .file_type()
-            .with_context(|| format!("reading {}", path.display()))?;
+    for (path, kind) in entries(dir)? {
         if kind.is_dir() {
             make_tree_private(&path)?;
         } else if kind.is_file() {
@@ -51,9 +43,14 @@ fn make_tree_private(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_dir(dir: &Path) -> anyhow::Result<Vec<std::fs::DirEntry>> {
+/// What `dir` holds: each entry's path and type (symlinks are not followed).
+fn entries(dir: &Path) -> anyhow::Result<Vec<(std::path::PathBuf, std::fs::FileType)>> {
     std::fs::read_dir(dir)
-        .and_then(|entries| entries.collect::<Result<Vec<_>, _>>())
+        .and_then(|entries| {
+            entries
+                .map(|e| e.and_then(|e| Ok((e.path(), e.file_type()?))))
+                .collect::<Result<Vec<_>, _>>()
+        })
         .with_context(|| format!("reading {}", dir.display()))
 }
 
