@@ -171,3 +171,45 @@ pub(super) fn save_admission(
     .save(dir)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn join_args(extra: &[&str]) -> JoinArgs {
+        let mut argv = vec!["flotilla", "join", "127.0.0.1:7451"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::try_parse_from(argv)
+            .expect("valid arguments")
+            .command
+        {
+            crate::cli::Command::Join(args) => args,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_join_token_comes_from_a_file_or_the_flag_and_never_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "FLTKN-from-file\n").expect("write");
+        let path = file.display().to_string();
+        let (token, from) =
+            join_token_text(&join_args(&["--token-file", &path])).expect("token from the file");
+        assert_eq!(token, "FLTKN-from-file");
+        assert!(from.contains("--token-file"));
+        let (token, _) = join_token_text(&join_args(&["--token", " FLTKN-x "])).expect("flag");
+        assert_eq!(token, "FLTKN-x");
+
+        std::fs::write(&file, "\n").expect("write");
+        let empty = join_token_text(&join_args(&["--token-file", &path])).unwrap_err();
+        assert!(format!("{empty:#}").contains("empty"), "{empty:#}");
+        let missing = dir.path().join("none").display().to_string();
+        let unreadable = join_token_text(&join_args(&["--token-file", &missing])).unwrap_err();
+        assert!(
+            format!("{unreadable:#}").contains("cannot read"),
+            "{unreadable:#}"
+        );
+    }
+}
