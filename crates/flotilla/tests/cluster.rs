@@ -1310,8 +1310,16 @@ fn promote_demote_and_leave_in_place() {
 fn an_init_manager_serves_its_mesh_metrics() {
     let mut fleet = Fleet::new();
     fleet.add("m1", &["init", "--mesh-bind", "127.0.0.1"], true);
-    join_token(fleet.get("m1"), "worker");
+    let worker_token = join_token(fleet.get("m1"), "worker");
     wait_ready_nodes(fleet.get("m1"), &[("m1", "manager")]);
+    // Issue 13: `init` writing to a log says where the join tokens are instead of printing them.
+    let log = fleet.get("m1").log();
+    assert!(!log.contains(&worker_token), "{}", tail(&log, 20));
+    assert!(
+        log.contains("flotilla token show worker"),
+        "{}",
+        tail(&log, 20)
+    );
     let api = fleet.get("m1").api.clone().expect("a manager");
     let (host, port) = api.rsplit_once(':').expect("IP:PORT");
     let port: u16 = port.parse().expect("a port");
