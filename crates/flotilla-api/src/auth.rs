@@ -4,17 +4,20 @@
 //!   worker only what an agent needs ([`worker_may_call`]); a removed node's certificate is
 //!   refused ([`crate::cluster::check_not_revoked`]). On a write a follower forwarded, the
 //!   forwarding manager vouches for the original caller's certificate (`x-flotilla-peer`);
-//! - other loopback peers are trusted (like a local Docker socket);
-//! - everyone else needs `Authorization: Bearer <token>`, except the two join routes, which
-//!   authenticate with the join token in the body.
+//! - a request over the manager's Unix socket ([`crate::serve_unix`]) is an administrator's:
+//!   the socket's owner, group and mode are the credential, exactly like Docker's socket;
+//! - every TCP request without a certificate, from any address (loopback included), needs
+//!   `Authorization: Bearer <token>` (the scheme is case-insensitive), except the two join
+//!   routes, which authenticate with the join token in the body.
 //!
-//! The API is never open to the network without one of these.
+//! No peer is ever trusted for its address.
 
 use crate::cluster::{check_not_revoked, PeerCert, PeerIdentity};
 use crate::error::ApiError;
 use crate::forward::{FORWARDED, FORWARDED_PEER};
 use crate::AppState;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::HeaderMap;
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -47,12 +50,15 @@ fn is_join_route(method: &Method, path: &str) -> bool {
     )
 }
 
-pub async fn require_auth(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// Marks a request that came over the manager's Unix socket (set by [`crate::serve_unix`],
+/// never from anything a client sends).
+#[derive(Clone, Copy, Debug)]
+pub struct LocalSocket;
+
+pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if req.extensions().get::<LocalSocket>().is_some() {
+        return next.run(req).await;
+    }
     let presented = req
         .extensions()
         .get::<PeerIdentity>()
@@ -93,32 +99,56 @@ pub async fn require_auth(
         ))
         .into_response();
     }
-    if peer.ip().is_loopback() {
-        return next.run(req).await;
-    }
     if is_join_route(req.method(), req.uri().path()) {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match (&state.token, presented) {
-        (Some(expected), Some(given)) if constant_time_eq(expected.as_bytes(), given.as_bytes()) => {
-            next.run(req).await
+    match check_token(state.token.as_deref(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            let from = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(p)| p.ip().to_string());
+            tracing::debug!(peer = from.as_deref().unwrap_or("?"), error = %e, "refused");
+            e.into_response()
         }
-        (None, _) => ApiError::Unauthorized(format!(
-            "requests from {} are refused: this manager has no API token configured for non-loopback clients",
-            peer.ip()
+    }
+}
+
+/// Checks the bearer token of a request without a certificate. Every refusal says which
+/// credential was missing or wrong.
+fn check_token(expected: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Err(ApiError::Unauthorized(
+            "authentication required: send Authorization: Bearer <token> (--token or \
+             FLOTILLA_TOKEN; the token is in the manager's DATA_DIR/api-token), present a \
+             cluster client certificate, or use the manager's Unix socket"
+                .into(),
+        ));
+    };
+    let given = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "the Authorization header must be `Bearer <token>` (the API token)".into(),
+            )
+        })?;
+    let Some(expected) = expected else {
+        return Err(ApiError::Unauthorized(
+            "this manager has no API token: use its Unix socket or a cluster client certificate"
+                .into(),
+        ));
+    };
+    if constant_time_eq(expected.as_bytes(), given.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "invalid API token in the Authorization header".into(),
         ))
-        .into_response(),
-        (_, None) => ApiError::Unauthorized(
-            "authentication required: send Authorization: Bearer <token> (FLOTILLA_TOKEN) or a \
-             cluster client certificate".into(),
-        )
-        .into_response(),
-        (_, Some(_)) => ApiError::Unauthorized("invalid API token".into()).into_response(),
     }
 }
 
@@ -150,4 +180,46 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(
+                axum::http::header::AUTHORIZATION,
+                a.parse().expect("header value"),
+            );
+        }
+        h
+    }
+
+    fn refusal(expected: Option<&str>, auth: Option<&str>) -> String {
+        match check_token(expected, &headers(auth)) {
+            Err(ApiError::Unauthorized(m)) => m,
+            other => panic!("expected a 401 for {auth:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let header = format!("{scheme} s3cret");
+            assert!(
+                check_token(Some("s3cret"), &headers(Some(&header))).is_ok(),
+                "{header}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_missing_or_wrong_credential() {
+        assert!(refusal(Some("s3cret"), None).contains("Authorization: Bearer <token>"));
+        assert!(refusal(Some("s3cret"), Some("Basic czNjcmV0")).contains("Bearer <token>"));
+        assert!(refusal(Some("s3cret"), Some("Bearer wrong")).contains("invalid API token"));
+        assert!(refusal(None, Some("Bearer s3cret")).contains("no API token"));
+    }
 }

@@ -4,8 +4,9 @@
 //! it (store, controllers, agent) is the `flotilla` binary's `manager.rs`.
 //!
 //! Routes are listed in [`flotilla_types::api`]. Reads come from the local store's applied
-//! state; writes go through raft ([`flotilla_store::Store::write`]). Requests from loopback are
-//! trusted like a local Docker socket; any other peer must present the bearer token or, on a
+//! state; writes go through raft ([`flotilla_store::Store::write`]). Requests on the Unix
+//! socket ([`serve_unix`]) are trusted like a local Docker socket (its file mode is the
+//! credential); every TCP peer, loopback included, must present the bearer token or, on a
 //! cluster manager served with [`serve_tls`], a client certificate issued by the cluster CA
 //! (whose role decides what it may call, see `auth.rs`).
 #![forbid(unsafe_code)]
@@ -23,10 +24,12 @@ mod streams;
 mod tasks;
 mod tls_serve;
 mod traffic;
+mod unix_serve;
 
 pub use error::ApiError;
 pub use services::summarize;
 pub use tls_serve::serve_tls;
+pub use unix_serve::{bind_unix, serve_unix, SocketError, SOCKET_GROUP};
 
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -38,7 +41,8 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    /// Bearer token required from non-loopback peers. `None` refuses every non-loopback request.
+    /// Bearer token required from TCP peers without a certificate. `None` refuses them all
+    /// (the Unix socket and certificates still work).
     pub token: Option<Arc<str>>,
     /// Used to reach agents (logs, stats, resources, mesh stats). On cluster managers it
     /// presents the manager's node certificate, which `https://` agent servers require.

@@ -29,8 +29,16 @@ use std::time::Duration;
 pub const ADDR_ENV: &str = "FLOTILLA_ADDR";
 /// Environment variable holding the API bearer token.
 pub const TOKEN_ENV: &str = "FLOTILLA_TOKEN";
+/// Environment variable naming the manager's Unix socket (like `--addr unix:///PATH`).
+pub const SOCKET_ENV: &str = "FLOTILLA_SOCKET";
 /// Where a local manager listens by default.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7450";
+/// Where a manager run as root serves its Unix socket by default.
+pub const DEFAULT_SOCKET: &str = "/run/flotilla/flotilla.sock";
+/// The address form of a Unix socket, as in `DOCKER_HOST`: `unix:///run/flotilla/flotilla.sock`.
+pub const UNIX_SCHEME: &str = "unix://";
+/// The URL base of requests over a Unix socket (the host is not used to connect).
+const UNIX_BASE: &str = "http://localhost";
 
 /// Longest wait for a manager's answer to a read (or for a stream to start): reads are served
 /// from the manager's memory in milliseconds, so a manager this slow, even on a loaded machine
@@ -90,6 +98,8 @@ pub struct Client {
     token: Option<String>,
     /// How long a read and a write wait for an answer ([`READ_TIMEOUT`], [`WRITE_TIMEOUT`]).
     timeouts: (Duration, Duration),
+    /// The Unix socket every request goes through, if this is a socket client.
+    socket: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -100,8 +110,12 @@ struct Endpoints {
 }
 
 impl Client {
-    /// `addr` is `http://host:port` or `host:port`.
+    /// `addr` is `http://host:port`, `host:port`, or `unix:///path` (a manager's Unix socket,
+    /// where no token is needed: the socket's file mode is the credential).
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, ClientError> {
+        if let Some(path) = addr.trim().strip_prefix(UNIX_SCHEME) {
+            return Client::unix(std::path::Path::new(path));
+        }
         let base = normalise_addr(addr)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -142,6 +156,36 @@ impl Client {
         Ok(Client::from_parts(base, http, None))
     }
 
+    /// A client of the manager's Unix socket at `path` (see `flotilla_api::serve_unix`).
+    pub fn unix(path: &std::path::Path) -> Result<Self, ClientError> {
+        if !path.is_absolute() {
+            return Err(ClientError::InvalidAddr {
+                addr: format!("{UNIX_SCHEME}{}", path.display()),
+                reason: "a Unix socket address needs an absolute path, e.g. \
+                         unix:///run/flotilla/flotilla.sock"
+                    .into(),
+            });
+        }
+        let http = reqwest::Client::builder()
+            .unix_socket(path)
+            .build()
+            .map_err(|e| ClientError::InvalidAddr {
+                addr: format!("{UNIX_SCHEME}{}", path.display()),
+                reason: e.to_string(),
+            })?;
+        let mut client = Client::from_parts(UNIX_BASE.to_string(), http, None);
+        client.socket = Some(path.to_path_buf());
+        Ok(client)
+    }
+
+    /// How `base` is named in errors: the socket for a socket client.
+    fn shown(&self, base: &str) -> String {
+        match &self.socket {
+            Some(path) => format!("{UNIX_SCHEME}{}", path.display()),
+            None => base.to_string(),
+        }
+    }
+
     fn from_parts(base: String, http: reqwest::Client, token: Option<String>) -> Client {
         Client {
             endpoints: Arc::new(Mutex::new(Endpoints {
@@ -151,6 +195,7 @@ impl Client {
             http,
             token,
             timeouts: (READ_TIMEOUT, WRITE_TIMEOUT),
+            socket: None,
         }
     }
 
@@ -260,7 +305,7 @@ impl Client {
                 Ok(Err(e)) => {
                     let retry = e.is_connect();
                     let err = ClientError::Connect {
-                        addr: used.clone(),
+                        addr: self.shown(&used),
                         reason: error_chain(&e),
                     };
                     (err, retry)

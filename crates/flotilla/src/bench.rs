@@ -86,12 +86,15 @@ pub async fn control_plane(args: &BenchControlPlaneArgs) -> anyhow::Result<ExitC
     }
     let dir = tempfile_dir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // Every API request is authenticated, the benchmark's hollow nodes' too.
+    let token = format!("{:032x}", rand::random::<u128>());
     let manager = Manager::start(ManagerConfig {
         data_dir: dir.clone(),
         raft_id: 1,
         advertise: listener.local_addr()?.to_string(),
         local_api: listener,
-        token: None,
+        token: Some(token.clone()),
+        socket: crate::manager::ApiSocket::None,
         bootstrap: true,
         controllers: ControllerConfig {
             // Hollow nodes heartbeat rarely; the bench is about placement and status, not liveness.
@@ -102,7 +105,7 @@ pub async fn control_plane(args: &BenchControlPlaneArgs) -> anyhow::Result<ExitC
         cluster: None,
     })
     .await?;
-    let client = Client::new(&format!("http://{}", manager.api_addr), None)?;
+    let client = Client::new(&format!("http://{}", manager.api_addr), Some(token))?;
     let fleet = HollowFleet::new(client.clone(), args.nodes);
 
     println!(

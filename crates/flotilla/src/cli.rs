@@ -7,7 +7,8 @@ use crate::{
 };
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use flotilla_client::{Client, ADDR_ENV, DEFAULT_ADDR, TOKEN_ENV};
+use flotilla_client::{Client, ADDR_ENV, DEFAULT_ADDR, DEFAULT_SOCKET, SOCKET_ENV, TOKEN_ENV};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -17,10 +18,15 @@ use std::process::ExitCode;
     about = "Flotilla: a container orchestrator with zero-downtime releases"
 )]
 pub struct Cli {
-    /// API address of a manager (http://HOST:PORT).
-    #[arg(long, global = true, env = ADDR_ENV, default_value = DEFAULT_ADDR)]
-    pub addr: String,
-    /// Bearer token for a non-loopback API.
+    /// API address of a manager: http://HOST:PORT (with --token), or unix:///PATH for its
+    /// socket. Without it (and FLOTILLA_SOCKET): /run/flotilla/flotilla.sock if it exists,
+    /// else http://127.0.0.1:7450.
+    #[arg(long, global = true, env = ADDR_ENV)]
+    pub addr: Option<String>,
+    /// The manager's Unix socket, used when --addr is not given.
+    #[arg(long = "api-socket", global = true, env = SOCKET_ENV)]
+    pub api_socket: Option<PathBuf>,
+    /// Bearer token for the API over TCP (a manager's DATA_DIR/api-token).
     #[arg(long, global = true, env = TOKEN_ENV, hide_env_values = true)]
     pub token: Option<String>,
     /// More logging (-v info, -vv debug). FLOTILLA_LOG overrides.
@@ -266,7 +272,32 @@ pub fn run_shim_exec(_raw: &RawArgs) -> ExitCode {
 
 /// The API client for the global flags.
 pub fn client(cli: &Cli) -> anyhow::Result<Client> {
-    Client::new(&cli.addr, cli.token.clone()).context("invalid --addr")
+    let addr = api_address(
+        cli.addr.as_deref(),
+        cli.api_socket.as_deref(),
+        Path::new(DEFAULT_SOCKET),
+    );
+    Client::new(&addr, cli.token.clone()).with_context(|| format!("invalid --addr {addr}"))
+}
+
+/// Where the CLI reaches a manager, like Docker: `--addr`/FLOTILLA_ADDR if given, else the
+/// socket named by `--api-socket`/FLOTILLA_SOCKET, else `default_socket` if it exists, else
+/// the default TCP address.
+fn api_address(addr: Option<&str>, socket: Option<&Path>, default_socket: &Path) -> String {
+    if let Some(addr) = addr.filter(|a| !a.trim().is_empty()) {
+        return addr.to_string();
+    }
+    match socket {
+        Some(path) => format!("{}{}", flotilla_client::UNIX_SCHEME, path.display()),
+        None if default_socket.exists() => {
+            format!(
+                "{}{}",
+                flotilla_client::UNIX_SCHEME,
+                default_socket.display()
+            )
+        }
+        None => DEFAULT_ADDR.to_string(),
+    }
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -377,4 +408,31 @@ async fn demo_app(args: &DemoAppArgs) -> anyhow::Result<ExitCode> {
     };
     flotilla_demo::run_on(args.bind, cfg).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_prefers_addr_then_the_socket_then_tcp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let present = dir.path().join("flotilla.sock");
+        std::fs::write(&present, "").expect("a stand-in socket");
+        let absent = dir.path().join("none.sock");
+        let given = Path::new("/x/given.sock");
+        assert_eq!(
+            api_address(Some("http://h:1"), Some(given), &present),
+            "http://h:1"
+        );
+        assert_eq!(
+            api_address(None, Some(given), &present),
+            "unix:///x/given.sock"
+        );
+        assert_eq!(
+            api_address(None, None, &present),
+            format!("unix://{}", present.display())
+        );
+        assert_eq!(api_address(None, None, &absent), DEFAULT_ADDR);
+    }
 }

@@ -53,9 +53,14 @@ pub const MIN_CERT_VALIDITY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
-    /// A join token printed by `flotilla init` or `flotilla token show`.
+    /// A join token printed by `flotilla init` or `flotilla token show`. Prefer
+    /// FLOTILLA_JOIN_TOKEN or --token-file: a command line is visible to every local user.
+    /// Needed only for the first join; a restart reads the node's certificate.
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// Read the join token from this file (e.g. a secret mounted by the provisioning tool).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// A manager's cluster address (IP:PORT).
     pub manager: String,
     #[command(flatten)]

@@ -23,6 +23,7 @@ mod node_dir;
 mod node_flags;
 mod nodes_cmd;
 mod output;
+mod private_files;
 mod rollout_cmd;
 mod up;
 

@@ -1,5 +1,5 @@
-//! The one place a manager is assembled: store, API servers (plain HTTP and, in a secure
-//! cluster, mutual TLS), the controllers with their view of the meshes, and the node whose
+//! The one place a manager is assembled: store, API servers (the local Unix socket, plain
+//! HTTP with a token and, in a secure cluster, mutual TLS), the controllers with their view of the meshes, and the node whose
 //! agent runs alongside. `flotilla up`, `init`, `join`, a promoted worker and the control-plane
 //! benchmark all start their manager here, so every one of them gets the same parts.
 
@@ -11,7 +11,7 @@ use flotilla_pki::{NodeCredentials, Role, TlsIdentity};
 use flotilla_store::network::HttpNetwork;
 use flotilla_store::{Store, StoreConfig};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -80,8 +80,10 @@ pub struct ManagerConfig {
     pub advertise: String,
     /// The plain-HTTP API; the controllers read the meshes' traffic through it.
     pub local_api: TcpListener,
-    /// Bearer token non-loopback peers of the plain API must present.
+    /// Bearer token every peer of the plain API must present (DATA_DIR/api-token).
     pub token: Option<String>,
+    /// Where the local administrators' Unix socket is served.
+    pub socket: ApiSocket,
     /// Start a single-voter raft group if the store has none (a first or forced manager).
     pub bootstrap: bool,
     pub controllers: ControllerConfig,
@@ -89,6 +91,46 @@ pub struct ManagerConfig {
     pub local_node: Option<String>,
     /// `None` for `flotilla up` and the benchmark.
     pub cluster: Option<ClusterServing>,
+}
+
+/// Where a manager serves its Unix socket (see `flotilla_api::serve_unix`).
+#[derive(Clone, Debug)]
+pub enum ApiSocket {
+    /// `/run/flotilla/flotilla.sock`, or `DATA_DIR/flotilla.sock` where that cannot be served
+    /// (not root, `/run` read-only, or another manager holds it).
+    Default,
+    /// `--socket PATH`: there or nowhere.
+    At(PathBuf),
+    /// No socket (the control-plane benchmark).
+    None,
+}
+
+impl ApiSocket {
+    /// `--socket`: the path given, or the default.
+    pub fn from_flag(flag: Option<&Path>) -> ApiSocket {
+        flag.map_or(ApiSocket::Default, |p| ApiSocket::At(p.to_path_buf()))
+    }
+
+    /// Binds the socket; `None` for [`ApiSocket::None`].
+    fn bind(&self, data_dir: &Path) -> anyhow::Result<Option<(tokio::net::UnixListener, PathBuf)>> {
+        let path = match self {
+            ApiSocket::None => return Ok(None),
+            ApiSocket::At(path) => path.clone(),
+            ApiSocket::Default => {
+                let default = Path::new(flotilla_client::DEFAULT_SOCKET);
+                match flotilla_api::bind_unix(default) {
+                    Ok(listener) => return Ok(Some((listener, default.to_path_buf()))),
+                    Err(e) => {
+                        let fallback = data_dir.join("flotilla.sock");
+                        tracing::info!(error = %e, fallback = %fallback.display(), "API socket");
+                        fallback
+                    }
+                }
+            }
+        };
+        let listener = flotilla_api::bind_unix(&path).with_context(|| "--socket")?;
+        Ok(Some((listener, path)))
+    }
 }
 
 /// A manager whose store is open (and bootstrapped if asked) but which serves nothing yet:
@@ -102,6 +144,8 @@ pub struct Manager {
     pub store: Store,
     /// The plain-HTTP API's address.
     pub api_addr: SocketAddr,
+    /// Where the Unix-socket API is served, if it is.
+    pub socket: Option<PathBuf>,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
     controllers: JoinHandle<()>,
@@ -136,6 +180,8 @@ impl Manager {
                 .await
                 .context("starting the raft group")?;
         }
+        // The store (with the CA key in a cluster) was just created: keep it private.
+        crate::private_files::make_private(&cfg.data_dir)?;
         Ok(OpenManager { store, cfg })
     }
 
@@ -183,6 +229,18 @@ impl OpenManager {
                 stopped(&stop_rx),
             )));
         }
+        let socket = match cfg.socket.bind(&cfg.data_dir)? {
+            Some((listener, path)) => {
+                servers.push(tokio::spawn(flotilla_api::serve_unix(
+                    listener,
+                    path.clone(),
+                    state.clone(),
+                    stopped(&stop_rx),
+                )));
+                Some(path)
+            }
+            None => None,
+        };
         servers.push(tokio::spawn(flotilla_api::serve(
             cfg.local_api,
             state,
@@ -203,6 +261,7 @@ impl OpenManager {
         Ok(Manager {
             store,
             api_addr,
+            socket,
             stop,
             servers,
             controllers,

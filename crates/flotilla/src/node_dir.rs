@@ -167,11 +167,13 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
-/// Creates `dir` and locks it for this process: one flotilla per data dir, or two would fight
-/// over the store and the tasks. The lock lasts as long as the returned value.
+/// Creates `dir` (private: see [`crate::private_files`]) and locks it for this process: one
+/// flotilla per data dir, or two would fight over the store and the tasks. The lock lasts as
+/// long as the returned value.
 pub fn lock(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("--data-dir {}: cannot create", dir.display()))?;
+    crate::private_files::make_private(dir)?;
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -206,14 +208,21 @@ pub fn node_name(given: Option<&str>, dir: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The manager's API token (DATA_DIR/api-token, 0600), created the first time. A token
+/// written by an older version is kept as it is.
+pub fn api_token(data_dir: &Path) -> anyhow::Result<String> {
+    load_or_create(&data_dir.join("api-token"), || {
+        format!("{:032x}", rand::random::<u128>())
+    })
+}
+
 /// Reads a small identity file, creating it with `make()` the first time.
 pub fn load_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         Ok(_) | Err(_) => {
             let v = make();
-            std::fs::write(path, format!("{v}\n"))
-                .with_context(|| format!("writing {}", path.display()))?;
+            crate::private_files::write_private(path, &format!("{v}\n"))?;
             Ok(v)
         }
     }

@@ -16,4 +16,9 @@ pub struct NodeFlags {
     /// (like Swarm's `--task-history-limit`); older ones are deleted.
     #[arg(long, default_value_t = 5, value_parser = crate::manager::parse_task_history)]
     pub task_history: usize,
+    /// The Unix socket a manager serves its API on for local administrators (root, mode
+    /// 0660, group `flotilla` if it exists). Default: /run/flotilla/flotilla.sock, or
+    /// DATA_DIR/flotilla.sock where /run/flotilla cannot be used.
+    #[arg(long = "socket", value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
 }

@@ -1,6 +1,6 @@
 //! `flotilla up`: one process running a manager (store, API, controllers) and an agent.
 
-use crate::manager::{Manager, ManagerConfig};
+use crate::manager::{ApiSocket, Manager, ManagerConfig};
 use crate::node_dir;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -21,7 +21,8 @@ pub struct UpArgs {
     /// Where the store, task state and logs live.
     #[arg(long, env = "FLOTILLA_DATA_DIR", default_value_os_t = node_dir::default_data_dir())]
     pub data_dir: PathBuf,
-    /// Address the API listens on. Non-loopback clients must present the token in DATA_DIR/api-token.
+    /// Address the TCP API listens on. Every client, loopback included, must present the token
+    /// in DATA_DIR/api-token; local administrators use the Unix socket (--socket) instead.
     #[arg(long, default_value = "127.0.0.1:7450")]
     pub api_addr: SocketAddr,
     /// Deploy the demo app (3 replicas of `flotilla demo-app`) and print where to reach it.
@@ -41,9 +42,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     // One `up` per data dir: a second one would fight over the store and the tasks.
     let _lock = node_dir::lock(&args.data_dir)?;
     let node_name = node_dir::node_name(args.common.node_name.as_deref(), &args.data_dir)?;
-    let token = node_dir::load_or_create(&args.data_dir.join("api-token"), || {
-        format!("{:032x}", rand::random::<u128>())
-    })?;
+    let token = node_dir::api_token(&args.data_dir)?;
 
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
@@ -55,7 +54,8 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         raft_id: 1,
         advertise: api_addr.to_string(),
         local_api: listener,
-        token: Some(token),
+        token: Some(token.clone()),
+        socket: ApiSocket::from_flag(args.common.socket.as_deref()),
         bootstrap: true,
         controllers: ControllerConfig {
             node_grace: args.node_grace,
@@ -70,7 +70,8 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     let api_url = format!("http://{api_addr}");
     let agent = Agent::new(AgentConfig {
         node_id: node_name.clone(),
-        api: Client::new(&api_url, None)?,
+        // The in-process agent authenticates like any other client.
+        api: Client::new(&api_url, Some(token.clone()))?,
         state_dir: args.data_dir.join("agent"),
         heartbeat: (args.node_grace / 4).max(Duration::from_millis(250)),
         task_ports: node_dir::task_ports(
@@ -87,11 +88,16 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     let agent = tokio::spawn(agent.run(stop_rx.clone()));
 
     println!(
-        "flotilla is up: node {node_name}, API {api_url}, data in {}",
+        "flotilla is up: node {node_name}, API {api_url}{}, data in {}",
+        manager
+            .socket
+            .as_ref()
+            .map(|p| format!(" and unix://{}", p.display()))
+            .unwrap_or_default(),
         args.data_dir.display()
     );
     if args.demo {
-        if let Err(e) = deploy_demo(&api_url, args.mesh.config().map(|m| m.bind_ip)).await {
+        if let Err(e) = deploy_demo(&api_url, &token, args.mesh.config().map(|m| m.bind_ip)).await {
             eprintln!("demo deploy failed: {e:#}");
         }
     }
@@ -121,11 +127,11 @@ pub(crate) async fn wait_for_signal() {
 /// Deploys the demo (unless it exists), waits for its replicas, then prints where it answers:
 /// the published URL through this node's mesh first (`mesh`: its bind address, `None` with
 /// `--no-mesh`), then each replica's private host port.
-async fn deploy_demo(api_url: &str, mesh: Option<IpAddr>) -> anyhow::Result<()> {
+async fn deploy_demo(api_url: &str, token: &str, mesh: Option<IpAddr>) -> anyhow::Result<()> {
     let compose =
         flotilla_compose::parse_str(DEMO_COMPOSE, "examples/demo/compose.yaml", Path::new("."))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let client = Client::new(api_url, None)?;
+    let client = Client::new(api_url, Some(token.to_string()))?;
     // A restart of `up --demo` leaves an existing demo (perhaps scaled) as it is.
     if client.service("demo").await.is_err() {
         client

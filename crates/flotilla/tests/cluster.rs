@@ -57,11 +57,16 @@ impl Member {
         }
     }
 
-    /// The CLI against this manager's loopback API.
+    /// This node's API socket (served while it is a manager), as a local administrator uses it.
+    fn socket(&self) -> PathBuf {
+        self.data_dir.join("flotilla.sock")
+    }
+
+    /// The CLI against this manager's Unix socket.
     fn cli(&self, args: &[&str]) -> Output {
-        let api = self.api.as_ref().expect("a manager");
+        assert!(self.api.is_some(), "{} is not a manager", self.name);
         Command::new(BIN)
-            .args(["--addr", &format!("http://{api}")])
+            .args(["--addr", &format!("unix://{}", self.socket().display())])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -174,6 +179,11 @@ impl Fleet {
         if let Some(api) = &api {
             args.extend(["--api-addr".into(), api.clone()]);
         }
+        // Its own socket, not /run/flotilla/flotilla.sock, which parallel tests would share.
+        args.extend([
+            "--socket".into(),
+            data_dir.join("flotilla.sock").display().to_string(),
+        ]);
         let mut m = Member {
             name: name.into(),
             log: self.dir.path().join(format!("{name}.log")),
@@ -242,12 +252,11 @@ fn node_roles(m: &Member) -> Vec<(String, String, String)> {
 }
 
 fn managers(m: &Member) -> Vec<Value> {
+    assert!(m.api.is_some(), "{} is not a manager", m.name);
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5"])
-        .arg(format!(
-            "http://{}/v1/cluster/managers",
-            m.api.as_ref().expect("manager")
-        ))
+        .args(["-sS", "--max-time", "5", "--unix-socket"])
+        .arg(m.socket())
+        .arg("http://localhost/v1/cluster/managers")
         .output()
         .expect("curl");
     serde_json::from_slice::<Value>(&out.stdout)
@@ -1032,8 +1041,8 @@ fn keep_certificate(fleet: &Fleet, name: &str) -> Member {
 /// loopback API).
 fn leave(m: &Member, extra: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
-    if let Some(api) = &m.api {
-        cmd.args(["--addr", &format!("http://{api}")]);
+    if m.api.is_some() {
+        cmd.args(["--addr", &format!("unix://{}", m.socket().display())]);
     }
     cmd.arg("leave")
         .arg("--data-dir")
@@ -1301,13 +1310,25 @@ fn promote_demote_and_leave_in_place() {
 fn an_init_manager_serves_its_mesh_metrics() {
     let mut fleet = Fleet::new();
     fleet.add("m1", &["init", "--mesh-bind", "127.0.0.1"], true);
-    join_token(fleet.get("m1"), "worker");
+    let worker_token = join_token(fleet.get("m1"), "worker");
     wait_ready_nodes(fleet.get("m1"), &[("m1", "manager")]);
+    // Issue 13: `init` writing to a log says where the join tokens are instead of printing them.
+    let log = fleet.get("m1").log();
+    assert!(!log.contains(&worker_token), "{}", tail(&log, 20));
+    assert!(
+        log.contains("flotilla token show worker"),
+        "{}",
+        tail(&log, 20)
+    );
     let api = fleet.get("m1").api.clone().expect("a manager");
     let (host, port) = api.rsplit_once(':').expect("IP:PORT");
     let port: u16 = port.parse().expect("a port");
+    // Like every TCP request, a scrape needs the API token.
+    let token = std::fs::read_to_string(fleet.get("m1").data_dir.join("api-token"))
+        .expect("the manager's api-token");
+    let bearer = format!("Authorization: Bearer {}", token.trim());
     let metrics = wait_for("the manager's /metrics", LONG, || {
-        let (status, body) = common::http_get_from(host, port, "/metrics", &[])?;
+        let (status, body) = common::http_get_from(host, port, "/metrics", &[&bearer])?;
         assert_ne!(status, 404, "GET /metrics on an init manager: {body}");
         (status == 200).then_some(body)
     });

@@ -399,8 +399,8 @@ fn events_record_service_and_task_changes() {
     assert!(running >= 3, "{ev}");
 }
 
-/// The API is never open to the network without authentication: loopback is trusted, other
-/// peers need the bearer token from DATA_DIR/api-token.
+/// The API is never open to the network without authentication: every TCP peer needs the
+/// bearer token from DATA_DIR/api-token, loopback included.
 #[test]
 fn remote_api_requires_token() {
     let Some(ip) = external_ipv4() else {
@@ -408,12 +408,20 @@ fn remote_api_requires_token() {
         return;
     };
     let c = Cluster::start_public();
-    let token = std::fs::read_to_string(c.data_dir().join("api-token")).expect("token file");
-    let token = token.trim();
+    let token = c.token();
+    let token = token.as_str();
     let (status, body) =
         http_get_from(&ip, c.api_port, "/v1/services", &[]).expect("API reachable");
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("authentication required"), "{body}");
+    let (status, body) =
+        http_get_from("127.0.0.1", c.api_port, "/v1/services", &[]).expect("API reachable");
+    assert_eq!(status, 401, "loopback is not trusted: {body}");
+    // The scheme is case-insensitive (RFC 9110).
+    let lowercase = format!("Authorization: bearer {token}");
+    let (status, body) =
+        http_get_from(&ip, c.api_port, "/v1/services", &[&lowercase]).expect("API reachable");
+    assert_eq!(status, 200, "{body}");
     let (status, body) = http_get_from(
         &ip,
         c.api_port,
@@ -637,7 +645,8 @@ fn higher_priority_service_preempts_lower_priority_tasks() {
 fn watch_heartbeats_arrive_between_filtered_out_changes() {
     let c = Cluster::start();
     let out = sh(&format!(
-        "curl -sN --max-time 12 'http://127.0.0.1:{}/v1/watch?kind=service'",
+        "curl -sN --max-time 12 -H '{}' 'http://127.0.0.1:{}/v1/watch?kind=service'",
+        c.bearer(),
         c.api_port
     ));
     let body = stdout(&out);
@@ -646,4 +655,74 @@ fn watch_heartbeats_arrive_between_filtered_out_changes() {
         "no heartbeat in 12 s of a service watch:\n{}",
         tail(&body, 5)
     );
+}
+
+/// Issue 13: a local user who is not root gets nothing: the TCP API answers 401 (no trust by
+/// address), the Unix socket refuses to connect (mode 0660, root's), and the data dir with the
+/// store and the token is private. Root uses the socket with no token.
+#[test]
+fn unprivileged_local_users_get_nothing() {
+    let c = Cluster::start();
+    let user = format!("flt{}", std::process::id());
+    let added = sh(&format!("useradd --no-create-home --system {user}"));
+    assert!(added.status.success(), "useradd: {}", stderr(&added));
+    struct DelUser(String);
+    impl Drop for DelUser {
+        fn drop(&mut self) {
+            sh(&format!("userdel {}", self.0));
+        }
+    }
+    let _user = DelUser(user.clone());
+    let as_user = |cmd: &str| sh(&format!("runuser -u {user} -- sh -c \"{cmd}\" 2>&1"));
+
+    let tcp = as_user(&format!(
+        "curl -s -w '\\n%{{http_code}}' http://127.0.0.1:{}/v1/services",
+        c.api_port
+    ));
+    let text = stdout(&tcp);
+    assert!(text.trim_end().ends_with("401"), "{text}");
+    assert!(text.contains("authentication required"), "{text}");
+
+    // Only the socket's own mode stands in the way: let anyone through the data dir.
+    let data = c.data_dir();
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("api-token")), 0o600);
+    assert_eq!(mode(&data.join("store")), 0o700);
+    for f in std::fs::read_dir(data.join("store")).expect("store dir") {
+        let f = f.expect("entry").path();
+        if f.is_file() {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+    }
+    assert_eq!(mode(&c.socket()), 0o660);
+    sh(&format!(
+        "chmod 0711 {} {}",
+        c.dir.path().display(),
+        data.display()
+    ));
+    let socket = as_user(&format!(
+        "{BIN} --addr unix://{} service ls",
+        c.socket().display()
+    ));
+    sh(&format!("chmod 0700 {}", data.display()));
+    assert!(!socket.status.success(), "{}", stdout(&socket));
+    assert!(
+        stdout(&socket).contains("Permission denied (os error 13)"),
+        "{}",
+        stdout(&socket)
+    );
+
+    // Root: the CLI over the socket, no token.
+    let out = std::process::Command::new(BIN)
+        .args(["service", "ls"])
+        .env("FLOTILLA_SOCKET", c.socket())
+        .env_remove("FLOTILLA_ADDR")
+        .env_remove("FLOTILLA_TOKEN")
+        .output()
+        .expect("run flotilla");
+    assert!(out.status.success(), "{}", stderr(&out));
 }

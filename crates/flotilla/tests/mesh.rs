@@ -626,7 +626,8 @@ fn api_put(c: &Cluster, path: &str, json: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", c.api_port)).expect("connect to the API");
     write!(
         s,
-        "PUT {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        "PUT {path} HTTP/1.0\r\nHost: localhost\r\n{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        c.bearer(),
         json.len()
     )
     .expect("send");
@@ -714,7 +715,7 @@ fn discovery_env_dns_and_metrics() {
 
     wait_served(port, "127.0.0.1");
     let metrics = wait_for("metrics", Duration::from_secs(10), || {
-        let (status, body) = get(c.api_port, "/metrics").ok()?;
+        let (status, body) = http_get_from("127.0.0.1", c.api_port, "/metrics", &[&c.bearer()])?;
         (status == 200 && body.contains("flotilla_mesh_requests_total")).then_some(body)
     });
     assert!(metrics.contains("service=\"my-db\""), "{metrics}");

@@ -206,7 +206,7 @@ fn drain_under_load_respects_the_disruption_budget() {
     let stop = Arc::new(AtomicBool::new(false));
     let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
     let client = {
-        let (stop, samples, addr) = (stop.clone(), samples.clone(), c.addr());
+        let (stop, samples, addr) = (stop.clone(), samples.clone(), c.socket_addr());
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 let out = std::process::Command::new(BIN)

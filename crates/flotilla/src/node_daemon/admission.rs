@@ -53,13 +53,24 @@ pub(super) fn create_cluster(
     Ok(())
 }
 
+/// Prints the join commands, tokens included, on a terminal. Anywhere else (a log, a
+/// journal) it says where to read them instead: a join token admits a node to the cluster.
 pub(super) fn print_join_commands(tokens: &TokensResponse, advertise: SocketAddr) {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        println!(
+            "join tokens are not printed to a non-terminal; on this manager, as root (or a \
+             member of the flotilla group), run `flotilla token show worker` or \
+             `flotilla token show manager` for the join command"
+        );
+        return;
+    }
     println!(
-        "to add a worker:  flotilla join --token {} {advertise}",
+        "to add a worker:  FLOTILLA_JOIN_TOKEN={} flotilla join {advertise}",
         tokens.worker
     );
     println!(
-        "to add a manager: flotilla join --token {} {advertise} --advertise-addr IP:PORT",
+        "to add a manager: FLOTILLA_JOIN_TOKEN={} flotilla join {advertise} --advertise-addr IP:PORT",
         tokens.manager
     );
 }
@@ -71,7 +82,8 @@ pub(super) async fn obtain_credentials(
     name: &str,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    let token: JoinToken = args.token.parse().context("--token")?;
+    let (text, from) = join_token_text(args)?;
+    let token: JoinToken = text.parse().with_context(|| from.to_string())?;
     let bootstrap = Client::with_tls(&args.manager, bootstrap_client_config()?)?;
     let ca = bootstrap
         .cluster_ca()
@@ -86,7 +98,7 @@ pub(super) async fn obtain_credentials(
         .or((!args.node.listen_addr.ip().is_unspecified()).then_some(args.node.listen_addr));
     let response = pinned
         .join_cluster(&JoinRequest {
-            token: args.token.trim().to_string(),
+            token: text.clone(),
             node_name: name.to_string(),
             advertise_addr: advertise.map(|a| a.to_string()),
             csr_pem: key.csr_pem(name)?,
@@ -97,6 +109,33 @@ pub(super) async fn obtain_credentials(
     save_admission(&args.node.data_dir, dir, response, &key)?;
     println!("joined as {role} {name}");
     Ok(())
+}
+
+/// The join token from `--token-file`, FLOTILLA_JOIN_TOKEN or `--token`, and where it came
+/// from (for errors).
+fn join_token_text(args: &JoinArgs) -> anyhow::Result<(String, String)> {
+    let (text, from) = match (&args.token_file, &args.token) {
+        (Some(file), _) => (
+            std::fs::read_to_string(file)
+                .with_context(|| format!("--token-file {}: cannot read", file.display()))?,
+            format!("--token-file {}", file.display()),
+        ),
+        (None, Some(token)) => (
+            token.clone(),
+            "--token (or FLOTILLA_JOIN_TOKEN)".to_string(),
+        ),
+        (None, None) => {
+            return Err(anyhow!(
+                "this node has not joined yet: give the join token in FLOTILLA_JOIN_TOKEN or \
+                 --token-file FILE (`flotilla token show worker|manager` on a manager prints it)"
+            ))
+        }
+    };
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        return Err(anyhow!("{from}: the join token is empty"));
+    }
+    Ok((text, from))
 }
 
 /// Saves what a manager answered to a join or a promotion: the certificate for `key`, and for
@@ -131,4 +170,46 @@ pub(super) fn save_admission(
     }
     .save(dir)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn join_args(extra: &[&str]) -> JoinArgs {
+        let mut argv = vec!["flotilla", "join", "127.0.0.1:7451"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::try_parse_from(argv)
+            .expect("valid arguments")
+            .command
+        {
+            crate::cli::Command::Join(args) => args,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_join_token_comes_from_a_file_or_the_flag_and_never_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "FLTKN-from-file\n").expect("write");
+        let path = file.display().to_string();
+        let (token, from) =
+            join_token_text(&join_args(&["--token-file", &path])).expect("token from the file");
+        assert_eq!(token, "FLTKN-from-file");
+        assert!(from.contains("--token-file"));
+        let (token, _) = join_token_text(&join_args(&["--token", " FLTKN-x "])).expect("flag");
+        assert_eq!(token, "FLTKN-x");
+
+        std::fs::write(&file, "\n").expect("write");
+        let empty = join_token_text(&join_args(&["--token-file", &path])).unwrap_err();
+        assert!(format!("{empty:#}").contains("empty"), "{empty:#}");
+        let missing = dir.path().join("none").display().to_string();
+        let unreadable = join_token_text(&join_args(&["--token-file", &missing])).unwrap_err();
+        assert!(
+            format!("{unreadable:#}").contains("cannot read"),
+            "{unreadable:#}"
+        );
+    }
 }

@@ -9,7 +9,7 @@ use super::membership::{
 use super::Next;
 use crate::agent_cmd::{run_worker, WorkerConfig};
 use crate::cluster_args::NodeArgs;
-use crate::manager::{ClusterServing, Manager, ManagerConfig};
+use crate::manager::{ApiSocket, ClusterServing, Manager, ManagerConfig};
 use crate::node_dir;
 use anyhow::{anyhow, bail, Context};
 use flotilla_api::cluster::ClusterSecurity;
@@ -113,8 +113,9 @@ async fn start_manager(
         raft_id,
         advertise: start.advertise.to_string(),
         local_api: local_listener,
-        // The plain API is loopback only, where the local CLI is trusted.
-        token: None,
+        // The plain API is loopback only, and still needs the token (or the Unix socket).
+        token: Some(node_dir::api_token(&node.data_dir)?),
+        socket: ApiSocket::from_flag(node.common.socket.as_deref()),
         bootstrap: start.join_via.is_none() && (raft_id == 1 || start.forced),
         controllers: ControllerConfig {
             node_grace: node.node_grace,
@@ -234,7 +235,10 @@ async fn announce_cluster(
         )
         .await;
     }
-    let local = Client::new(&format!("http://{}", node.api_addr), None)?;
+    let local = Client::new(
+        &format!("http://{}", node.api_addr),
+        Some(node_dir::api_token(&node.data_dir)?),
+    )?;
     if let Ok(tokens) = local.join_tokens().await {
         print_join_commands(&tokens, advertise);
     }

@@ -84,6 +84,7 @@ pub async fn join(args: &JoinArgs) -> anyhow::Result<ExitCode> {
     let joined_now = !NodeCredentials::exists(&dir);
     if joined_now {
         admission::obtain_credentials(args, &name, &dir).await?;
+        crate::private_files::make_private(&node.data_dir)?;
     }
     let creds = NodeCredentials::load(&dir)?;
     let first = match creds.identity()?.role {

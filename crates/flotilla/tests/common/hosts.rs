@@ -215,13 +215,13 @@ impl Hosts {
                 host.cluster_addr()
             ),
             (_, Role::Manager) => format!(
-                "/flotilla join --token {} {} {common} --advertise-addr {}",
+                "FLOTILLA_JOIN_TOKEN={} /flotilla join {} {common} --advertise-addr {}",
                 token.unwrap_or(&self.manager_token),
                 self.host("m1").cluster_addr(),
                 host.cluster_addr()
             ),
             (_, Role::Worker) => format!(
-                "/flotilla join --token {} {} {common} --advertise-addr {}",
+                "FLOTILLA_JOIN_TOKEN={} /flotilla join {} {common} --advertise-addr {}",
                 token.unwrap_or(&self.worker_token),
                 self.host("m1").cluster_addr(),
                 host.cluster_addr()
@@ -287,7 +287,8 @@ impl Hosts {
             role: Role::Worker,
         };
         let cmd = format!(
-            "timeout 60 /flotilla join --token {token} {} --data-dir /data --node-name {name}",
+            "FLOTILLA_JOIN_TOKEN={token} timeout 60 /flotilla join {} --data-dir /data \
+             --node-name {name}",
             self.host("m1").cluster_addr()
         );
         self.hosts.push(host.clone());
@@ -526,23 +527,24 @@ impl Exec {
         docker(&a)
     }
 
-    /// The flotilla CLI run inside `name` against its loopback API, bounded by `timeout 20`
-    /// so a CLI stuck on a cut-off host cannot hang the test.
+    /// The flotilla CLI run inside `name` as root with no address: it uses the manager's Unix
+    /// socket, /run/flotilla/flotilla.sock. Bounded by `timeout 20` so a CLI stuck on a cut-off
+    /// host cannot hang the test.
     pub fn cli_output(&self, name: &str, args: &[&str]) -> Output {
         let mut a = vec!["timeout", "20", "/flotilla"];
         a.extend_from_slice(args);
         self.exec(name, &a)
     }
 
-    /// `GET` of each of `paths` on the loopback API of `name`, in one `docker exec`: the JSON
-    /// body of each 2xx answer. (busybox's static wget crashes in this image; raw HTTP/1.0
+    /// `GET` of each of `paths` on the loopback API of `name` with its API token, in one
+    /// `docker exec`: the JSON body of each 2xx answer. (busybox's static wget crashes in this image; raw HTTP/1.0
     /// through nc works.)
     pub fn api_get(&self, name: &str, paths: &[&str]) -> Vec<Option<Value>> {
         let script: String = paths
             .iter()
             .map(|p| {
                 format!(
-                    "printf 'GET {p} HTTP/1.0\\r\\n\\r\\n' | timeout 3 nc 127.0.0.1 7450; echo; echo @@END@@;"
+                    "printf 'GET {p} HTTP/1.0\\r\\nAuthorization: Bearer %s\\r\\n\\r\\n' \"$(cat /data/api-token)\" | timeout 3 nc 127.0.0.1 7450; echo; echo @@END@@;"
                 )
             })
             .collect();

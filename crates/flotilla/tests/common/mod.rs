@@ -141,8 +141,33 @@ impl Cluster {
         self.dir.path().join("data")
     }
 
+    /// The TCP API, which needs [`Cluster::token`].
     pub fn addr(&self) -> String {
         format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// This cluster's API socket: its own (`up --socket`), not /run/flotilla/flotilla.sock,
+    /// which parallel tests would share.
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir().join("flotilla.sock")
+    }
+
+    /// The socket as a CLI address (`--addr` / FLOTILLA_ADDR).
+    pub fn socket_addr(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// The API token `up` keeps in DATA_DIR/api-token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("api-token"))
+            .expect("the api-token of a started cluster")
+            .trim()
+            .to_string()
+    }
+
+    /// `Authorization` header line for [`http_get_from`].
+    pub fn bearer(&self) -> String {
+        format!("Authorization: Bearer {}", self.token())
     }
 
     /// Starts `flotilla up` (again) on this cluster's data dir and waits for its API. The API
@@ -179,6 +204,8 @@ impl Cluster {
             .arg(format!("{}:{}", self.api_host, self.api_port))
             .arg("--task-ports")
             .arg(format!("{}-{}", self.task_ports.0, self.task_ports.1))
+            .arg("--socket")
+            .arg(self.socket())
             .args(&self.extra_args)
             .env("FLOTILLA_LOG", "info,openraft=warn")
             .stdout(log.try_clone().expect("clone log"))
@@ -186,7 +213,8 @@ impl Cluster {
             .spawn()
             .expect("spawn flotilla up");
         self.child = Some(child);
-        let addr = self.addr();
+        // The socket is this cluster's own, so whoever answers on it is this `up`.
+        let addr = self.socket_addr();
         // `up` says "flotilla is up: …, API http://HOST:PORT" once it holds the port; only this
         // start's part of the (appended) log counts.
         let started = format!(", API http://{}:{}", self.api_host, self.api_port);
@@ -281,6 +309,7 @@ impl Cluster {
     /// (Re)starts the agent process of an added agent and waits for its node to be ready.
     pub fn start_agent(&mut self, name: &str) {
         let addr = self.addr();
+        let token = self.token();
         let a = self.agent_mut(name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -305,6 +334,8 @@ impl Cluster {
                     .then(|| format!("--task-ports={}-{}", a.task_ports.0, a.task_ports.1)),
             )
             .args(&a.extra_args)
+            // Agents authenticate with the API token, as an operator starts them.
+            .env("FLOTILLA_TOKEN", token)
             .env("FLOTILLA_LOG", "info")
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
@@ -365,10 +396,11 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
     }
 
+    /// The CLI as a local administrator runs it: over the manager's Unix socket.
     pub fn run(&self, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
-            .env("FLOTILLA_ADDR", self.addr())
+            .env("FLOTILLA_ADDR", self.socket_addr())
             .stdin(Stdio::null())
             .output()
             .expect("run flotilla")
