@@ -18,9 +18,11 @@ RUNS=${RUNS:-5}
 API_PORT=${API_PORT:-19460}
 PORT=${PORT:-19461}
 TIMEOUT=${TIMEOUT:-2m}
-export FLOTILLA_ADDR="http://127.0.0.1:$API_PORT"
 
 workdir=$(mktemp -d)
+# The CLI reaches this cluster through its own socket (file permissions are the credential).
+export FLOTILLA_SOCKET="$workdir/flotilla.sock"
+unset FLOTILLA_ADDR
 up_pid=""
 cleanup() {
     if [ -n "$up_pid" ]; then
@@ -33,7 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$FLOTILLA" up --data-dir "$workdir/data" --api-addr "127.0.0.1:$API_PORT" \
+"$FLOTILLA" up --data-dir "$workdir/data" --api-addr "127.0.0.1:$API_PORT" --socket "$FLOTILLA_SOCKET" \
     --mesh-bind 127.0.0.1 >"$workdir/up.log" 2>&1 &
 up_pid=$!
 for _ in $(seq 1 150); do

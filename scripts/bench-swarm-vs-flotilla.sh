@@ -30,7 +30,6 @@ LOAD_FOR=${LOAD_FOR:-60s}
 SWARM_PORT=${SWARM_PORT:-19080}
 FLOTILLA_PORT=${FLOTILLA_PORT:-19081}
 API_PORT=${API_PORT:-19450}
-export FLOTILLA_ADDR="http://127.0.0.1:$API_PORT"
 run=$$
 swarm_service="bench-web-$run"
 swarm_network="bench-net-$run"
@@ -41,6 +40,9 @@ docker info >/dev/null
 "$FLOTILLA" demo-image >/dev/null
 
 workdir=$(mktemp -d)
+# The CLI reaches this cluster through its own socket (file permissions are the credential).
+export FLOTILLA_SOCKET="$workdir/flotilla.sock"
+unset FLOTILLA_ADDR
 up_pid=""
 swarm_state=$(docker info --format '{{.Swarm.LocalNodeState}}')
 if [ "$swarm_state" != "inactive" ]; then
@@ -129,7 +131,7 @@ measure swarm-start-first "$swarm_url" "${swarm_load[@]}" -- docker service upda
 docker service rm "$swarm_service" >/dev/null
 
 # Flotilla.
-"$FLOTILLA" up --data-dir "$workdir/flotilla" --api-addr "127.0.0.1:$API_PORT" --mesh-bind 127.0.0.1 >"$workdir/up.log" 2>&1 &
+"$FLOTILLA" up --data-dir "$workdir/flotilla" --api-addr "127.0.0.1:$API_PORT" --socket "$FLOTILLA_SOCKET" --mesh-bind 127.0.0.1 >"$workdir/up.log" 2>&1 &
 up_pid=$!
 for _ in $(seq 60); do "$FLOTILLA" node ls >/dev/null 2>&1 && break; sleep 1; done
 compose() { # version strategy
