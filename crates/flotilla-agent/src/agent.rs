@@ -505,13 +505,20 @@ async fn serve_logs(
         Some(mesh) => app.merge(mesh.routes()),
         None => app,
     };
-    let secret = match auth {
-        ServerAuth::Mtls(tls) => return serve_mtls(listener, tls, app, shutdown).await,
-        ServerAuth::Bearer(secret) => secret,
+    // Without mTLS every request must carry the node's agent secret (the mesh routes too).
+    let (tls, app) = match auth {
+        ServerAuth::Mtls(tls) => (Some(tls), app),
+        ServerAuth::Bearer(secret) => (
+            None,
+            app.layer(axum::middleware::from_fn(move |req, next| {
+                crate::agent_auth::require_secret(secret.clone(), req, next)
+            })),
+        ),
     };
-    let app = app.layer(axum::middleware::from_fn(move |req, next| {
-        crate::agent_auth::require_secret(secret.clone(), req, next)
-    }));
+    if let Some(tls) = tls {
+        serve_mtls(listener, tls, app, shutdown).await;
+        return;
+    }
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = until_true(&mut shutdown).await;

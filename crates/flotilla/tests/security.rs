@@ -35,6 +35,20 @@ fn stats(c: &Cluster, task: &str) -> Value {
 fn a_workload_cannot_use_its_agents_server() {
     let c = Cluster::start();
     let agent = agent_addr(&c);
+    // The node's secret is private to root, and no API reader sees it.
+    let secret_file = c.data_dir().join("agent").join("agent-secret");
+    let secret = std::fs::read_to_string(&secret_file).expect("the agent's secret file");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&secret_file)
+            .expect("secret file")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let nodes = c.ok(&["node", "ls", "-o", "json"]);
+    assert!(
+        !nodes.contains(secret.trim()),
+        "node ls shows the agent secret"
+    );
     let base = format!("http://{agent}");
     let script = format!(
         r#"id=$FLOTILLA_TASK_ID
