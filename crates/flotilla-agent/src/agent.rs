@@ -41,6 +41,8 @@ pub enum AgentError {
     Listen(std::io::Error),
     #[error("mesh: {0}")]
     Mesh(#[from] MeshNodeError),
+    #[error(transparent)]
+    Secret(#[from] crate::agent_auth::SecretError),
     #[error("{path}: {source}")]
     StateFile {
         path: PathBuf,
@@ -77,6 +79,8 @@ pub struct Agent {
     /// Container images on this node, kept current from the engine's image events and
     /// re-reported by the heartbeat loop; `None` without a docker engine.
     images: Option<watch::Receiver<Vec<String>>>,
+    /// Who the agent server answers: managers only, by mTLS or by bearer secret.
+    auth: ServerAuth,
 }
 
 impl Agent {
@@ -111,6 +115,12 @@ impl Agent {
         let log_listener = tokio::net::TcpListener::bind((bind_ip, 0))
             .await
             .map_err(AgentError::Listen)?;
+        let auth = match &cfg.agent_tls {
+            Some(tls) => ServerAuth::Mtls(tls.clone()),
+            None => {
+                ServerAuth::Bearer(crate::agent_auth::load_or_create_secret(&cfg.state_dir)?.into())
+            }
+        };
         Ok(Agent {
             cfg,
             drivers,
@@ -118,6 +128,7 @@ impl Agent {
             log_listener,
             mesh,
             images,
+            auth,
         })
     }
 
@@ -147,6 +158,10 @@ impl Agent {
                 }),
             advertise_ip: self.cfg.advertise_ip,
             port_conflicts: Vec::new(),
+            agent_secret: match &self.auth {
+                ServerAuth::Bearer(secret) => Some(secret.to_string()),
+                ServerAuth::Mtls(_) => None,
+            },
         }
     }
 
@@ -189,7 +204,7 @@ impl Agent {
             let conflicts = self.mesh.as_ref().map(|m| m.port_conflicts());
             let reported = Reported { port_conflicts: conflicts, images: self.images.clone() };
             let heartbeat = tokio::spawn(heartbeat_loop(client.clone(), reg, reported, self.cfg.heartbeat, shutdown.clone()));
-            let logs = tokio::spawn(serve_logs(self.log_listener, self.cfg.agent_tls.clone(), self.drivers.clone(), self.mesh.clone(), shutdown.clone()));
+            let logs = tokio::spawn(serve_logs(self.log_listener, self.auth.clone(), self.drivers.clone(), self.mesh.clone(), shutdown.clone()));
             let mesh = self.mesh.clone().map(|m| {
                 tokio::spawn(m.run(client.clone(), self.cfg.node_id.clone(), shutdown.clone()).in_current_span())
             });
@@ -383,11 +398,21 @@ async fn heartbeat_once(client: Client, reg: NodeRegistration) {
     }
 }
 
+/// How the agent server tells its manager from anyone else who connects.
+#[derive(Clone)]
+enum ServerAuth {
+    /// Cluster nodes: TLS whose config accepts only manager certificates.
+    Mtls(Arc<rustls::ServerConfig>),
+    /// Loopback plain HTTP: every request must carry this bearer secret.
+    Bearer(Arc<str>),
+}
+
 /// Serves `GET /tasks/{id}/logs?follow=&tail=`, `GET /tasks/{id}/stats` and
-/// `POST /tasks/{id}/resources` (a `Resources` body) for the manager to proxy.
+/// `POST /tasks/{id}/resources` (a `Resources` body) for the manager to proxy, to the manager
+/// only (see [`ServerAuth`]).
 async fn serve_logs(
     listener: tokio::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    auth: ServerAuth,
     drivers: BTreeMap<DriverKind, Arc<dyn Driver>>,
     mesh: Option<Arc<MeshNode>>,
     mut shutdown: watch::Receiver<bool>,
@@ -479,6 +504,16 @@ async fn serve_logs(
     let app = match mesh {
         Some(mesh) => app.merge(mesh.routes()),
         None => app,
+    };
+    // Without mTLS every request must carry the node's agent secret (the mesh routes too).
+    let (tls, app) = match auth {
+        ServerAuth::Mtls(tls) => (Some(tls), app),
+        ServerAuth::Bearer(secret) => (
+            None,
+            app.layer(axum::middleware::from_fn(move |req, next| {
+                crate::agent_auth::require_secret(secret.clone(), req, next)
+            })),
+        ),
     };
     if let Some(tls) = tls {
         serve_mtls(listener, tls, app, shutdown).await;

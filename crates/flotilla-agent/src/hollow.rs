@@ -65,6 +65,7 @@ impl HollowFleet {
                 agent_addr: None,
                 advertise_ip: None,
                 port_conflicts: Vec::new(),
+                agent_secret: None,
             })
             .collect();
         HollowFleet {

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod agent_auth;
 pub mod cgroup;
 pub mod docker;
 mod docker_create;
@@ -23,4 +24,5 @@ mod reconciler;
 mod runner;
 pub mod shim;
 pub mod sim;
+pub mod task_user;
 pub mod trampoline;

@@ -25,6 +25,7 @@ use futures::StreamExt;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{Group, Pid, User};
 use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -45,6 +46,8 @@ pub struct ProcessDriver {
     shim_exe: PathBuf,
     log_limits: LogLimits,
     linger_after_exit: Duration,
+    /// Who tasks without `user:` run as (see [`crate::task_user`]).
+    default_user: Option<UserIds>,
 }
 
 impl ProcessDriver {
@@ -66,6 +69,7 @@ impl ProcessDriver {
             shim_exe,
             log_limits: LogLimits::default(),
             linger_after_exit: DEFAULT_LINGER,
+            default_user: crate::task_user::default_task_user(),
         })
     }
 
@@ -141,7 +145,7 @@ impl ProcessDriver {
         }
         let env = task_environment(task, ports)?;
         let working_dir = match &spec.working_dir {
-            None => dir.to_path_buf(),
+            None => dir.join(crate::task_user::WORK_DIR),
             Some(wd) => {
                 let p = PathBuf::from(wd);
                 if !p.is_absolute() {
@@ -160,7 +164,7 @@ impl ProcessDriver {
             }
         };
         let user = match &spec.user {
-            None => None,
+            None => self.default_user,
             Some(u) => Some(resolve_user(u).map_err(|reason| invalid("user", reason))?),
         };
         let stop_signal = match &spec.stop_signal {
@@ -206,7 +210,13 @@ impl ProcessDriver {
             path: log_path.clone(),
             source,
         };
-        let log = std::fs::File::create(&log_path).map_err(io_err)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(io_err)?;
         let log_err = log.try_clone().map_err(io_err)?;
         let mut child = tokio::process::Command::new(&self.shim_exe)
             .arg(SHIM_SUBCOMMAND)
@@ -485,10 +495,16 @@ impl Driver for ProcessDriver {
             });
         }
         let spec = self.shim_spec(task, ports, &dir)?;
-        std::fs::create_dir_all(&dir).map_err(|source| DriverError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        let own_work_dir = spec.working_dir == dir.join(crate::task_user::WORK_DIR);
+        crate::task_user::create_task_dir(&dir)
+            .and_then(|()| match own_work_dir {
+                true => crate::task_user::create_work_dir(&dir, spec.user),
+                false => Ok(()),
+            })
+            .map_err(|source| DriverError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         let result = async {
             write_json_atomic(&dir.join(SPEC_FILE), &spec)?;
             let mut shim_exit = self.launch_shim(&dir)?;

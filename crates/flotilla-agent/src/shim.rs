@@ -560,7 +560,22 @@ pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<
         path: path.to_path_buf(),
         source,
     })?;
-    std::fs::write(&tmp, bytes).map_err(io_err)?;
+    // Private to root: `spec.json` holds the task's environment (its secrets among it).
+    let write = || -> io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&bytes)
+    };
+    write().map_err(io_err)?;
     std::fs::rename(&tmp, path).map_err(io_err)
 }
 

@@ -35,6 +35,13 @@ fn shell_task(script: &str) -> Task {
     ))
 }
 
+/// A shell task that runs as root: its script or probes use the test's root-only temp dir.
+fn root_shell_task(script: &str) -> Task {
+    let mut task = shell_task(script);
+    task.spec.user = Some("root".into());
+    task
+}
+
 /// Polls `check` until it returns Some, failing the test after a generous deadline.
 async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -401,14 +408,14 @@ async fn log_files_rotate_within_bounds_and_follow_ends_at_exit() {
             max_files: 2,
         })
         .unwrap();
-    // Waits for `go` (in its working dir, the task dir) so the follower is attached first.
+    // Waits for `go` (in its working dir, `<task dir>/work`) so the follower is attached first.
     let task = shell_task(
         "while [ ! -f go ]; do sleep 0.05; done; i=0; while [ $i -lt 3000 ]; do echo \"line $i\"; i=$((i+1)); done",
     );
     d.start(&task, &[]).await.unwrap();
     let dir = state.path().join("tasks").join(&task.id);
     let mut follow = d.logs(&task.id, Some(0), true).await.unwrap();
-    std::fs::write(dir.join("go"), b"").unwrap();
+    std::fs::write(dir.join("work").join("go"), b"").unwrap();
     let mut followed = Vec::new();
     tokio::time::timeout(DEADLINE, async {
         while let Some(chunk) = follow.next().await {
@@ -478,6 +485,43 @@ async fn runs_as_requested_user() {
     assert!(logs_text(&d, &task.id, None)
         .await
         .contains("uid=65534 gid=65534"));
+    d.remove(&task.id).await.unwrap();
+}
+
+/// Without `user:` a process task runs unprivileged, in a working dir of its own, and what the
+/// agent keeps about it (its environment in `spec.json`, its output) is readable by root only.
+#[tokio::test]
+async fn default_task_is_unprivileged_and_its_files_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    let d = driver(state.path());
+    let mut task = shell_task("echo \"uid=$(id -u) cwd=$(pwd)\"; touch mine && echo wrote");
+    task.spec.environment = [("SECRET".to_string(), "hunter2".to_string())].into();
+    d.start(&task, &[]).await.unwrap();
+    assert_eq!(d.wait(&task.id).await.unwrap().code, Some(0));
+    let out = logs_text(&d, &task.id, None).await;
+    let dir = state.path().join("tasks").join(&task.id);
+    let uid: u32 = out
+        .split("uid=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("no uid in {out:?}"));
+    if nix::unistd::Uid::effective().is_root() {
+        assert_ne!(uid, 0, "a task without `user:` ran as root: {out}");
+    }
+    assert!(
+        out.contains(&format!("cwd={}", dir.join("work").display())),
+        "{out}"
+    );
+    assert!(
+        out.contains("wrote"),
+        "the task cannot write its working dir: {out}"
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o711, "task dir");
+    assert_eq!(mode(&dir.join("spec.json")), 0o600, "spec.json");
+    assert_eq!(mode(&dir.join("output.log")), 0o600, "output.log");
     d.remove(&task.id).await.unwrap();
 }
 
@@ -661,7 +705,7 @@ async fn health_monitor_probes_at_once() {
 async fn health_first_probe_failure_does_not_count() {
     let state = tempfile::tempdir().unwrap();
     let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
-    let task = shell_task("exec sleep 1000");
+    let task = root_shell_task("exec sleep 1000");
     d.start(&task, &[]).await.unwrap();
     let probes = state.path().join("probes");
     let mut hc = check(HealthTest::Shell {
@@ -685,7 +729,7 @@ async fn health_with_compose_defaults_sees_a_late_listener_ready_early() {
     let state = tempfile::tempdir().unwrap();
     let flag = state.path().join("ready-flag");
     let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
-    let task = shell_task("exec sleep 1000");
+    let task = root_shell_task("exec sleep 1000");
     d.start(&task, &[]).await.unwrap();
     let probes = state.path().join("probes");
     let hc = HealthCheck::with_defaults(HealthTest::Shell {
@@ -705,7 +749,7 @@ async fn health_monitor_uses_start_interval_in_start_period() {
     let state = tempfile::tempdir().unwrap();
     let flag = state.path().join("ready-flag");
     let d: Arc<dyn Driver> = Arc::new(driver(state.path()));
-    let task = shell_task("exec sleep 1000");
+    let task = root_shell_task("exec sleep 1000");
     d.start(&task, &[]).await.unwrap();
     let probes = state.path().join("probes");
     let mut hc = HealthCheck::with_defaults(HealthTest::Shell {

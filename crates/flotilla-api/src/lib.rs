@@ -11,6 +11,7 @@
 //! (whose role decides what it may call, see `auth.rs`).
 #![forbid(unsafe_code)]
 
+mod agent_secret;
 mod auth;
 mod body;
 pub mod cluster;

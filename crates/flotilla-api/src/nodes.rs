@@ -18,6 +18,9 @@ const MAX_LABEL_VALUE: usize = 256;
 /// Bounds on what an agent reports about its mesh's unserved ports.
 const MAX_PORT_CONFLICTS: usize = 256;
 const MAX_PORT_CONFLICT_LEN: usize = 4096;
+/// Bounds on an agent's bearer secret (it is sent in an HTTP header).
+const MIN_AGENT_SECRET: usize = 16;
+const MAX_AGENT_SECRET: usize = 256;
 
 pub async fn list(State(app): State<AppState>) -> Json<Vec<Node>> {
     Json(app.store.read(|s| s.nodes.values().cloned().collect()))
@@ -51,6 +54,19 @@ fn validate_registration(reg: &NodeRegistration) -> Result<(), ApiError> {
             fields.push(FieldError::new(
                 "advertise_ip",
                 format!("{ip} is not an address other nodes can reach"),
+            ));
+        }
+    }
+    if let Some(secret) = &reg.agent_secret {
+        if secret.len() < MIN_AGENT_SECRET || secret.len() > MAX_AGENT_SECRET {
+            fields.push(FieldError::new(
+                "agent_secret",
+                format!("must be {MIN_AGENT_SECRET} to {MAX_AGENT_SECRET} bytes"),
+            ));
+        } else if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            fields.push(FieldError::new(
+                "agent_secret",
+                "must be printable ASCII without spaces",
             ));
         }
     }
@@ -137,13 +153,11 @@ pub async fn register(
         let expect = existing
             .as_ref()
             .map_or(Expect::Absent, |n| Expect::Version(n.meta.version));
-        let result = app
-            .store
-            .write(Command {
-                ops: vec![Op::PutNode { node, expect }],
-                at: now,
-            })
-            .await?;
+        let mut ops = vec![Op::PutNode { node, expect }];
+        if let Some(secret) = &reg.agent_secret {
+            ops.extend(crate::agent_secret::put_op(&app, &reg.id, secret));
+        }
+        let result = app.store.write(Command { ops, at: now }).await?;
         match check_applied(result) {
             Ok(_) => {
                 let node = app.store.read(|s| s.nodes.get(&reg.id).cloned());

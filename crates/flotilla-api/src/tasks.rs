@@ -174,7 +174,8 @@ pub async fn logs(
     if let Some(n) = q.tail {
         url.push_str(&format!("&tail={n}"));
     }
-    let resp = app.http.get(&url).send().await.map_err(|e| {
+    let req = crate::agent_secret::authorize(&app, &node_id, app.http.get(&url));
+    let resp = req.send().await.map_err(|e| {
         ApiError::Unavailable(format!(
             "cannot reach the agent of node {node_id} at {agent}: {e}"
         ))
@@ -234,7 +235,8 @@ pub async fn stats(
 ) -> Result<Json<TaskStats>, ApiError> {
     let (task, node_id, agent) = task_agent(&app, &id, "stats")?;
     let url = crate::nodes::agent_url(&agent, &format!("/tasks/{}/stats", task.id));
-    let resp = app.http.get(&url).send().await.map_err(|e| {
+    let req = crate::agent_secret::authorize(&app, &node_id, app.http.get(&url));
+    let resp = req.send().await.map_err(|e| {
         ApiError::Unavailable(format!(
             "cannot reach the agent of node {node_id} at {agent}: {e}"
         ))
@@ -256,10 +258,8 @@ pub async fn update_resources(
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (task, node_id, agent) = task_agent(&app, &id, "resource updates")?;
     let url = crate::nodes::agent_url(&agent, &format!("/tasks/{}/resources", task.id));
-    let resp = app
-        .http
-        .post(&url)
-        .json(&resources)
+    let req = app.http.post(&url).json(&resources);
+    let resp = crate::agent_secret::authorize(&app, &node_id, req)
         .send()
         .await
         .map_err(|e| {

@@ -120,10 +120,9 @@ enum NodeMesh {
 }
 
 /// One node's mesh stats.
-async fn node_stats(app: &AppState, agent: &str) -> NodeMesh {
-    let Ok(resp) = app
-        .http
-        .get(crate::nodes::agent_url(agent, "/mesh/stats"))
+async fn node_stats(app: &AppState, node: &str, agent: &str) -> NodeMesh {
+    let req = app.http.get(crate::nodes::agent_url(agent, "/mesh/stats"));
+    let Ok(resp) = crate::agent_secret::authorize(app, node, req)
         .timeout(AGENT_TIMEOUT)
         .send()
         .await
@@ -173,7 +172,7 @@ pub async fn traffic(
     let answers = futures::future::join_all(
         agents
             .iter()
-            .map(|(node, agent)| async { (node.clone(), node_stats(&app, agent).await) }),
+            .map(|(node, agent)| async { (node.clone(), node_stats(&app, node, agent).await) }),
     )
     .await;
     let mut out = ServiceTraffic {
@@ -257,9 +256,8 @@ pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> 
         .ok_or_else(|| {
             ApiError::Unavailable(format!("node {node_id} has not registered its agent"))
         })?;
-    let resp = app
-        .http
-        .get(crate::nodes::agent_url(&agent, "/metrics"))
+    let req = app.http.get(crate::nodes::agent_url(&agent, "/metrics"));
+    let resp = crate::agent_secret::authorize(&app, node_id, req)
         .timeout(AGENT_TIMEOUT)
         .send()
         .await

@@ -151,6 +151,10 @@ pub struct NodeRegistration {
     /// Published ports this node's mesh cannot serve right now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_conflicts: Vec<String>,
+    /// The bearer secret the agent's plain-HTTP server requires (agents without mTLS). The
+    /// manager keeps it in a managers-only record, never in the node object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ pub mod field_error;
 pub mod mesh;
 pub mod namespace;
 pub mod object;
+pub mod privilege;
 pub mod release;
 pub mod rollout;
 pub mod spec;

@@ -77,6 +77,8 @@ fn a_task_that_fails_once_and_is_replaced_does_not_fail_the_deploy() {
             r#"services:
   once:
     command: ["sh", "-c", "{script}"]
+    # The marks dir is in the test's root-only temp dir.
+    user: root
     ports: ["8080"]
     x-flotilla:
       healthcheck: {{http: /health, interval: 300ms, timeout: 2s, retries: 3}}

@@ -123,6 +123,7 @@ fn removal_ops(store: &Store, id: &str) -> Result<Vec<Op>, ApiError> {
         desired_role_key(id),
         leaving_key(id),
         issued_key(id),
+        crate::agent_secret::record_key(id),
     ] {
         if store.read(|s| s.records.contains_key(&key)) {
             ops.push(Op::DeleteRecord {
