@@ -22,6 +22,7 @@
 
 mod apply;
 mod coalesce;
+pub mod disk;
 mod error;
 mod events;
 mod kinds;

@@ -154,6 +154,8 @@ struct Live {
 /// What the log store, the state machine and the [`crate::Store`] share.
 pub(crate) struct Shared {
     db: Arc<Database>,
+    /// Whether the store's disk has room ([`crate::disk`]).
+    pub(crate) disk: Arc<crate::disk::DiskGuard>,
     /// Group-commits log appends, truncates and purges (see [`crate::log_writer`]).
     log_writer: LogWriter,
     live: RwLock<Live>,
@@ -201,8 +203,13 @@ impl Shared {
         let state = data.into_state(revision);
         let (changes, _) = broadcast::channel(CHANGE_RING_CAPACITY);
         let db = Arc::new(db);
+        let disk = crate::disk::DiskGuard::new(
+            path.parent().unwrap_or(Path::new(".")),
+            crate::disk::MIN_FREE,
+        );
         let shared = Shared {
-            log_writer: LogWriter::start(db.clone())?,
+            log_writer: LogWriter::start(db.clone(), disk.clone())?,
+            disk,
             db,
             live: RwLock::new(Live {
                 state,
