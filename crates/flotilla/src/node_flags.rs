@@ -16,4 +16,9 @@ pub struct NodeFlags {
     /// (like Swarm's `--task-history-limit`); older ones are deleted.
     #[arg(long, default_value_t = 5, value_parser = crate::manager::parse_task_history)]
     pub task_history: usize,
+    /// Stop workloads found on this node whose tasks the cluster does not know, even when its
+    /// store meets this node for the first time (a new or lost store). Without it they are
+    /// left running and reported (docs/OPERATIONS.md, "When things go wrong").
+    #[arg(long)]
+    pub discard_unknown_workloads: bool,
 }
