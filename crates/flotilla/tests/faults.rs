@@ -1,0 +1,197 @@
+//! Fault injection on one machine (issue #14): a lost or empty store with workloads running,
+//! and a full disk under the store (a small tmpfs data dir).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn pids(tasks: &[Value]) -> Vec<u64> {
+    tasks
+        .iter()
+        .map(|t| t["status"]["pid"].as_u64().expect("task has a pid"))
+        .collect()
+}
+
+fn store_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("store").join("store.redb")
+}
+
+/// `flotilla up` on `data_dir` as an operator would run it; returns (success, stdout+stderr).
+fn up_once(data_dir: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--api-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .args(extra)
+        .env("FLOTILLA_LOG", "warn")
+        .output()
+        .expect("run flotilla up");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// An emptied (then a deleted) store with workloads running: `up` refuses to start a new
+/// cluster over them, says how to recover, and the workloads keep running.
+#[test]
+fn up_refuses_an_empty_or_missing_store_and_workloads_keep_running() {
+    let mut c = Cluster::start_with(&["--demo"]);
+    let running = pids(&c.wait_ready("demo", 3));
+    c.kill_up();
+    let file = store_file(&c.data_dir());
+    std::fs::File::create(&file).expect("truncate the store");
+
+    let (ok, out) = up_once(&c.data_dir(), &[]);
+    assert!(!ok, "up started on an empty store:\n{out}");
+    assert!(out.contains("is empty (0 bytes)"), "{out}");
+    assert!(out.contains("snapshot restore"), "{out}");
+    std::fs::remove_file(&file).expect("remove the store");
+    let (ok, out) = up_once(&c.data_dir(), &[]);
+    assert!(!ok, "up started on a missing store:\n{out}");
+    assert!(out.contains("is missing"), "{out}");
+    for pid in &running {
+        assert!(pid_alive(*pid), "workload {pid} was stopped");
+    }
+    for pid in running {
+        sh(&format!("kill -9 {pid}"));
+    }
+}
+
+/// A worker whose tasks a brand-new store does not know (the cluster was re-created from
+/// nothing) leaves them running and reports them instead of stopping them.
+#[test]
+fn an_agent_keeps_workloads_a_new_store_does_not_know() {
+    let mut c = Cluster::start();
+    c.add_agent("w1");
+    let out = c.deploy(
+        "pinned.yaml",
+        "services:\n  pinned:\n    command: [\"flotilla\", \"demo-app\"]\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.id==w1\"]\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let running = pids(&c.wait_ready("pinned", 2));
+    c.kill_agent("w1");
+    c.kill_up();
+    // A new cluster on the manager's side: nothing of the old store is left.
+    std::fs::remove_dir_all(c.data_dir()).expect("wipe the manager's data dir");
+    c.spawn_up();
+    c.start_agent("w1");
+    wait_for(
+        "the agent to report the unknown workloads",
+        Duration::from_secs(60),
+        || {
+            c.agent("w1")
+                .log()
+                .contains("does not know this node's workloads")
+                .then_some(())
+        },
+    );
+    for pid in &running {
+        assert!(pid_alive(*pid), "workload {pid} was stopped");
+    }
+    for pid in running {
+        sh(&format!("kill -9 {pid}"));
+    }
+}
+
+/// A tmpfs mounted over a directory for the test's lifetime.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` (the test skips, visibly) where mounting is not allowed; with
+    /// `FLOTILLA_REQUIRE_FAULTS` set, the test fails instead.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                std::env::var("FLOTILLA_REQUIRE_FAULTS").is_err(),
+                "cannot mount a tmpfs: {why}"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {why}");
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+
+    fn available(&self) -> u64 {
+        let out = sh(&format!(
+            "df -B1 --output=avail {} | tail -1",
+            self.0.display()
+        ));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("df avail")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn status(c: &Cluster) -> Value {
+    let (_, body) = http_get(c.api_port, "/v1/status").expect("GET /v1/status");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// The store's disk fills up: writes fail with "disk full", reads keep working, `/v1/status`
+/// says so; once space is freed writes work again without a restart.
+#[test]
+fn a_full_disk_refuses_writes_and_raft_resumes_when_space_returns() {
+    let mut c = Cluster::start();
+    c.kill_up();
+    let data = c.data_dir();
+    let saved = data.with_extension("saved");
+    std::fs::rename(&data, &saved).expect("move the data dir aside");
+    let Some(fs) = Tmpfs::mount(&data, "96m") else {
+        return;
+    };
+    sh(&format!("cp -a {}/. {}", saved.display(), data.display()));
+    c.spawn_up();
+    let small = "services:\n  s1:\n    command: [\"flotilla\", \"demo-app\"]\n";
+    assert!(c.deploy("s1.yaml", small).status.success());
+
+    // Leave the store 4 MiB, under the 16 MiB it needs to count the disk as usable.
+    let fill = data.join("fill");
+    let size = fs.available().saturating_sub(4 << 20);
+    assert!(sh(&format!("fallocate -l {size} {}", fill.display()))
+        .status
+        .success());
+    let out = c.run(&["scale", "s1=2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a write succeeded on a full disk");
+    assert!(err.contains("disk full"), "{err}");
+    assert!(
+        c.run(&["service", "ls"]).status.success(),
+        "reads must keep working"
+    );
+    let degraded = status(&c)["degraded"].clone();
+    assert!(degraded.to_string().contains("disk full"), "{degraded}");
+
+    std::fs::remove_file(&fill).expect("free the space");
+    wait_for("writes to work again", Duration::from_secs(60), || {
+        c.run(&["scale", "s1=2"]).status.success().then_some(())
+    });
+    c.wait_ready("s1", 2);
+    assert!(status(&c).get("degraded").is_none(), "{}", status(&c));
+    // The cluster stops its workloads before the tmpfs under them goes.
+    drop(c);
+    drop(fs);
+}
