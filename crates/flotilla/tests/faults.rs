@@ -20,9 +20,12 @@ fn store_file(data_dir: &Path) -> PathBuf {
     data_dir.join("store").join("store.redb")
 }
 
-/// `flotilla up` on `data_dir` as an operator would run it; returns (success, stdout+stderr).
+/// `flotilla up` on `data_dir` as an operator would run it; returns whether it started (it
+/// is then stopped) and what it printed. An `up` that refuses exits at once.
 fn up_once(data_dir: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN)
+    let log = data_dir.with_extension("up-once.log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let mut child = Command::new(BIN)
         .arg("up")
         .arg("--data-dir")
         .arg(data_dir)
@@ -30,11 +33,27 @@ fn up_once(data_dir: &Path, extra: &[&str]) -> (bool, String) {
         .arg(format!("127.0.0.1:{}", free_port()))
         .args(extra)
         .env("FLOTILLA_LOG", "warn")
-        .output()
+        .stdout(file.try_clone().expect("clone log"))
+        .stderr(file)
+        .spawn()
         .expect("run flotilla up");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    let exited = wait_for(
+        "flotilla up to exit or start",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            match child.try_wait() {
+                Ok(Some(_)) => Some(true),
+                _ if text.contains("flotilla is up") => Some(false),
+                _ => None,
+            }
+        },
+    );
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (!exited, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 /// An emptied (then a deleted) store with workloads running: `up` refuses to start a new
@@ -71,7 +90,7 @@ fn an_agent_keeps_workloads_a_new_store_does_not_know() {
     c.add_agent("w1");
     let out = c.deploy(
         "pinned.yaml",
-        "services:\n  pinned:\n    command: [\"flotilla\", \"demo-app\"]\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.id==w1\"]\n",
+        "services:\n  pinned:\n    command: [\"sleep\", \"3600\"]\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.id==w1\"]\n",
     );
     assert!(
         out.status.success(),
@@ -165,7 +184,7 @@ fn a_full_disk_refuses_writes_and_raft_resumes_when_space_returns() {
     };
     sh(&format!("cp -a {}/. {}", saved.display(), data.display()));
     c.spawn_up();
-    let small = "services:\n  s1:\n    command: [\"flotilla\", \"demo-app\"]\n";
+    let small = "services:\n  s1:\n    command: [\"sleep\", \"3600\"]\n";
     assert!(c.deploy("s1.yaml", small).status.success());
 
     // Leave the store 4 MiB, under the 16 MiB it needs to count the disk as usable.
