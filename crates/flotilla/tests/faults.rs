@@ -23,6 +23,11 @@ fn store_file(data_dir: &Path) -> PathBuf {
 /// `flotilla up` on `data_dir` as an operator would run it; returns whether it started (it
 /// is then stopped) and what it printed. An `up` that refuses exits at once.
 fn up_once(data_dir: &Path, extra: &[&str]) -> (bool, String) {
+    up_once_until(data_dir, extra, || true)
+}
+
+/// [`up_once`], but a started `up` runs until `done` holds.
+fn up_once_until(data_dir: &Path, extra: &[&str], done: impl Fn() -> bool) -> (bool, String) {
     let log = data_dir.with_extension("up-once.log");
     let file = std::fs::File::create(&log).expect("log file");
     let mut child = Command::new(BIN)
@@ -44,7 +49,7 @@ fn up_once(data_dir: &Path, extra: &[&str]) -> (bool, String) {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             match child.try_wait() {
                 Ok(Some(_)) => Some(true),
-                _ if text.contains("flotilla is up") => Some(false),
+                _ if text.contains("flotilla is up") && done() => Some(false),
                 _ => None,
             }
         },
@@ -77,9 +82,11 @@ fn up_refuses_an_empty_or_missing_store_and_workloads_keep_running() {
     for pid in &running {
         assert!(pid_alive(*pid), "workload {pid} was stopped");
     }
-    for pid in running {
-        sh(&format!("kill -9 {pid}"));
-    }
+    // The operator gives up on the old cluster: a new store, whose agent stops them.
+    let (started, out) = up_once_until(&c.data_dir(), &["--discard-unknown-workloads"], || {
+        running.iter().all(|p| !pid_alive(*p))
+    });
+    assert!(started, "{out}");
 }
 
 /// A worker whose tasks a brand-new store does not know (the cluster was re-created from
@@ -117,8 +124,22 @@ fn an_agent_keeps_workloads_a_new_store_does_not_know() {
     for pid in &running {
         assert!(pid_alive(*pid), "workload {pid} was stopped");
     }
-    for pid in running {
-        sh(&format!("kill -9 {pid}"));
+    kill_tasks(&c.agent("w1").data_dir);
+}
+
+/// SIGKILLs the workloads and shims of the process tasks under an agent's data dir.
+fn kill_tasks(data_dir: &Path) {
+    let tasks = data_dir.join("process").join("tasks");
+    for dir in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+        let state: Value = std::fs::read_to_string(dir.path().join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        for key in ["pid", "shim_pid"] {
+            if let Some(pid) = state[key].as_u64() {
+                sh(&format!("kill -9 {pid}"));
+            }
+        }
     }
 }
 
