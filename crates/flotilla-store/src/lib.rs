@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod backup;
 mod coalesce;
 pub mod disk;
 mod error;
@@ -37,6 +38,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use backup::{Restored, StoreBackup, BACKUP_FORMAT};
 pub use error::StoreError;
 pub use kinds::{AnyKey, AnyObject, Change, Objects};
 pub use membership::{ForcedCluster, Member};

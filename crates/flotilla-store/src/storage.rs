@@ -419,7 +419,7 @@ impl Shared {
     }
 
     /// Replaces the state machine with a snapshot, on disk and in memory.
-    fn install_snapshot(
+    pub(crate) fn install_snapshot(
         &self,
         meta: &SnapshotMeta<u64, BasicNode>,
         data: &[u8],
@@ -465,21 +465,14 @@ impl Shared {
         }))
     }
 
+    /// Serialises the state machine as of now without recording anything (a backup).
+    pub(crate) fn read_snapshot(&self) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), DbError> {
+        serialise_state(self.db.begin_read()?)
+    }
+
     /// Serialises the state machine as seen by `txn` and records it as the current snapshot.
     fn build_snapshot(&self, txn: ReadTransaction) -> Result<Snapshot<TypeConfig>, DbError> {
-        let sm_meta = txn.open_table(SM_META)?;
-        let last_log_id: Option<LogIdOf> = get_json(&sm_meta, LAST_APPLIED, "last applied log id")?;
-        let last_membership: Membership =
-            get_json(&sm_meta, LAST_MEMBERSHIP, "last membership")?.unwrap_or_default();
-        let data = encode("snapshot", &read_sm_tables(&txn, true)?)?;
-        drop(txn);
-        let index = last_log_id.map_or(0, |l| l.index);
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id: format!("{index}-{:08x}", rand::random::<u32>()),
-        };
-
+        let (meta, data) = serialise_state(txn)?;
         let write = self.db.begin_write()?;
         {
             let mut current = write.open_table(SNAPSHOT)?;
@@ -497,6 +490,24 @@ impl Shared {
             snapshot: Box::new(Cursor::new(data)),
         })
     }
+}
+
+/// The state machine as seen by `txn`: its snapshot meta and encoded data.
+fn serialise_state(
+    txn: ReadTransaction,
+) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), DbError> {
+    let sm_meta = txn.open_table(SM_META)?;
+    let last_log_id: Option<LogIdOf> = get_json(&sm_meta, LAST_APPLIED, "last applied log id")?;
+    let last_membership: Membership =
+        get_json(&sm_meta, LAST_MEMBERSHIP, "last membership")?.unwrap_or_default();
+    let data = encode("snapshot", &read_sm_tables(&txn, true)?)?;
+    let index = last_log_id.map_or(0, |l| l.index);
+    let meta = SnapshotMeta {
+        last_log_id,
+        last_membership,
+        snapshot_id: format!("{index}-{:08x}", rand::random::<u32>()),
+    };
+    Ok((meta, data))
 }
 
 /// The redb table of kind `K`.

@@ -260,6 +260,10 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
     /// Refuses a write while this manager's disk is full ([`crate::disk`]): it could only
     /// stall, or reach redb and stop raft.
     fn check_disk(&self) -> Result<(), StoreError> {

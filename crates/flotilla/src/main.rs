@@ -24,6 +24,7 @@ mod node_flags;
 mod nodes_cmd;
 mod output;
 mod rollout_cmd;
+mod snapshot_cmd;
 mod store_guard;
 mod up;
 

@@ -235,3 +235,38 @@ fn a_full_disk_refuses_writes_and_raft_resumes_when_space_returns() {
     drop(c);
     drop(fs);
 }
+
+/// `flotilla snapshot save` on a running cluster, the store then lost: `snapshot restore`
+/// into the stopped node's data dir brings the services back, and the workloads that kept
+/// running are re-adopted, not restarted.
+#[test]
+fn a_lost_store_comes_back_from_a_saved_snapshot() {
+    let mut c = Cluster::start_with(&["--demo"]);
+    let running = pids(&c.wait_ready("demo", 3));
+    let backup = c.data_dir().with_extension("backup.json");
+    let saved = c.ok(&["snapshot", "save", backup.to_str().expect("utf8 path")]);
+    assert!(saved.contains("saved the store at revision"), "{saved}");
+    c.kill_up();
+    std::fs::remove_dir_all(c.data_dir().join("store")).expect("lose the store");
+
+    let addr = format!("127.0.0.1:{}", c.api_port);
+    let restored = c.ok(&[
+        "snapshot",
+        "restore",
+        backup.to_str().expect("utf8 path"),
+        "--data-dir",
+        c.data_dir().to_str().expect("utf8 path"),
+        "--advertise-addr",
+        &addr,
+    ]);
+    assert!(restored.contains("restored revision"), "{restored}");
+    c.spawn_up();
+    let after = pids(&c.wait_ready("demo", 3));
+    let (mut before, mut after) = (running, after);
+    before.sort_unstable();
+    after.sort_unstable();
+    assert_eq!(
+        before, after,
+        "the workloads were restarted, not re-adopted"
+    );
+}
