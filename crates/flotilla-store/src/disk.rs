@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How a write refused for a full disk begins its message.
+pub const DISK_FULL: &str = "disk full";
 /// Free space below which the store counts its disk as full.
 pub const MIN_FREE: u64 = 16 * 1024 * 1024;
 /// How often the watcher re-reads the free space, and a stalled log append re-checks it.
@@ -90,7 +92,7 @@ impl DiskGuard {
     /// What a refused write reports.
     pub(crate) fn refusal(&self) -> String {
         format!(
-            "disk full: under {} MiB free for the store in {} ({} MiB left); writes resume once \
+            "{DISK_FULL}: under {} MiB free for the store in {} ({} MiB left); writes resume once \
              space is freed, reads keep working",
             self.min_free / (1024 * 1024),
             self.dir.display(),
