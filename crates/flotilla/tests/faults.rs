@@ -127,6 +127,32 @@ fn an_agent_keeps_workloads_a_new_store_does_not_know() {
     kill_tasks(&c.agent("w1").data_dir);
 }
 
+/// The other side of the rule: a store that knew the node deleted a task while its agent
+/// was down (`service rm`), so the restarted agent stops that workload.
+#[test]
+fn an_agent_stops_workloads_a_known_store_deleted() {
+    let mut c = Cluster::start();
+    c.add_agent("w1");
+    let out = c.deploy(
+        "pinned.yaml",
+        "services:\n  pinned:\n    command: [\"sleep\", \"3600\"]\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.id==w1\"]\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let running = pids(&c.wait_ready("pinned", 2));
+    c.kill_agent("w1");
+    c.ok(&["service", "rm", "pinned"]);
+    c.start_agent("w1");
+    wait_for(
+        "the deleted tasks' workloads to stop",
+        Duration::from_secs(60),
+        || running.iter().all(|p| !pid_alive(*p)).then_some(()),
+    );
+}
+
 /// SIGKILLs the workloads and shims of the process tasks under an agent's data dir.
 fn kill_tasks(data_dir: &Path) {
     let tasks = data_dir.join("process").join("tasks");
