@@ -155,7 +155,7 @@ fn an_agent_stops_workloads_a_known_store_deleted() {
 
 /// SIGKILLs the workloads and shims of the process tasks under an agent's data dir.
 fn kill_tasks(data_dir: &Path) {
-    let tasks = data_dir.join("process").join("tasks");
+    let tasks = data_dir.join("agent").join("process").join("tasks");
     for dir in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
         let state: Value = std::fs::read_to_string(dir.path().join("state.json"))
             .ok()
