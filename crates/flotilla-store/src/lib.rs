@@ -24,6 +24,8 @@ mod apply;
 mod backup;
 mod coalesce;
 pub mod disk;
+#[cfg(test)]
+mod disk_tests;
 mod error;
 mod events;
 mod kinds;

@@ -465,6 +465,12 @@ impl Shared {
         }))
     }
 
+    /// Whether log entries wait to be written (the log writer is behind, or waits for space).
+    #[cfg(test)]
+    pub(crate) fn has_unflushed(&self) -> bool {
+        self.log_writer.last_unflushed().is_some()
+    }
+
     /// Serialises the state machine as of now without recording anything (a backup).
     pub(crate) fn read_snapshot(&self) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), DbError> {
         serialise_state(self.db.begin_read()?)
