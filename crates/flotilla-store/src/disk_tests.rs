@@ -2,39 +2,10 @@
 
 use crate::tests::{open_leader, service};
 use crate::{Command, Expect, Op, Store};
+use flotilla_types::tmpfs::Tmpfs;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::time::Duration;
-
-/// A tmpfs mounted for the test; `None` (skipped, visibly) where mounting is not allowed.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let out = Process::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                std::env::var("FLOTILLA_REQUIRE_FAULTS").is_err(),
-                "cannot mount a tmpfs: {why}"
-            );
-            eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {why}");
-            return None;
-        }
-        Some(Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Process::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 fn put(name: &str) -> Command {
     Command::new(vec![Op::PutService {
@@ -76,7 +47,7 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_on_a_full_disk_waits_for_space_and_raft_carries_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(_fs) = Tmpfs::mount(&dir.path().join("mnt")) else {
+    let Some(_fs) = Tmpfs::mount(&dir.path().join("mnt"), "48m") else {
         return;
     };
     let store: Store = open_leader(&dir.path().join("mnt")).await;

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use flotilla_types::tmpfs::Tmpfs;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,10 +90,8 @@ fn up_refuses_an_empty_or_missing_store_and_workloads_keep_running() {
     assert!(started, "{out}");
 }
 
-/// A worker whose tasks a brand-new store does not know (the cluster was re-created from
-/// nothing) leaves them running and reports them instead of stopping them.
-#[test]
-fn an_agent_keeps_workloads_a_new_store_does_not_know() {
+/// A cluster with a worker `w1` running two workloads (their pids), its agent then killed.
+fn workloads_on_a_stopped_agent() -> (Cluster, Vec<u64>) {
     let mut c = Cluster::start();
     c.add_agent("w1");
     let out = c.deploy(
@@ -106,6 +105,14 @@ fn an_agent_keeps_workloads_a_new_store_does_not_know() {
     );
     let running = pids(&c.wait_ready("pinned", 2));
     c.kill_agent("w1");
+    (c, running)
+}
+
+/// A worker whose tasks a brand-new store does not know (the cluster was re-created from
+/// nothing) leaves them running and reports them instead of stopping them.
+#[test]
+fn an_agent_keeps_workloads_a_new_store_does_not_know() {
+    let (mut c, running) = workloads_on_a_stopped_agent();
     c.kill_up();
     // A new cluster on the manager's side: nothing of the old store is left.
     std::fs::remove_dir_all(c.data_dir()).expect("wipe the manager's data dir");
@@ -131,19 +138,7 @@ fn an_agent_keeps_workloads_a_new_store_does_not_know() {
 /// was down (`service rm`), so the restarted agent stops that workload.
 #[test]
 fn an_agent_stops_workloads_a_known_store_deleted() {
-    let mut c = Cluster::start();
-    c.add_agent("w1");
-    let out = c.deploy(
-        "pinned.yaml",
-        "services:\n  pinned:\n    command: [\"sleep\", \"3600\"]\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.id==w1\"]\n",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let running = pids(&c.wait_ready("pinned", 2));
-    c.kill_agent("w1");
+    let (mut c, running) = workloads_on_a_stopped_agent();
     c.ok(&["service", "rm", "pinned"]);
     c.start_agent("w1");
     wait_for(
@@ -166,49 +161,6 @@ fn kill_tasks(data_dir: &Path) {
                 sh(&format!("kill -9 {pid}"));
             }
         }
-    }
-}
-
-/// A tmpfs mounted over a directory for the test's lifetime.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// `None` (the test skips, visibly) where mounting is not allowed; with
-    /// `FLOTILLA_REQUIRE_FAULTS` set, the test fails instead.
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                std::env::var("FLOTILLA_REQUIRE_FAULTS").is_err(),
-                "cannot mount a tmpfs: {why}"
-            );
-            eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {why}");
-            return None;
-        }
-        Some(Tmpfs(dir.to_path_buf()))
-    }
-
-    fn available(&self) -> u64 {
-        let out = sh(&format!(
-            "df -B1 --output=avail {} | tail -1",
-            self.0.display()
-        ));
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("df avail")
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
