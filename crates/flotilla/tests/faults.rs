@@ -29,37 +29,77 @@ fn up_once(data_dir: &Path, extra: &[&str]) -> (bool, String) {
 
 /// [`up_once`], but a started `up` runs until `done` holds.
 fn up_once_until(data_dir: &Path, extra: &[&str], done: impl Fn() -> bool) -> (bool, String) {
-    let log = data_dir.with_extension("up-once.log");
+    let mut args = vec![
+        "up".to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--api-addr".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    node_once(&args, data_dir, "flotilla is up", done)
+}
+
+/// Runs a node command (`up`, `init`) until it exits or has printed `started` and `done`
+/// holds (then it is stopped); returns whether it started and what it printed.
+fn node_once(
+    args: &[String],
+    data_dir: &Path,
+    started: &str,
+    done: impl Fn() -> bool,
+) -> (bool, String) {
+    let log = data_dir.with_extension("once.log");
     let file = std::fs::File::create(&log).expect("log file");
     let mut child = Command::new(BIN)
-        .arg("up")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--api-addr")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .args(extra)
+        .args(args)
         .env("FLOTILLA_LOG", "warn")
         .stdout(file.try_clone().expect("clone log"))
         .stderr(file)
         .spawn()
-        .expect("run flotilla up");
-    let exited = wait_for(
-        "flotilla up to exit or start",
-        Duration::from_secs(60),
-        || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            match child.try_wait() {
-                Ok(Some(_)) => Some(true),
-                _ if text.contains("flotilla is up") && done() => Some(false),
-                _ => None,
-            }
-        },
-    );
+        .expect("run flotilla");
+    let exited = wait_for("flotilla to exit or start", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        match child.try_wait() {
+            Ok(Some(_)) => Some(true),
+            _ if text.contains(started) && done() => Some(false),
+            _ => None,
+        }
+    });
     if !exited {
         let _ = child.kill();
         let _ = child.wait();
     }
     (!exited, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// `flotilla init` restarting the first manager of a secure cluster on an emptied store
+/// refuses too, instead of bootstrapping a new, empty cluster.
+#[test]
+fn init_refuses_an_empty_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("m1");
+    let args: Vec<String> = [
+        "init",
+        "--data-dir",
+        data.to_str().expect("utf8 path"),
+        "--listen-addr",
+        &format!("127.0.0.1:{}", free_port()),
+        "--api-addr",
+        &format!("127.0.0.1:{}", free_port()),
+        "--node-name",
+        "m1",
+        "--task-ports",
+        "29990-30000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (started, out) = node_once(&args, &data, "flotilla manager m1", || true);
+    assert!(started, "{out}");
+    std::fs::File::create(store_file(&data)).expect("truncate the store");
+    let (started, out) = node_once(&args, &data, "flotilla manager m1", || true);
+    assert!(!started, "init started on an empty store:\n{out}");
+    assert!(out.contains("is empty (0 bytes)"), "{out}");
 }
 
 /// An emptied (then a deleted) store with workloads running: `up` refuses to start a new
