@@ -12,7 +12,7 @@ use crate::driver::{Driver, DriverError};
 use crate::mesh_node::{MeshNode, MeshNodeConfig, MeshNodeError};
 use crate::ports::PortAllocator;
 use crate::process::ProcessDriver;
-use crate::reconciler::Reconciler;
+use crate::reconciler::{Reconciler, UnknownWorkloads};
 use crate::runner::{until_true, RunnerCtx};
 use flotilla_client::{Client, Mirror};
 use flotilla_types::api::{Heartbeat, NodeRegistration};
@@ -68,6 +68,10 @@ pub struct AgentConfig {
     /// mTLS config on `advertise_ip`, so managers on other hosts reach it and nobody else does.
     /// `None` (`flotilla up`): plain HTTP on loopback, where only this host's manager is.
     pub agent_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Stop workloads found on the node whose tasks the cluster does not know even when the
+    /// store met this node only now (`--discard-unknown-workloads`); see
+    /// `UnknownWorkloads` in `reconciler.rs`.
+    pub discard_unknown_workloads: bool,
 }
 
 pub struct Agent {
@@ -171,15 +175,16 @@ impl Agent {
         async move {
             let reg = self.registration();
             let client = self.cfg.api.clone();
-            loop {
+            let node_new_to_store = loop {
                 match client.register_node(&reg).await {
-                    Ok(_) => break,
+                    // A record created by this registration: updated when it was created.
+                    Ok(node) => break node.meta.created_at == node.meta.updated_at,
                     Err(e) => tracing::warn!(error = %e, "registering with the manager failed; retrying"),
                 }
                 if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
                     return;
                 }
-            }
+            };
             let mut recovered = BTreeMap::new();
             for driver in self.drivers.values() {
                 match driver.recover().await {
@@ -216,7 +221,12 @@ impl Agent {
                 shutdown: shutdown.clone(),
                 mesh: self.mesh.clone(),
             };
-            let mut state = Reconciler::new(ctx, recovered);
+            let unknown = if self.cfg.discard_unknown_workloads {
+                UnknownWorkloads::Discard
+            } else {
+                UnknownWorkloads::StopIfNodeKnown { node_new_to_store }
+            };
+            let mut state = Reconciler::new(ctx, recovered, unknown);
             // Runners that end after the last change still get their leftovers pruned.
             let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
             loop {

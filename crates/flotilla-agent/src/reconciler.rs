@@ -32,12 +32,40 @@ pub(crate) struct Reconciler {
     /// Tasks we already told the manager are not running here, so we say it once.
     reported_gone: BTreeSet<String>,
     first_snapshot_seen: bool,
+    /// What to do with workloads found at start-up that the first snapshot does not know.
+    unknown: UnknownWorkloads,
+}
+
+/// How the agent treats workloads found on the node at start-up whose tasks the cluster's
+/// first snapshot does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownWorkloads {
+    /// The store knew this node before (its record predates this agent's registration): a
+    /// task it does not hold was deleted (a `service rm` while the agent was down, a
+    /// collected record), so its workload is stopped and removed.
+    StopIfNodeKnown {
+        /// The store created this node's record at this agent's registration: it is new or
+        /// lost its state, so it cannot tell a deleted task from one it never heard of.
+        node_new_to_store: bool,
+    },
+    /// `--discard-unknown-workloads`: the operator accepts that they are stopped.
+    Discard,
+}
+
+impl UnknownWorkloads {
+    fn stop(self) -> bool {
+        match self {
+            UnknownWorkloads::StopIfNodeKnown { node_new_to_store } => !node_new_to_store,
+            UnknownWorkloads::Discard => true,
+        }
+    }
 }
 
 impl Reconciler {
     pub(crate) fn new(
         ctx: RunnerCtx,
         recovered: BTreeMap<String, (DriverKind, RecoveredTask)>,
+        unknown: UnknownWorkloads,
     ) -> Self {
         Reconciler {
             ctx,
@@ -46,6 +74,7 @@ impl Reconciler {
             recovered,
             reported_gone: BTreeSet::new(),
             first_snapshot_seen: false,
+            unknown,
         }
     }
 
@@ -159,7 +188,9 @@ impl Reconciler {
     }
 
     /// Workloads found at start-up that the cluster no longer knows (e.g. the service was
-    /// removed while this agent was down): stop and remove them.
+    /// removed while this agent was down): stop and remove them, unless the store met this
+    /// node only now ([`UnknownWorkloads`]); then they keep running, untouched, and are
+    /// reported.
     fn stop_orphans(&mut self, mirror: &Mirror) {
         let orphans: Vec<String> = self
             .recovered
@@ -167,6 +198,25 @@ impl Reconciler {
             .filter(|id| !mirror.tasks.contains_key(*id))
             .cloned()
             .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        if !self.unknown.stop() {
+            let running = orphans
+                .iter()
+                .filter(|id| matches!(self.recovered.get(*id), Some((_, r)) if r.exited.is_none()))
+                .count();
+            tracing::error!(
+                count = orphans.len(),
+                running,
+                tasks = %orphans.join(","),
+                "the cluster's store does not know this node's workloads and met this node only \
+                 now (a new or lost store?): leaving them running and untouched. Restore the \
+                 store from a snapshot or a peer, or restart the node with \
+                 --discard-unknown-workloads to stop them"
+            );
+            return;
+        }
         for id in orphans {
             let Some((kind, rec)) = self.recovered.remove(&id) else {
                 continue;

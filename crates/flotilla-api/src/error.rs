@@ -77,7 +77,9 @@ impl IntoResponse for ApiError {
             ApiError::Invalid { fields, .. } => fields.clone(),
             _ => Vec::new(),
         };
-        if status.is_server_error() {
+        // A full disk is logged by the store, at most once a minute, not once per request.
+        let disk_full = matches!(&self, ApiError::Unavailable(m) if m.contains(flotilla_store::disk::DISK_FULL));
+        if status.is_server_error() && !disk_full {
             tracing::warn!(error = %self, "request failed");
         }
         let body = ApiErrorBody {

@@ -21,6 +21,7 @@ mod nodes;
 mod raft;
 mod rollouts;
 mod services;
+mod snapshot;
 mod streams;
 mod tasks;
 mod tls_serve;
@@ -105,6 +106,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/status", get(services::status))
+        .route("/snapshot", get(snapshot::snapshot))
         .route("/deploy", post(services::deploy))
         .route("/services", get(services::list))
         .route(

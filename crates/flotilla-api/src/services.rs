@@ -25,6 +25,7 @@ pub async fn status(State(app): State<AppState>) -> Json<ClusterStatus> {
         leader: app.store.current_leader(),
         node_id: app.store.node_id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        degraded: app.store.degraded(),
     })
 }
 

@@ -395,6 +395,11 @@ impl Client {
         self.get("/v1/status").await
     }
 
+    /// A backup of the answering manager's store (`flotilla_store::StoreBackup` as JSON).
+    pub async fn store_backup(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/snapshot").await
+    }
+
     pub async fn deploy(&self, req: &DeployRequest) -> Result<DeployResponse, ClientError> {
         self.post("/v1/deploy", req).await
     }

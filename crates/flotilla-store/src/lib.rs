@@ -21,7 +21,11 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod backup;
 mod coalesce;
+pub mod disk;
+#[cfg(test)]
+mod disk_tests;
 mod error;
 mod events;
 mod kinds;
@@ -36,6 +40,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use backup::{Restored, StoreBackup, BACKUP_FORMAT};
 pub use error::StoreError;
 pub use kinds::{AnyKey, AnyObject, Change, Objects};
 pub use membership::{ForcedCluster, Member};

@@ -11,7 +11,11 @@
 //! takes the next client write, so on the leader this still writes one client entry per fsync:
 //! concurrent small writers share entries through [`crate::coalesce`] instead. The queue still
 //! keeps the fsync off openraft's core task and folds in a truncate or purge issued meanwhile.
+//!
+//! While the disk is full ([`crate::disk`]) the thread waits for space before committing, so
+//! openraft sees a slow flush rather than a storage error (which would stop it for good).
 
+use crate::disk::DiskGuard;
 use crate::storage::{encode, DbError, LogIdOf, LAST_PURGED, LOG, RAFT_META};
 use crate::TypeConfig;
 use openraft::storage::LogFlushed;
@@ -19,6 +23,7 @@ use openraft::Entry;
 use redb::Database;
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -54,12 +59,15 @@ pub(crate) struct LogWriter {
     jobs: Option<mpsc::Sender<Job>>,
     overlay: Arc<Mutex<Overlay>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Set while dropping: a commit waiting for disk space is attempted at once.
+    closing: Arc<AtomicBool>,
 }
 
 impl Drop for LogWriter {
     /// Closes the queue and waits for the thread, so the database file is released (and can be
     /// reopened) as soon as the store is dropped.
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
         self.jobs.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -69,13 +77,19 @@ impl Drop for LogWriter {
 
 impl LogWriter {
     /// Starts the writer thread; it ends when the `LogWriter` is dropped.
-    pub(crate) fn start(db: Arc<Database>) -> Result<Self, DbError> {
+    pub(crate) fn start(db: Arc<Database>, disk: Arc<DiskGuard>) -> Result<Self, DbError> {
         let (jobs, rx) = mpsc::channel();
         let overlay = Arc::new(Mutex::new(Overlay::default()));
         let thread_overlay = overlay.clone();
+        let closing = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            db,
+            disk,
+            closing: closing.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_loop(&db, &rx, &thread_overlay))
+            .spawn(move || write_loop(&writer, &rx, &thread_overlay))
             .map_err(|source| DbError::Io {
                 path: "raft-log-writer thread".into(),
                 source,
@@ -84,6 +98,7 @@ impl LogWriter {
             jobs: Some(jobs),
             overlay,
             thread: Some(thread),
+            closing,
         })
     }
 
@@ -173,7 +188,14 @@ impl LogWriter {
     }
 }
 
-fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>, overlay: &Mutex<Overlay>) {
+/// What the writer thread writes with.
+struct Writer {
+    db: Arc<Database>,
+    disk: Arc<DiskGuard>,
+    closing: Arc<AtomicBool>,
+}
+
+fn write_loop(writer: &Writer, rx: &mpsc::Receiver<Job>, overlay: &Mutex<Overlay>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -182,8 +204,9 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>, overlay: &Mutex<Overlay>)
                 Err(_) => break,
             }
         }
+        writer.disk.wait_for_space(&writer.closing);
         let started = std::time::Instant::now();
-        let result = commit(db, &batch);
+        let result = commit(&writer.db, &batch);
         tracing::debug!(
             jobs = batch.len(),
             took_us = started.elapsed().as_micros() as u64,

@@ -154,6 +154,8 @@ struct Live {
 /// What the log store, the state machine and the [`crate::Store`] share.
 pub(crate) struct Shared {
     db: Arc<Database>,
+    /// Whether the store's disk has room ([`crate::disk`]).
+    pub(crate) disk: Arc<crate::disk::DiskGuard>,
     /// Group-commits log appends, truncates and purges (see [`crate::log_writer`]).
     log_writer: LogWriter,
     live: RwLock<Live>,
@@ -201,8 +203,13 @@ impl Shared {
         let state = data.into_state(revision);
         let (changes, _) = broadcast::channel(CHANGE_RING_CAPACITY);
         let db = Arc::new(db);
+        let disk = crate::disk::DiskGuard::new(
+            path.parent().unwrap_or(Path::new(".")),
+            crate::disk::MIN_FREE,
+        );
         let shared = Shared {
-            log_writer: LogWriter::start(db.clone())?,
+            log_writer: LogWriter::start(db.clone(), disk.clone())?,
+            disk,
             db,
             live: RwLock::new(Live {
                 state,
@@ -412,7 +419,7 @@ impl Shared {
     }
 
     /// Replaces the state machine with a snapshot, on disk and in memory.
-    fn install_snapshot(
+    pub(crate) fn install_snapshot(
         &self,
         meta: &SnapshotMeta<u64, BasicNode>,
         data: &[u8],
@@ -458,21 +465,20 @@ impl Shared {
         }))
     }
 
+    /// Whether log entries wait to be written (the log writer is behind, or waits for space).
+    #[cfg(test)]
+    pub(crate) fn has_unflushed(&self) -> bool {
+        self.log_writer.last_unflushed().is_some()
+    }
+
+    /// Serialises the state machine as of now without recording anything (a backup).
+    pub(crate) fn read_snapshot(&self) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), DbError> {
+        serialise_state(self.db.begin_read()?)
+    }
+
     /// Serialises the state machine as seen by `txn` and records it as the current snapshot.
     fn build_snapshot(&self, txn: ReadTransaction) -> Result<Snapshot<TypeConfig>, DbError> {
-        let sm_meta = txn.open_table(SM_META)?;
-        let last_log_id: Option<LogIdOf> = get_json(&sm_meta, LAST_APPLIED, "last applied log id")?;
-        let last_membership: Membership =
-            get_json(&sm_meta, LAST_MEMBERSHIP, "last membership")?.unwrap_or_default();
-        let data = encode("snapshot", &read_sm_tables(&txn, true)?)?;
-        drop(txn);
-        let index = last_log_id.map_or(0, |l| l.index);
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id: format!("{index}-{:08x}", rand::random::<u32>()),
-        };
-
+        let (meta, data) = serialise_state(txn)?;
         let write = self.db.begin_write()?;
         {
             let mut current = write.open_table(SNAPSHOT)?;
@@ -490,6 +496,24 @@ impl Shared {
             snapshot: Box::new(Cursor::new(data)),
         })
     }
+}
+
+/// The state machine as seen by `txn`: its snapshot meta and encoded data.
+fn serialise_state(
+    txn: ReadTransaction,
+) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), DbError> {
+    let sm_meta = txn.open_table(SM_META)?;
+    let last_log_id: Option<LogIdOf> = get_json(&sm_meta, LAST_APPLIED, "last applied log id")?;
+    let last_membership: Membership =
+        get_json(&sm_meta, LAST_MEMBERSHIP, "last membership")?.unwrap_or_default();
+    let data = encode("snapshot", &read_sm_tables(&txn, true)?)?;
+    let index = last_log_id.map_or(0, |l| l.index);
+    let meta = SnapshotMeta {
+        last_log_id,
+        last_membership,
+        snapshot_id: format!("{index}-{:08x}", rand::random::<u32>()),
+    };
+    Ok((meta, data))
 }
 
 /// The redb table of kind `K`.

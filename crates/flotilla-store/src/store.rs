@@ -118,6 +118,7 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::Storage(format!("opening {}: {e}", path.display())))??;
         tracing::info!(path = %path.display(), revision = shared.read(|s| s.revision), "store loaded");
+        crate::disk::watch(Arc::downgrade(&shared.disk));
 
         let config = Config {
             cluster_name: "flotilla".to_string(),
@@ -212,6 +213,7 @@ impl Store {
     /// Propose through raft (client_write) and return once applied. The write is durable
     /// before this returns: its log entry is fsynced on a majority of managers.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        self.check_disk()?;
         // Without quorum the write could only wait out WRITE_TIMEOUT; say so at once.
         self.check_quorum()?;
         let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(cmd)).await;
@@ -246,6 +248,7 @@ impl Store {
     /// such as agents' status reports, whose commands rarely conflict. The command still applies
     /// atomically, and its result is the one it would have had alone.
     pub async fn write_coalesced(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        self.check_disk()?;
         self.check_quorum()?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.inner
@@ -255,6 +258,33 @@ impl Store {
         answer
             .await
             .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Refuses a write while this manager's disk is full ([`crate::disk`]): it could only
+    /// stall, or reach redb and stop raft.
+    fn check_disk(&self) -> Result<(), StoreError> {
+        let disk = &self.inner.shared.disk;
+        if disk.refresh() {
+            return Err(StoreError::Unavailable(disk.refusal()));
+        }
+        Ok(())
+    }
+
+    /// Why this manager's store is not fully working, for `/v1/status`: empty when healthy,
+    /// else e.g. "disk full" or "raft stopped: ...".
+    pub fn degraded(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.inner.shared.disk.is_full() {
+            why.push("disk full".to_string());
+        }
+        if let Err(fatal) = &self.raft().metrics().borrow().running_state {
+            why.push(format!("raft stopped: {fatal}"));
+        }
+        why
     }
 
     /// Run `f` against the current applied state (in-memory, kept in step with redb).

@@ -36,7 +36,7 @@ fn spec(name: &str, replicas: u64) -> ServiceSpec {
     spec
 }
 
-fn service(name: &str, replicas: u64, revision: u64) -> Service {
+pub(crate) fn service(name: &str, replicas: u64, revision: u64) -> Service {
     Service {
         name: name.to_string(),
         spec: spec(name, replicas),

@@ -301,6 +301,10 @@ pub struct ClusterStatus {
     pub leader: Option<u64>,
     pub node_id: u64,
     pub version: String,
+    /// Why this manager is not fully working ("disk full", "raft stopped: ..."); empty when
+    /// healthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }
 
 /// A task's resource usage at one moment, as `flotilla top` shows it.

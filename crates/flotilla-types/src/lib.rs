@@ -24,6 +24,8 @@ mod spec_validate;
 pub mod state;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+#[cfg(any(test, feature = "test-support"))]
+pub mod tmpfs;
 pub mod units;
 
 pub use config::Config;

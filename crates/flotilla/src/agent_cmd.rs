@@ -37,6 +37,11 @@ pub struct AgentArgs {
     /// How often to heartbeat. Keep it well under the managers' --node-grace (default 3s).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
+    /// Stop workloads found on this node whose tasks the cluster does not know, even when its
+    /// store meets this node for the first time (a new or lost store). Without it they are
+    /// left running and reported (docs/OPERATIONS.md, "When things go wrong").
+    #[arg(long)]
+    pub discard_unknown_workloads: bool,
     #[command(flatten)]
     pub mesh: crate::mesh_cmd::MeshArgs,
 }
@@ -55,6 +60,8 @@ pub struct WorkerConfig {
     pub advertise_ip: Option<std::net::IpAddr>,
     /// Cluster nodes: the mTLS config of the agent server (see `AgentConfig::agent_tls`).
     pub agent_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// `--discard-unknown-workloads` (see `AgentConfig::discard_unknown_workloads`).
+    pub discard_unknown_workloads: bool,
 }
 
 /// Runs a worker until `shutdown` turns true. The caller holds the data-dir lock.
@@ -72,6 +79,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: watch::Receiver<bool>) -> a
         mesh: cfg.mesh,
         advertise_ip: cfg.advertise_ip,
         agent_tls: cfg.agent_tls,
+        discard_unknown_workloads: cfg.discard_unknown_workloads,
     })
     .await
     .context("starting the agent")?;
@@ -105,6 +113,7 @@ pub async fn run(args: &AgentArgs, token: Option<String>) -> anyhow::Result<Exit
             advertise_ip: args.mesh.advertise_ip,
             // A standalone agent has no node certificate: plain HTTP on loopback.
             agent_tls: None,
+            discard_unknown_workloads: args.discard_unknown_workloads,
         },
         stop_rx,
     ));

@@ -53,6 +53,9 @@ pub enum Command {
     /// The cluster CA: rotate its root, or show a rotation's progress.
     #[command(subcommand)]
     Ca(cluster_args::CaCommand),
+    /// Back up the store of a running manager, or restore a backup into a stopped node.
+    #[command(subcommand)]
+    Snapshot(crate::snapshot_cmd::SnapshotCommand),
     /// Run a worker node: only the agent, following a manager (--manager URL).
     Agent(agent_cmd::AgentArgs),
     /// Deploy a Compose file and wait until it has converged.
@@ -307,6 +310,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(args) => node_daemon::init(args).await,
         Command::Join(args) => node_daemon::join(args).await,
         Command::Leave(args) => cluster_admin::leave(&client(&cli)?, args).await,
+        Command::Snapshot(cmd) => crate::snapshot_cmd::run(&client(&cli)?, cmd).await,
         Command::Token(cmd) => cluster_admin::token(&client(&cli)?, cmd).await,
         Command::Ca(cmd) => cluster_admin::ca(&client(&cli)?, cmd).await,
         Command::Deploy(args) => deploy::run(&cli, args).await,

@@ -25,6 +25,8 @@ mod nodes_cmd;
 mod output;
 mod private_files;
 mod rollout_cmd;
+mod snapshot_cmd;
+mod store_guard;
 mod up;
 
 use clap::Parser;

@@ -21,4 +21,9 @@ pub struct NodeFlags {
     /// DATA_DIR/flotilla.sock where /run/flotilla cannot be used.
     #[arg(long = "socket", value_name = "PATH")]
     pub socket: Option<std::path::PathBuf>,
+    /// Stop workloads found on this node whose tasks the cluster does not know, even when its
+    /// store meets this node for the first time (a new or lost store). Without it they are
+    /// left running and reported (docs/OPERATIONS.md, "When things go wrong").
+    #[arg(long)]
+    pub discard_unknown_workloads: bool,
 }

@@ -48,6 +48,10 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("--api-addr {}: cannot listen", args.api_addr))?;
     let api_addr = listener.local_addr()?;
+    crate::store_guard::check_before_bootstrap(
+        &args.data_dir,
+        args.common.discard_unknown_workloads,
+    )?;
 
     let manager = Manager::start(ManagerConfig {
         data_dir: args.data_dir.clone(),
@@ -82,6 +86,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         mesh: args.mesh.config(),
         advertise_ip: args.mesh.advertise_ip,
         agent_tls: None,
+        discard_unknown_workloads: args.common.discard_unknown_workloads,
     })
     .await
     .context("starting the agent")?;

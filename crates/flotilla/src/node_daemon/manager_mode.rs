@@ -108,6 +108,13 @@ async fn start_manager(
     let local_listener = tokio::net::TcpListener::bind(node.api_addr)
         .await
         .with_context(|| format!("--api-addr {}: cannot listen", node.api_addr))?;
+    let bootstrap = start.join_via.is_none() && (raft_id == 1 || start.forced);
+    if bootstrap {
+        crate::store_guard::check_before_bootstrap(
+            &node.data_dir,
+            node.common.discard_unknown_workloads,
+        )?;
+    }
     let opened = Manager::open(ManagerConfig {
         data_dir: node.data_dir.clone(),
         raft_id,
@@ -116,7 +123,7 @@ async fn start_manager(
         // The plain API is loopback only, and still needs the token (or the Unix socket).
         token: Some(node_dir::api_token(&node.data_dir)?),
         socket: ApiSocket::from_flag(node.common.socket.as_deref()),
-        bootstrap: start.join_via.is_none() && (raft_id == 1 || start.forced),
+        bootstrap,
         controllers: ControllerConfig {
             node_grace: node.node_grace,
             task_history_per_slot: node.common.task_history,
@@ -200,6 +207,7 @@ fn start_beside(
             mesh: node.mesh.config(),
             advertise_ip: Some(node.mesh.advertise_ip.unwrap_or(advertise.ip())),
             agent_tls: Some(tls.agent_server_config()?),
+            discard_unknown_workloads: node.common.discard_unknown_workloads,
         },
         manager.stopping(),
     );

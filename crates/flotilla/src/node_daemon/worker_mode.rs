@@ -58,6 +58,7 @@ pub(super) async fn run_joined_worker(
                     .filter(|ip| !ip.is_unspecified())
             }),
             agent_tls: Some(tls.agent_server_config()?),
+            discard_unknown_workloads: node.common.discard_unknown_workloads,
         },
         stop_rx,
     ));
