@@ -50,8 +50,9 @@ async fn save(client: &Client, file: &Path) -> anyhow::Result<ExitCode> {
     let backup = client.store_backup().await?;
     let revision = backup["meta"]["last_log_id"]["index"].as_u64().unwrap_or(0);
     let tmp = file.with_extension("partial");
-    let bytes = serde_json::to_vec(&backup).context("encoding the backup")?;
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let text = serde_json::to_string(&backup).context("encoding the backup")?;
+    // It holds the CA key and every token: readable by its owner only, like the data dir.
+    crate::private_files::write_private(&tmp, &text)?;
     std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
     println!(
         "saved the store at revision {revision} to {}",

@@ -264,6 +264,13 @@ fn a_lost_store_comes_back_from_a_saved_snapshot() {
     let backup = c.data_dir().with_extension("backup.json");
     let saved = c.ok(&["snapshot", "save", backup.to_str().expect("utf8 path")]);
     assert!(saved.contains("saved the store at revision"), "{saved}");
+    // The backup holds the CA key and the tokens: owner-only, like the data dir.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&backup)
+            .expect("backup written")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "backup mode {mode:o}");
     c.kill_up();
     std::fs::remove_dir_all(c.data_dir().join("store")).expect("lose the store");
 
