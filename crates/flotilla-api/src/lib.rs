@@ -15,6 +15,7 @@ mod body;
 pub mod cluster;
 mod error;
 mod forward;
+mod limits;
 mod nodes;
 mod raft;
 mod rollouts;
@@ -25,6 +26,7 @@ mod tls_serve;
 mod traffic;
 
 pub use error::ApiError;
+pub use limits::Limits;
 pub use services::summarize;
 pub use tls_serve::serve_tls;
 
@@ -49,6 +51,8 @@ pub struct AppState {
     pub leader_http: Option<reqwest::Client>,
     /// The node whose agent runs in this process, for `GET /metrics`; `None` when there is none.
     pub local_node: Option<String>,
+    /// Bounds on the tasks deploys and scales may ask for.
+    pub limits: Limits,
 }
 
 impl AppState {
@@ -60,7 +64,14 @@ impl AppState {
             cluster: None,
             leader_http: None,
             local_node: None,
+            limits: Limits::default(),
         }
+    }
+
+    /// Replaces the default task limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Names the node whose agent runs alongside this manager (serves its mesh metrics).

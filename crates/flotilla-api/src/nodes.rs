@@ -1,7 +1,7 @@
 //! Node resources: agents register and heartbeat; operators list them, change their
 //! availability (`active`, `pause`, `drain`) and labels.
 
-use crate::body::JsonBody;
+use crate::body::{JsonBody, StrictJsonBody};
 use crate::error::{check_applied, ApiError};
 use crate::AppState;
 use axum::extract::{Path, State};
@@ -264,7 +264,7 @@ fn validate_update(update: &NodeUpdate) -> Result<(), ApiError> {
 pub async fn update(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(update): JsonBody<NodeUpdate>,
+    StrictJsonBody(update): StrictJsonBody<NodeUpdate>,
 ) -> Result<Json<Node>, ApiError> {
     validate_update(&update)?;
     // Heartbeats bump the node's version every second or so: re-read and retry on conflict.

@@ -16,4 +16,6 @@ pub struct NodeFlags {
     /// (like Swarm's `--task-history-limit`); older ones are deleted.
     #[arg(long, default_value_t = 5, value_parser = crate::manager::parse_task_history)]
     pub task_history: usize,
+    #[command(flatten)]
+    pub limits: crate::limit_flags::LimitFlags,
 }
