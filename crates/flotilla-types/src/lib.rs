@@ -19,6 +19,7 @@ pub mod object;
 pub mod release;
 pub mod rollout;
 pub mod spec;
+pub mod spec_bounds;
 mod spec_validate;
 pub mod state;
 #[cfg(any(test, feature = "test-support"))]
