@@ -17,6 +17,7 @@ mod error;
 mod forward;
 mod limits;
 mod nodes;
+mod query;
 mod raft;
 mod rollouts;
 mod services;
