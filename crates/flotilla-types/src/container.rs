@@ -246,14 +246,7 @@ impl ContainerSpec {
             }
         }
         for (i, t) in self.tmpfs.iter().enumerate() {
-            let (path, options) = t.split_once(':').unwrap_or((t.as_str(), ""));
-            if !path.starts_with('/') {
-                errs.push(FieldError::new(
-                    at(format!("tmpfs[{i}]")),
-                    format!("{path:?} must be an absolute path inside the container"),
-                ));
-            }
-            if let Err(reason) = check_tmpfs_size(options) {
+            if let Err(reason) = check_tmpfs(t) {
                 errs.push(FieldError::new(at(format!("tmpfs[{i}]")), reason));
             }
         }
@@ -331,6 +324,17 @@ fn valid_volume_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// One `tmpfs` entry: an absolute path, and a size a node can have.
+fn check_tmpfs(entry: &str) -> Result<(), String> {
+    let (path, options) = entry.split_once(':').unwrap_or((entry, ""));
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} must be an absolute path inside the container"
+        ));
+    }
+    check_tmpfs_size(options)
 }
 
 /// A tmpfs `size=` option: a byte size (`64m`) no larger than any node's memory, or a
