@@ -140,7 +140,7 @@ mod tests {
             "mode":{"mode":"replicated","replicas":1},"stop_grace_period":"10s",
             "privileged":true,"resources":{"limits":{"gpus":1}}}],"force":true}"#;
         assert!(parse::<DeployRequest>(body).is_ok());
-        let err = parse_strict::<DeployRequest>(body).err().expect("refused");
+        let err = parse_strict::<DeployRequest>(body).expect_err("refused");
         assert_eq!(
             fields_of(err),
             [

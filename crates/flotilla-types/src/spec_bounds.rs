@@ -177,7 +177,7 @@ mod tests {
     fn nul_bytes_are_refused_wherever_a_program_would_get_them() {
         let mut spec = sleeper();
         spec.entrypoint = Some(vec!["/bin/sh\0x".into()]);
-        spec.command = Some(vec!["sleep".into(), "6\00".into()]);
+        spec.command = Some(vec!["sleep".into(), "6\x000".into()]);
         spec.environment.insert("A".into(), "b\0c".into());
         spec.working_dir = Some("/tmp\0/x".into());
         spec.user = Some("root\0".into());

@@ -50,7 +50,7 @@ fn up_rss_kib(c: &Cluster) -> u64 {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| a == "up") && args.iter().any(|a| *a == data_dir) {
+        if args.iter().any(|a| a == "up") && args.contains(&data_dir) {
             let status = std::fs::read_to_string(dir.join("status")).expect("status");
             return status
                 .lines()
