@@ -42,7 +42,7 @@ pub fn check_deploy(
 ) -> Result<(), ApiError> {
     let mut fields = Vec::new();
     for (i, spec) in services.iter().enumerate() {
-        if let Err(reason) = per_service(limits, spec) {
+        if let Err(reason) = per_service(limits, state, spec) {
             fields.push(FieldError::new(
                 format!("services[{i}].mode.replicas"),
                 reason,
@@ -80,13 +80,20 @@ pub fn check_scale(
             vec![FieldError::new("replicas", reason)],
         )
     };
-    per_service(limits, &scaled).map_err(refused)?;
+    per_service(limits, state, &scaled).map_err(refused)?;
     total(limits, state, std::slice::from_ref(&scaled)).map_err(refused)
 }
 
-fn per_service(limits: &Limits, spec: &ServiceSpec) -> Result<(), String> {
+/// A service over the limit (deployed before the limit was lowered) may still shrink.
+fn per_service(limits: &Limits, state: &ClusterState, spec: &ServiceSpec) -> Result<(), String> {
+    let now = state
+        .services
+        .get(&spec.name)
+        .map_or(0, |svc| desired_tasks(&svc.spec, state.nodes.values()));
     match spec.mode {
-        ServiceMode::Replicated { replicas } if replicas > limits.max_tasks_per_service => {
+        ServiceMode::Replicated { replicas }
+            if replicas > limits.max_tasks_per_service && replicas > now =>
+        {
             Err(format!(
                 "{replicas} replicas is more than the cluster's limit of {} tasks per service \
                  (manager flag --max-tasks-per-service)",
@@ -97,7 +104,8 @@ fn per_service(limits: &Limits, spec: &ServiceSpec) -> Result<(), String> {
     }
 }
 
-/// The tasks every service would ask for once `services` replace their namesakes.
+/// The tasks every service would ask for once `services` replace their namesakes. A cluster
+/// over the limit may still shrink.
 fn total(limits: &Limits, state: &ClusterState, services: &[ServiceSpec]) -> Result<(), String> {
     let desired = |spec: &ServiceSpec| desired_tasks(spec, state.nodes.values());
     let others: u64 = state
@@ -108,7 +116,12 @@ fn total(limits: &Limits, state: &ClusterState, services: &[ServiceSpec]) -> Res
         .fold(0, u64::saturating_add);
     let asked = services.iter().map(desired).fold(0, u64::saturating_add);
     let sum = others.saturating_add(asked);
-    if sum > limits.max_tasks {
+    let now = state
+        .services
+        .values()
+        .map(|svc| desired(&svc.spec))
+        .fold(0, u64::saturating_add);
+    if sum > limits.max_tasks && sum > now {
         return Err(format!(
             "the cluster's services would ask for {sum} tasks ({others} by other services), more \
              than the cluster's limit of {} tasks (manager flag --max-tasks)",
@@ -129,4 +142,65 @@ fn sim_allowed(state: &ClusterState, driver: DriverKind) -> Result<(), String> {
          or docker"
             .to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::testing::{node, spec};
+    use flotilla_types::{Meta, Service};
+
+    fn state_with(services: &[ServiceSpec]) -> ClusterState {
+        let mut state = ClusterState::default();
+        let n = node("n1").build();
+        state.nodes.insert(n.id.clone(), n);
+        for s in services {
+            state.services.insert(
+                s.name.clone(),
+                Service {
+                    name: s.name.clone(),
+                    spec: s.clone(),
+                    revision: 1,
+                    meta: Meta::default(),
+                },
+            );
+        }
+        state
+    }
+
+    const SMALL: Limits = Limits {
+        max_tasks_per_service: 10,
+        max_tasks: 15,
+    };
+
+    #[test]
+    fn growing_past_a_limit_is_refused_naming_its_flag() {
+        let state = state_with(&[spec("a").replicas(8).build()]);
+        let err = check_scale(&SMALL, &state, &spec("b").build(), 11).expect_err("per service");
+        assert!(err.to_string().contains("--max-tasks-per-service"), "{err}");
+        let err = check_scale(&SMALL, &state, &spec("b").build(), 8).expect_err("total");
+        assert!(err.to_string().contains("--max-tasks"), "{err}");
+        assert!(check_scale(&SMALL, &state, &spec("b").build(), 7).is_ok());
+    }
+
+    #[test]
+    fn a_service_over_a_lowered_limit_may_still_shrink() {
+        let state = state_with(&[spec("a").replicas(30).build()]);
+        let a = spec("a").replicas(30).build();
+        assert!(check_scale(&SMALL, &state, &a, 20).is_ok());
+        assert!(check_scale(&SMALL, &state, &a, 31).is_err());
+    }
+
+    #[test]
+    fn sim_needs_a_node_that_offers_it() {
+        let state = state_with(&[]);
+        let sim = spec("s").driver(DriverKind::Sim).build();
+        let err =
+            check_deploy(&Limits::default(), &state, &[sim.clone()]).expect_err("no sim node");
+        assert!(err.to_string().contains("sim driver"), "{err}");
+        let mut hollow = state_with(&[]);
+        let n = node("h").drivers(&[DriverKind::Sim]).build();
+        hollow.nodes.insert(n.id.clone(), n);
+        assert!(check_deploy(&Limits::default(), &hollow, &[sim]).is_ok());
+    }
 }
