@@ -195,8 +195,8 @@ mod tests {
     fn sim_needs_a_node_that_offers_it() {
         let state = state_with(&[]);
         let sim = spec("s").driver(DriverKind::Sim).build();
-        let err =
-            check_deploy(&Limits::default(), &state, &[sim.clone()]).expect_err("no sim node");
+        let err = check_deploy(&Limits::default(), &state, std::slice::from_ref(&sim))
+            .expect_err("no sim node");
         assert!(err.to_string().contains("sim driver"), "{err}");
         let mut hollow = state_with(&[]);
         let n = node("h").drivers(&[DriverKind::Sim]).build();
