@@ -13,6 +13,9 @@ pub enum ApiError {
         message: String,
         fields: Vec<FieldError>,
     },
+    /// The request is larger than a limit; the message names it.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -40,6 +43,7 @@ impl ApiError {
     fn code(&self) -> (&'static str, StatusCode) {
         match self {
             ApiError::Invalid { .. } => ("invalid", StatusCode::BAD_REQUEST),
+            ApiError::TooLarge(_) => ("too_large", StatusCode::PAYLOAD_TOO_LARGE),
             ApiError::NotFound(_) => ("not_found", StatusCode::NOT_FOUND),
             ApiError::Conflict(_) => ("conflict", StatusCode::CONFLICT),
             ApiError::Unauthorized(_) => ("unauthorized", StatusCode::UNAUTHORIZED),

@@ -17,7 +17,9 @@ mod body;
 pub mod cluster;
 mod error;
 mod forward;
+mod limits;
 mod nodes;
+mod query;
 mod raft;
 mod rollouts;
 mod services;
@@ -29,6 +31,7 @@ mod traffic;
 mod unix_serve;
 
 pub use error::ApiError;
+pub use limits::Limits;
 pub use services::summarize;
 pub use tls_serve::serve_tls;
 pub use unix_serve::{bind_unix, serve_unix, SocketError, SOCKET_GROUP};
@@ -55,6 +58,8 @@ pub struct AppState {
     pub leader_http: Option<reqwest::Client>,
     /// The node whose agent runs in this process, for `GET /metrics`; `None` when there is none.
     pub local_node: Option<String>,
+    /// Bounds on the tasks deploys and scales may ask for.
+    pub limits: Limits,
 }
 
 impl AppState {
@@ -66,7 +71,14 @@ impl AppState {
             cluster: None,
             leader_http: None,
             local_node: None,
+            limits: Limits::default(),
         }
+    }
+
+    /// Replaces the default task limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Names the node whose agent runs alongside this manager (serves its mesh metrics).

@@ -1,7 +1,7 @@
 //! Node resources: agents register and heartbeat; operators list them, change their
 //! availability (`active`, `pause`, `drain`) and labels.
 
-use crate::body::JsonBody;
+use crate::body::{JsonBody, StrictJsonBody};
 use crate::error::{check_applied, ApiError};
 use crate::AppState;
 use axum::extract::{Path, State};
@@ -15,6 +15,9 @@ use flotilla_types::{
 /// Longest label key and value accepted.
 const MAX_LABEL_KEY: usize = 128;
 const MAX_LABEL_VALUE: usize = 256;
+/// Most labels one node may carry. A node is rewritten with every heartbeat, so its size is
+/// paid again and again in the log, the change ring and every watcher.
+const MAX_NODE_LABELS: usize = 256;
 /// Bounds on what an agent reports about its mesh's unserved ports.
 const MAX_PORT_CONFLICTS: usize = 256;
 const MAX_PORT_CONFLICT_LEN: usize = 4096;
@@ -68,6 +71,14 @@ fn validate_registration(reg: &NodeRegistration) -> Result<(), ApiError> {
                 "agent_secret",
                 "must be printable ASCII without spaces",
             ));
+        }
+    }
+    for (field, labels) in [
+        ("labels", &reg.labels),
+        ("engine_labels", &reg.engine_labels),
+    ] {
+        if let Err(reason) = label_count(labels.len()) {
+            fields.push(FieldError::new(field, reason));
         }
     }
     if reg.port_conflicts.len() > MAX_PORT_CONFLICTS {
@@ -228,6 +239,18 @@ fn validate_update(update: &NodeUpdate) -> Result<(), ApiError> {
             "nothing to change: give availability, label_add or label_rm",
         ));
     }
+    for (field, count) in [
+        ("label_add", update.label_add.len()),
+        ("label_rm", update.label_rm.len()),
+    ] {
+        if let Err(reason) = label_count(count) {
+            fields.push(FieldError::new(field, reason.clone()));
+            return Err(ApiError::invalid(
+                format!("invalid node update: {field}: {reason}"),
+                fields,
+            ));
+        }
+    }
     let check_key = |field: String, key: &str, fields: &mut Vec<FieldError>| {
         let bad = |reason: String| FieldError::new(field.clone(), reason);
         if key.is_empty() {
@@ -273,12 +296,21 @@ fn validate_update(update: &NodeUpdate) -> Result<(), ApiError> {
     }
 }
 
+fn label_count(count: usize) -> Result<(), String> {
+    if count > MAX_NODE_LABELS {
+        return Err(format!(
+            "{count} labels, more than the limit of {MAX_NODE_LABELS} per node"
+        ));
+    }
+    Ok(())
+}
+
 /// `flotilla node update`: availability and labels. Setting a node active again clears the
 /// reason it was paused or drained for.
 pub async fn update(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(update): JsonBody<NodeUpdate>,
+    StrictJsonBody(update): StrictJsonBody<NodeUpdate>,
 ) -> Result<Json<Node>, ApiError> {
     validate_update(&update)?;
     // Heartbeats bump the node's version every second or so: re-read and retry on conflict.
@@ -297,6 +329,13 @@ pub async fn update(
             node.labels.remove(key);
         }
         node.labels.extend(update.label_add.clone());
+        if let Err(reason) = label_count(node.labels.len()) {
+            let reason = format!("the node would have {reason}");
+            return Err(ApiError::invalid(
+                format!("invalid node update: label_add: {reason}"),
+                vec![FieldError::new("label_add", reason)],
+            ));
+        }
         tracing::info!(node = %id, availability = node.availability.as_str(), "node updated");
         let result = app
             .store
@@ -368,6 +407,21 @@ mod tests {
                 "label_rm[1]"
             ]
         );
+    }
+
+    #[test]
+    fn too_many_labels_are_refused_naming_the_limit() {
+        let update = NodeUpdate {
+            label_add: (0..100_000)
+                .map(|i| (format!("k{i}"), "v".to_string()))
+                .collect(),
+            ..NodeUpdate::default()
+        };
+        let Err(ApiError::Invalid { message, fields }) = validate_update(&update) else {
+            panic!("100k labels accepted");
+        };
+        assert!(message.contains("limit of 256 per node"), "{message}");
+        assert_eq!(fields[0].field, "label_add");
     }
 
     #[test]

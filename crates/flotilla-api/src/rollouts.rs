@@ -2,7 +2,7 @@
 //! rollback. The controllers do the work; these handlers only record what the operator asked
 //! for in the replicated store, with optimistic concurrency.
 
-use crate::body::JsonBody;
+use crate::body::StrictJsonBody;
 use crate::error::{check_applied, ApiError};
 use crate::AppState;
 use axum::extract::{Path, State};
@@ -67,7 +67,7 @@ async fn write_retrying<T>(
 pub async fn control(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<ActionRequest>,
+    StrictJsonBody(req): StrictJsonBody<ActionRequest>,
 ) -> Result<Json<Rollout>, ApiError> {
     let (_, rollout) = write_retrying(&app, |s| {
         if !s.services.contains_key(&name) {
@@ -142,7 +142,7 @@ pub async fn restart(
 pub async fn rollback(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<RollbackRequest>,
+    StrictJsonBody(req): StrictJsonBody<RollbackRequest>,
 ) -> Result<Json<DeployResponse>, ApiError> {
     let by = if req.requested_by.is_empty() {
         "api".to_string()

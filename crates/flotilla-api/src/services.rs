@@ -1,6 +1,6 @@
 //! Service resources: deploy (create/update with revisions), list, inspect, scale, remove.
 
-use crate::body::JsonBody;
+use crate::body::StrictJsonBody;
 use crate::error::{check_applied, ApiError};
 use crate::AppState;
 use axum::extract::{Path, State};
@@ -31,7 +31,7 @@ pub async fn status(State(app): State<AppState>) -> Json<ClusterStatus> {
 
 pub async fn deploy(
     State(app): State<AppState>,
-    JsonBody(req): JsonBody<DeployRequest>,
+    StrictJsonBody(req): StrictJsonBody<DeployRequest>,
 ) -> Result<Json<DeployResponse>, ApiError> {
     if req.services.is_empty() {
         return Err(ApiError::invalid(
@@ -41,6 +41,8 @@ pub async fn deploy(
     }
     flotilla_scheduler::validate_stack(&req.services)
         .map_err(|fields| ApiError::invalid("the services are not valid", fields))?;
+    app.store
+        .read(|state| crate::limits::check_deploy(&app.limits, state, &req.services))?;
     let by = if req.requested_by.is_empty() {
         "api"
     } else {
@@ -186,7 +188,7 @@ pub async fn remove(
 pub async fn scale(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<ScaleRequest>,
+    StrictJsonBody(req): StrictJsonBody<ScaleRequest>,
 ) -> Result<Json<WriteResponse>, ApiError> {
     if req.replicas > MAX_REPLICAS {
         return Err(ApiError::invalid(
@@ -213,6 +215,7 @@ pub async fn scale(
                     vec![FieldError::new("replicas", "not allowed for a global service")],
                 ));
             }
+            crate::limits::check_scale(&app.limits, s, &svc.spec, req.replicas)?;
             let mut spec = svc.spec.clone();
             spec.mode = ServiceMode::Replicated { replicas: req.replicas };
             let entry = plan_for(s, &spec);

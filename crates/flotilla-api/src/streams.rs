@@ -4,9 +4,10 @@
 //! between; items at or below the starting revision are skipped.
 
 use crate::error::ApiError;
+use crate::query::Query;
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
 use flotilla_store::{Change, ClusterState};

@@ -3,9 +3,10 @@
 
 use crate::body::JsonBody;
 use crate::error::{check_applied, ApiError};
+use crate::query::Query;
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::Json;
 use flotilla_store::{Command, Op};

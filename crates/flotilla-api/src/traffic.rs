@@ -2,7 +2,7 @@
 //! mesh follows), per-task traffic summed over the meshes of all nodes, and the manager's own
 //! node's Prometheus metrics.
 
-use crate::body::JsonBody;
+use crate::body::StrictJsonBody;
 use crate::error::{check_applied, ApiError};
 use crate::tasks::resolve;
 use crate::AppState;
@@ -66,7 +66,7 @@ async fn write_weights(app: &AppState, weights: &BTreeMap<String, u8>) -> Result
 pub async fn set_weight(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(req): JsonBody<WeightRequest>,
+    StrictJsonBody(req): StrictJsonBody<WeightRequest>,
 ) -> Result<Json<WriteResponse>, ApiError> {
     check_weight("weight".into(), req.weight)?;
     let task = resolve(&app, &id)?;
@@ -78,7 +78,7 @@ pub async fn set_weight(
 pub async fn set_weights(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    JsonBody(req): JsonBody<BulkWeightRequest>,
+    StrictJsonBody(req): StrictJsonBody<BulkWeightRequest>,
 ) -> Result<Json<WriteResponse>, ApiError> {
     if req.weights.is_empty() {
         return Err(ApiError::invalid(

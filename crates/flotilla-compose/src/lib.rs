@@ -13,6 +13,7 @@ mod duration;
 mod env_file;
 mod mesh;
 mod ports;
+mod read;
 mod report;
 mod rollout;
 mod service;
@@ -21,6 +22,7 @@ mod shell_words;
 use document::Node;
 use flotilla_scheduler::validate_stack;
 use flotilla_types::{validate_name, FieldError, ServiceSpec};
+pub use read::MAX_FILE_BYTES;
 use report::Report;
 use std::path::{Path, PathBuf};
 
@@ -176,10 +178,11 @@ pub fn parse_str(text: &str, file: &str, base_dir: &Path) -> Result<ComposeFile,
 
 /// Reads and parses a Compose file; `env_file` paths are relative to the file's directory.
 pub fn load(path: &Path) -> Result<ComposeFile, ComposeError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ComposeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        read::read_capped(path, read::MAX_FILE_BYTES).map_err(|source| ComposeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let base_dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),

@@ -321,7 +321,7 @@ fn env_files(
         } else {
             ctx.base_dir.join(&path)
         };
-        match std::fs::read_to_string(&full) {
+        match crate::read::read_capped(&full, crate::read::MAX_FILE_BYTES) {
             Ok(text) => match parse_env_file(&text) {
                 Ok(file_vars) => vars.extend(file_vars),
                 Err((line, reason)) => {

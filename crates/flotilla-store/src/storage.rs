@@ -53,6 +53,11 @@ const SNAPSHOT_DATA: &str = "data";
 
 /// How many recent change batches [`Shared::changes_since`] can replay.
 pub(crate) const CHANGE_RING_CAPACITY: usize = 4096;
+/// How many bytes (of the batches' objects, as stored) the change ring holds at most: a few
+/// large objects rewritten often must not pin gigabytes. The newest batch is always kept.
+pub(crate) const CHANGE_RING_MAX_BYTES: usize = 64 << 20;
+/// What a change or event costs in the ring beyond its encoded object.
+const CHANGE_OVERHEAD_BYTES: usize = 64;
 
 pub(crate) type LogIdOf = LogId<u64>;
 type Membership = StoredMembership<u64, BasicNode>;
@@ -144,11 +149,31 @@ fn get_json<T: DeserializeOwned>(
 /// reads the state never misses or double-counts a batch.
 struct Live {
     state: ClusterState,
-    /// The last [`CHANGE_RING_CAPACITY`] applied batches, oldest first.
-    ring: VecDeque<Arc<ChangeBatch>>,
+    /// The last applied batches, oldest first: at most [`CHANGE_RING_CAPACITY`] of them and
+    /// [`CHANGE_RING_MAX_BYTES`] in total, each with its size.
+    ring: VecDeque<(Arc<ChangeBatch>, usize)>,
+    /// The sum of the sizes in `ring`.
+    ring_bytes: usize,
     /// Every batch with a revision above this is in `ring`.
     ring_floor: u64,
     changes: broadcast::Sender<Arc<ChangeBatch>>,
+}
+
+impl Live {
+    /// Adds `batch` (of `size` bytes) to the ring, evicting the oldest batches beyond its bounds.
+    fn remember(&mut self, batch: Arc<ChangeBatch>, size: usize) {
+        self.ring.push_back((batch, size));
+        self.ring_bytes += size;
+        while self.ring.len() > CHANGE_RING_CAPACITY
+            || (self.ring_bytes > CHANGE_RING_MAX_BYTES && self.ring.len() > 1)
+        {
+            let Some((evicted, size)) = self.ring.pop_front() else {
+                break;
+            };
+            self.ring_bytes -= size;
+            self.ring_floor = evicted.revision;
+        }
+    }
 }
 
 /// What the log store, the state machine and the [`crate::Store`] share.
@@ -214,6 +239,7 @@ impl Shared {
             live: RwLock::new(Live {
                 state,
                 ring: VecDeque::new(),
+                ring_bytes: 0,
                 ring_floor: revision,
                 changes,
             }),
@@ -252,8 +278,8 @@ impl Shared {
             return None;
         }
         // The ring is ordered by revision, so skip the prefix at or below `since`.
-        let start = live.ring.partition_point(|b| b.revision <= since);
-        Some(live.ring.range(start..).cloned().collect())
+        let start = live.ring.partition_point(|(b, _)| b.revision <= since);
+        Some(live.ring.range(start..).map(|(b, _)| b.clone()).collect())
     }
 
     pub(crate) fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, DbError> {
@@ -348,6 +374,7 @@ impl Shared {
         let mut results = Vec::with_capacity(entries.len());
         let mut pending = Overlay::default();
         let mut batches = Vec::new();
+        let sizes;
         let mut txn = self.db.begin_write()?;
         // Not fsynced: every entry applied here is already in the raft log, fsynced on a
         // majority before it was committed, and openraft re-applies committed entries above
@@ -390,7 +417,7 @@ impl Shared {
                 results.push(CommandResult::Applied { revision: index });
             }
             drop(live);
-            tables.write_changes(&batches)?;
+            sizes = tables.write_changes(&batches)?;
             tables.trim_events(self.event_retention)?;
             tables.write_applied(applied)?;
         }
@@ -399,13 +426,8 @@ impl Shared {
         let mut live = self.live_mut();
         pending.apply_to(&mut live.state);
         live.state.revision = applied.last_applied.map_or(0, |l| l.index);
-        for batch in batches {
-            if live.ring.len() >= CHANGE_RING_CAPACITY {
-                if let Some(evicted) = live.ring.pop_front() {
-                    live.ring_floor = evicted.revision;
-                }
-            }
-            live.ring.push_back(batch.clone());
+        for (batch, size) in batches.into_iter().zip(sizes) {
+            live.remember(batch.clone(), size);
             // No receivers is fine: nobody is watching.
             let _ = live.changes.send(batch);
         }
@@ -444,6 +466,7 @@ impl Shared {
         let mut live = self.live_mut();
         live.state = snapshot.into_state(revision);
         live.ring.clear();
+        live.ring_bytes = 0;
         live.ring_floor = revision;
         // Replacing the sender closes every subscription: their holders see `Closed` and must
         // resync from a full read, since the snapshot is not expressed as change batches.
@@ -590,33 +613,54 @@ impl<'txn> SmTables<'txn> {
     }
 
     /// Writes the changes of `batches`, in order, opening each touched kind's table once.
-    fn write_changes(&mut self, batches: &[Arc<ChangeBatch>]) -> Result<(), DbError> {
+    /// Returns each batch's size: its objects as stored, plus a little per change and event.
+    fn write_changes(&mut self, batches: &[Arc<ChangeBatch>]) -> Result<Vec<usize>, DbError> {
         struct Write<'c, 't> {
             txn: &'t WriteTransaction,
             batches: &'c [Arc<ChangeBatch>],
+            sizes: Vec<usize>,
         }
         impl KindVisitor for Write<'_, '_> {
             type Error = DbError;
             fn visit<K: Kind>(&mut self) -> Result<(), DbError> {
-                let changes = self.batches.iter().flat_map(|b| &b.changes);
-                let mut mine = changes.filter_map(K::of_change).peekable();
+                let mut mine = (self.batches.iter().enumerate())
+                    .flat_map(|(i, b)| {
+                        b.changes
+                            .iter()
+                            .filter_map(K::of_change)
+                            .map(move |c| (i, c))
+                    })
+                    .peekable();
                 if mine.peek().is_none() {
                     return Ok(());
                 }
                 let mut table = self.txn.open_table(kind_table::<K>())?;
-                for (key, object) in mine {
+                for (i, (key, object)) in mine {
                     match object {
-                        Some(o) => table.insert(key.db_key(), encode(K::KIND, o)?.as_slice())?,
+                        Some(o) => {
+                            let bytes = encode(K::KIND, o)?;
+                            self.sizes[i] += bytes.len();
+                            table.insert(key.db_key(), bytes.as_slice())?
+                        }
                         None => table.remove(key.db_key())?,
                     };
                 }
                 Ok(())
             }
         }
-        for_each_kind(&mut Write {
+        let mut write = Write {
             txn: self.txn,
             batches,
-        })
+            sizes: batches
+                .iter()
+                .map(|b| {
+                    let events: usize = b.events.iter().map(|e| e.message.len()).sum();
+                    events + (b.changes.len() + b.events.len()) * CHANGE_OVERHEAD_BYTES
+                })
+                .collect(),
+        };
+        for_each_kind(&mut write)?;
+        Ok(write.sizes)
     }
 
     fn write_events(&mut self, events: &[Event]) -> Result<(), DbError> {

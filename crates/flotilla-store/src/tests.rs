@@ -1,7 +1,7 @@
 //! Tests against real redb files in temporary directories and a real (single-voter) raft node.
 
 use super::*;
-use crate::storage::{LogStore, Shared, StateMachine, CHANGE_RING_CAPACITY};
+use crate::storage::{LogStore, Shared, StateMachine, CHANGE_RING_CAPACITY, CHANGE_RING_MAX_BYTES};
 use flotilla_types::testing;
 use flotilla_types::{
     DesiredState, EventLevel, Health, Meta, Node, NodeState, Revision, Service, ServiceMode,
@@ -582,6 +582,44 @@ pub(crate) fn normal_entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(cmd),
     }
+}
+
+/// Few but large batches are bounded by bytes, not only by count: 80 writes of a 1 MiB node
+/// must not all stay in memory for replay.
+#[tokio::test]
+async fn change_ring_is_bounded_in_bytes() {
+    let dir = TempDir::new().expect("tempdir");
+    let (shared, applied_state) =
+        Shared::open(&dir.path().join("store.redb"), 100).expect("open storage");
+    let mut sm = StateMachine::new(shared.clone(), applied_state);
+    let big = "x".repeat(1 << 20);
+    let total = 80u64;
+    let entries: Vec<_> = (1..=total)
+        .map(|i| {
+            let mut n = node(&format!("n{i}"), NodeState::Ready);
+            n.labels.insert("big".into(), big.clone());
+            let ops = vec![Op::PutNode {
+                node: n,
+                expect: Expect::Absent,
+            }];
+            normal_entry(i, at(ops, 1))
+        })
+        .collect();
+    sm.apply(entries).await.expect("apply");
+    assert!(
+        shared.changes_since(0).is_none(),
+        "the oldest large batches were evicted"
+    );
+    let kept = (0..total)
+        .find_map(|since| shared.changes_since(since))
+        .expect("the newest batches can be replayed");
+    assert!(!kept.is_empty());
+    assert_eq!(kept.last().map(|b| b.revision), Some(total));
+    assert!(
+        kept.len() <= CHANGE_RING_MAX_BYTES / (1 << 20),
+        "{} batches of 1 MiB kept",
+        kept.len()
+    );
 }
 
 #[tokio::test]

@@ -246,12 +246,8 @@ impl ContainerSpec {
             }
         }
         for (i, t) in self.tmpfs.iter().enumerate() {
-            let path = t.split_once(':').map_or(t.as_str(), |(p, _)| p);
-            if !path.starts_with('/') {
-                errs.push(FieldError::new(
-                    at(format!("tmpfs[{i}]")),
-                    format!("{path:?} must be an absolute path inside the container"),
-                ));
+            if let Err(reason) = check_tmpfs(t) {
+                errs.push(FieldError::new(at(format!("tmpfs[{i}]")), reason));
             }
         }
         for (i, v) in self.volumes.iter().enumerate() {
@@ -328,6 +324,43 @@ fn valid_volume_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// One `tmpfs` entry: an absolute path, and a size a node can have.
+fn check_tmpfs(entry: &str) -> Result<(), String> {
+    let (path, options) = entry.split_once(':').unwrap_or((entry, ""));
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} must be an absolute path inside the container"
+        ));
+    }
+    check_tmpfs_size(options)
+}
+
+/// A tmpfs `size=` option: a byte size (`64m`) no larger than any node's memory, or a
+/// percentage of the node's memory (`50%`), as the kernel takes it.
+fn check_tmpfs_size(options: &str) -> Result<(), String> {
+    let Some(size) = options
+        .split(',')
+        .find_map(|o| o.trim().strip_prefix("size="))
+    else {
+        return Ok(());
+    };
+    if let Some(percent) = size.strip_suffix('%') {
+        return match percent.parse::<u8>() {
+            Ok(1..=100) => Ok(()),
+            _ => Err(format!("size={size}: a percentage must be 1% to 100%")),
+        };
+    }
+    match crate::units::parse_bytes(size) {
+        Ok(0) => Err(format!("size={size}: must be greater than 0")),
+        Ok(bytes) if bytes > crate::spec_bounds::MAX_MEMORY_BYTES => Err(format!(
+            "size={size}: more than the limit of {} bytes (1 PiB)",
+            crate::spec_bounds::MAX_MEMORY_BYTES
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("size={size}: {e}")),
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod privilege;
 pub mod release;
 pub mod rollout;
 pub mod spec;
+pub mod spec_bounds;
 mod spec_validate;
 pub mod state;
 #[cfg(any(test, feature = "test-support"))]

@@ -37,6 +37,9 @@ impl ServiceSpec {
                 .push(FieldError::new(format!("services.{}", self.name), reason));
         }
         check_program(self, &mut p);
+        for (field, reason) in crate::spec_bounds::check(self) {
+            p.add(&field, reason);
+        }
         check_environment(self, &mut p);
         check_ports(self, &mut p);
         check_healthcheck(self, &mut p);
@@ -80,11 +83,6 @@ fn check_program(spec: &ServiceSpec, p: &mut Problems) {
             }
         }
         DriverKind::Sim => {}
-    }
-    if let Some(cmd) = &spec.command {
-        if cmd.iter().any(|a| a.contains('\0')) {
-            p.add("command", "contains a NUL byte");
-        }
     }
     if let ServiceMode::Replicated { replicas } = spec.mode {
         if replicas > MAX_REPLICAS {

@@ -5,6 +5,7 @@ use crate::manager::{Manager, ManagerConfig};
 use anyhow::{bail, Context};
 use clap::Args;
 use flotilla_agent::hollow::{FleetProgress, HollowFleet};
+use flotilla_api::Limits;
 use flotilla_client::Client;
 use flotilla_controllers::ControllerConfig;
 use flotilla_types::api::DeployRequest;
@@ -103,6 +104,11 @@ pub async fn control_plane(args: &BenchControlPlaneArgs) -> anyhow::Result<ExitC
         },
         local_node: None,
         cluster: None,
+        // Sized to the run, so any `--tasks` is measured rather than refused.
+        limits: Limits {
+            max_tasks_per_service: (args.tasks as u64).max(Limits::DEFAULT_MAX_TASKS_PER_SERVICE),
+            max_tasks: (args.tasks as u64).max(Limits::DEFAULT_MAX_TASKS),
+        },
     })
     .await?;
     let client = Client::new(&format!("http://{}", manager.api_addr), Some(token))?;

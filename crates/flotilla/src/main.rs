@@ -14,6 +14,7 @@ mod cluster_args;
 mod deploy;
 mod docker_cmd;
 mod follow;
+mod limit_flags;
 mod listing;
 mod load;
 mod manager;

@@ -91,6 +91,8 @@ pub struct ManagerConfig {
     pub local_node: Option<String>,
     /// `None` for `flotilla up` and the benchmark.
     pub cluster: Option<ClusterServing>,
+    /// Bounds on the tasks deploys and scales may ask for.
+    pub limits: flotilla_api::Limits,
 }
 
 /// Where a manager serves its Unix socket (see `flotilla_api::serve_unix`).
@@ -214,7 +216,7 @@ impl OpenManager {
         let OpenManager { store, cfg } = self;
         let api_addr = cfg.local_api.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
-        let mut state = AppState::new(store.clone(), cfg.token.clone());
+        let mut state = AppState::new(store.clone(), cfg.token.clone()).with_limits(cfg.limits);
         if let Some(node) = cfg.local_node {
             state = state.with_local_node(node);
         }

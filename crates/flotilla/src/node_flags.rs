@@ -26,4 +26,6 @@ pub struct NodeFlags {
     /// left running and reported (docs/OPERATIONS.md, "When things go wrong").
     #[arg(long)]
     pub discard_unknown_workloads: bool,
+    #[command(flatten)]
+    pub limits: crate::limit_flags::LimitFlags,
 }

@@ -68,6 +68,7 @@ pub async fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
         },
         local_node: Some(node_name.clone()),
         cluster: None,
+        limits: args.common.limits.limits(),
     })
     .await?;
     let stop_rx = manager.stopping();

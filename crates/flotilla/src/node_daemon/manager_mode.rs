@@ -131,6 +131,7 @@ async fn start_manager(
         },
         local_node: Some(name.to_string()),
         cluster: Some(cluster),
+        limits: node.common.limits.limits(),
     })
     .await?;
     if start.forced {
