@@ -16,6 +16,7 @@ pub mod cluster;
 mod error;
 mod forward;
 mod nodes;
+mod plain_serve;
 mod raft;
 mod rollouts;
 mod services;
@@ -31,7 +32,6 @@ pub use tls_serve::serve_tls;
 use axum::routing::{get, post, put};
 use axum::Router;
 use flotilla_store::Store;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Shared by every handler.
@@ -161,10 +161,6 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    plain_serve::serve_plain(listener, router(state), shutdown).await;
+    Ok(())
 }

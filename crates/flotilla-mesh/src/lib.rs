@@ -11,6 +11,7 @@ mod balancer;
 pub mod bench;
 mod breaker;
 mod budget;
+pub mod conn_limits;
 pub mod dns;
 mod http_proxy;
 mod listener;
@@ -56,6 +57,12 @@ pub struct MeshConfig {
     pub shutdown_grace: Duration,
     /// Threads that run connections, each with its own event loop (0: one per core).
     pub workers: usize,
+    /// Open client connections allowed per published port, and on all of them together;
+    /// further ones are closed at once. 0: the mesh's share of the descriptor budget (see
+    /// [`conn_limits`]).
+    pub max_connections: usize,
+    /// A TCP connection with no bytes in either direction for this long is closed.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for MeshConfig {
@@ -70,6 +77,8 @@ impl Default for MeshConfig {
             pool_idle_timeout: Duration::from_secs(90),
             shutdown_grace: Duration::from_secs(30),
             workers: 0,
+            max_connections: 0,
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -84,6 +93,7 @@ impl MeshConfig {
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(MeshError::Config {
@@ -156,6 +166,8 @@ pub(crate) struct Shared {
     pub kill: CancellationToken,
     pub connections: TaskTracker,
     pub workers: workers::Workers,
+    /// Client connections open on all published ports together.
+    pub gate: Arc<conn_limits::ConnGate>,
 }
 
 impl Shared {
@@ -199,6 +211,9 @@ impl Mesh {
     /// [`MeshConfig::validate`] to reject such settings instead.
     pub fn new(mut cfg: MeshConfig) -> Self {
         cfg.max_header_bytes = cfg.max_header_bytes.max(MIN_HEADER_BYTES);
+        if cfg.max_connections == 0 {
+            cfg.max_connections = conn_limits::ListenerKind::Mesh.default_cap();
+        }
         Mesh {
             shared: Arc::new(Shared {
                 routing: RwLock::new(Arc::new(Routing::default())),
@@ -208,6 +223,7 @@ impl Mesh {
                 kill: CancellationToken::new(),
                 connections: TaskTracker::new(),
                 workers: workers::Workers::start(cfg.workers),
+                gate: conn_limits::ConnGate::new("mesh", cfg.max_connections),
                 cfg,
             }),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
