@@ -7,6 +7,7 @@
 //! Only transitions are reported, through a channel, each with the last probe's reason.
 
 use crate::driver::Driver;
+use flotilla_mesh::conn_limits::is_resource_exhaustion;
 use flotilla_types::{now_ms, Health, HealthCheck, HealthTest, PortBinding, Timestamp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -278,12 +279,9 @@ impl From<String> for Failure {
 fn failure(error: &(dyn std::error::Error + 'static), reason: String) -> Failure {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = cause {
-        let exhausted = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.raw_os_error(),
-                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-            )
-        });
+        let exhausted = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(is_resource_exhaustion);
         // Errors passed on as text (e.g. from the shim) keep only the message.
         let text = e.to_string();
         if exhausted || text.contains("Too many open files") || text.contains("os error 24") {

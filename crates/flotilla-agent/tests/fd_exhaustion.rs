@@ -1,18 +1,26 @@
-//! Health checks when the agent itself runs out of file descriptors (#14): the probe cannot
-//! run, which says nothing about the task, so it must not count as a failure. Its own test
-//! binary, as it lowers the whole process's descriptor limit.
+//! The agent running out of file descriptors (#14): a health probe that cannot run says
+//! nothing about the task, so it must not count as a failure; a stop that cannot reach the
+//! task's shim must fail (to be retried), never be taken for the shim's end while the workload
+//! runs on. Its own test binary, as it lowers the whole process's descriptor limit; the tests
+//! take turns through [`LIMIT`].
 // Test helpers outside #[test] fns: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+use flotilla_agent::driver::{Driver, DriverError};
 use flotilla_agent::health::{probe_outcome, HealthMonitor, Outcome};
 use flotilla_agent::process::ProcessDriver;
-use flotilla_types::{Health, HealthCheck, HealthTest, PortBinding};
+use flotilla_types::{
+    Health, HealthCheck, HealthTest, PortBinding, ServiceSpec, Task, TaskState, TaskStatus,
+};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 const HOST: &str = env!("CARGO_BIN_EXE_flotilla-agent-testhost");
+
+/// Held by a test while it lowers the limit, so the other keeps its descriptors.
+static LIMIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn check(test: HealthTest) -> HealthCheck {
     HealthCheck {
@@ -39,6 +47,7 @@ fn exhaust_descriptors() -> Vec<std::fs::File> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn probes_failing_for_lack_of_descriptors_do_not_make_a_task_unhealthy() {
+    let _turn = LIMIT.lock().await;
     let state = tempfile::tempdir().unwrap();
     let driver =
         Arc::new(ProcessDriver::new(state.path().to_path_buf(), PathBuf::from(HOST)).unwrap());
@@ -81,4 +90,43 @@ async fn probes_failing_for_lack_of_descriptors_do_not_make_a_task_unhealthy() {
         probe_outcome(&tcp, Some(port), "t", driver.as_ref()).await,
         Outcome::Done(Ok(()))
     );
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat[stat.rfind(')')? + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_stop_that_cannot_reach_the_shim_fails_and_leaves_the_task_tracked() {
+    let _turn = LIMIT.lock().await;
+    let state = tempfile::tempdir().unwrap();
+    let driver = ProcessDriver::new(state.path().to_path_buf(), PathBuf::from(HOST)).unwrap();
+    let spec = ServiceSpec::process("svc", vec!["sleep".into(), "1000".into()]);
+    let mut task = Task::new(&spec, 1, Some(1), 0);
+    task.status = TaskStatus::new(TaskState::Assigned, 0, "");
+    let pid = driver.start(&task, &[]).await.unwrap().pid.unwrap();
+
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, 256.min(soft), hard).unwrap();
+    let held = exhaust_descriptors();
+    let stopped = driver.stop(&task.id, 15, Duration::from_secs(5)).await;
+    drop(held);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    assert!(
+        matches!(stopped, Err(DriverError::ShimUnavailable { .. })),
+        "{stopped:?}"
+    );
+    assert!(alive(pid), "the workload was given up on");
+
+    // Descriptors back: the retry stops it for real.
+    let exit = driver
+        .stop(&task.id, 15, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(exit.signal, Some(15), "{exit:?}");
+    assert!(!alive(pid));
+    driver.remove(&task.id).await.unwrap();
 }

@@ -84,6 +84,13 @@ pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
+/// Whether `e` means this process (or the system) ran out of descriptors or memory: the
+/// failure is the node's, not that of whatever it tried to reach.
+pub fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM on Linux.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
 /// Counts one listener's open connections against its cap. Admission is one atomic add, so it
 /// costs nothing measurable on the mesh's hot path.
 #[derive(Debug)]
