@@ -7,7 +7,7 @@
 //! Only transitions are reported, through a channel, each with the last probe's reason.
 
 use crate::driver::Driver;
-use flotilla_mesh::conn_limits::is_resource_exhaustion;
+use flotilla_mesh::conn_limits::caused_by_exhaustion;
 use flotilla_types::{now_ms, Health, HealthCheck, HealthTest, PortBinding, Timestamp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -277,19 +277,11 @@ impl From<String> for Failure {
 /// `reason` blamed on the agent when `error` (or one of its causes) is resource exhaustion
 /// of this process or the system, on the task otherwise.
 fn failure(error: &(dyn std::error::Error + 'static), reason: String) -> Failure {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = cause {
-        let exhausted = e
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(is_resource_exhaustion);
-        // Errors passed on as text (e.g. from the shim) keep only the message.
-        let text = e.to_string();
-        if exhausted || text.contains("Too many open files") || text.contains("os error 24") {
-            return Failure::Agent(reason);
-        }
-        cause = e.source();
+    if caused_by_exhaustion(error) {
+        Failure::Agent(reason)
+    } else {
+        Failure::Task(reason)
     }
-    Failure::Task(reason)
 }
 
 async fn run_probe(

@@ -12,6 +12,7 @@ use crate::health::{HealthMonitor, HealthReport};
 use crate::mesh_node::MeshNode;
 use crate::ports::PortAllocator;
 use flotilla_client::{Client, ClientError};
+use flotilla_mesh::conn_limits::caused_by_exhaustion;
 use flotilla_types::api::TaskStatusReport;
 use flotilla_types::{
     now_ms, signal_number, DriverKind, Health, PortBinding, Task, TaskState, TaskStatus,
@@ -323,7 +324,9 @@ async fn stop_retrying(
     let mut pause = STOP_RETRY_FIRST;
     loop {
         match driver.stop(&task.id, signal, grace).await {
-            Err(e @ DriverError::ShimUnavailable { .. }) => {
+            Err(e)
+                if matches!(e, DriverError::ShimUnavailable { .. }) || caused_by_exhaustion(&e) =>
+            {
                 tracing::warn!(error = %e, retry_in = ?pause, "cannot reach the task to stop it; retrying");
             }
             done => return Some(done),

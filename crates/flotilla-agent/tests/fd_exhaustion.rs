@@ -19,8 +19,21 @@ use std::time::Duration;
 
 const HOST: &str = env!("CARGO_BIN_EXE_flotilla-agent-testhost");
 
-/// Held by a test while it lowers the limit, so the other keeps its descriptors.
-static LIMIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held by a test for its whole run (its runtime included) while it lowers the limit, so the
+/// other keeps its descriptors.
+static LIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `test` on its own runtime, in turn with the other tests.
+fn in_turn<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    let _turn = LIMIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test());
+}
 
 fn check(test: HealthTest) -> HealthCheck {
     HealthCheck {
@@ -45,9 +58,12 @@ fn exhaust_descriptors() -> Vec<std::fs::File> {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn probes_failing_for_lack_of_descriptors_do_not_make_a_task_unhealthy() {
-    let _turn = LIMIT.lock().await;
+#[test]
+fn probes_failing_for_lack_of_descriptors_do_not_make_a_task_unhealthy() {
+    in_turn(probes_failing_for_lack_of_descriptors);
+}
+
+async fn probes_failing_for_lack_of_descriptors() {
     let state = tempfile::tempdir().unwrap();
     let driver =
         Arc::new(ProcessDriver::new(state.path().to_path_buf(), PathBuf::from(HOST)).unwrap());
@@ -92,6 +108,19 @@ async fn probes_failing_for_lack_of_descriptors_do_not_make_a_task_unhealthy() {
     );
 }
 
+/// Kills the workload if the test fails before stopping it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .status();
+        }
+    }
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -99,15 +128,19 @@ fn alive(pid: u32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_stop_that_cannot_reach_the_shim_fails_and_leaves_the_task_tracked() {
-    let _turn = LIMIT.lock().await;
+#[test]
+fn a_stop_that_cannot_reach_the_shim_fails_and_leaves_the_task_tracked() {
+    in_turn(stop_without_descriptors);
+}
+
+async fn stop_without_descriptors() {
     let state = tempfile::tempdir().unwrap();
     let driver = ProcessDriver::new(state.path().to_path_buf(), PathBuf::from(HOST)).unwrap();
     let spec = ServiceSpec::process("svc", vec!["sleep".into(), "1000".into()]);
     let mut task = Task::new(&spec, 1, Some(1), 0);
     task.status = TaskStatus::new(TaskState::Assigned, 0, "");
     let pid = driver.start(&task, &[]).await.unwrap().pid.unwrap();
+    let _cleanup = KillOnDrop(pid);
 
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, 256.min(soft), hard).unwrap();

@@ -91,6 +91,25 @@ pub fn is_resource_exhaustion(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
+/// Whether `error` or one of its causes is [resource exhaustion](is_resource_exhaustion);
+/// errors passed on as text keep only the message, so that is checked too.
+pub fn caused_by_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(is_resource_exhaustion)
+        {
+            return true;
+        }
+        let text = e.to_string();
+        if text.contains("Too many open files") || text.contains("os error 24") {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Counts one listener's open connections against its cap. Admission is one atomic add, so it
 /// costs nothing measurable on the mesh's hot path.
 #[derive(Debug)]
