@@ -2,15 +2,12 @@
 //! auth layer can authorise by role.
 
 use crate::cluster::{PeerCert, PeerIdentity};
+use crate::plain_serve::serve_connection;
 use crate::{router, AppState};
-use axum::extract::ConnectInfo;
-use flotilla_mesh::conn_limits::HEADER_READ_TIMEOUT;
-use flotilla_mesh::conn_limits::{accept_loop, http_server, ConnGate, ListenerKind};
+use flotilla_mesh::conn_limits::{accept_loop, ConnGate, ListenerKind};
 use flotilla_pki::{identity_of, issued_at_of, TlsIdentity};
-use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 /// A client that has not finished the TLS handshake by then is dropped, so half-open
 /// connections cannot pile up.
@@ -59,18 +56,7 @@ pub async fn serve_tls(
                         issued_at: issued_at_of(der).ok()?,
                     })
                 });
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                    req.extensions_mut().insert(PeerIdentity(identity.clone()));
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            let builder = http_server(HEADER_READ_TIMEOUT);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            serve_connection(stream, peer, app, Some(PeerIdentity(identity))).await;
         }
     })
     .await;

@@ -35,6 +35,19 @@ fn cluster() -> Cluster {
     Cluster::start_with(&["--mesh-bind", "127.0.0.1", "--node-name", "n1"])
 }
 
+/// A cluster running one task of `name`, published on a port (returned) with `protocol`
+/// and answering through the mesh.
+fn cluster_serving(name: &str, protocol: &str) -> (Cluster, u16) {
+    let c = cluster();
+    let port = free_port();
+    deploy(&c, name, &service(name, port, protocol));
+    c.wait_ready(name, 1);
+    wait_for("the mesh to serve", Duration::from_secs(30), || {
+        (get(port) == Ok(200)).then_some(())
+    });
+    (c, port)
+}
+
 fn service(name: &str, port: u16, protocol: &str) -> String {
     format!(
         r#"services:
@@ -105,14 +118,8 @@ fn processes(pattern: &str) -> Vec<String> {
 /// the service leaves no process behind.
 #[test]
 fn idle_connection_flood_kills_no_task_and_leaves_no_process() {
-    let c = cluster();
-    let port = free_port();
     let name = "abuseidle";
-    deploy(&c, name, &service(name, port, "tcp"));
-    c.wait_ready(name, 1);
-    wait_for("the mesh to serve", Duration::from_secs(30), || {
-        (get(port) == Ok(200)).then_some(())
-    });
+    let (c, port) = cluster_serving(name, "tcp");
     let before = task_ids(&c, name);
 
     // Some connections may be refused outright (the kernel's backlog); that is fine.
@@ -169,27 +176,37 @@ fn slowloris_is_cut_off(port: u16) -> bool {
     }
 }
 
-/// The API and a published HTTP port close a client that never finishes its request head;
-/// an idle keep-alive client on the API is closed as well.
+/// The API, the agent's server and a published HTTP port close a client that never finishes
+/// its request head; an idle keep-alive client on the API is closed as well.
 #[test]
-fn slowloris_is_cut_off_on_the_api_and_the_mesh() {
-    let c = cluster();
-    let port = free_port();
+fn slowloris_is_cut_off_on_the_api_the_agent_and_the_mesh() {
     let name = "abuseslow";
-    deploy(&c, name, &service(name, port, "http"));
-    c.wait_ready(name, 1);
-    wait_for("the mesh to serve", Duration::from_secs(30), || {
-        (get(port) == Ok(200)).then_some(())
-    });
-    let api = std::thread::spawn({
-        let api_port = c.api_port;
-        move || slowloris_is_cut_off(api_port)
-    });
-    assert!(
-        slowloris_is_cut_off(port),
-        "the mesh kept a slowloris client"
-    );
-    assert!(api.join().unwrap(), "the API kept a slowloris client");
+    let (c, port) = cluster_serving(name, "http");
+    let agent_addr = c.json(&["node", "ls"])[0]["agent_addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let agent_port: u16 = agent_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in the agent address {agent_addr:?}"));
+    // All at once: each waits out the header timeout.
+    let waits: Vec<_> = [("mesh", port), ("API", c.api_port), ("agent", agent_port)]
+        .into_iter()
+        .map(|(listener, port)| {
+            (
+                listener,
+                std::thread::spawn(move || slowloris_is_cut_off(port)),
+            )
+        })
+        .collect();
+    for (listener, wait) in waits {
+        assert!(
+            wait.join().unwrap(),
+            "the {listener} listener kept a slowloris client"
+        );
+    }
 
     // A keep-alive client that goes quiet after a request.
     let mut idle = TcpStream::connect(("127.0.0.1", c.api_port)).unwrap();
