@@ -163,3 +163,32 @@ async fn stop_without_descriptors() {
     assert!(!alive(pid));
     driver.remove(&task.id).await.unwrap();
 }
+
+#[test]
+fn host_ports_are_not_called_busy_when_the_node_is_out_of_descriptors() {
+    in_turn(ports_without_descriptors);
+}
+
+async fn ports_without_descriptors() {
+    use flotilla_agent::ports::{PortAllocator, PortError};
+    use flotilla_types::{PortProtocol, PortSpec};
+    let allocator = PortAllocator::new(24100..24200).unwrap();
+    let wanted = [PortSpec {
+        target: 80,
+        published: None,
+        protocol: PortProtocol::Tcp,
+        mode: Default::default(),
+    }];
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, 256.min(soft), hard).unwrap();
+    let held = exhaust_descriptors();
+    let allocated = allocator.allocate(&wanted);
+    drop(held);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    assert!(
+        matches!(allocated, Err(PortError::NodeExhausted { .. })),
+        "{allocated:?}"
+    );
+    assert!(allocator.held().is_empty());
+    assert_eq!(allocator.allocate(&wanted).unwrap().len(), 1);
+}
