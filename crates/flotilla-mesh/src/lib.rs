@@ -21,7 +21,10 @@ mod runtime;
 mod tcp_proxy;
 mod workers;
 
-pub use metrics::{BreakerState, ErrorCounts, LatencySummary, MeshStats, ServiceStats, TaskStats};
+pub use metrics::{
+    BreakerState, ClientConnections, ErrorCounts, LatencySummary, MeshStats, ServiceStats,
+    TaskStats,
+};
 pub use routes::{Backend, RouteTable, ServicePort, ServiceRoutes};
 
 use listener::Listener;
@@ -168,9 +171,22 @@ pub(crate) struct Shared {
     pub workers: workers::Workers,
     /// Client connections open on all published ports together.
     pub gate: Arc<conn_limits::ConnGate>,
+    /// Connections refused by a port's own cap (the ports' gates come and go).
+    pub port_refusals: AtomicU64,
 }
 
 impl Shared {
+    /// Client connections open, allowed and refused on all published ports together; refusals
+    /// by a port's own cap count too.
+    fn client_connections(&self) -> ClientConnections {
+        let listeners_refused = self.port_refusals.load(Ordering::Relaxed);
+        ClientConnections {
+            open: self.gate.open() as u64,
+            cap: self.gate.cap() as u64,
+            refused: self.gate.refused() + listeners_refused,
+        }
+    }
+
     /// The current snapshot's generation (see [`Shared::refresh_routing`]).
     pub fn routing_generation(&self) -> u64 {
         self.routing_generation.load(Ordering::Acquire)
@@ -224,6 +240,7 @@ impl Mesh {
                 connections: TaskTracker::new(),
                 workers: workers::Workers::start(cfg.workers),
                 gate: conn_limits::ConnGate::new("mesh", cfg.max_connections),
+                port_refusals: AtomicU64::new(0),
                 cfg,
             }),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -282,7 +299,9 @@ impl Mesh {
 
     /// Counters, latency and breaker state per service and per task.
     pub fn stats(&self) -> MeshStats {
-        self.shared.registry().stats()
+        let mut stats = self.shared.registry().stats();
+        stats.clients = self.shared.client_connections();
+        stats
     }
 
     /// Requests and connections in progress on a task, including after it left the table, so
@@ -293,7 +312,10 @@ impl Mesh {
 
     /// [`Mesh::stats`] in the Prometheus text exposition format.
     pub fn prometheus(&self) -> String {
-        metrics::prometheus(&self.stats())
+        let stats = self.stats();
+        let mut text = metrics::prometheus(&stats);
+        text.push_str(&stats.clients.prometheus());
+        text
     }
 
     /// Stops accepting, lets open connections finish for up to `shutdown_grace`, then cuts them.

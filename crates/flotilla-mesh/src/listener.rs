@@ -6,6 +6,7 @@ use crate::routes::PortPlan;
 use crate::{http_proxy, tcp_proxy, Shared};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
@@ -84,7 +85,7 @@ async fn accept_loop(
         };
         // Over a cap the connection is closed at once (dropped), before it costs a backend
         // connection: a flood of idle clients must not use up the descriptors the node needs.
-        let Some(permits) = admit(&gate, &shared.gate) else {
+        let Some(permits) = admit(&gate, &shared) else {
             continue;
         };
         if let Err(e) = stream.set_nodelay(true) {
@@ -132,9 +133,12 @@ async fn accept_loop(
 }
 
 /// Permits from the port's gate and the mesh-wide one, or `None` when either is full.
-fn admit(port: &Arc<ConnGate>, mesh: &Arc<ConnGate>) -> Option<(ConnPermit, ConnPermit)> {
-    let on_port = port.admit()?;
-    Some((on_port, mesh.admit()?))
+fn admit(port: &Arc<ConnGate>, shared: &Shared) -> Option<(ConnPermit, ConnPermit)> {
+    let Some(on_port) = port.admit() else {
+        shared.port_refusals.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    Some((on_port, shared.gate.admit()?))
 }
 
 async fn serve(

@@ -741,6 +741,13 @@ async fn connection_cap_and_tcp_idle_timeout() {
     let closed = tokio::time::timeout(Duration::from_secs(30), third.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the mesh kept a connection over its cap");
     assert!(rest.is_empty());
+    let clients = mesh.stats().clients;
+    // (`idle` may already have timed out under load.)
+    assert_eq!((clients.cap, clients.refused), (2, 1));
+    assert!(clients.open <= 2, "{clients:?}");
+    assert!(mesh
+        .prometheus()
+        .contains("flotilla_mesh_client_connections_refused_total 1\n"));
 
     // `busy` keeps talking through several idle periods; `idle` says nothing and is closed.
     let mut busy = busy;
