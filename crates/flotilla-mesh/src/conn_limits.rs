@@ -77,11 +77,16 @@ pub fn fd_limit() -> u64 {
 pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
-    if soft >= hard {
+    // An unlimited hard limit cannot be set as the soft one: the kernel's ceiling is nr_open.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map_or(hard, |nr_open| hard.min(nr_open));
+    if soft >= ceiling {
         return Ok((soft, soft));
     }
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
-    Ok((soft, hard))
+    setrlimit(Resource::RLIMIT_NOFILE, ceiling, hard).map_err(std::io::Error::from)?;
+    Ok((soft, ceiling))
 }
 
 /// Whether `e` means this process (or the system) ran out of descriptors or memory: the
@@ -255,6 +260,19 @@ mod tests {
         assert_eq!(gate.open(), 2);
         drop(c);
         assert_eq!(gate.open(), 1);
+    }
+
+    #[test]
+    fn the_soft_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let ceiling = hard.min(1 << 20);
+        let lowered = ceiling - ceiling / 8;
+        setrlimit(Resource::RLIMIT_NOFILE, lowered, hard).unwrap();
+        let (old, new) = raise_fd_limit().unwrap();
+        assert_eq!(old, lowered);
+        assert!(new > lowered && new <= hard, "{new}");
+        assert_eq!(fd_limit(), new);
     }
 
     #[test]
