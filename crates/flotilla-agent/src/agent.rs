@@ -15,6 +15,9 @@ use crate::process::ProcessDriver;
 use crate::reconciler::{Reconciler, UnknownWorkloads};
 use crate::runner::{until_true, RunnerCtx};
 use flotilla_client::{Client, Mirror};
+use flotilla_mesh::conn_limits::{
+    accept_loop, http_server, ConnGate, ListenerKind, HEADER_READ_TIMEOUT,
+};
 use flotilla_types::api::{Heartbeat, NodeRegistration};
 use flotilla_types::{now_ms, DriverKind, NodeResources};
 use futures::StreamExt;
@@ -525,51 +528,48 @@ async fn serve_logs(
             })),
         ),
     };
-    if let Some(tls) = tls {
-        serve_mtls(listener, tls, app, shutdown).await;
-        return;
+    let gate = ConnGate::new("agent server", ListenerKind::AgentServer.default_cap());
+    let stopped = async move {
+        let _ = until_true(&mut shutdown).await;
+    };
+    match tls {
+        Some(tls) => serve_mtls(listener, tls, app, gate, stopped).await,
+        None => serve_plain(listener, app, gate, stopped).await,
     }
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = until_true(&mut shutdown).await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "log server failed");
-    }
+}
+
+/// Serves `app` over plain HTTP until `stopped` resolves.
+async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    gate: Arc<ConnGate>,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    accept_loop(listener, gate, stopped, move |tcp, peer| {
+        serve_http(hyper_util::rt::TokioIo::new(tcp), peer, app.clone())
+    })
+    .await;
 }
 
 /// A client that has not finished the TLS handshake by then is dropped, so half-open
 /// connections cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `app` over TLS until `shutdown` turns true. The config decides who may connect (on
+/// Serves `app` over TLS until `stopped` resolves. The config decides who may connect (on
 /// cluster nodes: managers only); each handshake runs in its own task so a slow client holds
-/// up nobody else. Connections in flight (e.g. a followed log) end with the process.
+/// up nobody else.
 async fn serve_mtls(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
+    gate: Arc<ConnGate>,
+    stopped: impl std::future::Future<Output = ()>,
 ) {
-    use tower::ServiceExt;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = until_true(&mut shutdown) => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause rather than spin.
-                    tracing::warn!(error = %e, "agent server: accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    accept_loop(listener, gate, stopped, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let app = app.clone();
-        tokio::spawn(async move {
+        async move {
             let stream =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
@@ -582,17 +582,23 @@ async fn serve_mtls(
                         return;
                     }
                 };
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                });
-            if let Err(e) =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await
-            {
-                tracing::debug!(%peer, error = %e, "agent server: connection ended with an error");
-            }
-        });
+            serve_http(hyper_util::rt::TokioIo::new(stream), peer, app).await;
+        }
+    })
+    .await;
+}
+
+/// Serves one connection with the shared header (and keep-alive idle) timeout.
+async fn serve_http<I>(io: I, peer: std::net::SocketAddr, app: axum::Router)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    use tower::ServiceExt;
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let builder = http_server(HEADER_READ_TIMEOUT);
+    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+        tracing::debug!(%peer, error = %e, "agent server: connection ended with an error");
     }
 }

@@ -7,6 +7,7 @@
 //! Only transitions are reported, through a channel, each with the last probe's reason.
 
 use crate::driver::Driver;
+use flotilla_mesh::conn_limits::caused_by_exhaustion;
 use flotilla_types::{now_ms, Health, HealthCheck, HealthTest, PortBinding, Timestamp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,7 +109,19 @@ impl HealthMonitor {
                 let mut cadence = Cadence::new(&check);
                 loop {
                     let in_start_period = cadence.in_start_period();
-                    let result = probe(&check, host_port, &task_id, driver.as_ref()).await;
+                    let result = match probe_outcome(&check, host_port, &task_id, driver.as_ref())
+                        .await
+                    {
+                        Outcome::Inconclusive(reason) => {
+                            // The agent could not run the probe (out of descriptors and the
+                            // like): that says nothing about the task, which must not be
+                            // killed for it. Try again at the usual cadence.
+                            tracing::warn!(%reason, "health probe could not run; not counted");
+                            tokio::time::sleep(cadence.next_delay(&check, tracker.health())).await;
+                            continue;
+                        }
+                        Outcome::Done(result) => result,
+                    };
                     if let Err(reason) = &result {
                         tracing::debug!(%reason, "health probe failed");
                     }
@@ -212,13 +225,71 @@ impl Drop for HealthMonitor {
     }
 }
 
-/// Runs one probe; `Err` carries why it failed.
+/// Runs one probe; `Err` carries why it failed (or why it could not run).
 pub async fn probe(
     check: &HealthCheck,
     host_port: Option<u16>,
     task_id: &str,
     driver: &dyn Driver,
 ) -> Result<(), String> {
+    match probe_outcome(check, host_port, task_id, driver).await {
+        Outcome::Done(result) => result,
+        Outcome::Inconclusive(reason) => Err(reason),
+    }
+}
+
+/// What one probe says about a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The probe ran: passed, or failed with why.
+    Done(Result<(), String>),
+    /// The agent itself could not run the probe (out of file descriptors or memory): not the
+    /// task's failure.
+    Inconclusive(String),
+}
+
+/// Runs one probe and tells a failure of the task from the agent's own resource exhaustion.
+pub async fn probe_outcome(
+    check: &HealthCheck,
+    host_port: Option<u16>,
+    task_id: &str,
+    driver: &dyn Driver,
+) -> Outcome {
+    match run_probe(check, host_port, task_id, driver).await {
+        Ok(()) => Outcome::Done(Ok(())),
+        Err(Failure::Agent(reason)) => Outcome::Inconclusive(reason),
+        Err(Failure::Task(reason)) => Outcome::Done(Err(reason)),
+    }
+}
+
+/// Why a probe did not pass.
+enum Failure {
+    Task(String),
+    Agent(String),
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Failure::Task(reason)
+    }
+}
+
+/// `reason` blamed on the agent when `error` (or one of its causes) is resource exhaustion
+/// of this process or the system, on the task otherwise.
+fn failure(error: &(dyn std::error::Error + 'static), reason: String) -> Failure {
+    if caused_by_exhaustion(error) {
+        Failure::Agent(reason)
+    } else {
+        Failure::Task(reason)
+    }
+}
+
+async fn run_probe(
+    check: &HealthCheck,
+    host_port: Option<u16>,
+    task_id: &str,
+    driver: &dyn Driver,
+) -> Result<(), Failure> {
     let timeout = check.timeout;
     let need_port = || host_port.ok_or_else(|| "the task has no port to check".to_string());
     match &check.test {
@@ -232,28 +303,30 @@ pub async fn probe(
     }
 }
 
-async fn http_probe(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
+async fn http_probe(port: u16, path: &str, timeout: Duration) -> Result<(), Failure> {
     let client = reqwest::Client::builder()
         .timeout(timeout)
         // A redirect already proves the server answers; following it could leave the task.
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| format!("GET {path}: cannot build HTTP client: {e}"))?;
+        .map_err(|e| Failure::Agent(format!("GET {path}: cannot build HTTP client: {e}")))?;
     let url = format!("http://127.0.0.1:{port}{path}");
     match client.get(&url).send().await {
         Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => Ok(()),
-        Ok(resp) => Err(format!("GET {path}: {}", resp.status().as_u16())),
-        Err(e) if e.is_timeout() => Err(format!("GET {path}: no response within {timeout:?}")),
-        Err(e) => Err(format!("GET {path}: {}", error_chain(&e))),
+        Ok(resp) => Err(format!("GET {path}: {}", resp.status().as_u16()).into()),
+        Err(e) if e.is_timeout() => {
+            Err(format!("GET {path}: no response within {timeout:?}").into())
+        }
+        Err(e) => Err(failure(&e, format!("GET {path}: {}", error_chain(&e)))),
     }
 }
 
-async fn tcp_probe(port: u16, timeout: Duration) -> Result<(), String> {
+async fn tcp_probe(port: u16, timeout: Duration) -> Result<(), Failure> {
     let addr = format!("127.0.0.1:{port}");
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
-        Err(_) => Err(format!("connect {addr}: no answer within {timeout:?}")),
+        Ok(Err(e)) => Err(failure(&e, format!("connect {addr}: {e}"))),
+        Err(_) => Err(format!("connect {addr}: no answer within {timeout:?}").into()),
     }
 }
 
@@ -262,13 +335,13 @@ async fn exec_probe(
     task_id: &str,
     argv: &[String],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let out = driver
         .exec(task_id, argv, timeout)
         .await
-        .map_err(|e| format!("cannot run check: {e}"))?;
+        .map_err(|e| failure(&e, format!("cannot run check: {e}")))?;
     if out.timed_out {
-        return Err(format!("timed out after {timeout:?}"));
+        return Err(format!("timed out after {timeout:?}").into());
     }
     match out.exit_code {
         Some(0) => Ok(()),
@@ -277,7 +350,7 @@ async fn exec_probe(
             let status = code.map_or("killed by a signal".to_string(), |c| {
                 format!("exit code {c}")
             });
-            Err(format!("{status}: {first_line}"))
+            Err(format!("{status}: {first_line}").into())
         }
     }
 }

@@ -41,13 +41,21 @@ pub struct MeshNodeConfig {
     pub bind_ip: IpAddr,
     /// Where the DNS responder for `<service>.flotilla` listens; `None` runs none.
     pub dns_addr: Option<SocketAddr>,
+    /// Open connections allowed per published port and on all together (0: the mesh's share
+    /// of the descriptor budget).
+    pub max_connections: usize,
+    /// TCP connections idle this long are closed.
+    pub tcp_idle_timeout: std::time::Duration,
 }
 
 impl Default for MeshNodeConfig {
     fn default() -> Self {
+        let mesh = MeshConfig::default();
         MeshNodeConfig {
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             dns_addr: None,
+            max_connections: mesh.max_connections,
+            tcp_idle_timeout: mesh.tcp_idle_timeout,
         }
     }
 }
@@ -92,6 +100,8 @@ impl MeshNode {
         Ok(Arc::new(MeshNode {
             mesh: Mesh::new(MeshConfig {
                 bind_ip: cfg.bind_ip,
+                max_connections: cfg.max_connections,
+                tcp_idle_timeout: cfg.tcp_idle_timeout,
                 ..MeshConfig::default()
             }),
             cfg,
@@ -456,12 +466,14 @@ mod tests {
         let node = MeshNode::new(MeshNodeConfig {
             bind_ip: "127.0.0.2".parse().unwrap(),
             dns_addr: None,
+            ..MeshNodeConfig::default()
         })
         .unwrap();
         assert_eq!(node.local_ip(), Ipv4Addr::new(127, 0, 0, 2));
         assert!(MeshNode::new(MeshNodeConfig {
             bind_ip: "::1".parse().unwrap(),
             dns_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..MeshNodeConfig::default()
         })
         .is_err());
     }
@@ -473,6 +485,7 @@ mod tests {
         let node = MeshNode::new(MeshNodeConfig {
             bind_ip: "127.0.0.1".parse().unwrap(),
             dns_addr: None,
+            ..MeshNodeConfig::default()
         })
         .unwrap();
         node.synced.send_replace(true);

@@ -31,6 +31,9 @@ pub enum PortError {
     Zero,
     #[error("host port {port} is in use on this node")]
     HostPortInUse { port: u16 },
+    /// Ports could not be checked: the agent is out of file descriptors (or memory).
+    #[error("cannot check host ports: the node is out of resources: {reason}")]
+    NodeExhausted { reason: String },
 }
 
 struct Allocations {
@@ -92,7 +95,7 @@ impl PortAllocator {
             };
             let taken =
                 state.held.contains(&port) || chosen.iter().any(|(_, b)| b.host_port == port);
-            if taken || !bindable(port, protocol) {
+            if taken || !bindable(port, protocol)? {
                 return Err(PortError::HostPortInUse { port });
             }
             chosen.push((
@@ -124,7 +127,7 @@ impl PortAllocator {
                 };
                 let taken =
                     state.held.contains(&port) || chosen.iter().any(|(_, b)| b.host_port == port);
-                if !taken && bindable(port, spec.protocol) {
+                if !taken && bindable(port, spec.protocol)? {
                     chosen.push((
                         i,
                         PortBinding {
@@ -177,12 +180,22 @@ impl Default for PortAllocator {
     }
 }
 
-/// Whether the port can be bound right now (the socket is closed again immediately).
-fn bindable(port: u16, protocol: PortProtocol) -> bool {
+/// Whether the port can be bound right now (the socket is closed again immediately). A node
+/// out of descriptors cannot tell, which is an error of its own rather than a busy port.
+fn bindable(port: u16, protocol: PortProtocol) -> Result<bool, PortError> {
     let addr = (Ipv4Addr::UNSPECIFIED, port);
-    match protocol {
-        PortProtocol::Tcp => TcpListener::bind(addr).is_ok(),
-        PortProtocol::Udp => UdpSocket::bind(addr).is_ok(),
+    let bound = match protocol {
+        PortProtocol::Tcp => TcpListener::bind(addr).map(drop),
+        PortProtocol::Udp => UdpSocket::bind(addr).map(drop),
+    };
+    match bound {
+        Ok(()) => Ok(true),
+        Err(e) if flotilla_mesh::conn_limits::is_resource_exhaustion(&e) => {
+            Err(PortError::NodeExhausted {
+                reason: e.to_string(),
+            })
+        }
+        Err(_) => Ok(false),
     }
 }
 

@@ -323,6 +323,10 @@ impl ProcessDriver {
                 task: task_id.to_string(),
                 reason,
             }),
+            Err(e) if e.is_local_exhaustion() => Err(DriverError::ShimUnavailable {
+                task: task_id.to_string(),
+                reason: e.to_string(),
+            }),
             Err(e) => {
                 tracing::warn!(task = task_id, error = %e, "shim unreachable; using the recorded state");
                 self.exit_without_shim(task_id, &dir)

@@ -7,11 +7,12 @@
 //! logs` can show why it ended; the agent removes them once the task record is deleted from the
 //! store (see `agent::Reconciler::prune`).
 
-use crate::driver::{Driver, ExitInfo, RecoveredTask};
+use crate::driver::{Driver, DriverError, ExitInfo, RecoveredTask};
 use crate::health::{HealthMonitor, HealthReport};
 use crate::mesh_node::MeshNode;
 use crate::ports::PortAllocator;
 use flotilla_client::{Client, ClientError};
+use flotilla_mesh::conn_limits::caused_by_exhaustion;
 use flotilla_types::api::TaskStatusReport;
 use flotilla_types::{
     now_ms, signal_number, DriverKind, Health, PortBinding, Task, TaskState, TaskStatus,
@@ -268,8 +269,7 @@ async fn on_health(
         return None;
     }
     tracing::info!(reason = %hr.message, "health check failed; killing the task");
-    let (signal, grace) = stop_signal(task);
-    let mut end = match driver.stop(&task.id, signal, grace).await {
+    let mut end = match stop_retrying(driver, task, &mut ctx.shutdown.clone()).await? {
         Ok(exit) => exit_status(&exit, false, &status.ports),
         Err(e) => TaskStatus::new(TaskState::Failed, now_ms(), e.to_string()),
     };
@@ -300,11 +300,43 @@ async fn stop_task(
             return None;
         }
     }
-    let (signal, grace) = stop_signal(task);
-    Some(match driver.stop(&task.id, signal, grace).await {
+    Some(match stop_retrying(driver, task, shutdown).await? {
         Ok(exit) => exit_status(&exit, true, &status.ports),
         Err(e) => TaskStatus::new(TaskState::Exited, now_ms(), format!("stop: {e}")),
     })
+}
+
+/// The first pause before stopping again a task whose supervisor could not be reached; each
+/// next one doubles, up to [`STOP_RETRY_MAX`].
+const STOP_RETRY_FIRST: Duration = Duration::from_millis(200);
+const STOP_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Stops the task, retrying while its supervisor cannot be reached (e.g. the agent is out of
+/// file descriptors): giving up would report the task ended while its process runs on,
+/// untracked and holding its ports. `None` when the agent shuts down meanwhile; the task is
+/// re-adopted, and stopped, by the next agent.
+async fn stop_retrying(
+    driver: &dyn Driver,
+    task: &Task,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Result<ExitInfo, DriverError>> {
+    let (signal, grace) = stop_signal(task);
+    let mut pause = STOP_RETRY_FIRST;
+    loop {
+        match driver.stop(&task.id, signal, grace).await {
+            Err(e)
+                if matches!(e, DriverError::ShimUnavailable { .. }) || caused_by_exhaustion(&e) =>
+            {
+                tracing::warn!(error = %e, retry_in = ?pause, "cannot reach the task to stop it; retrying");
+            }
+            done => return Some(done),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = until_true(shutdown) => return None,
+        }
+        pause = (pause * 2).min(STOP_RETRY_MAX);
+    }
 }
 
 /// The signal that stops the task (`stop_signal`, default SIGTERM) and how long it gets.

@@ -594,6 +594,15 @@ pub enum ShimCallError {
     Refused(String),
 }
 
+impl ShimCallError {
+    /// The shim could not be reached because this process is out of descriptors (or memory):
+    /// the shim is most likely alive, so the call must be retried, never taken for its end.
+    pub fn is_local_exhaustion(&self) -> bool {
+        matches!(self, ShimCallError::Unreachable { source, .. }
+            if flotilla_mesh::conn_limits::is_resource_exhaustion(source))
+    }
+}
+
 /// Sends one request to the shim of `task_dir` and returns its state reply.
 pub async fn call_shim(task_dir: &Path, request: &ShimRequest) -> Result<ShimState, ShimCallError> {
     let path = task_dir.join(SOCKET_FILE);

@@ -19,6 +19,7 @@ mod error;
 mod forward;
 mod limits;
 mod nodes;
+mod plain_serve;
 mod query;
 mod raft;
 mod rollouts;
@@ -39,7 +40,6 @@ pub use unix_serve::{bind_unix, serve_unix, SocketError, SOCKET_GROUP};
 use axum::routing::{get, post, put};
 use axum::Router;
 use flotilla_store::Store;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Shared by every handler.
@@ -180,10 +180,6 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    plain_serve::serve_plain(listener, router(state), shutdown).await;
+    Ok(())
 }

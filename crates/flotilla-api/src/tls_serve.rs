@@ -2,20 +2,20 @@
 //! auth layer can authorise by role.
 
 use crate::cluster::{PeerCert, PeerIdentity};
+use crate::plain_serve::serve_connection;
 use crate::{router, AppState};
-use axum::extract::ConnectInfo;
+use flotilla_mesh::conn_limits::{accept_loop, ConnGate, ListenerKind};
 use flotilla_pki::{identity_of, issued_at_of, TlsIdentity};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 /// A client that has not finished the TLS handshake by then is dropped, so half-open
 /// connections cannot pile up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the API over TLS on `listener` until `shutdown` resolves. Client certificates are
-/// optional at the TLS layer; a presented one must chain to the cluster CA.
+/// optional at the TLS layer; a presented one must chain to the cluster CA. Connections past
+/// the API's cap are closed at once; request heads must arrive within the header timeout.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -27,27 +27,13 @@ pub async fn serve_tls(
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let app = router(state);
-    tokio::pin!(shutdown);
-    // Dropped when this returns, which ends every open connection too: a manager demoted in
-    // place must not keep serving long-lived watch streams from its stopped store.
-    let (_open, closed) = tokio::sync::watch::channel(());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause rather than spin.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    let gate = ConnGate::new("api (tls)", ListenerKind::Api.default_cap());
+    // A manager demoted in place stops here, which ends every open connection too: it must not
+    // keep serving long-lived watch streams from its stopped store.
+    accept_loop(listener, gate, shutdown, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let app = app.clone();
-        let mut closed = closed.clone();
-        tokio::spawn(async move {
+        async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
@@ -70,21 +56,9 @@ pub async fn serve_tls(
                         issued_at: issued_at_of(der).ok()?,
                     })
                 });
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                    req.extensions_mut().insert(PeerIdentity(identity.clone()));
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                result = connection => if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                },
-                _ = closed.changed() => tracing::debug!(%peer, "server stopped; connection closed"),
-            }
-        });
-    }
+            serve_connection(stream, peer, app, Some(PeerIdentity(identity))).await;
+        }
+    })
+    .await;
+    Ok(())
 }

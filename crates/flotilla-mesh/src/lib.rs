@@ -11,6 +11,7 @@ mod balancer;
 pub mod bench;
 mod breaker;
 mod budget;
+pub mod conn_limits;
 pub mod dns;
 mod http_proxy;
 mod listener;
@@ -20,7 +21,10 @@ mod runtime;
 mod tcp_proxy;
 mod workers;
 
-pub use metrics::{BreakerState, ErrorCounts, LatencySummary, MeshStats, ServiceStats, TaskStats};
+pub use metrics::{
+    BreakerState, ClientConnections, ErrorCounts, LatencySummary, MeshStats, ServiceStats,
+    TaskStats,
+};
 pub use routes::{Backend, RouteTable, ServicePort, ServiceRoutes};
 
 use listener::Listener;
@@ -56,6 +60,12 @@ pub struct MeshConfig {
     pub shutdown_grace: Duration,
     /// Threads that run connections, each with its own event loop (0: one per core).
     pub workers: usize,
+    /// Open client connections allowed per published port, and on all of them together;
+    /// further ones are closed at once. 0: the mesh's share of the descriptor budget (see
+    /// [`conn_limits`]).
+    pub max_connections: usize,
+    /// A TCP connection with no bytes in either direction for this long is closed.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for MeshConfig {
@@ -70,6 +80,8 @@ impl Default for MeshConfig {
             pool_idle_timeout: Duration::from_secs(90),
             shutdown_grace: Duration::from_secs(30),
             workers: 0,
+            max_connections: 0,
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -84,6 +96,7 @@ impl MeshConfig {
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(MeshError::Config {
@@ -156,9 +169,24 @@ pub(crate) struct Shared {
     pub kill: CancellationToken,
     pub connections: TaskTracker,
     pub workers: workers::Workers,
+    /// Client connections open on all published ports together.
+    pub gate: Arc<conn_limits::ConnGate>,
+    /// Connections refused by a port's own cap (the ports' gates come and go).
+    pub port_refusals: AtomicU64,
 }
 
 impl Shared {
+    /// Client connections open, allowed and refused on all published ports together; refusals
+    /// by a port's own cap count too.
+    fn client_connections(&self) -> ClientConnections {
+        let listeners_refused = self.port_refusals.load(Ordering::Relaxed);
+        ClientConnections {
+            open: self.gate.open() as u64,
+            cap: self.gate.cap() as u64,
+            refused: self.gate.refused() + listeners_refused,
+        }
+    }
+
     /// The current snapshot's generation (see [`Shared::refresh_routing`]).
     pub fn routing_generation(&self) -> u64 {
         self.routing_generation.load(Ordering::Acquire)
@@ -199,6 +227,9 @@ impl Mesh {
     /// [`MeshConfig::validate`] to reject such settings instead.
     pub fn new(mut cfg: MeshConfig) -> Self {
         cfg.max_header_bytes = cfg.max_header_bytes.max(MIN_HEADER_BYTES);
+        if cfg.max_connections == 0 {
+            cfg.max_connections = conn_limits::ListenerKind::Mesh.default_cap();
+        }
         Mesh {
             shared: Arc::new(Shared {
                 routing: RwLock::new(Arc::new(Routing::default())),
@@ -208,6 +239,8 @@ impl Mesh {
                 kill: CancellationToken::new(),
                 connections: TaskTracker::new(),
                 workers: workers::Workers::start(cfg.workers),
+                gate: conn_limits::ConnGate::new("mesh", cfg.max_connections),
+                port_refusals: AtomicU64::new(0),
                 cfg,
             }),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -266,7 +299,9 @@ impl Mesh {
 
     /// Counters, latency and breaker state per service and per task.
     pub fn stats(&self) -> MeshStats {
-        self.shared.registry().stats()
+        let mut stats = self.shared.registry().stats();
+        stats.clients = self.shared.client_connections();
+        stats
     }
 
     /// Requests and connections in progress on a task, including after it left the table, so
@@ -277,7 +312,10 @@ impl Mesh {
 
     /// [`Mesh::stats`] in the Prometheus text exposition format.
     pub fn prometheus(&self) -> String {
-        metrics::prometheus(&self.stats())
+        let stats = self.stats();
+        let mut text = metrics::prometheus(&stats);
+        text.push_str(&stats.clients.prometheus());
+        text
     }
 
     /// Stops accepting, lets open connections finish for up to `shutdown_grace`, then cuts them.

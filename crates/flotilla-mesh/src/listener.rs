@@ -1,10 +1,12 @@
 //! One accepting socket per published port. The protocol is looked up per connection in the
 //! current routing snapshot, so a port switching between TCP and HTTP needs no rebind.
 
+use crate::conn_limits::{ConnGate, ConnPermit};
 use crate::routes::PortPlan;
 use crate::{http_proxy, tcp_proxy, Shared};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
@@ -38,8 +40,9 @@ impl Listener {
         let listener = socket.listen(BACKLOG)?;
         let local_addr = listener.local_addr()?;
         let stop = CancellationToken::new();
+        let gate = ConnGate::new("mesh port", shared.cfg.max_connections);
         let task = tokio::spawn(
-            accept_loop(listener, port, shared.clone(), stop.clone())
+            accept_loop(listener, port, shared.clone(), gate, stop.clone())
                 .instrument(tracing::info_span!("mesh_listener", port)),
         );
         Ok(Listener {
@@ -62,6 +65,7 @@ async fn accept_loop(
     listener: TcpListener,
     port: u16,
     shared: Arc<Shared>,
+    gate: Arc<ConnGate>,
     stop: CancellationToken,
 ) {
     loop {
@@ -79,6 +83,11 @@ async fn accept_loop(
                 }
             }
         };
+        // Over a cap the connection is closed at once (dropped), before it costs a backend
+        // connection: a flood of idle clients must not use up the descriptors the node needs.
+        let Some(permits) = admit(&gate, &shared) else {
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, %peer, "set_nodelay failed");
         }
@@ -90,9 +99,14 @@ async fn accept_loop(
         };
         let span = tracing::debug_span!("mesh_conn", port, %peer);
         let Some(worker) = shared.workers.next() else {
-            shared
-                .connections
-                .spawn(serve(shared.clone(), stream, peer, port, is_http).instrument(span));
+            let conn = serve(shared.clone(), stream, peer, port, is_http);
+            shared.connections.spawn(
+                async move {
+                    conn.await;
+                    drop(permits);
+                }
+                .instrument(span),
+            );
             continue;
         };
         // The socket moves to the worker's own event loop.
@@ -110,11 +124,21 @@ async fn accept_loop(
                     Ok(stream) => serve(conn_shared, stream, peer, port, is_http).await,
                     Err(e) => tracing::debug!(error = %e, "connection not registered"),
                 }
+                drop(permits);
             }
             .instrument(span),
             worker,
         );
     }
+}
+
+/// Permits from the port's gate and the mesh-wide one, or `None` when either is full.
+fn admit(port: &Arc<ConnGate>, shared: &Shared) -> Option<(ConnPermit, ConnPermit)> {
+    let Some(on_port) = port.admit() else {
+        shared.port_refusals.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    Some((on_port, shared.gate.admit()?))
 }
 
 async fn serve(

@@ -193,6 +193,36 @@ impl BreakerState {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MeshStats {
     pub services: BTreeMap<String, ServiceStats>,
+    /// Client connections on all published ports against the mesh-wide cap.
+    #[serde(default)]
+    pub clients: ClientConnections,
+}
+
+/// Client connections of the mesh's listeners.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientConnections {
+    pub open: u64,
+    pub cap: u64,
+    /// Closed at once since the start because a cap was reached.
+    pub refused: u64,
+}
+
+impl ClientConnections {
+    /// The Prometheus families of these numbers.
+    pub fn prometheus(&self) -> String {
+        format!(
+            "# HELP flotilla_mesh_client_connections Client connections open on published ports.\n\
+             # TYPE flotilla_mesh_client_connections gauge\n\
+             flotilla_mesh_client_connections {}\n\
+             # HELP flotilla_mesh_client_connections_max The cap on open client connections.\n\
+             # TYPE flotilla_mesh_client_connections_max gauge\n\
+             flotilla_mesh_client_connections_max {}\n\
+             # HELP flotilla_mesh_client_connections_refused_total Connections closed at once because a cap was reached.\n\
+             # TYPE flotilla_mesh_client_connections_refused_total counter\n\
+             flotilla_mesh_client_connections_refused_total {}\n",
+            self.open, self.cap, self.refused
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

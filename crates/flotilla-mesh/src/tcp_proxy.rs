@@ -6,10 +6,12 @@ use crate::metrics::ErrorClass;
 use crate::routes::PortPlan;
 use crate::Shared;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 pub(crate) async fn serve_connection(
@@ -89,13 +91,77 @@ pub(crate) async fn serve_connection(
             return;
         }
     }
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Err(e) = copied {
-                tracing::debug!(task = %backend.task_id, error = %e, "tcp proxy ended with error");
+    let active = AtomicBool::new(false);
+    let (mut client, mut upstream) = (
+        Touching::new(&mut client, &active),
+        Touching::new(&mut upstream, &active),
+    );
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    let idle = shared.cfg.tcp_idle_timeout;
+    loop {
+        tokio::select! {
+            copied = &mut copy => {
+                if let Err(e) = copied {
+                    tracing::debug!(task = %backend.task_id, error = %e, "tcp proxy ended with error");
+                }
+                return;
             }
+            _ = tokio::time::sleep(idle) => {
+                // Checked once per period rather than re-armed per read, which keeps the
+                // data path free of timer work; an idle connection lives 1-2 periods.
+                if !active.swap(false, Ordering::Relaxed) {
+                    tracing::debug!(task = %backend.task_id, ?idle, "idle tcp connection closed");
+                    return;
+                }
+            }
+            _ = shared.kill.cancelled() => return,
         }
-        _ = shared.kill.cancelled() => {}
+    }
+}
+
+/// A stream that notes in a shared flag that bytes moved, for the idle timeout.
+struct Touching<'a, S> {
+    inner: &'a mut S,
+    active: &'a AtomicBool,
+}
+
+impl<'a, S> Touching<'a, S> {
+    fn new(inner: &'a mut S, active: &'a AtomicBool) -> Self {
+        Touching { inner, active }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Touching<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.active.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Touching<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 

@@ -703,3 +703,86 @@ async fn a_canary_weight_is_its_share_of_requests_under_p2c() {
         mesh.shutdown().await;
     }
 }
+
+/// A published port over its connection cap closes new clients at once (no backend connection
+/// is made for them) and admits again when a place frees; a TCP connection with no traffic
+/// for the idle timeout is closed, one with traffic is not.
+#[tokio::test]
+async fn connection_cap_and_tcp_idle_timeout() {
+    let (backend, mut seen) = echo_backend().await;
+    let port = free_port();
+    let mut table = RouteTable::default();
+    table
+        .services
+        .insert("capped".into(), tcp_service(port, false, backend));
+    let mesh = flotilla_mesh::Mesh::new(flotilla_mesh::MeshConfig {
+        bind_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        max_connections: 2,
+        tcp_idle_timeout: Duration::from_millis(300),
+        ..flotilla_mesh::MeshConfig::default()
+    });
+    mesh.apply(table).await.unwrap();
+    let echo = |mut s: TcpStream, text: &'static [u8]| async move {
+        s.write_all(text).await.unwrap();
+        let mut buf = vec![0u8; text.len()];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, text);
+        s
+    };
+    let busy = echo(TcpStream::connect(local(port)).await.unwrap(), b"one").await;
+    let idle = echo(TcpStream::connect(local(port)).await.unwrap(), b"two").await;
+    assert_eq!(seen.recv().await.unwrap(), b"one");
+    assert_eq!(seen.recv().await.unwrap(), b"two");
+
+    // The third is accepted by the kernel and closed by the mesh without a byte.
+    let mut third = TcpStream::connect(local(port)).await.unwrap();
+    let _ = third.write_all(b"three").await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), third.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the mesh kept a connection over its cap");
+    assert!(rest.is_empty());
+    let clients = mesh.stats().clients;
+    // (`idle` may already have timed out under load.)
+    assert_eq!((clients.cap, clients.refused), (2, 1));
+    assert!(clients.open <= 2, "{clients:?}");
+    assert!(mesh
+        .prometheus()
+        .contains("flotilla_mesh_client_connections_refused_total 1\n"));
+
+    // `busy` keeps talking through several idle periods; `idle` says nothing and is closed.
+    let mut busy = busy;
+    let mut idle = idle;
+    let mut idle_closed = false;
+    for _ in 0..20 {
+        busy = echo(busy, b"tick").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(1), idle.read(&mut probe)).await
+        {
+            idle_closed = true;
+            break;
+        }
+    }
+    assert!(
+        idle_closed,
+        "an idle connection outlived the idle timeout many times over"
+    );
+    // Its place is free again (once the mesh has finished with the closed connection).
+    let mut admitted = false;
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(local(port)).await.unwrap();
+        s.write_all(b"four").await.unwrap();
+        let mut buf = [0u8; 4];
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await
+        {
+            admitted = buf == *b"four";
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the freed place was never given again");
+    drop(busy);
+    mesh.shutdown().await;
+}

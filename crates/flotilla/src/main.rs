@@ -40,14 +40,20 @@ fn main() -> std::process::ExitCode {
         cli::Command::ShimExec(args) => return cli::run_shim_exec(args),
         _ => {}
     }
-    if let cli::Command::Up(_)
-    | cli::Command::Agent(_)
-    | cli::Command::Init(_)
-    | cli::Command::Join(_) = &cli.command
-    {
+    let server = matches!(
+        &cli.command,
+        cli::Command::Up(_)
+            | cli::Command::Agent(_)
+            | cli::Command::Init(_)
+            | cli::Command::Join(_)
+    );
+    if server {
         put_own_dir_on_path();
     }
     init_tracing(cli.verbose);
+    if server {
+        raise_fd_limit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,6 +89,26 @@ fn put_own_dir_on_path() {
         if let Ok(joined) = std::env::join_paths(parts) {
             std::env::set_var("PATH", joined);
         }
+    }
+}
+
+/// Servers raise the soft RLIMIT_NOFILE to the hard limit (1,024 soft is common and far too
+/// few for a node), before any listener sizes its connection cap from it.
+fn raise_fd_limit() {
+    match flotilla_mesh::conn_limits::raise_fd_limit() {
+        Ok((old, new)) if old != new => {
+            tracing::info!(old, new, "raised the open-file limit");
+        }
+        Ok((limit, _)) => tracing::debug!(limit, "open-file limit already at its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    let limit = flotilla_mesh::conn_limits::fd_limit();
+    if limit < 4096 {
+        tracing::warn!(
+            limit,
+            "low open-file limit: listeners cap their connections to leave a reserve for the \
+             node's own work; raise the hard limit (e.g. LimitNOFILE=) for more"
+        );
     }
 }
 

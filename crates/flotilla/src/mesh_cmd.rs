@@ -30,6 +30,22 @@ pub struct MeshArgs {
     /// `up`/`agent`, none, so only nodes on the same host reach this node's tasks.
     #[arg(long, value_parser = parse_advertise_ip)]
     pub advertise_ip: Option<IpAddr>,
+    /// Open client connections allowed per published port (and on all of them together);
+    /// more are closed at once. 0: a share of the process's file-descriptor limit that leaves
+    /// a reserve for health checks and task control.
+    #[arg(long, default_value_t = 0)]
+    pub mesh_max_connections: usize,
+    /// Close a TCP connection through the mesh after this long without traffic.
+    #[arg(long, default_value = "1h", value_parser = parse_positive_duration)]
+    pub mesh_tcp_idle_timeout: Duration,
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("must be longer than 0s".to_string());
+    }
+    Ok(d)
 }
 
 fn parse_advertise_ip(s: &str) -> Result<IpAddr, String> {
@@ -46,6 +62,8 @@ impl MeshArgs {
         (!self.no_mesh).then_some(MeshNodeConfig {
             bind_ip: self.mesh_bind,
             dns_addr: self.dns_addr,
+            max_connections: self.mesh_max_connections,
+            tcp_idle_timeout: self.mesh_tcp_idle_timeout,
         })
     }
 }
