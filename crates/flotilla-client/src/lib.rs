@@ -109,6 +109,20 @@ struct Endpoints {
     current: usize,
 }
 
+/// How long an idle connection stays in the pool. Managers and agents close a keep-alive
+/// connection that sends nothing for 10 s (their header read timeout, against slowloris), so a
+/// pooled connection must be dropped well before that: reusing one just as the server closes it
+/// fails the request.
+const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// The settings every client shares, whatever its transport.
+fn http_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .pool_idle_timeout(POOL_IDLE)
+}
+
 impl Client {
     /// `addr` is `http://host:port`, `host:port`, or `unix:///path` (a manager's Unix socket,
     /// where no token is needed: the socket's file mode is the credential).
@@ -117,9 +131,7 @@ impl Client {
             return Client::unix(std::path::Path::new(path));
         }
         let base = normalise_addr(addr)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let http = http_builder()
             .build()
             .map_err(|e| ClientError::InvalidAddr {
                 addr: addr.to_string(),
@@ -144,9 +156,7 @@ impl Client {
                 reason: "a TLS client needs an https:// address".into(),
             });
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let http = http_builder()
             .use_preconfigured_tls(tls)
             .build()
             .map_err(|e| ClientError::InvalidAddr {
@@ -166,13 +176,14 @@ impl Client {
                     .into(),
             });
         }
-        let http = reqwest::Client::builder()
-            .unix_socket(path)
-            .build()
-            .map_err(|e| ClientError::InvalidAddr {
-                addr: format!("{UNIX_SCHEME}{}", path.display()),
-                reason: e.to_string(),
-            })?;
+        let http =
+            http_builder()
+                .unix_socket(path)
+                .build()
+                .map_err(|e| ClientError::InvalidAddr {
+                    addr: format!("{UNIX_SCHEME}{}", path.display()),
+                    reason: e.to_string(),
+                })?;
         let mut client = Client::from_parts(UNIX_BASE.to_string(), http, None);
         client.socket = Some(path.to_path_buf());
         Ok(client)
