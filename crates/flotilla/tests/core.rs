@@ -354,6 +354,9 @@ services:
       healthcheck: {http: /health, interval: 500ms, timeout: 1s, retries: 2, start_period: 1s}
   web:
     command: ["flotilla", "demo-app", "--version", "web"]
+    # A task port, so demo-app listens on the port the agent hands it (PORT) rather than its
+    # default 8080, which other tests' meshes publish at the same time.
+    ports: ["8080"]
     depends_on:
       db: {condition: service_healthy}
 "#,

@@ -178,7 +178,10 @@ fn demo_image_runs_heals_readopts_and_resizes() {
     // Removing the service removes its containers and, with the last one, its network.
     c.ok(&["service", "rm", "web"]);
     wait_for("the containers to go", Duration::from_secs(60), || {
-        let out = sh("docker ps -aq --filter label=io.flotilla.service=web");
+        let out = sh(&format!(
+            "docker ps -aq --filter label=io.flotilla.service=web {}",
+            owner_filter(&c)
+        ));
         stdout(&out).trim().is_empty().then_some(())
     });
     wait_for("the network to go", Duration::from_secs(30), || {
@@ -198,10 +201,20 @@ services:
         delay: 100ms
 "#;
 
-/// Task ids of the containers of `service` on the engine, stopped ones included.
-fn containers_of(service: &str) -> BTreeSet<String> {
+/// `docker ps` filter for this cluster's own containers: another cluster sharing the engine may
+/// run a service of the same name (its agent has another owner key).
+fn owner_filter(c: &Cluster) -> String {
+    let path = c.data_dir().join("agent").join("owner");
+    let owner =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    format!("--filter label=io.flotilla.owner={}", owner.trim())
+}
+
+/// Task ids of this cluster's containers of `service` on the engine, stopped ones included.
+fn containers_of(c: &Cluster, service: &str) -> BTreeSet<String> {
     let out = sh(&format!(
-        "docker ps -a --filter label=io.flotilla.service={service} --format '{{{{.Label \"io.flotilla.task\"}}}}'"
+        "docker ps -a --filter label=io.flotilla.service={service} {} --format '{{{{.Label \"io.flotilla.task\"}}}}'",
+        owner_filter(c)
     ));
     assert!(out.status.success(), "docker ps: {}", stderr(&out));
     stdout(&out).lines().map(str::to_string).collect()
@@ -257,7 +270,7 @@ fn crashed_containers_keep_their_logs_until_their_tasks_are_deleted() {
                 .filter_map(|t| t["id"].as_str().map(str::to_string))
                 .collect();
             seen.extend(current.iter().cloned());
-            let containers = containers_of("crash");
+            let containers = containers_of(&c, "crash");
             let dropped: Vec<&String> = seen.difference(&current).collect();
             (dropped.len() >= 2
                 && dropped.iter().all(|id| !containers.contains(*id))
@@ -268,7 +281,7 @@ fn crashed_containers_keep_their_logs_until_their_tasks_are_deleted() {
 
     c.ok(&["service", "rm", "crash"]);
     wait_for("the containers to go", Duration::from_secs(60), || {
-        containers_of("crash").is_empty().then_some(())
+        containers_of(&c, "crash").is_empty().then_some(())
     });
     wait_for("the network to go", Duration::from_secs(30), || {
         let out = sh("docker network ls -q --filter name=^flotilla-crash$");
