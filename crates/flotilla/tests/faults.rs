@@ -205,7 +205,8 @@ fn kill_tasks(data_dir: &Path) {
 }
 
 fn status(c: &Cluster) -> Value {
-    let (_, body) = http_get(c.api_port, "/v1/status").expect("GET /v1/status");
+    let (_, body) = http_get_from("127.0.0.1", c.api_port, "/v1/status", &[&c.bearer()])
+        .expect("GET /v1/status");
     serde_json::from_str(&body).expect("status JSON")
 }
 

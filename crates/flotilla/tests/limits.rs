@@ -9,15 +9,16 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// Sends one request with a JSON body from loopback (trusted without a token).
-fn http_send(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the API");
+/// Sends one request with a JSON body to `c`'s TCP API, with its token like any client.
+fn http_send(c: &Cluster, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", c.api_port)).expect("connect to the API");
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("read timeout");
     write!(
         s,
         "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
+         {}\r\nContent-Length: {}\r\n\r\n",
+        c.bearer(),
         body.len()
     )
     .expect("send head");
@@ -134,10 +135,9 @@ fn task_limits_refuse_huge_scales_and_deploys() {
 #[test]
 fn api_refuses_unknown_fields_oversized_bodies_and_impossible_inputs() {
     let c = Cluster::start();
-    let port = c.api_port;
 
     let (status, body) = http_send(
-        port,
+        &c,
         "POST",
         "/v1/deploy",
         &deploy_json(&service_json("web", r#","privileged":true"#)),
@@ -146,7 +146,7 @@ fn api_refuses_unknown_fields_oversized_bodies_and_impossible_inputs() {
     assert!(body.contains("services[0].privileged"), "{body}");
 
     let (status, body) = http_send(
-        port,
+        &c,
         "POST",
         "/v1/deploy",
         &deploy_json(&service_json("web", "").replace("\"process\"", "\"sim\"")),
@@ -180,7 +180,7 @@ fn api_refuses_unknown_fields_oversized_bodies_and_impossible_inputs() {
     ];
     for (extra, field) in cases {
         let (status, body) = http_send(
-            port,
+            &c,
             "POST",
             "/v1/deploy",
             &deploy_json(&service_json("web", extra)),
@@ -190,7 +190,7 @@ fn api_refuses_unknown_fields_oversized_bodies_and_impossible_inputs() {
     }
 
     let huge = vec![b' '; 9 << 20];
-    let (status, body) = http_send(port, "POST", "/v1/deploy", &huge);
+    let (status, body) = http_send(&c, "POST", "/v1/deploy", &huge);
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("limit of 8388608 bytes"), "{body}");
 
@@ -202,16 +202,17 @@ fn api_refuses_unknown_fields_oversized_bodies_and_impossible_inputs() {
         .map(|i| (format!("label{i}"), Value::from("value")))
         .collect();
     let update = serde_json::json!({ "label_add": labels }).to_string();
-    let (status, body) = http_send(
-        port,
-        "PATCH",
-        &format!("/v1/nodes/{node}"),
-        update.as_bytes(),
-    );
+    let (status, body) = http_send(&c, "PATCH", &format!("/v1/nodes/{node}"), update.as_bytes());
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("limit of 256 per node"), "{body}");
 
-    let (status, body) = http_get(port, "/v1/events?since=abc").expect("API reachable");
+    let (status, body) = http_get_from(
+        "127.0.0.1",
+        c.api_port,
+        "/v1/events?since=abc",
+        &[&c.bearer()],
+    )
+    .expect("API reachable");
     assert_eq!(status, 400, "{body}");
     let err: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(err["fields"][0]["field"], "since", "{body}");
