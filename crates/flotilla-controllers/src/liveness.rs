@@ -194,3 +194,27 @@ fn lose_tasks(state: &ClusterState, now: Timestamp, held: &BTreeSet<String>, pla
         }]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::disrupted;
+
+    #[test]
+    fn the_disruption_rule_spares_single_failures_in_small_clusters() {
+        // (down, total, disrupted)
+        let table = [
+            (1, 1, false), // a lone node going silent is judged as usual
+            (1, 2, false),
+            (2, 2, true),
+            (1, 3, false), // one dead worker of three is replaced
+            (2, 3, true),
+            (2, 4, false),
+            (3, 5, true),
+            (50, 100, false),
+            (51, 100, true),
+        ];
+        for (down, total, want) in table {
+            assert_eq!(disrupted(down, total), want, "{down} of {total} down");
+        }
+    }
+}

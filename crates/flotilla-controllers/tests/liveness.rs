@@ -128,3 +128,37 @@ async fn a_zone_going_dark_keeps_its_global_tasks() {
     assert_eq!(placement(&h, "agent"), before, "not lost, not stopped");
     assert_eq!(episodes(&h).len(), 1);
 }
+
+#[tokio::test]
+async fn removing_a_held_node_replaces_its_tasks() {
+    let nodes = ["n1", "n2", "n3", "n4"].map(|n| node(n).build()).to_vec();
+    let mut h = running(nodes, web(4)).await;
+    silence(&mut h, &["n1"]).await;
+    let on = |h: &Harness, n: &str| -> Vec<String> {
+        h.tasks("web")
+            .into_iter()
+            .filter(|t| t.node.as_deref() == Some(n))
+            .map(|t| t.id)
+            .collect()
+    };
+    let (on_n2, on_n4) = (on(&h, "n2"), on(&h, "n4"));
+    assert_eq!((on_n2.len(), on_n4.len()), (1, 1));
+
+    // The operator gives up on n4 (`node rm`): its task is lost and replaced, while n2 and n3
+    // (2 of the 3 nodes left) still hold theirs.
+    h.must_write(vec![flotilla_store::Op::DeleteNode {
+        id: "n4".into(),
+        expect: flotilla_store::Expect::Exists,
+    }])
+    .await;
+    h.pass().await;
+    h.pass().await;
+    assert_eq!(h.read(|s| s.tasks[&on_n4[0]].status.state), TaskState::Lost);
+    assert_eq!(
+        h.read(|s| s.tasks[&on_n2[0]].status.state),
+        TaskState::Running
+    );
+    let live = h.live("web");
+    assert_eq!(live.len(), 4, "a replacement is created");
+    assert!(!live.iter().any(|t| t.id == on_n4[0]));
+}
