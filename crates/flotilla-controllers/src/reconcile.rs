@@ -95,7 +95,7 @@ pub fn reconcile_with_traffic(
     traffic: &TrafficView,
 ) -> Plan {
     let mut plan = Plan::default();
-    let down_nodes = nodes_pass(state, now, cfg, &mut plan);
+    let verdicts = nodes_pass(state, now, cfg, &mut plan);
 
     // The pass's view of the nodes: borrowed from the state, copied only where this pass sees
     // them differently (marked down, auto-paused). Copying every node on every pass made
@@ -104,7 +104,7 @@ pub fn reconcile_with_traffic(
         .nodes
         .values()
         .map(|n| {
-            if n.state != NodeState::Down && down_nodes.contains_key(&n.id) {
+            if n.state != NodeState::Down && verdicts.down.contains(&n.id) {
                 let mut n = n.clone();
                 n.state = NodeState::Down;
                 Cow::Owned(n)
@@ -170,6 +170,7 @@ pub fn reconcile_with_traffic(
             ops: &mut batch,
             traffic,
             nominations: &nominations,
+            held: &verdicts.held,
         };
         ctx.run();
         if let Some(at) = ctx.plan_requeue {
@@ -265,6 +266,8 @@ struct ServiceCtx<'a, 'n> {
     ops: &'a mut Vec<Op>,
     traffic: &'a TrafficView,
     nominations: &'a BTreeMap<String, Option<Placement>>,
+    /// Down nodes whose tasks are kept during a disruption ([`crate::liveness`]).
+    held: &'a BTreeSet<String>,
 }
 
 impl<'a> ServiceCtx<'a, '_> {
@@ -299,7 +302,8 @@ impl<'a> ServiceCtx<'a, '_> {
             tasks.sort_by(|a, b| (a.meta.created_at, &a.id).cmp(&(b.meta.created_at, &b.id)));
         }
 
-        // Paused nodes keep the global tasks they have but get no new ones (Swarm's pause).
+        // Paused nodes keep the global tasks they have but get no new ones (Swarm's pause), and
+        // so do down nodes during a disruption: their tasks are kept, not stopped.
         let mut keep_only = BTreeSet::new();
         let wanted: Vec<SlotKey> = match self.service.spec.mode {
             ServiceMode::Replicated { replicas } => (1..=replicas).map(SlotKey::Replica).collect(),
@@ -311,12 +315,13 @@ impl<'a> ServiceCtx<'a, '_> {
                     if self.global_eligible(n) {
                         return Some(key);
                     }
-                    let paused = n.state == NodeState::Ready
-                        && n.availability == Availability::Pause
+                    let paused =
+                        n.state == NodeState::Ready && n.availability == Availability::Pause;
+                    let kept = (paused || self.held.contains(&n.id))
                         && slots
                             .get(&key)
                             .is_some_and(|ts| ts.iter().any(|t| is_live(t)));
-                    paused.then(|| {
+                    kept.then(|| {
                         keep_only.insert(key.clone());
                         key
                     })

@@ -3,6 +3,7 @@
 //! Each kind that speaks has one function here, called with the object before and after the
 //! write (`None` when it did not exist, or no longer does). Kinds without events say nothing.
 
+use crate::Record;
 use flotilla_types::{
     Availability, Event, EventLevel, Health, Node, NodeState, Rollout, RolloutKind, RolloutPhase,
     Service, Task, TaskState, Timestamp,
@@ -332,5 +333,28 @@ fn rollout_analysis(ev: &mut Events, old: &Rollout, new: &Rollout) {
                 message,
             );
         }
+    }
+}
+
+/// Records under `episode/` mark a cluster-wide condition a controller entered (such as a node
+/// disruption): their `message` is a warning when one begins, and its end is noted. Other
+/// records say nothing.
+pub(crate) fn episode(ev: &mut Events, old: Option<&Record>, new: Option<&Record>) {
+    let name = |r: &Record| r.key.strip_prefix("episode/").map(str::to_string);
+    match (old, new) {
+        (None, Some(new)) => {
+            let Some(object) = name(new) else { return };
+            let message = match new.value.get("message").and_then(|m| m.as_str()) {
+                Some(m) => m.to_string(),
+                None => format!("{object} began"),
+            };
+            ev.push(EventLevel::Warning, "cluster", &object, "began", message);
+        }
+        (Some(old), None) => {
+            let Some(object) = name(old) else { return };
+            let message = format!("{object} ended");
+            ev.push(EventLevel::Info, "cluster", &object, "ended", message);
+        }
+        _ => {}
     }
 }

@@ -183,6 +183,9 @@ impl Kind for Rollout {
 /// Managers-only: never on watch streams.
 impl Kind for Record {
     const TABLE: &'static str = "records";
+    fn narrate(events: &mut Events, old: Option<&Self>, new: Option<&Self>) {
+        events::episode(events, old, new)
+    }
 }
 
 impl Kind for Namespace {
