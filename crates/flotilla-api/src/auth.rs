@@ -28,7 +28,10 @@ use std::net::SocketAddr;
 fn worker_may_call(method: &Method, path: &str) -> bool {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        (&Method::GET, ["v1", ..]) => !path.starts_with("/v1/cluster/tokens"),
+        // Every read but the secrets: the join tokens, and the store backup (which holds the
+        // CA key, the join secrets and every agent's secret).
+        (&Method::GET, ["v1", "cluster", "tokens", ..] | ["v1", "snapshot", ..]) => false,
+        (&Method::GET, ["v1", ..]) => true,
         (&Method::POST, ["v1", "nodes", "register"]) => true,
         (&Method::POST, ["v1", "nodes", _, "heartbeat"]) => true,
         (&Method::PUT, ["v1", "tasks", "status"]) => true,
@@ -202,6 +205,22 @@ mod tests {
             Err(ApiError::Unauthorized(m)) => m,
             other => panic!("expected a 401 for {auth:?}, got {other:?}"),
         }
+    }
+
+    /// A worker certificate reads what its agent needs, never the join tokens or the store
+    /// backup: either would hand a compromised worker the cluster's keys.
+    #[test]
+    fn workers_read_no_secrets() {
+        assert!(worker_may_call(&Method::GET, "/v1/watch"));
+        assert!(worker_may_call(&Method::GET, "/v1/services/web/traffic"));
+        for path in [
+            "/v1/snapshot",
+            "/v1/cluster/tokens",
+            "/v1/cluster/tokens/worker",
+        ] {
+            assert!(!worker_may_call(&Method::GET, path), "{path}");
+        }
+        assert!(!worker_may_call(&Method::POST, "/v1/deploy"));
     }
 
     #[test]
