@@ -67,7 +67,10 @@ impl AppState {
         AppState {
             store,
             token: token.map(Arc::from),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(flotilla_types::api::CLIENT_POOL_IDLE)
+                .build()
+                .unwrap_or_default(),
             cluster: None,
             leader_http: None,
             local_node: None,
@@ -96,6 +99,7 @@ impl AppState {
         self.leader_http = Some(
             reqwest::Client::builder()
                 .use_preconfigured_tls(tls)
+                .pool_idle_timeout(flotilla_types::api::CLIENT_POOL_IDLE)
                 .connect_timeout(forward::FORWARD_CONNECT_TIMEOUT)
                 .build()
                 .map_err(|e| {
@@ -105,6 +109,7 @@ impl AppState {
         // Built once; the certificate resolver follows renewals of `security.tls`.
         self.http = reqwest::Client::builder()
             .use_preconfigured_tls(security.tls.agent_client_config()?)
+            .pool_idle_timeout(flotilla_types::api::CLIENT_POOL_IDLE)
             .build()
             .map_err(|e| {
                 flotilla_pki::PkiError::BadKey(format!("building the agent TLS client: {e}"))

@@ -109,18 +109,12 @@ struct Endpoints {
     current: usize,
 }
 
-/// How long an idle connection stays in the pool. Managers and agents close a keep-alive
-/// connection that sends nothing for 10 s (their header read timeout, against slowloris), so a
-/// pooled connection must be dropped well before that: reusing one just as the server closes it
-/// fails the request.
-const POOL_IDLE: Duration = Duration::from_secs(4);
-
 /// The settings every client shares, whatever its transport.
 fn http_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .pool_idle_timeout(POOL_IDLE)
+        .pool_idle_timeout(flotilla_types::api::CLIENT_POOL_IDLE)
 }
 
 impl Client {

@@ -67,7 +67,9 @@ pub struct HttpNetwork {
 impl HttpNetwork {
     pub fn new() -> Result<Self, reqwest::Error> {
         Ok(HttpNetwork {
-            client: reqwest::Client::builder().build()?,
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(flotilla_types::api::CLIENT_POOL_IDLE)
+                .build()?,
             scheme: "http",
             contacts: Contacts::default(),
         })
@@ -78,6 +80,7 @@ impl HttpNetwork {
         Ok(HttpNetwork {
             client: reqwest::Client::builder()
                 .use_preconfigured_tls(tls)
+                .pool_idle_timeout(flotilla_types::api::CLIENT_POOL_IDLE)
                 .build()?,
             scheme: "https",
             contacts: Contacts::default(),

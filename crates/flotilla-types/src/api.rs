@@ -40,6 +40,12 @@ use crate::DriverKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// How long an HTTP client of Flotilla's own servers keeps an idle pooled connection. The API,
+/// agent and raft servers close a keep-alive connection that sends nothing for 10 s (their
+/// header read timeout, `flotilla_mesh::conn_limits::HEADER_READ_TIMEOUT`), so a client must
+/// drop it well before: reusing one just as the server closes it fails the request.
+pub const CLIENT_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// Body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiErrorBody {
