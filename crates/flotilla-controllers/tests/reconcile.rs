@@ -203,21 +203,28 @@ async fn preemption_honours_the_victims_disruption_budget() {
         .all(|t| t.desired_state == DesiredState::Running));
 }
 
-#[tokio::test]
-async fn a_nomination_whose_node_went_away_is_placed_afresh() {
-    let mut h = full_node(batch_budget_two()).await;
+/// `urgent` is nominated on the full node n1; then n1 is removed and an empty node n2 with
+/// `cpu` millicores joins.
+async fn nominate_then_replace_node(cpu: u64) -> Harness {
+    let h = full_node(batch_budget_two()).await;
     h.deploy(&[urgent()]).await;
     h.pass().await;
     assert!(h.live("urgent")[0].nomination.is_some());
-    // The node goes away while the victims stop; a new, empty node joins.
     let version = h.read(|s| s.nodes["n1"].meta.version);
     h.must_write(vec![Op::DeleteNode {
         id: "n1".into(),
         expect: Expect::Version(version),
     }])
     .await;
-    h.put_node(node("n2").cpu(2000).heartbeat(h.now).build())
+    h.put_node(node("n2").cpu(cpu).heartbeat(h.now).build())
         .await;
+    h
+}
+
+#[tokio::test]
+async fn a_nomination_whose_node_went_away_is_placed_afresh() {
+    // The node goes away while the victims stop; a new, empty node joins.
+    let mut h = nominate_then_replace_node(2000).await;
     h.advance(100);
     h.pass().await;
     h.advance(100);
@@ -530,19 +537,8 @@ async fn a_drain_does_not_count_towards_the_restart_backoff() {
 
 #[tokio::test]
 async fn a_nomination_that_fits_nowhere_ends_and_the_task_says_why() {
-    let mut h = full_node(batch_budget_two()).await;
-    h.deploy(&[urgent()]).await;
-    h.pass().await;
-    assert!(h.live("urgent")[0].nomination.is_some());
     // The node goes away and a node too small for urgent joins.
-    let version = h.read(|s| s.nodes["n1"].meta.version);
-    h.must_write(vec![Op::DeleteNode {
-        id: "n1".into(),
-        expect: Expect::Version(version),
-    }])
-    .await;
-    h.put_node(node("n2").cpu(500).heartbeat(h.now).build())
-        .await;
+    let mut h = nominate_then_replace_node(500).await;
     for _ in 0..3 {
         h.advance(100);
         h.pass().await;
